@@ -1,0 +1,70 @@
+"""Configuration defaults and start-up validation (DESIGN section 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import whisper
+
+#: Every setting a deployment may change; WHISPER_FLASK_<NAME> overrides each one.
+DEFAULTS: dict[str, Any] = {
+    "MODEL": "base",
+    "MODEL_DIR": "~/.cache/whisper",
+    "MODEL_DOWNLOAD": True,
+    "DEVICE": "auto",
+    "UPLOAD_DIR": "uploads",
+    "TRANSCRIPT_DIR": "transcriptions",
+    "MAX_WORKERS": 2,
+    "MAX_QUEUED_JOBS": 100,
+    "MAX_UPLOAD_MB": 1024,
+    "LOG_DIR": "logs",
+    "KEEP_UPLOADS": False,
+}
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting that the service cannot start with; the message names it."""
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Normalise paths and limits in place, or raise ConfigError with a one-line reason."""
+    for name in ("MAX_WORKERS", "MAX_QUEUED_JOBS", "MAX_UPLOAD_MB"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"WHISPER_FLASK_{name} must be a positive integer, got {value!r}")
+    for name in ("MODEL_DOWNLOAD", "KEEP_UPLOADS"):
+        if not isinstance(config[name], bool):
+            raise ConfigError(f"WHISPER_FLASK_{name} must be true or false, got {config[name]!r}")
+    if config["DEVICE"] not in DEVICES:
+        raise ConfigError(f"WHISPER_FLASK_DEVICE must be one of {', '.join(DEVICES)}, got {config['DEVICE']!r}")
+
+    model = str(config["MODEL"])
+    if model not in whisper.available_models():
+        path = Path(model).expanduser()
+        if path.suffix != ".pt" or not path.is_file():
+            raise ConfigError(
+                f"WHISPER_FLASK_MODEL {model!r} is neither a Whisper model name "
+                f"({', '.join(whisper.available_models())}) nor an existing .pt checkpoint"
+            )
+        model = str(path.resolve())
+    config["MODEL"] = model
+
+    for name in ("MODEL_DIR", "UPLOAD_DIR", "TRANSCRIPT_DIR", "LOG_DIR"):
+        config[name] = _writable_dir(name, config[name])
+    config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_MB"] * 1024 * 1024
+
+
+def _writable_dir(name: str, value: Any) -> Path:
+    path = Path(str(value)).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # A probe write, because os.access ignores read-only mounts and ACLs.
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"WHISPER_FLASK_{name} {str(path)!r} is not a writable directory: {exc.strerror}") from None
+    return path
