@@ -1,0 +1,53 @@
+"""Job records, listing, cancellation and queue state."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+
+from ..errors import ApiError
+from ..jobs import get_service
+from ..records import JobStatus
+from . import find_job, job_record
+
+bp = Blueprint("jobs", __name__)
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name, str(default))
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, "invalid_query", f"{name} must be an integer from {low} to {high}", field=name)
+    return int(raw)
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    """The whole record of one job."""
+    return jsonify(job_record(find_job(job_id)))
+
+
+@bp.get("/jobs")
+def list_jobs() -> Response:
+    """Jobs newest first, filtered by status, paged by limit and offset."""
+    raw_status = request.args.get("status") or None
+    statuses = [status.value for status in JobStatus]
+    if raw_status is not None and raw_status not in statuses:
+        raise ApiError(400, "invalid_query", f"status must be one of {', '.join(statuses)}", field="status")
+    limit = _int_arg("limit", 50, 1, 1000)
+    offset = _int_arg("offset", 0, 0, 10**9)
+    jobs = get_service().list_jobs(JobStatus(raw_status) if raw_status else None, limit, offset)
+    return jsonify({"jobs": [job_record(job) for job in jobs], "limit": limit, "offset": offset})
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    """Cancel a job and delete its files; a finished job is returned unchanged."""
+    find_job(job_id)
+    job = get_service().cancel_job(job_id)
+    assert job is not None  # find_job proved it exists, and records are never deleted
+    return jsonify(job_record(job))
+
+
+@bp.get("/queue")
+def get_queue() -> Response:
+    """How many jobs wait and run, and the limits."""
+    return jsonify(get_service().queue_stats())

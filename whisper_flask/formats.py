@@ -1,0 +1,52 @@
+"""Transcript formats, written with whisper.utils' writers, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from whisper.utils import get_writer
+
+#: Download format -> Content-Type.
+FORMATS = {
+    "txt": "text/plain; charset=utf-8",
+    "srt": "application/x-subrip",
+    "vtt": "text/vtt",
+    "json": "application/json",
+    "tsv": "text/tab-separated-values",
+}
+
+
+def transcript_path(directory: Path, job_id: str, fmt: str) -> Path:
+    """Where a job's transcript in one format lives (job_id and fmt are validated by callers)."""
+    return directory / f"{job_id}.{fmt}"
+
+
+def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> None:
+    """Write every format to temporary files, then rename them all: no reader sees half a file."""
+    temporary: dict[str, str] = {}
+    try:
+        for fmt in FORMATS:
+            with tempfile.NamedTemporaryFile(
+                "w", encoding="utf-8", dir=directory, prefix=f".{job_id}.", suffix=f".{fmt}", delete=False
+            ) as file:
+                temporary[fmt] = file.name
+                get_writer(fmt, str(directory)).write_result(result, file=file, options={})  # type: ignore[attr-defined]
+                file.flush()
+                os.fsync(file.fileno())
+        for fmt, name in temporary.items():
+            os.replace(name, transcript_path(directory, job_id, fmt))
+    except BaseException:
+        for name in temporary.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+        raise
+
+
+def delete_transcripts(directory: Path, job_id: str) -> None:
+    """Remove a job's transcripts, whichever exist."""
+    for fmt in FORMATS:
+        transcript_path(directory, job_id, fmt).unlink(missing_ok=True)

@@ -1,0 +1,30 @@
+"""Logging to stderr and a rotating file that several processes may share."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+
+_FORMAT = "%(asctime)s %(levelname)s [%(process)d:%(threadName)s] %(name)s: %(message)s"
+
+
+def configure_logging(log_dir: Path, logger_name: str) -> None:
+    """Send the package's records to stderr and LOG_DIR/whisper_flask.log (10 MB x 5)."""
+    logger = logging.getLogger(logger_name)
+    for handler in [h for h in logger.handlers if getattr(h, "_whisper_flask", False)]:
+        # A second create_app in one process (tests) replaces the handlers instead of doubling them.
+        logger.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter(_FORMAT)
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(sys.stderr),
+        ConcurrentRotatingFileHandler(str(log_dir / "whisper_flask.log"), maxBytes=10 * 1024 * 1024, backupCount=5),
+    ]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler._whisper_flask = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

@@ -1,0 +1,63 @@
+"""The job record and its states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life; the last three are terminal."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job will never run again."""
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobStage(str, Enum):
+    """What a job is doing now (finer than status)."""
+
+    QUEUED = "queued"
+    DECODING_AUDIO = "decoding_audio"
+    TRANSCRIBING = "transcribing"
+    WRITING = "writing"
+    DONE = "done"
+
+
+def utcnow() -> str:
+    """The current time as an ISO 8601 UTC timestamp."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Job:
+    """One transcription job, as stored and as served."""
+
+    id: str
+    filename: str
+    upload_name: str
+    options: dict[str, Any]
+    model: str
+    created_at: str = field(default_factory=utcnow)
+    status: JobStatus = JobStatus.PENDING
+    stage: JobStage = JobStage.QUEUED
+    progress: float = 0.0
+    duration: float | None = None
+    processed_seconds: float = 0.0
+    eta_seconds: float | None = None
+    language: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    seq: int = 0

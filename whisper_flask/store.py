@@ -1,0 +1,98 @@
+"""Durable job records in SQLite (WAL), one row per job; the seam for PostgreSQL later."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from .records import Job, JobStage, JobStatus
+
+_FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
+
+
+class JobStore:
+    """Commits every write before returning; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        # One connection, serialised by a lock: writes are tiny, and one writer
+        # is what SQLite allows anyway, so no "database is locked" retries.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a 202 means the job survives a power cut
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, {', '.join(_FIELDS)},"
+            " UNIQUE (id))"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq)")
+
+    def insert(self, job: Job) -> int:
+        """Store a new job and return its sequence number (submission order)."""
+        with self._lock:
+            cursor = self._db.execute(
+                f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
+                _values(job),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def update(self, job: Job) -> None:
+        """Replace a job's stored record with this one."""
+        with self._lock:
+            self._db.execute(
+                f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _FIELDS)} WHERE id = ?",
+                [*_values(job), job.id],
+            )
+
+    def get(self, job_id: str) -> Job | None:
+        """The stored record, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def list(self, status: JobStatus | None, limit: int, offset: int) -> list[Job]:
+        """Records newest first, optionally of one status."""
+        where, args = ("WHERE status = ?", [status.value]) if status else ("", [])
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def unfinished(self) -> list[Job]:
+        """Jobs left pending or in progress, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
+                (JobStatus.PENDING.value, JobStatus.IN_PROGRESS.value),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+
+def _values(job: Job) -> list[Any]:
+    values = []
+    for name in _FIELDS:
+        value = getattr(job, name)
+        if name == "options":
+            value = json.dumps(value)
+        elif isinstance(value, JobStatus | JobStage):
+            value = value.value
+        values.append(value)
+    return values
+
+
+def _job(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    data["options"] = json.loads(data["options"])
+    data["status"] = JobStatus(data["status"])
+    data["stage"] = JobStage(data["stage"])
+    return Job(**data)

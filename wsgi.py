@@ -1,0 +1,3 @@
+from whisper_flask import create_app
+
+app = create_app()
