@@ -40,6 +40,16 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> np.ndarray:
     return np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
 
 
+#: Peak level below which a file is taken as silence (-60 dBFS): Whisper hallucinates
+#: text ("you you you") on digital silence, so such files skip the model.
+SILENCE_PEAK = 10 ** (-60 / 20)
+
+
+def is_silent(audio: np.ndarray) -> bool:
+    """True when no sample rises above -60 dBFS."""
+    return float(np.max(np.abs(audio), initial=0.0)) < SILENCE_PEAK
+
+
 def _ffmpeg_reason(stderr: bytes) -> str:
     lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
     # ffmpeg's last lines say why; earlier ones repeat the input path.

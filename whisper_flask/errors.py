@@ -21,14 +21,14 @@ class ApiError(Exception):
 
     def __init__(
         self,
-        status: int,
+        http_status: int,
         code: str,
         message: str,
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(message)
-        self.status = status
+        self.http_status = http_status
         self.code = code
         self.message = message
         self.headers = headers or {}
@@ -36,17 +36,17 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    http_status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
     """Build the JSON error body every endpoint uses."""
     response = jsonify({"error": message, "code": code, **extra})
-    response.status_code = status
+    response.status_code = http_status
     response.headers.update(headers or {})
     return response
 
 
 def _handle_api_error(error: ApiError) -> Response:
-    return error_response(error.status, error.code, error.message, error.headers, **error.extra)
+    return error_response(error.http_status, error.code, error.message, error.headers, **error.extra)
 
 
 def _handle_http_exception(error: HTTPException) -> Response:

@@ -10,9 +10,9 @@ from typing import Any
 
 from whisper.utils import get_writer
 
-#: Download format -> Content-Type.
+#: Download format -> MIME type (werkzeug appends "; charset=utf-8" to the text/ ones).
 FORMATS = {
-    "txt": "text/plain; charset=utf-8",
+    "txt": "text/plain",
     "srt": "application/x-subrip",
     "vtt": "text/vtt",
     "json": "application/json",

@@ -20,7 +20,7 @@ import click
 import numpy as np
 from flask import Flask, current_app
 
-from .audio import AudioDecodeError, decode_audio
+from .audio import AudioDecodeError, decode_audio, is_silent
 from .engine import ModelUnavailable, WindowHook
 from .errors import ApiError
 from .formats import delete_transcripts, write_transcripts
@@ -244,7 +244,10 @@ class JobService:
         try:
             audio = decode_audio(upload)
             self._advance(job_id, JobStage.TRANSCRIBING, duration=round(len(audio) / 16000, 3))
-            result = self.engine.transcribe(audio, options, lambda seconds: self._on_window(job_id, seconds))
+            if is_silent(audio):
+                result = {"text": "", "segments": [], "language": options.get("language")}
+            else:
+                result = self.engine.transcribe(audio, options, lambda seconds: self._on_window(job_id, seconds))
             self._advance(job_id, JobStage.WRITING, language=result.get("language"))
             try:
                 write_transcripts(result, self.transcript_dir, job_id)

@@ -1,0 +1,41 @@
+"""create_app refuses to start with settings it cannot honour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FakeEngine, base_config
+from whisper_flask import create_app
+from whisper_flask.config import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("MODEL", "enormous-v9", "WHISPER_FLASK_MODEL 'enormous-v9' is neither"),
+        ("MODEL", "/nowhere/model.pt", "is neither a Whisper model name"),
+        ("DEVICE", "tpu", "WHISPER_FLASK_DEVICE must be one of"),
+        ("MAX_WORKERS", 0, "WHISPER_FLASK_MAX_WORKERS must be a positive integer"),
+        ("MAX_QUEUED_JOBS", -5, "WHISPER_FLASK_MAX_QUEUED_JOBS must be a positive integer"),
+        ("MAX_UPLOAD_MB", "big", "WHISPER_FLASK_MAX_UPLOAD_MB must be a positive integer"),
+        ("KEEP_UPLOADS", "sometimes", "WHISPER_FLASK_KEEP_UPLOADS must be true or false"),
+    ],
+)
+def test_invalid_settings_refuse_to_start(tmp_path: Path, setting: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        create_app({**base_config(tmp_path), "ENGINE": FakeEngine(), setting: value})
+
+
+def test_unwritable_directory_refuses_to_start(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="WHISPER_FLASK_TRANSCRIPT_DIR .* is not a writable directory"):
+        create_app({**base_config(tmp_path), "ENGINE": FakeEngine(), "TRANSCRIPT_DIR": blocker / "sub"})
+
+
+def test_reasons_fit_on_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_app({**base_config(tmp_path), "ENGINE": FakeEngine(), "MODEL": "nope"})
+    assert "\n" not in str(info.value)

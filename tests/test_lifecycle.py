@@ -1,0 +1,75 @@
+"""Restart recovery and graceful stop (DESIGN 5), in process on the fake engine."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from pathlib import Path
+
+from tests.conftest import FakeEngine, base_config, service, wait_for, wav_bytes
+from whisper_flask import create_app
+from whisper_flask.records import Job, JobStatus
+from whisper_flask.store import JobStore
+
+
+def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, int]]) -> None:
+    """Leave jobs in the store as a killed process would, each with an upload on disk."""
+    (tmp_path / "transcripts").mkdir()
+    (tmp_path / "uploads").mkdir()
+    store = JobStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    for job_id, status, attempts in jobs:
+        (tmp_path / "uploads" / f"{job_id}.upload").write_bytes(wav_bytes(2))
+        job = Job(id=job_id, filename=f"{job_id}.wav", upload_name=f"{job_id}.upload", options={}, model="fake")
+        job.seq = store.insert(job)
+        job.status, job.attempts = status, attempts
+        store.update(job)
+    store.close()
+
+
+def test_restart_runs_left_jobs_in_order_and_fails_repeat_crashers(tmp_path: Path, engine: FakeEngine) -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    seed_store(tmp_path, [(a, JobStatus.IN_PROGRESS, 1), (b, JobStatus.IN_PROGRESS, 2), (c, JobStatus.PENDING, 0)])
+    app = create_app({**base_config(tmp_path), "ENGINE": engine, "MAX_WORKERS": 1})
+    client = app.test_client()
+    try:
+        crashed = wait_for(client, b, "failed")
+        assert crashed["error_code"] == "interrupted"
+        assert wait_for(client, a, "completed")["status"] == "completed"
+        assert wait_for(client, c, "completed")["status"] == "completed"
+        records = {job_id: client.get(f"/jobs/{job_id}").get_json() for job_id in (a, c)}
+        assert records[a]["attempts"] == 2 and records[c]["attempts"] == 1
+        assert records[a]["started_at"] < records[c]["started_at"], "submission order is kept"
+    finally:
+        service(app).shutdown()
+
+
+def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
+    tmp_path: Path, engine: FakeEngine
+) -> None:
+    app = create_app({**base_config(tmp_path), "ENGINE": engine, "MAX_WORKERS": 1})
+    client = app.test_client()
+    engine.gate.clear()
+    ids = [
+        client.post("/upload", data={"file": (io.BytesIO(wav_bytes(70)), "a.wav")}).get_json()["transcription_id"]
+        for _ in range(2)
+    ]
+    engine.in_window.wait(10)
+    engine.gate.set()  # the running window finishes; the next one sees the stop
+    service(app).shutdown()
+    db = sqlite3.connect(tmp_path / "transcripts" / "jobs.sqlite3")
+    rows = db.execute("SELECT id, status, attempts FROM jobs ORDER BY seq").fetchall()
+    assert rows == [(ids[0], "pending", 0), (ids[1], "pending", 0)]
+    assert len(list((tmp_path / "uploads").iterdir())) == 2, "pending jobs keep their audio"
+
+    restarted = create_app({**base_config(tmp_path), "ENGINE": engine})
+    try:
+        for job_id in ids:
+            assert wait_for(restarted.test_client(), job_id, "completed")["status"] == "completed"
+    finally:
+        service(restarted).shutdown()
+
+
+def test_uploads_are_refused_while_stopping(app, client) -> None:
+    service(app).shutdown()
+    response = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")})
+    assert response.status_code == 503 and response.get_json()["code"] == "shutting_down"
