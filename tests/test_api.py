@@ -290,7 +290,9 @@ def test_cancelling_a_pending_job_removes_it_from_the_queue(make_app, engine: Fa
     assert client.delete(f"/jobs/{pending}").get_json()["status"] == "cancelled"  # repeating is harmless
 
 
-def test_cancelling_a_running_job_stops_it_at_the_next_window(app: Flask, client: FlaskClient, engine: FakeEngine) -> None:
+def test_cancelling_a_running_job_stops_it_at_the_next_window(
+    app: Flask, client: FlaskClient, engine: FakeEngine
+) -> None:
     engine.gate.clear()
     job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]
     engine.in_window.wait(10)
@@ -312,7 +314,9 @@ def test_a_crashing_job_fails_and_the_worker_keeps_serving(make_app) -> None:
 
 
 def test_undecodable_audio_fails_with_ffmpegs_reason(client: FlaskClient) -> None:
-    job_id = upload(client, b"this is a text file, not audio\n" * 10, filename="notes.mp3").get_json()["transcription_id"]
+    job_id = upload(client, b"this is a text file, not audio\n" * 10, filename="notes.mp3").get_json()[
+        "transcription_id"
+    ]
     body = wait_for(client, job_id, "failed")
     assert body["error_code"] == "invalid_audio"
     assert body["error"].startswith("could not decode audio: ") and "Invalid data" in body["error"]

@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,7 @@ class FairTurn:
 
 def _decoded_seconds() -> float | None:
     """Where Whisper's transcribe loop is in the audio: its ``seek``, read from its frame."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code is _TRANSCRIBE_CODE:
             seek = frame.f_locals.get("seek")
@@ -176,7 +177,7 @@ class WhisperEngine:
         fp16 = model.device.type == "cuda"
         job_model = _JobModel(model, self._turn, on_window)
         try:
-            return whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **options)  # type: ignore[arg-type]
+            return whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **options)
         finally:
             self._turn.release()
 

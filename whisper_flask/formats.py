@@ -34,7 +34,7 @@ def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> N
                 "w", encoding="utf-8", dir=directory, prefix=f".{job_id}.", suffix=f".{fmt}", delete=False
             ) as file:
                 temporary[fmt] = file.name
-                get_writer(fmt, str(directory)).write_result(result, file=file, options={})  # type: ignore[attr-defined]
+                get_writer(fmt, str(directory)).write_result(result, file=file, options={})
                 file.flush()
                 os.fsync(file.fileno())
         for fmt, name in temporary.items():

@@ -176,15 +176,13 @@ class JobService:
     def queue_position(self, job_id: str) -> int | None:
         """1 for the next pending job to start, None if the job is not pending."""
         with self._lock:
-            pending = sorted(
-                (job.seq, job.id) for job in self._active.values() if job.status is JobStatus.PENDING
-            )
+            pending = sorted((job.seq, job.id) for job in self._active.values() if job.status is JobStatus.PENDING)
         ids = [job for _, job in pending]
         return ids.index(job_id) + 1 if job_id in ids else None
 
     def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> list[Job]:
         """Jobs newest first, with live progress for the active ones."""
-        jobs = self.store.list(status, limit, offset)
+        jobs = self.store.list_jobs(status, limit, offset)
         with self._lock:
             return [dataclasses.replace(self._active.get(job.id, job)) for job in jobs]
 
@@ -244,6 +242,7 @@ class JobService:
         try:
             audio = decode_audio(upload)
             self._advance(job_id, JobStage.TRANSCRIBING, duration=round(len(audio) / 16000, 3))
+            result: dict[str, Any]
             if is_silent(audio):
                 result = {"text": "", "segments": [], "language": options.get("language")}
             else:

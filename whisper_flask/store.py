@@ -54,7 +54,7 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def list(self, status: JobStatus | None, limit: int, offset: int) -> list[Job]:
+    def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> list[Job]:
         """Records newest first, optionally of one status."""
         where, args = ("WHERE status = ?", [status.value]) if status else ("", [])
         with self._lock:

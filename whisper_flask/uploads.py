@@ -46,7 +46,7 @@ def keep_upload(file: FileStorage) -> str:
     """Give the streamed upload a permanent server-made name in UPLOAD_DIR and return it."""
     name = f"{uuid.uuid4().hex}.upload"
     file.stream.flush()
-    os.link(file.stream.name, current_app.config["UPLOAD_DIR"] / name)  # type: ignore[attr-defined]
+    os.link(file.stream.name, current_app.config["UPLOAD_DIR"] / name)
     return name
 
 

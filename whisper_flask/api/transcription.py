@@ -55,7 +55,9 @@ def download_transcript(job_id: str, fmt: str) -> Response:
             409, "not_ready", "the transcript is not ready yet", status=job.status.value, progress=job.progress
         )
     if job.status is not JobStatus.COMPLETED:
-        raise ApiError(409, "no_transcript", f"the job is {job.status.value}; it has no transcript", status=job.status.value)
+        raise ApiError(
+            409, "no_transcript", f"the job is {job.status.value}; it has no transcript", status=job.status.value
+        )
     # The path is built from the registry's id and a whitelisted format, never from the URL text.
     path = transcript_path(get_service().transcript_dir, job.id, fmt)
     if not path.is_file():
@@ -72,7 +74,7 @@ def detect_language() -> Response:
     if not engine.is_multilingual:
         raise ApiError(422, "model_not_multilingual", f"the loaded model {engine.model_name} is English-only")
     try:
-        audio = decode_audio(Path(file.stream.name), max_seconds=30)  # type: ignore[attr-defined]
+        audio = decode_audio(Path(file.stream.name), max_seconds=30)
         probs = engine.detect_language(audio)
     except AudioDecodeError as exc:
         raise ApiError(400, "invalid_audio", str(exc)) from None

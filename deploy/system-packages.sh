@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Debian/Ubuntu packages the service and its tests need; installs only what is missing.
+set -euo pipefail
+
+packages=(ffmpeg curl)
+# Ubuntu's python3 cannot make a virtualenv without python3-venv (no ensurepip).
+python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo=sudo
+echo "installing system packages: ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,201 @@
+"""The user's whole path through the HTTP API on the real tiny.en model and real speech."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.conftest import FIXTURES, SPOKEN, wait_for, wav_bytes
+from whisper_flask.audio import ffmpeg_binary
+from whisper_flask.formats import FORMATS
+
+
+def speech(path: Path, seconds: float, names: list[str]) -> Path:
+    """A WAV of about `seconds` made of the named fixtures in turn, a second of pause between."""
+    chunks, total = [], 0
+    pause = np.zeros(16000, np.int16)
+    while total < seconds * 16000:
+        for name in names:
+            with wave.open(str(FIXTURES / name)) as source:
+                chunks += [np.frombuffer(source.readframes(source.getnframes()), np.int16), pause]
+            total += len(chunks[-2]) + len(pause)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(np.concatenate(chunks)[: int(seconds * 16000)].tobytes())
+    return path
+
+
+def submit(client: FlaskClient, path: Path, **fields: str) -> str:
+    with path.open("rb") as audio:
+        response = client.post("/upload", data={"file": (audio, path.name), **fields})
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["transcription_id"]
+
+
+def transcripts(client: FlaskClient, job_id: str) -> dict[str, bytes]:
+    return {fmt: client.get(f"/download/{job_id}.{fmt}").get_data() for fmt in FORMATS}
+
+
+def test_spoken_words_come_back_in_every_format(make_real_app: Callable[..., Flask]) -> None:
+    client = make_real_app().test_client()
+    job_id = submit(client, FIXTURES / "fox.wav")
+    done = wait_for(client, job_id, "completed", "failed")
+    assert done["status"] == "completed" and done["language"] == "en"
+    files = {fmt: data.decode("utf-8").lower() for fmt, data in transcripts(client, job_id).items()}
+    for fmt, text in files.items():
+        for words in SPOKEN["fox.wav"]:
+            assert words in text, f"{words!r} missing from the {fmt} transcript: {text!r}"
+    assert files["srt"].startswith("1\n00:00:00,000 --> ")
+    assert files["vtt"].startswith("webvtt")
+    assert files["tsv"].startswith("start\tend\ttext")
+    assert json.loads(files["json"])["language"] == "en"
+
+
+def test_concurrent_jobs_give_byte_identical_transcripts(make_real_app, tmp_path: Path) -> None:
+    names = list(SPOKEN)
+    files = [speech(tmp_path / f"long-{name}", 65, names[i:] + names[:i]) for i, name in enumerate(names)]
+    # Two of them align words too: alignment installs hooks on the shared model.
+    options = [{"word_timestamps": "true"} if i % 2 else {} for i in range(len(files))]
+
+    one_by_one = make_real_app(MAX_WORKERS=1).test_client()
+    alone = []
+    for path, fields in zip(files, options, strict=True):
+        job_id = submit(one_by_one, path, **fields)
+        wait_for(one_by_one, job_id, "completed", timeout=120)
+        alone.append(transcripts(one_by_one, job_id))
+
+    at_once = make_real_app(MAX_WORKERS=len(files)).test_client()
+    ids = [submit(at_once, path, **fields) for path, fields in zip(files, options, strict=True)]
+    records = [wait_for(at_once, job_id, "completed", timeout=240) for job_id in ids]
+    jobs = [at_once.get(f"/jobs/{job_id}").get_json() for job_id in ids]
+
+    assert max(job["started_at"] for job in jobs) < min(job["finished_at"] for job in jobs), "jobs did not overlap"
+    assert all(record["status"] == "completed" for record in records)
+    assert [transcripts(at_once, job_id) for job_id in ids] == alone
+    words = json.loads(alone[1]["json"])["segments"][0]["words"]
+    assert words and {"word", "start", "end"} <= set(words[0])
+
+
+def test_short_job_is_not_stuck_behind_a_long_one(make_real_app, tmp_path: Path) -> None:
+    short = speech(tmp_path / "short.wav", 10, ["fox.wav", "report.wav"])
+    long = speech(tmp_path / "long.wav", 300, list(SPOKEN))
+    client = make_real_app(MAX_WORKERS=2).test_client()
+
+    def latency() -> float:
+        started = time.monotonic()
+        job_id = submit(client, short)
+        wait_for(client, job_id, "completed", timeout=300)
+        return time.monotonic() - started
+
+    alone = latency()
+    long_id = submit(client, long)
+    while client.get(f"/progress/{long_id}").get_json()["processed_seconds"] == 0:
+        time.sleep(0.05)  # the long job is transcribing, past its first window
+    beside = latency()
+    long_state = client.get(f"/progress/{long_id}").get_json()
+    assert long_state["status"] == "in_progress", "the short job must finish while the long one runs"
+    assert beside < 3 * alone, f"short job took {beside:.1f}s beside a long one, {alone:.1f}s alone"
+    wait_for(client, long_id, "completed", timeout=300)
+
+
+def test_progress_follows_the_decoder_window_by_window(make_real_app, tmp_path: Path) -> None:
+    client = make_real_app().test_client()
+    job_id = submit(client, speech(tmp_path / "ninety.wav", 90, list(SPOKEN)))
+    seen = []
+    while (body := client.get(f"/progress/{job_id}").get_json())["status"] != "completed":
+        if body["status"] == "in_progress" and body["stage"] == "transcribing":
+            seen.append(body["processed_seconds"])
+        time.sleep(0.02)
+    assert seen == sorted(seen), "progress went backwards"
+    assert len({s for s in seen if s > 0}) >= 2, f"expected several windows, saw {sorted(set(seen))}"
+    assert body["progress"] == 100 and body["processed_seconds"] == 90
+
+
+@pytest.fixture(scope="module")
+def bad_audio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Broken and silent files a user might send."""
+    directory = tmp_path_factory.mktemp("bad")
+    ffmpeg = ffmpeg_binary()
+
+    def encode(name: str, *args: str) -> Path:
+        subprocess.run([ffmpeg, "-loglevel", "error", "-y", *args, str(directory / name)], check=True)
+        return directory / name
+
+    mp3 = encode("fox.mp3", "-i", str(FIXTURES / "fox.wav"), "-b:a", "32k")
+    truncated = directory / "truncated.mp3"
+    truncated.write_bytes(mp3.read_bytes()[: mp3.stat().st_size // 2])
+    text = directory / "notes.mp3"
+    text.write_text("Minutes of the meeting: nothing to report.\n" * 20)
+    silence = directory / "silence.wav"
+    silence.write_bytes(wav_bytes(20, amplitude=0))
+    two_hours = encode("two-hours-of-silence.mp3", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "7200",
+                       "-b:a", "8k")  # fmt: skip
+    return {"text": text, "truncated": truncated, "silence": silence, "two_hours": two_hours}
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_status", "expected"),
+    [
+        ("text", "failed", "Invalid data found when processing input"),
+        ("truncated", "completed", "quick brown fox"),  # the first half of the sentence
+        ("silence", "completed", ""),
+        ("two_hours", "completed", ""),
+    ],
+)
+def test_bad_audio_ends_cleanly_beside_a_good_job(
+    make_real_app, bad_audio: dict[str, Path], tmp_path: Path, case: str, expected_status: str, expected: str
+) -> None:
+    client = make_real_app(MAX_WORKERS=2).test_client()
+    good = submit(client, speech(tmp_path / "good.wav", 20, ["garden.wav", "fox.wav", "report.wav"]))
+    bad = submit(client, bad_audio[case])
+    result = wait_for(client, bad, "completed", "failed", timeout=180)
+    assert result["status"] == expected_status, result
+    if expected_status == "failed":
+        assert result["error_code"] == "invalid_audio" and expected in result["error"]
+    else:
+        text = client.get(f"/download/{bad}.txt").get_data(as_text=True)
+        assert (expected in text.lower()) if expected else text == ""
+    assert wait_for(client, good, "completed", "failed", timeout=180)["status"] == "completed"
+    assert "yellow flowers" in client.get(f"/download/{good}.txt").get_data(as_text=True).lower()
+    assert client.get("/queue").get_json()["in_progress"] == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "data", "code"),
+    [
+        ({}, b"", "empty_file"),
+        ({"language": "xx-unknown"}, None, "invalid_option"),
+        ({"temperature": "-0.5"}, None, "invalid_option"),
+    ],
+)
+def test_bad_requests_are_refused_without_touching_a_running_job(
+    make_real_app, tmp_path: Path, fields: dict[str, str], data: bytes | None, code: str
+) -> None:
+    client = make_real_app().test_client()
+    good = submit(client, speech(tmp_path / "good.wav", 20, ["garden.wav", "fox.wav", "report.wav"]))
+    audio = (FIXTURES / "fox.wav").read_bytes() if data is None else data
+    response = client.post("/upload", data={"file": (io.BytesIO(audio), "x.wav"), **fields})
+    assert response.status_code == 400 and response.get_json()["code"] == code
+    assert wait_for(client, good, "completed", "failed", timeout=120)["status"] == "completed"
+
+
+def test_detect_language_with_the_multilingual_base_model(make_real_app, model_dir: Path) -> None:
+    client = make_real_app(MODEL="base").test_client()
+    with (FIXTURES / "german.wav").open("rb") as audio:
+        response = client.post("/detect-language", data={"file": (audio, "german.wav")})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["language"] == "de" and body["probability"] > 0.5
+    assert body["top"][0] == {"language": "de", "probability": body["probability"]}
