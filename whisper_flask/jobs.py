@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import click
 import numpy as np
 from flask import Flask, current_app
+from whisper.audio import SAMPLE_RATE
 
 from .audio import AudioDecodeError, decode_audio, is_silent
 from .engine import ModelUnavailable, WindowHook
@@ -128,16 +129,20 @@ class JobService:
 
     def check_capacity(self) -> None:
         """Raise 503 if no job can be accepted now (called before reading an upload's body)."""
+        with self._lock:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        # Caller holds the lock.
         if self._stopping.is_set() or self._executor is None:
             raise ApiError(503, "shutting_down", "the service is not accepting jobs", {"Retry-After": "30"})
-        with self._lock:
-            if len(self._active) >= self.capacity:
-                raise ApiError(
-                    503,
-                    "queue_full",
-                    f"{len(self._active)} jobs are queued or running, the limit is {self.capacity}; retry later",
-                    {"Retry-After": str(self._retry_after())},
-                )
+        if len(self._active) >= self.capacity:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"{len(self._active)} jobs are queued or running, the limit is {self.capacity}; retry later",
+                {"Retry-After": str(self._retry_after())},
+            )
 
     def _retry_after(self) -> int:
         etas = [job.eta_seconds for job in self._active.values() if job.eta_seconds is not None]
@@ -152,10 +157,8 @@ class JobService:
             options=options,
             model=self.engine.model_name,
         )
-        self.check_capacity()
         with self._lock:
-            if len(self._active) >= self.capacity:  # check again: another upload may have won
-                raise ApiError(503, "queue_full", "the queue is full; retry later", {"Retry-After": "30"})
+            self._refuse_if_full()  # again: another upload may have taken the last place meanwhile
             job.seq = self.store.insert(job)
             self._active[job.id] = job
             snapshot = dataclasses.replace(job)
@@ -241,7 +244,7 @@ class JobService:
         log.info("job %s in_progress (attempt %d)", job_id, job.attempts)
         try:
             audio = decode_audio(upload)
-            self._advance(job_id, JobStage.TRANSCRIBING, duration=round(len(audio) / 16000, 3))
+            self._advance(job_id, JobStage.TRANSCRIBING, duration=round(len(audio) / SAMPLE_RATE, 3))
             result: dict[str, Any]
             if is_silent(audio):
                 result = {"text": "", "segments": [], "language": options.get("language")}
