@@ -2,7 +2,9 @@
 # Debian/Ubuntu packages the service and its tests need; installs only what is missing.
 set -euo pipefail
 
-packages=(ffmpeg curl)
+# ffmpeg decodes audio; the rest serve the tests of the deployment (real nginx,
+# systemd-analyze, shellcheck, curl as the client, openssl for test certificates).
+packages=(ffmpeg curl nginx openssl systemd shellcheck)
 # Ubuntu's python3 cannot make a virtualenv without python3-venv (no ensurepip).
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 

@@ -365,3 +365,16 @@ def test_environment_variables_configure_the_app(monkeypatch, tmp_path: Path, en
         assert (app.config["MAX_WORKERS"], app.config["KEEP_UPLOADS"]) == (3, True)
     finally:
         service(app).shutdown()
+
+
+@pytest.mark.parametrize(("proxies", "logged"), [(0, "from 127.0.0.1"), (1, "from 203.0.113.9")])
+def test_forwarded_client_address_is_trusted_only_with_proxy_fix(make_app, caplog, proxies: int, logged: str) -> None:
+    client = make_app(PROXY_FIX=proxies).test_client()
+    response = client.post(
+        "/upload",
+        data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")},
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        environ_base={"REMOTE_ADDR": "127.0.0.1"},
+    )
+    assert response.status_code == 202
+    assert logged in caplog.text

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,71 +12,23 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES, SPOKEN
+from tests.servers import curl, free_port, start_gunicorn, stop
 from tests.test_end_to_end import speech
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def curl(*args: str) -> tuple[int, bytes]:
-    """Run curl; return (HTTP status, body)."""
-    out = subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "30", "--write-out", "\n%{http_code}", *args],
-        capture_output=True,
-        check=True,
-    ).stdout
-    body, _, status = out.rpartition(b"\n")
-    return int(status), body
 
 
 @pytest.fixture
 def gunicorn(tmp_path: Path, model_dir: Path) -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
     """Start gunicorn (again) on the same directories; returns its base URL and process once ready."""
     port = free_port()
-    env = {
-        **os.environ,
-        "WHISPER_FLASK_BIND": f"127.0.0.1:{port}",
-        "WHISPER_FLASK_MODEL": "tiny.en",
-        "WHISPER_FLASK_MODEL_DIR": str(model_dir),
-        "WHISPER_FLASK_MODEL_DOWNLOAD": "false",
-        "WHISPER_FLASK_UPLOAD_DIR": str(tmp_path / "uploads"),
-        "WHISPER_FLASK_TRANSCRIPT_DIR": str(tmp_path / "transcripts"),
-        "WHISPER_FLASK_LOG_DIR": str(tmp_path / "logs"),
-        "WHISPER_FLASK_MAX_WORKERS": "1",
-    }
     processes: list[subprocess.Popen[bytes]] = []
-    base = f"http://127.0.0.1:{port}"
 
     def start() -> tuple[str, subprocess.Popen[bytes]]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / f"gunicorn-{len(processes)}.log").open("wb"),
-        )
-        processes.append(process)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / f"gunicorn-{len(processes) - 1}.log").read_text()
-            try:
-                if curl(f"{base}/readyz")[0] == 200:
-                    return base, process
-            except subprocess.CalledProcessError:
-                pass  # not listening yet
-            time.sleep(0.2)
-        raise AssertionError("gunicorn did not become ready")
+        processes.append(start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1"))
+        return f"http://127.0.0.1:{port}", processes[-1]
 
     yield start
     for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def poll(base: str, job_id: str, *statuses: str, timeout: float = 120) -> dict:

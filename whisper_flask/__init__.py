@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as defaults
 
@@ -29,6 +30,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     defaults.validate_config(app.config)
     configure_logging(app.config["LOG_DIR"], app.name)
 
+    if proxies := app.config["PROXY_FIX"]:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies)  # type: ignore[method-assign]
     app.request_class = UploadRequest
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app)

@@ -20,6 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_MB": 1024,
     "LOG_DIR": "logs",
     "KEEP_UPLOADS": False,
+    # Number of reverse proxies in front (nginx: 1) whose X-Forwarded-* headers to trust.
+    # Leave 0 unless gunicorn is reachable only through them.
+    "PROXY_FIX": 0,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,10 +34,11 @@ class ConfigError(ValueError):
 
 def validate_config(config: dict[str, Any]) -> None:
     """Normalise paths and limits in place, or raise ConfigError with a one-line reason."""
-    for name in ("MAX_WORKERS", "MAX_QUEUED_JOBS", "MAX_UPLOAD_MB"):
+    for name, low in (("MAX_WORKERS", 1), ("MAX_QUEUED_JOBS", 1), ("MAX_UPLOAD_MB", 1), ("PROXY_FIX", 0)):
         value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"WHISPER_FLASK_{name} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            kind = "a positive integer" if low else "a whole number (0 or more)"
+            raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
     for name in ("MODEL_DOWNLOAD", "KEEP_UPLOADS"):
         if not isinstance(config[name], bool):
             raise ConfigError(f"WHISPER_FLASK_{name} must be true or false, got {config[name]!r}")

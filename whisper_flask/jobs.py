@@ -148,7 +148,7 @@ class JobService:
         etas = [job.eta_seconds for job in self._active.values() if job.eta_seconds is not None]
         return max(1, min(600, math.ceil(min(etas)))) if etas else 30
 
-    def create_job(self, upload_name: str, filename: str, options: dict[str, Any]) -> Job:
+    def create_job(self, upload_name: str, filename: str, options: dict[str, Any], client: str | None = None) -> Job:
         """Record a new job durably and queue it; the caller answers 202 after this returns."""
         job = Job(
             id=uuid.uuid4().hex,
@@ -163,7 +163,7 @@ class JobService:
             self._active[job.id] = job
             snapshot = dataclasses.replace(job)
         self._submit(job.id)
-        log.info("job %s pending: %s", job.id, filename)
+        log.info("job %s pending: %s from %s", job.id, filename, client)
         return snapshot
 
     # -- queries --------------------------------------------------------------------------

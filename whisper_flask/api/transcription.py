@@ -28,7 +28,7 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
     options = parse_options([request.form, request.args], service.engine.is_multilingual)
     upload_name = keep_upload(file)
     try:
-        job = service.create_job(upload_name, client_filename(file), options)
+        job = service.create_job(upload_name, client_filename(file), options, request.remote_addr)
     except BaseException:
         (current_app.config["UPLOAD_DIR"] / upload_name).unlink(missing_ok=True)
         raise

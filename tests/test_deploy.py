@@ -1,0 +1,118 @@
+"""The deployment files, each proven with the real program: nginx, gunicorn, systemd-analyze, shellcheck."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
+from tests.test_end_to_end import speech
+from whisper_flask.config import DEFAULTS
+
+UNIT = DEPLOY / "systemd" / "whisper-flask.service"
+
+
+def test_nginx_accepts_the_shipped_site(tmp_path: Path) -> None:
+    conf = render_nginx(tmp_path, upstream=8000, http=free_port(), https=free_port())
+    result = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(conf.parent)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_nginx_body_limit_equals_the_apps_upload_limit() -> None:
+    locations = (DEPLOY / "nginx" / "whisper-flask-locations.conf").read_text()
+    limit = re.search(r"client_max_body_size (\d+)m;", locations)
+    assert limit is not None and int(limit.group(1)) == DEFAULTS["MAX_UPLOAD_MB"]
+    assert f"the {DEFAULTS['MAX_UPLOAD_MB']} MB limit" in locations
+    assert f"WHISPER_FLASK_MAX_UPLOAD_MB={DEFAULTS['MAX_UPLOAD_MB']}" in (DEPLOY / "install.sh").read_text()
+
+
+def test_nginx_serves_no_directory() -> None:
+    for name in ("whisper-flask.conf", "whisper-flask-locations.conf"):
+        text = (DEPLOY / "nginx" / name).read_text()
+        assert not re.search(r"^\s*(root|alias|autoindex)\b", text, re.MULTILINE), name
+
+
+@pytest.fixture
+def stack(tmp_path: Path, model_dir: Path) -> Iterator[str]:
+    """gunicorn behind nginx, both limiting uploads to 2 MB; yields nginx's base URL."""
+    upstream, http = free_port(), free_port()
+    app = start_gunicorn(tmp_path, model_dir, upstream, MAX_UPLOAD_MB="2", PROXY_FIX="1")
+    proxy = start_nginx(render_nginx(tmp_path, upstream, http, free_port(), max_body_mb=2), http)
+    yield f"http://127.0.0.1:{http}"
+    stop(proxy)
+    stop(app)
+
+
+def test_upload_poll_and_download_through_nginx(stack: str, tmp_path: Path) -> None:
+    audio = speech(tmp_path / "meeting.wav", 45, ["train.wav", "garden.wav"])
+    assert audio.stat().st_size > 1024 * 1024, "the upload must exceed nginx's in-memory body buffer"
+    status, body = curl("-F", f"file=@{audio}", f"{stack}/upload")
+    assert status == 202, body
+    job_id = json.loads(body)["transcription_id"]
+    deadline = time.monotonic() + 120
+    while (progress := json.loads(curl(f"{stack}/progress/{job_id}")[1]))["status"] not in ("completed", "failed"):
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.2)
+    assert progress["status"] == "completed"
+    status, transcript = curl(f"{stack}/download/{job_id}.txt")
+    assert status == 200 and b"tomorrow morning" in transcript.lower()
+
+
+def test_oversized_upload_gets_413_json_from_nginx(stack: str, tmp_path: Path) -> None:
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * (3 * 1024 * 1024))
+    status, body = curl("-F", f"file=@{big}", f"{stack}/upload")
+    assert status == 413
+    assert json.loads(body)["code"] == "too_large"
+
+
+def test_upload_flood_gets_429_json_and_polling_is_not_limited(stack: str) -> None:
+    # Requests without a file part: each is refused by the app at once, so only the limit is at work.
+    statuses = [curl("-X", "POST", "-F", "note=x", f"{stack}/upload") for _ in range(15)]
+    limited = [body for status, body in statuses if status == 429]
+    assert [status for status, _ in statuses[:11]] == [400] * 11, "the burst of 10 (+1) passes"
+    assert limited and json.loads(limited[0])["code"] == "rate_limited"
+    assert all(curl(f"{stack}/queue")[0] == 200 for _ in range(20))
+
+
+def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
+    # The unit as shipped, with its /opt/whisper-flask install prefix pointed at this checkout.
+    unit = tmp_path / "whisper-flask.service"
+    unit.write_text(
+        UNIT.read_text()
+        .replace("/opt/whisper-flask/venv", str(Path(sys.executable).parent.parent))
+        .replace("/opt/whisper-flask/app", str(ROOT))
+    )
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_systemd_unit_exposure_is_at_most_2() -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)], capture_output=True, text=True
+    )
+    score = re.search(r"Overall exposure level for whisper-flask.service: (\d+\.\d+)", result.stdout)
+    assert score is not None, result.stdout + result.stderr
+    assert float(score.group(1)) <= 2.0
+
+
+def test_unit_stops_gunicorn_within_its_graceful_timeout() -> None:
+    unit = UNIT.read_text()
+    stop_after = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    graceful = re.search(r'"WHISPER_FLASK_GRACEFUL_TIMEOUT", "(\d+)"', (DEPLOY / "gunicorn.conf.py").read_text())
+    assert graceful is not None and stop_after > int(graceful.group(1))
+    assert "KillMode=mixed" in unit
+
+
+@pytest.mark.parametrize("script", ["deploy/install.sh", "deploy/system-packages.sh", ".ci/run"])
+def test_shell_scripts_pass_shellcheck(script: str) -> None:
+    result = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
