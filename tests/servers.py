@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +66,7 @@ def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> s
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
+        start_new_session=True,  # its own process group, so stop() reaches the worker too
     )
     wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, log)
     return process
@@ -116,12 +119,14 @@ def start_nginx(conf: Path, http: int) -> subprocess.Popen[bytes]:
         ["nginx", "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
+        start_new_session=True,  # its own process group, so stop() reaches the workers too
     )
     wait_until_ready(f"http://127.0.0.1:{http}/healthz", process, log)
     return process
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    """Kill a server and every process it started (a killed master would leave its workers running)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
