@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from tests.conftest import FIXTURES, wav_bytes
+from tests.conftest import FIXTURES, SPOKEN, wav_bytes
 from tests.servers import free_port, start_gunicorn, stop
+from tests.test_end_to_end import speech
 
 
 def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
@@ -97,3 +100,103 @@ def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(tm
         stop(server)
     log = "".join(path.read_text() for path in tmp_path.glob("gunicorn-*.log"))
     assert "database is locked" not in log and "Traceback" not in log
+
+
+def get(port: int, path: str) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", path)
+    return json.loads(connection.getresponse().read())
+
+
+def upload(port: int, path: Path) -> str:
+    body, content_type = multipart(path.read_bytes(), path.name)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/upload", body, {"Content-Type": content_type})
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    assert response.status == 202, payload
+    return str(payload["transcription_id"])
+
+
+def wait_until(port: int, job_id: str, check, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = get(port, f"/jobs/{job_id}")
+        if check(record):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the state: {record}")
+
+
+def download(port: int, job_id: str, fmt: str) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", f"/download/{job_id}.{fmt}")
+    return connection.getresponse().read()
+
+
+def transcribing(record: dict) -> bool:
+    return record["status"] == "in_progress" and record["processed_seconds"] > 0
+
+
+def finished(record: dict) -> bool:
+    return record["status"] in ("completed", "failed", "cancelled")
+
+
+def worker_pid(arbiter: int) -> int:
+    """The gunicorn worker process of an arbiter (the process the model and jobs live in)."""
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == arbiter]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_killed_service_finishes_every_job_in_order_after_restart(tmp_path: Path, model_dir: Path) -> None:
+    names = list(SPOKEN)
+    files = [speech(tmp_path / "long.wav", 90, names)] + [FIXTURES / name for name in names[:3]]
+    port = free_port()
+    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+    ids = [upload(port, path) for path in files]
+    wait_until(port, ids[0], transcribing)
+    os.killpg(server.pid, signal.SIGKILL)  # power loss: arbiter and worker die at once
+    server.wait()
+
+    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+    try:
+        records = [wait_until(port, job_id, finished) for job_id in ids]
+        assert [r["status"] for r in records] == ["completed"] * 4
+        assert [r["attempts"] for r in records] == [2, 1, 1, 1]
+        assert [r["transcription_id"] for r in sorted(records, key=lambda r: r["finished_at"])] == ids
+        # An undisturbed run of the same files on the same service, for comparison.
+        again = [upload(port, path) for path in files]
+        for job_id in again:
+            wait_until(port, job_id, finished)
+        for disturbed, undisturbed in zip(ids, again, strict=True):
+            for fmt in ("txt", "srt", "json"):
+                assert download(port, disturbed, fmt) == download(port, undisturbed, fmt)
+    finally:
+        stop(server)
+
+
+def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(tmp_path: Path, model_dir: Path) -> None:
+    port = free_port()
+    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+    try:
+        poison = upload(port, speech(tmp_path / "poison.wav", 60, list(SPOKEN)))
+        bystander = upload(port, FIXTURES / "garden.wav")
+        for attempt in (1, 2):
+            wait_until(port, poison, lambda r, a=attempt: transcribing(r) and r["attempts"] == a)
+            os.kill(worker_pid(server.pid), signal.SIGKILL)  # as the OOM killer would; gunicorn respawns it
+        failed = wait_until(port, poison, finished)
+        assert (failed["status"], failed["error_code"], failed["attempts"]) == ("failed", "interrupted", 2)
+        assert wait_until(port, bystander, finished)["status"] == "completed"
+        fresh = upload(port, FIXTURES / "fox.wav")
+        assert wait_until(port, fresh, finished)["status"] == "completed"
+        assert b"lazy dog" in download(port, fresh, "txt").lower()
+    finally:
+        stop(server)
