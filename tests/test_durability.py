@@ -6,9 +6,12 @@ import http.client
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import FIXTURES, SPOKEN, wav_bytes
@@ -102,10 +105,15 @@ def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(tm
     assert "database is locked" not in log and "Traceback" not in log
 
 
-def get(port: int, path: str) -> dict:
+def call(port: int, method: str, path: str) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("GET", path)
-    return json.loads(connection.getresponse().read())
+    connection.request(method, path)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def get(port: int, path: str) -> dict:
+    return json.loads(call(port, "GET", path)[1])
 
 
 def upload(port: int, path: Path) -> str:
@@ -129,9 +137,7 @@ def wait_until(port: int, job_id: str, check, timeout: float = 180) -> dict:
 
 
 def download(port: int, job_id: str, fmt: str) -> bytes:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("GET", f"/download/{job_id}.{fmt}")
-    return connection.getresponse().read()
+    return call(port, "GET", f"/download/{job_id}.{fmt}")[1]
 
 
 def transcribing(record: dict) -> bool:
@@ -198,5 +204,69 @@ def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(tmp_pat
         fresh = upload(port, FIXTURES / "fox.wav")
         assert wait_until(port, fresh, finished)["status"] == "completed"
         assert b"lazy dog" in download(port, fresh, "txt").lower()
+    finally:
+        stop(server)
+
+
+def test_finished_jobs_expire_then_are_forgotten(tmp_path: Path, model_dir: Path) -> None:
+    port = free_port()
+    seconds = 2 / 86400  # RETENTION_DAYS and EXPIRED_KEEP_DAYS of two seconds each
+    server = start_gunicorn(
+        tmp_path, model_dir, port, RETENTION_DAYS=str(seconds), EXPIRED_KEEP_DAYS=str(seconds), SWEEP_INTERVAL_S="0.2"
+    )
+    try:
+        job_id = upload(port, FIXTURES / "fox.wav")
+        wait_until(port, job_id, finished)
+        assert call(port, "GET", f"/download/{job_id}.txt")[0] == 200
+        assert (tmp_path / "transcripts" / f"{job_id}.txt").is_file()
+        statuses = []
+        deadline = time.monotonic() + 30
+        while (status := call(port, "GET", f"/progress/{job_id}"))[0] != 404 and time.monotonic() < deadline:
+            statuses.append(status)
+            time.sleep(0.1)
+        assert status[0] == 404 and json.loads(status[1])["code"] == "job_not_found"
+        gone = [json.loads(body) for code, body in statuses if code == 410]
+        assert gone and gone[0]["code"] == "expired"
+        assert not list((tmp_path / "transcripts").glob(f"{job_id}.*")), "expired transcripts must be deleted"
+    finally:
+        stop(server)
+
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make a directory unwritable, for root too (chattr +i), and restore it."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)
+
+
+def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(tmp_path: Path, model_dir: Path) -> None:
+    port = free_port()
+    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+    transcripts, uploads = tmp_path / "transcripts", tmp_path / "uploads"
+    try:
+        job_id = upload(port, speech(tmp_path / "long.wav", 90, list(SPOKEN)))
+        wait_until(port, job_id, transcribing)
+        with read_only(transcripts):
+            failed = wait_until(port, job_id, finished)
+            assert (failed["status"], failed["error_code"]) == ("failed", "write_failed")
+            assert failed["error"].startswith("could not write the transcript: ")
+            assert {p.name for p in transcripts.iterdir()} <= {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"}
+        with read_only(uploads):
+            body, content_type = multipart((FIXTURES / "fox.wav").read_bytes(), "fox.wav")
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection.request("POST", "/upload", body, {"Content-Type": content_type})
+            response = connection.getresponse()
+            assert (response.status, json.loads(response.read())["code"]) == (507, "storage_full")
+        fresh = upload(port, FIXTURES / "fox.wav")
+        assert wait_until(port, fresh, finished)["status"] == "completed"
     finally:
         stop(server)

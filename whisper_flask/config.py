@@ -23,6 +23,11 @@ DEFAULTS: dict[str, Any] = {
     # Number of reverse proxies in front (nginx: 1) whose X-Forwarded-* headers to trust.
     # Leave 0 unless gunicorn is reachable only through them.
     "PROXY_FIX": 0,
+    # A finished job's files and record are deleted RETENTION_DAYS after it ended; its id
+    # then answers 410 for EXPIRED_KEEP_DAYS more, then 404. The sweep runs every SWEEP_INTERVAL_S.
+    "RETENTION_DAYS": 7,
+    "EXPIRED_KEEP_DAYS": 30,
+    "SWEEP_INTERVAL_S": 600,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,6 +44,10 @@ def validate_config(config: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             kind = "a positive integer" if low else "a whole number (0 or more)"
             raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
+    for name in ("RETENTION_DAYS", "EXPIRED_KEEP_DAYS", "SWEEP_INTERVAL_S"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"WHISPER_FLASK_{name} must be a positive number, got {value!r}")
     for name in ("MODEL_DOWNLOAD", "KEEP_UPLOADS"):
         if not isinstance(config[name], bool):
             raise ConfigError(f"WHISPER_FLASK_{name} must be true or false, got {config[name]!r}")

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from .audio import AudioDecodeError, decode_audio, is_silent
 from .engine import ModelUnavailable, WindowHook
 from .errors import ApiError
 from .formats import delete_transcripts, write_transcripts
-from .records import Job, JobStage, JobStatus, utcnow
+from .records import Job, JobStage, JobStatus, iso, utcnow
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class JobService:
         self._stopping = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._store: JobStore | None = None
+        self._sweeper: threading.Thread | None = None
         self.engine: Engine
 
     def init_app(self, app: Flask, engine: Engine) -> None:
@@ -90,6 +92,9 @@ class JobService:
         self.keep_uploads: bool = config["KEEP_UPLOADS"]
         self.max_workers: int = config["MAX_WORKERS"]
         self.capacity: int = config["MAX_QUEUED_JOBS"]
+        self.retention = timedelta(days=config["RETENTION_DAYS"])
+        self.expired_keep = timedelta(days=config["EXPIRED_KEEP_DAYS"])
+        self.sweep_interval: float = config["SWEEP_INTERVAL_S"]
         self._store = JobStore(self.transcript_dir / "jobs.sqlite3")
         app.extensions["whisper_flask"] = self
         if _built_for_cli_command():
@@ -98,6 +103,8 @@ class JobService:
         engine.start(config["MODEL"], config["MODEL_DIR"], config["DEVICE"], config["MODEL_DOWNLOAD"])
         self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="whisper-job")
         self._recover()
+        self._sweeper = threading.Thread(target=self._sweep_periodically, name="whisper-sweep", daemon=True)
+        self._sweeper.start()
 
     @property
     def store(self) -> JobStore:
@@ -225,8 +232,32 @@ class JobService:
         self._stopping.set()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._sweeper is not None:
+            self._sweeper.join()
         if self._store is not None:
             self._store.close()
+
+    # -- retention --------------------------------------------------------------------------
+
+    def _sweep_periodically(self) -> None:
+        while not self._stopping.wait(self.sweep_interval):
+            try:
+                self.sweep()
+            except Exception:  # the next sweep tries again; the service must not lose its sweeper
+                log.exception("retention sweep failed")
+
+    def sweep(self) -> None:
+        """Delete the files of jobs that ended RETENTION_DAYS ago, and forget ids expired long enough."""
+        now = datetime.now(UTC)
+        for job in self.store.finished_before(iso(now - self.retention)):
+            delete_transcripts(self.transcript_dir, job.id)
+            (self.upload_dir / job.upload_name).unlink(missing_ok=True)
+            job.expired_at = iso(now)
+            self.store.update(job)
+            log.info("job %s expired", job.id)
+        forgotten = self.store.forget_expired_before(iso(now - self.expired_keep))
+        if forgotten:
+            log.info("forgot %d expired jobs", forgotten)
 
     # -- the pipeline -----------------------------------------------------------------------
 

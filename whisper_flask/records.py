@@ -33,9 +33,14 @@ class JobStage(str, Enum):
     DONE = "done"
 
 
+def iso(moment: datetime) -> str:
+    """A UTC time as the ISO 8601 text stored and served (sortable as text)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
 def utcnow() -> str:
     """The current time as an ISO 8601 UTC timestamp."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return iso(datetime.now(UTC))
 
 
 @dataclass
@@ -60,4 +65,5 @@ class Job:
     started_at: str | None = None
     finished_at: str | None = None
     attempts: int = 0
+    expired_at: str | None = None
     seq: int = 0

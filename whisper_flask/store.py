@@ -30,6 +30,11 @@ class JobStore:
             " UNIQUE (id))"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq)")
+        # A database from an older version lacks the newer fields' columns (they default to NULL).
+        existing = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name in _FIELDS:
+            if name not in existing:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name}")
 
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
@@ -71,6 +76,20 @@ class JobStore:
                 (JobStatus.PENDING.value, JobStatus.IN_PROGRESS.value),
             ).fetchall()
         return [_job(row) for row in rows]
+
+    def finished_before(self, cutoff: str) -> list[Job]:
+        """Jobs that ended before cutoff and have not expired yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND finished_at < ? AND expired_at IS NULL",
+                (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value, cutoff),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def forget_expired_before(self, cutoff: str) -> int:
+        """Delete the records of jobs that expired before cutoff; return how many."""
+        with self._lock:
+            return self._db.execute("DELETE FROM jobs WHERE expired_at < ?", (cutoff,)).rowcount
 
     def close(self) -> None:
         """Close the connection."""

@@ -30,7 +30,10 @@ class UploadRequest(Request):
 
 def receive_upload() -> FileStorage:
     """The request's `file` part, or a 400 that says what is wrong with it."""
-    file = request.files.get("file")
+    try:
+        file = request.files.get("file")  # werkzeug streams the body into UPLOAD_DIR here
+    except OSError as exc:
+        raise ApiError(507, "storage_full", f"the upload could not be stored: {exc.strerror or exc}") from None
     if file is None:
         raise ApiError(400, "no_file", "send the audio as a multipart/form-data part named 'file'")
     if not file.filename:

@@ -20,6 +20,8 @@ def find_job(job_id: str) -> Job:
     job = get_service().get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    if job.expired_at:
+        raise ApiError(410, "expired", f"job {job_id} expired at {job.expired_at}; its files were deleted")
     return job
 
 
@@ -58,4 +60,5 @@ def job_record(job: Job) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "attempts": job.attempts,
+        "expired_at": job.expired_at,
     }
