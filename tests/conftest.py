@@ -14,6 +14,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 
 from whisper_flask import create_app
 from whisper_flask.checkpoints import ensure_checkpoint
+from whisper_flask.engine import Window
 from whisper_flask.jobs import JobService
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -41,6 +42,7 @@ class FakeEngine:
         self.gate.set()
         self.in_window = threading.Event()
         self.options: list[dict[str, Any]] = []
+        self.resumed_from: list[Window | None] = []
 
     @property
     def ready(self) -> bool:
@@ -49,12 +51,19 @@ class FakeEngine:
     def start(self, model: str, model_dir: Path, device: str, allow_download: bool) -> None:
         self.loaded = True
 
-    def transcribe(self, audio: np.ndarray, options: dict[str, Any], on_window: Callable[[float], None]) -> dict:
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        options: dict[str, Any],
+        on_window: Callable[[Window], None],
+        resume: Window | None = None,
+    ) -> dict:
         self.options.append(options)
+        self.resumed_from.append(resume)
         duration = len(audio) / 16000
-        segments = []
-        for index in range(math.ceil(duration / 30)):
-            on_window(index * 30.0)
+        segments = list(resume.segments) if resume else []
+        for index in range(len(segments), math.ceil(duration / 30)):
+            on_window(Window(index * 3000, list(segments), [], "en"))
             self.in_window.set()
             assert self.gate.wait(30), "test left the gate closed"
             if options.get("initial_prompt") == "crash":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -178,6 +179,10 @@ def test_killed_service_finishes_every_job_in_order_after_restart(tmp_path: Path
         assert [r["status"] for r in records] == ["completed"] * 4
         assert [r["attempts"] for r in records] == [2, 1, 1, 1]
         assert [r["transcription_id"] for r in sorted(records, key=lambda r: r["finished_at"])] == ids
+        resumed = re.search(
+            rf"job {ids[0]} resumes at ([\d.]+) s", (tmp_path / "logs" / "whisper_flask.log").read_text()
+        )
+        assert resumed and float(resumed.group(1)) > 0, "the long job must resume, not start over"
         # An undisturbed run of the same files on the same service, for comparison.
         again = [upload(port, path) for path in files]
         for job_id in again:

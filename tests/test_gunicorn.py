@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -79,3 +80,9 @@ def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(gunicorn: S
     assert poll(base, running, "completed", "failed", timeout=180)["status"] == "completed"
     assert poll(base, waiting, "completed", "failed")["status"] == "completed"
     assert json.loads(curl(f"{base}/jobs/{running}")[1])["attempts"] == 1, "a graceful stop costs no attempt"
+    resumed = re.search(rf"job {running} resumes at ([\d.]+) s", (tmp_path / "logs" / "whisper_flask.log").read_text())
+    assert resumed and float(resumed.group(1)) > 0, "the interrupted job must resume, not start over"
+    undisturbed = json.loads(curl("-F", f"file=@{audio}", f"{base}/upload")[1])["transcription_id"]
+    poll(base, undisturbed, "completed", timeout=180)
+    for fmt in ("txt", "srt", "json"):
+        assert curl(f"{base}/download/{running}.{fmt}")[1] == curl(f"{base}/download/{undisturbed}.{fmt}")[1]

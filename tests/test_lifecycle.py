@@ -65,6 +65,10 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
     try:
         for job_id in ids:
             assert wait_for(restarted.test_client(), job_id, "completed")["status"] == "completed"
+        resume = engine.resumed_from[1]
+        assert resume is not None and resume.seek == 3000, "the stopped job resumes at the window it stopped at"
+        assert engine.resumed_from[2] is None, "a job that never started has nothing to resume"
+        assert not list((tmp_path / "transcripts").glob("*.resume.json")), "resume state is removed once done"
     finally:
         service(restarted).shutdown()
 

@@ -12,11 +12,13 @@ turns window by window: a short job waits at most one window of a long one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,9 +32,8 @@ from .checkpoints import ensure_checkpoint
 
 log = logging.getLogger(__name__)
 
-#: Called with the seconds of audio decoded so far at the start of each window;
-#: it may raise to stop the job there.
-WindowHook = Callable[[float], None]
+#: Called as each window starts, with the loop's state; it may raise to stop the job there.
+WindowHook = Callable[["Window"], None]
 
 _TRANSCRIBE_CODE = whisper.transcribe.__code__
 
@@ -76,36 +77,60 @@ class FairTurn:
                 self._cond.notify_all()
 
 
-def _decoded_seconds() -> float | None:
-    """Where Whisper's transcribe loop is in the audio: its ``seek``, read from its frame."""
+@dataclass(frozen=True)
+class Window:
+    """Whisper's transcribe loop as a window starts: what progress and a resume need."""
+
+    seek: int  # frames (1/100 s) of audio decoded so far
+    segments: list[dict[str, Any]]  # the segments finished before this window
+    prompt: list[int]  # the tokens this window is conditioned on
+    language: str | None
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of audio decoded so far."""
+        return self.seek / FRAMES_PER_SECOND
+
+
+def _transcribe_loop() -> dict[str, Any]:
+    """The local variables of the running ``whisper.transcribe`` (its seek and segments)."""
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code is _TRANSCRIBE_CODE:
-            seek = frame.f_locals.get("seek")
-            return None if seek is None else seek / FRAMES_PER_SECOND
+            return frame.f_locals
         frame = frame.f_back
-    return None
+    return {}
 
 
 class _JobModel:
     """One job's view of the shared model: every model call goes through the turn."""
 
-    def __init__(self, model: whisper.Whisper, turn: FairTurn, on_window: WindowHook) -> None:
+    def __init__(
+        self, model: whisper.Whisper, turn: FairTurn, on_window: WindowHook, prompt_swap: tuple[list[int], list[int]]
+    ) -> None:
         self._model = model
         self._turn = turn
         self._on_window = on_window
+        self._canonical, self._exact = prompt_swap
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def decode(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> Any:
-        position = _decoded_seconds()
+        prompt = list(options.prompt or [])
+        if self._canonical and prompt[: len(self._canonical)] == self._canonical:
+            # A resumed job: its initial_prompt stands for the exact tokens (timestamps included)
+            # that the interrupted run was conditioned on, until Whisper resets its prompt.
+            prompt = self._exact + prompt[len(self._canonical) :]
+            options = dataclasses.replace(options, prompt=prompt)
+        loop = _transcribe_loop()
+        window = Window(loop.get("seek", 0), list(loop.get("all_segments", [])), prompt, options.language)
         # Report and allow cancellation before waiting for the model, never while holding it.
-        self._on_window(position or 0.0)
+        self._on_window(window)
         self._turn.take()
         # Temperature fallback samples from torch's global RNG; seeding it per window
         # makes a job's result independent of what other jobs drew before it.
-        torch.manual_seed(round((position or 0.0) * FRAMES_PER_SECOND))
+        torch.manual_seed(window.seek)
         return self._model.decode(mel, options)
 
     def detect_language(self, mel: torch.Tensor, tokenizer: Any = None) -> Any:
@@ -171,15 +196,50 @@ class WhisperEngine:
             raise ModelUnavailable(self.error or f"model {self.model_name} is still loading")
         return self._model
 
-    def transcribe(self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook) -> dict[str, Any]:
-        """Run Whisper's transcribe loop on audio, one window at a time between jobs."""
+    def transcribe(
+        self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
+    ) -> dict[str, Any]:
+        """Run Whisper's transcribe loop on audio, one window at a time between jobs.
+
+        With `resume` (a Window an interrupted run reported), start there instead of at 0.
+        """
         model = self.wait_until_ready()
         fp16 = model.device.type == "cuda"
-        job_model = _JobModel(model, self._turn, on_window)
+        if resume is None:
+            job_model = _JobModel(model, self._turn, on_window, ([], []))
+            try:
+                return whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **options)
+            finally:
+                self._turn.release()
+
+        tokenizer = whisper.tokenizer.get_tokenizer(
+            model.is_multilingual,
+            num_languages=model.num_languages,
+            language=resume.language,
+            task=options.get("task", "transcribe"),
+        )
+        # transcribe() encodes initial_prompt as " " + text.strip(); the proxy swaps that back.
+        text = tokenizer.decode(resume.prompt)
+        canonical = tokenizer.encode(" " + text.strip()) if resume.prompt else []
+        done = resume.segments
+
+        def on_resumed_window(window: Window) -> None:
+            on_window(dataclasses.replace(window, segments=done + _renumbered(window.segments, len(done))))
+
+        job_model = _JobModel(model, self._turn, on_resumed_window, (canonical, resume.prompt))
+        resumed = {
+            **options,
+            "clip_timestamps": str(resume.seconds),
+            "language": resume.language,
+            "initial_prompt": text if resume.prompt else None,
+        }
         try:
-            return whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **options)
+            result = whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **resumed)
         finally:
             self._turn.release()
+        segments = done + _renumbered(result["segments"], len(done))
+        tokens = [token for segment in segments for token in segment["tokens"]]
+        return {"text": tokenizer.decode(tokens), "segments": segments, "language": result["language"]}
 
     def detect_language(self, audio: np.ndarray) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio."""
@@ -191,3 +251,7 @@ class WhisperEngine:
         finally:
             self._turn.release()
         return dict(probs)
+
+
+def _renumbered(segments: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
+    return [{**segment, "id": start + index} for index, segment in enumerate(segments)]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from whisper.utils import get_writer
+
+from .engine import Window
 
 #: Download format -> MIME type (werkzeug appends "; charset=utf-8" to the text/ ones).
 FORMATS = {
@@ -50,3 +54,29 @@ def delete_transcripts(directory: Path, job_id: str) -> None:
     """Remove a job's transcripts, whichever exist."""
     for fmt in FORMATS:
         transcript_path(directory, job_id, fmt).unlink(missing_ok=True)
+
+
+def _resume_path(directory: Path, job_id: str) -> Path:
+    return directory / f"{job_id}.resume.json"
+
+
+def save_resume(directory: Path, job_id: str, window: Window) -> None:
+    """Record where an unfinished job's transcription stands, atomically (temp file, fsync, rename)."""
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=f".{job_id}.", suffix=".resume", delete=False) as file:
+        json.dump(dataclasses.asdict(window), file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(file.name, _resume_path(directory, job_id))
+
+
+def load_resume(directory: Path, job_id: str) -> Window | None:
+    """Where an interrupted job stood, if it got past its first window."""
+    try:
+        return Window(**json.loads(_resume_path(directory, job_id).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def delete_resume(directory: Path, job_id: str) -> None:
+    """Forget a job's resume state (it has ended)."""
+    _resume_path(directory, job_id).unlink(missing_ok=True)

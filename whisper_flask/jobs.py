@@ -23,9 +23,9 @@ from flask import Flask, current_app
 from whisper.audio import SAMPLE_RATE
 
 from .audio import AudioDecodeError, decode_audio, is_silent
-from .engine import ModelUnavailable, WindowHook
+from .engine import ModelUnavailable, Window, WindowHook
 from .errors import ApiError
-from .formats import delete_transcripts, write_transcripts
+from .formats import delete_resume, delete_transcripts, load_resume, save_resume, write_transcripts
 from .records import Job, JobStage, JobStatus, iso, utcnow
 from .store import JobStore
 
@@ -51,7 +51,9 @@ class Engine(Protocol):
 
     def start(self, model: str, model_dir: Path, device: str, allow_download: bool) -> None: ...
 
-    def transcribe(self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook) -> dict[str, Any]: ...
+    def transcribe(
+        self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
+    ) -> dict[str, Any]: ...
 
     def detect_language(self, audio: np.ndarray) -> dict[str, float]: ...
 
@@ -68,6 +70,7 @@ class JobInterrupted(Exception):
 class _Running:
     started: float  # monotonic time transcription began, for the measured speed
     persisted: float = 0.0
+    resumable_seek: int = 0  # the furthest window saved for a resume
 
 
 class JobService:
@@ -280,7 +283,10 @@ class JobService:
             if is_silent(audio):
                 result = {"text": "", "segments": [], "language": options.get("language")}
             else:
-                result = self.engine.transcribe(audio, options, lambda seconds: self._on_window(job_id, seconds))
+                resume = load_resume(self.transcript_dir, job_id)
+                if resume is not None:
+                    log.info("job %s resumes at %.1f s", job_id, resume.seconds)
+                result = self.engine.transcribe(audio, options, lambda w: self._on_window(job_id, w), resume)
             self._advance(job_id, JobStage.WRITING, language=result.get("language"))
             try:
                 write_transcripts(result, self.transcript_dir, job_id)
@@ -303,11 +309,16 @@ class JobService:
         finally:
             self._cleanup(job_id)
 
-    def _check_continue(self, job_id: str) -> Job:
+    def _active_job(self, job_id: str) -> Job:
         # Caller holds the lock.
         job = self._active.get(job_id)
         if job is None or job.status is JobStatus.CANCELLED:
             raise JobCancelled(job_id)
+        return job
+
+    def _check_continue(self, job_id: str) -> Job:
+        # Caller holds the lock.
+        job = self._active_job(job_id)
         if self._stopping.is_set():
             raise JobInterrupted(job_id)
         return job
@@ -323,12 +334,12 @@ class JobService:
             self.store.update(job)
         log.info("job %s %s", job_id, stage.value)
 
-    def _on_window(self, job_id: str, seconds: float) -> None:
+    def _on_window(self, job_id: str, window: Window) -> None:
         with self._lock:
-            job = self._check_continue(job_id)
+            job = self._active_job(job_id)
             run = self._running[job_id]
             duration = job.duration or 0.0
-            job.processed_seconds = round(max(job.processed_seconds, min(seconds, duration)), 3)
+            job.processed_seconds = round(max(job.processed_seconds, min(window.seconds, duration)), 3)
             if duration > 0:
                 # 100 is kept for "completed", so a finished last window shows 99.9 at most.
                 job.progress = min(99.9, round(100 * job.processed_seconds / duration, 1))
@@ -340,6 +351,14 @@ class JobService:
             if now - run.persisted >= PERSIST_INTERVAL_S:
                 run.persisted = now
                 self.store.update(job)
+            advanced = window.seek > run.resumable_seek
+            run.resumable_seek = max(run.resumable_seek, window.seek)
+        if advanced:
+            # Only this job's thread writes its resume file, so no lock is needed for it.
+            save_resume(self.transcript_dir, job_id, window)
+        # Checked after saving: a stopped job resumes at exactly this window.
+        if self._stopping.is_set():
+            raise JobInterrupted(job_id)
 
     def _finish(self, job_id: str, status: JobStatus, code: str | None = None, message: str | None = None) -> None:
         with self._lock:
@@ -378,6 +397,8 @@ class JobService:
             self._remove_files(final)
 
     def _remove_files(self, job: Job) -> None:
+        # The job has ended: it will not resume.
+        delete_resume(self.transcript_dir, job.id)
         if job.status is JobStatus.CANCELLED:
             delete_transcripts(self.transcript_dir, job.id)
         if job.status is JobStatus.CANCELLED or not self.keep_uploads:

@@ -1,0 +1,83 @@
+"""Resumed against uninterrupted transcripts: word error rate and time saved, in one run.
+
+    .venv/bin/python bench/resume_wer.py [--model base] [--seconds 300] [--points 4]
+
+Transcribes a speech file once through the engine, then, for several windows spread over the file,
+interrupts a second run as that window starts (as a stop or crash would after saving its state),
+resumes from the saved state, and compares the result with the uninterrupted transcript.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import SPOKEN  # noqa: E402
+from tests.test_end_to_end import speech  # noqa: E402
+from whisper_flask.audio import decode_audio  # noqa: E402
+from whisper_flask.engine import WhisperEngine, Window  # noqa: E402
+
+
+class Stop(Exception):
+    pass
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = reference.split(), hypothesis.split()
+    row = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(hyp, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
+    return row[-1] / max(1, len(ref))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--points", type=int, default=4, help="interruption points")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="whisper-resume-"))
+    engine = WhisperEngine()
+    engine.start(args.model, work / "models", "cpu", allow_download=False)
+    engine.wait_until_ready(300)
+    audio = decode_audio(speech(work / "speech.wav", args.seconds, list(SPOKEN)))
+
+    windows: list[Window] = []
+    started = time.perf_counter()
+    full = engine.transcribe(audio, {}, windows.append)
+    full_time = time.perf_counter() - started
+    starts = sorted({w.seek: w for w in windows if w.seek > 0}.values(), key=lambda w: w.seek)
+    chosen = [starts[round(i * (len(starts) - 1) / max(1, args.points - 1))] for i in range(args.points)]
+
+    print(f"model {args.model}, {args.seconds:.0f} s speech, uninterrupted {full_time:.1f} s")  # noqa: T201
+    for target in chosen:
+
+        def stop_at(window: Window, seek: int = target.seek) -> None:
+            if window.seek == seek:
+                raise Stop
+
+        try:
+            engine.transcribe(audio, {}, stop_at)
+        except Stop:
+            pass
+        started = time.perf_counter()
+        resumed = engine.transcribe(audio, {}, lambda w: None, target)
+        resumed_time = time.perf_counter() - started
+        wer = word_error_rate(full["text"], resumed["text"])
+        print(  # noqa: T201
+            f"interrupted at {target.seconds:6.1f} s: WER {100 * wer:5.2f} %, identical {resumed == full}, "
+            f"resume took {resumed_time:5.1f} s = {resumed_time / full_time:.2f} of starting over"
+        )
+
+
+if __name__ == "__main__":
+    main()
