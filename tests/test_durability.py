@@ -275,3 +275,27 @@ def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(tmp_p
         assert wait_until(port, fresh, finished)["status"] == "completed"
     finally:
         stop(server)
+
+
+def test_cancelling_running_and_pending_jobs_removes_them_and_their_files(tmp_path: Path, model_dir: Path) -> None:
+    port = free_port()
+    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+    try:
+        running = upload(port, speech(tmp_path / "long.wav", 120, list(SPOKEN)))
+        pending = upload(port, FIXTURES / "fox.wav")
+        wait_until(port, running, transcribing)
+        for job_id in (pending, running):
+            status, body = call(port, "DELETE", f"/jobs/{job_id}")
+            assert (status, json.loads(body)["status"]) == (200, "cancelled")
+        assert get(port, "/queue") == {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}
+        deadline = time.monotonic() + 60
+        while list((tmp_path / "uploads").glob("*.upload")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the running job lets go of its audio at its next window
+        assert not list((tmp_path / "uploads").glob("*.upload"))
+        assert not [p for p in (tmp_path / "transcripts").iterdir() if not p.name.startswith("jobs.sqlite3")]
+        status, body = call(port, "DELETE", f"/jobs/{running}")
+        assert (status, json.loads(body)["status"]) == (200, "cancelled"), "repeating the call is harmless"
+        fresh = upload(port, FIXTURES / "fox.wav")
+        assert wait_until(port, fresh, finished)["status"] == "completed"
+    finally:
+        stop(server)
