@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
+from tests.servers import free_port, start_gunicorn, stop
 from whisper_flask import create_app
 from whisper_flask.checkpoints import ensure_checkpoint
 from whisper_flask.engine import Window
@@ -178,3 +180,22 @@ def make_real_app(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Fla
     yield make
     for app in apps:
         service(app).shutdown()
+
+
+#: Starts real gunicorn (again, after a stop) on the test's directories; returns its port and process.
+StartGunicorn = Callable[..., tuple[int, "subprocess.Popen[bytes]"]]
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path, model_dir: Path) -> Iterator[StartGunicorn]:
+    """Real gunicorn with deploy/gunicorn.conf.py and tiny.en; every start is stopped after the test."""
+    port = free_port()
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(**settings: str) -> tuple[int, subprocess.Popen[bytes]]:
+        processes.append(start_gunicorn(tmp_path, model_dir, port, **settings))
+        return port, processes[-1]
+
+    yield start
+    for process in processes:
+        stop(process)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import FIXTURES, SPOKEN, wav_bytes
-from tests.servers import free_port, start_gunicorn, stop
+from tests.conftest import FIXTURES, SPOKEN, StartGunicorn, wav_bytes
+from tests.servers import stop
 from tests.test_end_to_end import speech
 
 
@@ -33,9 +33,10 @@ def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(tmp_path: Path, model_dir: Path) -> None:
-    port = free_port()
-    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="2", MAX_QUEUED_JOBS="250")
+def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(
+    gunicorn: StartGunicorn, tmp_path: Path
+) -> None:
+    port, server = gunicorn(MAX_WORKERS="2", MAX_QUEUED_JOBS="250")
     # Every tenth upload is speech for the model; the rest are silence, which takes the whole
     # pipeline but the model, so 200 jobs fit in a test while the registry is kept busy.
     speech, silence = (FIXTURES / "fox.wav").read_bytes(), wav_bytes(1.0, amplitude=0)
@@ -84,24 +85,18 @@ def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(tm
             time.sleep(0.05)
 
     threads = [threading.Thread(target=client, args=(worker,)) for worker in range(16)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=600)
-        assert not any(thread.is_alive() for thread in threads), "clients did not finish"
-        assert errors == []
-        assert len(set(ids)) == 200 and polls[0] >= 2000
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        connection.request("GET", "/jobs?limit=1000")
-        records = json.loads(connection.getresponse().read())["jobs"]
-        assert len(records) == 200
-        assert {(r["status"], r["progress"], r["stage"], r["attempts"]) for r in records} == {
-            ("completed", 100, "done", 1)
-        }
-        assert all(r["finished_at"] >= r["started_at"] >= r["created_at"] for r in records)
-    finally:
-        stop(server)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not any(thread.is_alive() for thread in threads), "clients did not finish"
+    assert errors == []
+    assert len(set(ids)) == 200 and polls[0] >= 2000
+    records = get(port, "/jobs?limit=1000")["jobs"]
+    assert len(records) == 200
+    assert {(r["status"], r["progress"], r["stage"], r["attempts"]) for r in records} == {("completed", 100, "done", 1)}
+    assert all(r["finished_at"] >= r["started_at"] >= r["created_at"] for r in records)
+    stop(server)  # a clean stop, then the log must show no locking error or traceback
     log = "".join(path.read_text() for path in tmp_path.glob("gunicorn-*.log"))
     assert "database is locked" not in log and "Traceback" not in log
 
@@ -117,13 +112,17 @@ def get(port: int, path: str) -> dict:
     return json.loads(call(port, "GET", path)[1])
 
 
-def upload(port: int, path: Path) -> str:
+def post_file(port: int, path: Path) -> tuple[int, dict]:
     body, content_type = multipart(path.read_bytes(), path.name)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     connection.request("POST", "/upload", body, {"Content-Type": content_type})
     response = connection.getresponse()
-    payload = json.loads(response.read())
-    assert response.status == 202, payload
+    return response.status, json.loads(response.read())
+
+
+def upload(port: int, path: Path) -> str:
+    status, payload = post_file(port, path)
+    assert status == 202, payload
     return str(payload["transcription_id"])
 
 
@@ -163,78 +162,64 @@ def _ppid(proc: Path) -> int | None:
         return None
 
 
-def test_killed_service_finishes_every_job_in_order_after_restart(tmp_path: Path, model_dir: Path) -> None:
+def test_killed_service_finishes_every_job_in_order_after_restart(gunicorn: StartGunicorn, tmp_path: Path) -> None:
     names = list(SPOKEN)
     files = [speech(tmp_path / "long.wav", 90, names)] + [FIXTURES / name for name in names[:3]]
-    port = free_port()
-    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+    port, server = gunicorn(MAX_WORKERS="1")
     ids = [upload(port, path) for path in files]
     wait_until(port, ids[0], transcribing)
     os.killpg(server.pid, signal.SIGKILL)  # power loss: arbiter and worker die at once
     server.wait()
 
-    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
-    try:
-        records = [wait_until(port, job_id, finished) for job_id in ids]
-        assert [r["status"] for r in records] == ["completed"] * 4
-        assert [r["attempts"] for r in records] == [2, 1, 1, 1]
-        assert [r["transcription_id"] for r in sorted(records, key=lambda r: r["finished_at"])] == ids
-        resumed = re.search(
-            rf"job {ids[0]} resumes at ([\d.]+) s", (tmp_path / "logs" / "whisper_flask.log").read_text()
-        )
-        assert resumed and float(resumed.group(1)) > 0, "the long job must resume, not start over"
-        # An undisturbed run of the same files on the same service, for comparison.
-        again = [upload(port, path) for path in files]
-        for job_id in again:
-            wait_until(port, job_id, finished)
-        for disturbed, undisturbed in zip(ids, again, strict=True):
-            for fmt in ("txt", "srt", "json"):
-                assert download(port, disturbed, fmt) == download(port, undisturbed, fmt)
-    finally:
-        stop(server)
-
-
-def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(tmp_path: Path, model_dir: Path) -> None:
-    port = free_port()
-    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
-    try:
-        poison = upload(port, speech(tmp_path / "poison.wav", 60, list(SPOKEN)))
-        bystander = upload(port, FIXTURES / "garden.wav")
-        for attempt in (1, 2):
-            wait_until(port, poison, lambda r, a=attempt: transcribing(r) and r["attempts"] == a)
-            os.kill(worker_pid(server.pid), signal.SIGKILL)  # as the OOM killer would; gunicorn respawns it
-        failed = wait_until(port, poison, finished)
-        assert (failed["status"], failed["error_code"], failed["attempts"]) == ("failed", "interrupted", 2)
-        assert wait_until(port, bystander, finished)["status"] == "completed"
-        fresh = upload(port, FIXTURES / "fox.wav")
-        assert wait_until(port, fresh, finished)["status"] == "completed"
-        assert b"lazy dog" in download(port, fresh, "txt").lower()
-    finally:
-        stop(server)
-
-
-def test_finished_jobs_expire_then_are_forgotten(tmp_path: Path, model_dir: Path) -> None:
-    port = free_port()
-    seconds = 2 / 86400  # RETENTION_DAYS and EXPIRED_KEEP_DAYS of two seconds each
-    server = start_gunicorn(
-        tmp_path, model_dir, port, RETENTION_DAYS=str(seconds), EXPIRED_KEEP_DAYS=str(seconds), SWEEP_INTERVAL_S="0.2"
-    )
-    try:
-        job_id = upload(port, FIXTURES / "fox.wav")
+    gunicorn(MAX_WORKERS="1")
+    records = [wait_until(port, job_id, finished) for job_id in ids]
+    assert [r["status"] for r in records] == ["completed"] * 4
+    assert [r["attempts"] for r in records] == [2, 1, 1, 1]
+    assert [r["transcription_id"] for r in sorted(records, key=lambda r: r["finished_at"])] == ids
+    resumed = re.search(rf"job {ids[0]} resumes at ([\d.]+) s", (tmp_path / "logs" / "whisper_flask.log").read_text())
+    assert resumed and float(resumed.group(1)) > 0, "the long job must resume, not start over"
+    # An undisturbed run of the same files on the same service, for comparison.
+    again = [upload(port, path) for path in files]
+    for job_id in again:
         wait_until(port, job_id, finished)
-        assert call(port, "GET", f"/download/{job_id}.txt")[0] == 200
-        assert (tmp_path / "transcripts" / f"{job_id}.txt").is_file()
-        statuses = []
-        deadline = time.monotonic() + 30
-        while (status := call(port, "GET", f"/progress/{job_id}"))[0] != 404 and time.monotonic() < deadline:
-            statuses.append(status)
-            time.sleep(0.1)
-        assert status[0] == 404 and json.loads(status[1])["code"] == "job_not_found"
-        gone = [json.loads(body) for code, body in statuses if code == 410]
-        assert gone and gone[0]["code"] == "expired"
-        assert not list((tmp_path / "transcripts").glob(f"{job_id}.*")), "expired transcripts must be deleted"
-    finally:
-        stop(server)
+    for disturbed, undisturbed in zip(ids, again, strict=True):
+        for fmt in ("txt", "srt", "json"):
+            assert download(port, disturbed, fmt) == download(port, undisturbed, fmt)
+
+
+def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(
+    gunicorn: StartGunicorn, tmp_path: Path
+) -> None:
+    port, server = gunicorn(MAX_WORKERS="1")
+    poison = upload(port, speech(tmp_path / "poison.wav", 60, list(SPOKEN)))
+    bystander = upload(port, FIXTURES / "garden.wav")
+    for attempt in (1, 2):
+        wait_until(port, poison, lambda r, a=attempt: transcribing(r) and r["attempts"] == a)
+        os.kill(worker_pid(server.pid), signal.SIGKILL)  # as the OOM killer would; gunicorn respawns it
+    failed = wait_until(port, poison, finished)
+    assert (failed["status"], failed["error_code"], failed["attempts"]) == ("failed", "interrupted", 2)
+    assert wait_until(port, bystander, finished)["status"] == "completed"
+    fresh = upload(port, FIXTURES / "fox.wav")
+    assert wait_until(port, fresh, finished)["status"] == "completed"
+    assert b"lazy dog" in download(port, fresh, "txt").lower()
+
+
+def test_finished_jobs_expire_then_are_forgotten(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+    seconds = 2 / 86400  # RETENTION_DAYS and EXPIRED_KEEP_DAYS of two seconds each
+    port, _ = gunicorn(RETENTION_DAYS=str(seconds), EXPIRED_KEEP_DAYS=str(seconds), SWEEP_INTERVAL_S="0.2")
+    job_id = upload(port, FIXTURES / "fox.wav")
+    wait_until(port, job_id, finished)
+    assert call(port, "GET", f"/download/{job_id}.txt")[0] == 200
+    assert (tmp_path / "transcripts" / f"{job_id}.txt").is_file()
+    statuses = []
+    deadline = time.monotonic() + 30
+    while (status := call(port, "GET", f"/progress/{job_id}"))[0] != 404 and time.monotonic() < deadline:
+        statuses.append(status)
+        time.sleep(0.1)
+    assert status[0] == 404 and json.loads(status[1])["code"] == "job_not_found"
+    gone = [json.loads(body) for code, body in statuses if code == 410]
+    assert gone and gone[0]["code"] == "expired"
+    assert not list((tmp_path / "transcripts").glob(f"{job_id}.*")), "expired transcripts must be deleted"
 
 
 @contextmanager
@@ -253,49 +238,50 @@ def read_only(directory: Path) -> Iterator[None]:
             directory.chmod(0o755)
 
 
-def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(tmp_path: Path, model_dir: Path) -> None:
-    port = free_port()
-    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
+def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(
+    gunicorn: StartGunicorn, tmp_path: Path
+) -> None:
+    port, _ = gunicorn(MAX_WORKERS="1")
     transcripts, uploads = tmp_path / "transcripts", tmp_path / "uploads"
-    try:
-        job_id = upload(port, speech(tmp_path / "long.wav", 90, list(SPOKEN)))
-        wait_until(port, job_id, transcribing)
-        with read_only(transcripts):
-            failed = wait_until(port, job_id, finished)
-            assert (failed["status"], failed["error_code"]) == ("failed", "write_failed")
-            assert failed["error"].startswith("could not write the transcript: ")
-            assert {p.name for p in transcripts.iterdir()} <= {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"}
-        with read_only(uploads):
-            body, content_type = multipart((FIXTURES / "fox.wav").read_bytes(), "fox.wav")
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            connection.request("POST", "/upload", body, {"Content-Type": content_type})
-            response = connection.getresponse()
-            assert (response.status, json.loads(response.read())["code"]) == (507, "storage_full")
-        fresh = upload(port, FIXTURES / "fox.wav")
-        assert wait_until(port, fresh, finished)["status"] == "completed"
-    finally:
-        stop(server)
+    job_id = upload(port, speech(tmp_path / "long.wav", 90, list(SPOKEN)))
+    wait_until(port, job_id, transcribing)
+    with read_only(transcripts):
+        failed = wait_until(port, job_id, finished)
+        assert (failed["status"], failed["error_code"]) == ("failed", "write_failed")
+        assert failed["error"] == "could not write to the transcript directory: Operation not permitted"
+        # No transcript and no temporary file; only the resume state saved before the directory
+        # turned read-only is left, which cannot be deleted now (the retention sweep will).
+        left = {p.name for p in transcripts.iterdir()} - {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"}
+        assert left <= {f"{job_id}.resume.json"}
+    assert (tmp_path / "uploads").exists() and not uploads_of(tmp_path), "the failed job's audio is deleted"
+    with read_only(uploads):
+        status, body = post_file(port, FIXTURES / "fox.wav")
+        assert (status, body["code"]) == (507, "storage_full")
+    fresh = upload(port, FIXTURES / "fox.wav")
+    assert wait_until(port, fresh, finished)["status"] == "completed"
 
 
-def test_cancelling_running_and_pending_jobs_removes_them_and_their_files(tmp_path: Path, model_dir: Path) -> None:
-    port = free_port()
-    server = start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1")
-    try:
-        running = upload(port, speech(tmp_path / "long.wav", 120, list(SPOKEN)))
-        pending = upload(port, FIXTURES / "fox.wav")
-        wait_until(port, running, transcribing)
-        for job_id in (pending, running):
-            status, body = call(port, "DELETE", f"/jobs/{job_id}")
-            assert (status, json.loads(body)["status"]) == (200, "cancelled")
-        assert get(port, "/queue") == {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}
-        deadline = time.monotonic() + 60
-        while list((tmp_path / "uploads").glob("*.upload")) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the running job lets go of its audio at its next window
-        assert not list((tmp_path / "uploads").glob("*.upload"))
-        assert not [p for p in (tmp_path / "transcripts").iterdir() if not p.name.startswith("jobs.sqlite3")]
-        status, body = call(port, "DELETE", f"/jobs/{running}")
-        assert (status, json.loads(body)["status"]) == (200, "cancelled"), "repeating the call is harmless"
-        fresh = upload(port, FIXTURES / "fox.wav")
-        assert wait_until(port, fresh, finished)["status"] == "completed"
-    finally:
-        stop(server)
+def test_cancelling_running_and_pending_jobs_removes_them_and_their_files(
+    gunicorn: StartGunicorn, tmp_path: Path
+) -> None:
+    port, _ = gunicorn(MAX_WORKERS="1")
+    running = upload(port, speech(tmp_path / "long.wav", 120, list(SPOKEN)))
+    pending = upload(port, FIXTURES / "fox.wav")
+    wait_until(port, running, transcribing)
+    for job_id in (pending, running):
+        status, body = call(port, "DELETE", f"/jobs/{job_id}")
+        assert (status, json.loads(body)["status"]) == (200, "cancelled")
+    assert get(port, "/queue") == {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}
+    deadline = time.monotonic() + 60
+    while list(uploads_of(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the running job lets go of its audio at its next window
+    assert not list(uploads_of(tmp_path))
+    assert not [p for p in (tmp_path / "transcripts").iterdir() if not p.name.startswith("jobs.sqlite3")]
+    status, body = call(port, "DELETE", f"/jobs/{running}")
+    assert (status, json.loads(body)["status"]) == (200, "cancelled"), "repeating the call is harmless"
+    fresh = upload(port, FIXTURES / "fox.wav")
+    assert wait_until(port, fresh, finished)["status"] == "completed"
+
+
+def uploads_of(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "uploads").glob("*.upload"))

@@ -5,31 +5,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import FIXTURES, SPOKEN
-from tests.servers import curl, free_port, start_gunicorn, stop
+from tests.conftest import FIXTURES, SPOKEN, StartGunicorn
+from tests.servers import curl
 from tests.test_end_to_end import speech
-
-
-@pytest.fixture
-def gunicorn(tmp_path: Path, model_dir: Path) -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
-    """Start gunicorn (again) on the same directories; returns its base URL and process once ready."""
-    port = free_port()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start() -> tuple[str, subprocess.Popen[bytes]]:
-        processes.append(start_gunicorn(tmp_path, model_dir, port, MAX_WORKERS="1"))
-        return f"http://127.0.0.1:{port}", processes[-1]
-
-    yield start
-    for process in processes:
-        stop(process)
 
 
 def poll(base: str, job_id: str, *statuses: str, timeout: float = 120) -> dict:
@@ -42,11 +23,9 @@ def poll(base: str, job_id: str, *statuses: str, timeout: float = 120) -> dict:
     raise AssertionError(f"job {job_id} did not reach {statuses}")
 
 
-Start = Callable[[], tuple[str, subprocess.Popen[bytes]]]
-
-
-def test_curl_walkthrough_upload_poll_download(gunicorn: Start, tmp_path: Path) -> None:
-    base, _ = gunicorn()
+def test_curl_walkthrough_upload_poll_download(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+    port, _ = gunicorn(MAX_WORKERS="1")
+    base = f"http://127.0.0.1:{port}"
     status, body = curl("-F", f"file=@{FIXTURES / 'report.wav'}", f"{base}/upload")
     assert status == 202
     job_id = json.loads(body)["transcription_id"]
@@ -63,8 +42,9 @@ def test_curl_walkthrough_upload_poll_download(gunicorn: Start, tmp_path: Path) 
     assert (status, json.loads(body)["code"]) == (400, "empty_file")
 
 
-def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(gunicorn: Start, tmp_path: Path) -> None:
-    base, arbiter = gunicorn()
+def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+    port, arbiter = gunicorn(MAX_WORKERS="1")
+    base = f"http://127.0.0.1:{port}"
     audio = speech(tmp_path / "long.wav", 120, list(SPOKEN))
     running = json.loads(curl("-F", f"file=@{audio}", f"{base}/upload")[1])["transcription_id"]
     waiting = json.loads(curl("-F", f"file=@{FIXTURES / 'fox.wav'}", f"{base}/upload")[1])["transcription_id"]
@@ -74,7 +54,7 @@ def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(gunicorn: S
     arbiter.send_signal(signal.SIGTERM)  # as systemd stops the service
     assert arbiter.wait(timeout=90) == 0
 
-    base, _ = gunicorn()
+    gunicorn(MAX_WORKERS="1")
     record = json.loads(curl(f"{base}/jobs/{running}")[1])
     assert record["status"] in ("pending", "in_progress") and record["attempts"] <= 1
     assert poll(base, running, "completed", "failed", timeout=180)["status"] == "completed"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 from tests.conftest import FakeEngine, base_config, service, wait_for, wav_bytes
@@ -54,14 +56,18 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
         for _ in range(2)
     ]
     engine.in_window.wait(10)
+    stopping = threading.Thread(target=service(app).shutdown)
+    stopping.start()
+    while client.post("/upload", data={}).status_code != 503:  # 400 no_file until it stops taking work
+        time.sleep(0.01)
     engine.gate.set()  # the running window finishes; the next one sees the stop
-    service(app).shutdown()
+    stopping.join()
     db = sqlite3.connect(tmp_path / "transcripts" / "jobs.sqlite3")
     rows = db.execute("SELECT id, status, attempts FROM jobs ORDER BY seq").fetchall()
     assert rows == [(ids[0], "pending", 0), (ids[1], "pending", 0)]
     assert len(list((tmp_path / "uploads").iterdir())) == 2, "pending jobs keep their audio"
 
-    restarted = create_app({**base_config(tmp_path), "ENGINE": engine})
+    restarted = create_app({**base_config(tmp_path), "ENGINE": engine, "MAX_WORKERS": 1})
     try:
         for job_id in ids:
             assert wait_for(restarted.test_client(), job_id, "completed")["status"] == "completed"

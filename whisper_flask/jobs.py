@@ -25,7 +25,7 @@ from whisper.audio import SAMPLE_RATE
 from .audio import AudioDecodeError, decode_audio, is_silent
 from .engine import ModelUnavailable, Window, WindowHook
 from .errors import ApiError
-from .formats import delete_resume, delete_transcripts, load_resume, save_resume, write_transcripts
+from .formats import FORMATS, load_resume, resume_path, save_resume, transcript_path, write_transcripts
 from .records import Job, JobStage, JobStatus, iso, utcnow
 from .store import JobStore
 
@@ -253,8 +253,7 @@ class JobService:
         """Delete the files of jobs that ended RETENTION_DAYS ago, and forget ids expired long enough."""
         now = datetime.now(UTC)
         for job in self.store.finished_before(iso(now - self.retention)):
-            delete_transcripts(self.transcript_dir, job.id)
-            (self.upload_dir / job.upload_name).unlink(missing_ok=True)
+            self._delete_files(job, transcripts=True, upload=True)
             job.expired_at = iso(now)
             self.store.update(job)
             log.info("job %s expired", job.id)
@@ -291,7 +290,7 @@ class JobService:
             try:
                 write_transcripts(result, self.transcript_dir, job_id)
             except OSError as exc:
-                raise _WriteFailed(f"could not write the transcript: {exc.strerror or exc}") from exc
+                raise _WriteFailed(exc) from exc
             self._finish(job_id, JobStatus.COMPLETED)
         except JobCancelled:
             pass  # cancel_job already recorded it; _cleanup removes the files
@@ -355,7 +354,11 @@ class JobService:
             run.resumable_seek = max(run.resumable_seek, window.seek)
         if advanced:
             # Only this job's thread writes its resume file, so no lock is needed for it.
-            save_resume(self.transcript_dir, job_id, window)
+            try:
+                save_resume(self.transcript_dir, job_id, window)
+            except OSError as exc:
+                # The transcript could not be written either: fail now, not after the whole file.
+                raise _WriteFailed(exc) from exc
         # Checked after saving: a stopped job resumes at exactly this window.
         if self._stopping.is_set():
             raise JobInterrupted(job_id)
@@ -397,16 +400,26 @@ class JobService:
             self._remove_files(final)
 
     def _remove_files(self, job: Job) -> None:
-        # The job has ended: it will not resume.
-        delete_resume(self.transcript_dir, job.id)
-        if job.status is JobStatus.CANCELLED:
-            delete_transcripts(self.transcript_dir, job.id)
-        if job.status is JobStatus.CANCELLED or not self.keep_uploads:
-            (self.upload_dir / job.upload_name).unlink(missing_ok=True)
+        cancelled = job.status is JobStatus.CANCELLED
+        self._delete_files(job, transcripts=cancelled, upload=cancelled or not self.keep_uploads)
+
+    def _delete_files(self, job: Job, *, transcripts: bool, upload: bool) -> None:
+        """Remove an ended job's resume state, and its transcripts and audio if asked; file by file."""
+        paths = [resume_path(self.transcript_dir, job.id)]
+        if transcripts:
+            paths += [transcript_path(self.transcript_dir, job.id, fmt) for fmt in FORMATS]
+        if upload:
+            paths.append(self.upload_dir / job.upload_name)
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only directory must not stop the rest, nor the worker
+                log.warning("job %s: could not remove %s: %s", job.id, path.name, exc.strerror or exc)
 
 
 class _WriteFailed(Exception):
-    pass
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"could not write to the transcript directory: {error.strerror or error}")
 
 
 def _reset_to_pending(job: Job) -> None:
