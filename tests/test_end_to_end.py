@@ -106,9 +106,8 @@ def test_short_job_is_not_stuck_behind_a_long_one(make_real_app, tmp_path: Path)
     beside = latency()
     long_state = client.get(f"/progress/{long_id}").get_json()
     assert long_state["status"] == "in_progress", "the short job must finish while the long one runs"
-    # Jobs take turns a window at a time, so the short job waits for at most one window of the
-    # long one: about 1.8 s here against 1.1 s of its own work, 2.2x to 3.1x in measurements.
-    assert beside < 4 * alone, f"short job took {beside:.1f}s beside a long one, {alone:.1f}s alone"
+    # The two share the model step by step, so about 2x (2.1x to 2.5x measured in the engine).
+    assert beside < 3 * alone, f"short job took {beside:.1f}s beside a long one, {alone:.1f}s alone"
     wait_for(client, long_id, "completed", timeout=300)
 
 
