@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -251,7 +251,7 @@ class JobService:
 
     def sweep(self) -> None:
         """Delete the files of jobs that ended RETENTION_DAYS ago, and forget ids expired long enough."""
-        now = datetime.now(UTC)
+        now = datetime.now(timezone.utc)
         for job in self.store.finished_before(iso(now - self.retention)):
             self._delete_files(job, transcripts=True, upload=True)
             job.expired_at = iso(now)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -35,12 +35,12 @@ class JobStage(str, Enum):
 
 def iso(moment: datetime) -> str:
     """A UTC time as the ISO 8601 text stored and served (sortable as text)."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def utcnow() -> str:
     """The current time as an ISO 8601 UTC timestamp."""
-    return iso(datetime.now(UTC))
+    return iso(datetime.now(timezone.utc))
 
 
 @dataclass
