@@ -253,18 +253,13 @@ class WhisperEngine:
     def transcribe(
         self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
     ) -> dict[str, Any]:
-        """Run Whisper's transcribe loop on audio, one window at a time between jobs.
+        """Run Whisper's transcribe loop on audio, sharing the model with other jobs step by step.
 
         With `resume` (a Window an interrupted run reported), start there instead of at 0.
         """
         model = self.wait_until_ready()
-        fp16 = model.device.type == "cuda"
         if resume is None:
-            job_model = _JobModel(model, self._turn, on_window, ([], []))
-            try:
-                return whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **options)
-            finally:
-                self._turn.release()
+            return self._run_transcribe(model, audio, options, on_window, ([], []))
 
         tokenizer = whisper.tokenizer.get_tokenizer(
             model.is_multilingual,
@@ -280,20 +275,30 @@ class WhisperEngine:
         def on_resumed_window(window: Window) -> None:
             on_window(dataclasses.replace(window, segments=done + _renumbered(window.segments, len(done))))
 
-        job_model = _JobModel(model, self._turn, on_resumed_window, (canonical, resume.prompt))
-        resumed = {
+        resumed_options = {
             **options,
             "clip_timestamps": str(resume.seconds),
             "language": resume.language,
             "initial_prompt": text if resume.prompt else None,
         }
-        try:
-            result = whisper.transcribe(job_model, audio, verbose=None, fp16=fp16, **resumed)
-        finally:
-            self._turn.release()
+        result = self._run_transcribe(model, audio, resumed_options, on_resumed_window, (canonical, resume.prompt))
         segments = done + _renumbered(result["segments"], len(done))
         tokens = [token for segment in segments for token in segment["tokens"]]
         return {"text": tokenizer.decode(tokens), "segments": segments, "language": result["language"]}
+
+    def _run_transcribe(
+        self,
+        model: whisper.Whisper,
+        audio: np.ndarray,
+        options: dict[str, Any],
+        on_window: WindowHook,
+        prompt_swap: tuple[list[int], list[int]],
+    ) -> dict[str, Any]:
+        job_model = _JobModel(model, self._turn, on_window, prompt_swap)
+        try:
+            return whisper.transcribe(job_model, audio, verbose=None, fp16=model.device.type == "cuda", **options)
+        finally:
+            self._turn.release()
 
     def detect_language(self, audio: np.ndarray) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio."""
