@@ -351,7 +351,8 @@ class JobService:
                 run.persisted = now
                 self.store.update(job)
             advanced = window.seek > run.resumable_seek
-            run.resumable_seek = max(run.resumable_seek, window.seek)
+            if advanced:
+                run.resumable_seek = window.seek
         if advanced:
             # Only this job's thread writes its resume file, so no lock is needed for it.
             try:
