@@ -54,9 +54,15 @@ def stack(tmp_path: Path, model_dir: Path) -> Iterator[str]:
 def test_upload_poll_and_download_through_nginx(stack: str, tmp_path: Path) -> None:
     audio = speech(tmp_path / "meeting.wav", 45, ["train.wav", "garden.wav"])
     assert audio.stat().st_size > 1024 * 1024, "the upload must exceed nginx's in-memory body buffer"
-    status, body = curl("-F", f"file=@{audio}", f"{stack}/upload")
+    # From 127.0.0.2 with a forged header: the app must see the address nginx saw.
+    status, body = curl(
+        "--interface", "127.0.0.2", "-H", "X-Forwarded-For: 203.0.113.9", "-F", f"file=@{audio}", f"{stack}/upload"
+    )
     assert status == 202, body
     job_id = json.loads(body)["transcription_id"]
+    logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
+    assert f"job {job_id} pending: meeting.wav from 127.0.0.2" in logged, "ProxyFix must trust nginx's header"
+    assert "203.0.113.9" not in logged, "a client's forged X-Forwarded-For must not be trusted"
     deadline = time.monotonic() + 120
     while (progress := json.loads(curl(f"{stack}/progress/{job_id}")[1]))["status"] not in ("completed", "failed"):
         assert time.monotonic() < deadline, progress
