@@ -4,7 +4,7 @@ import math
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class FakeEngine:
     def ready(self) -> bool:
         return self.loaded
 
-    def start(self, model: str, model_dir: Path, device: str, allow_download: bool) -> None:
+    def start(self, config: Mapping[str, Any]) -> None:
         self.loaded = True
 
     def transcribe(

@@ -9,6 +9,7 @@ import time
 import wave
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,7 +64,18 @@ def test_spoken_words_come_back_in_every_format(make_real_app: Callable[..., Fla
     assert json.loads(files["json"])["language"] == "en"
 
 
-def test_concurrent_jobs_give_byte_identical_transcripts(make_real_app, tmp_path: Path) -> None:
+#: Decoder scores in the JSON transcript: batched matmuls round differently from one window alone.
+SCORES = ("avg_logprob", "no_speech_prob")
+
+
+def split_scores(transcript: bytes) -> tuple[dict[str, Any], list[float]]:
+    """The JSON transcript without the decoder's scores, and the scores."""
+    result = json.loads(transcript)
+    scores = [segment.pop(name) for segment in result["segments"] for name in SCORES]
+    return result, scores
+
+
+def test_concurrent_jobs_give_the_transcripts_of_jobs_run_alone(make_real_app, tmp_path: Path) -> None:
     names = list(SPOKEN)
     files = [speech(tmp_path / f"long-{name}", 65, names[i:] + names[:i]) for i, name in enumerate(names)]
     # Two of them align words too: alignment installs hooks on the shared model.
@@ -83,7 +95,18 @@ def test_concurrent_jobs_give_byte_identical_transcripts(make_real_app, tmp_path
 
     assert max(job["started_at"] for job in jobs) < min(job["finished_at"] for job in jobs), "jobs did not overlap"
     assert all(record["status"] == "completed" for record in records)
-    assert [transcripts(at_once, job_id) for job_id in ids] == alone
+    for job_id, expected in zip(ids, alone, strict=True):
+        got = transcripts(at_once, job_id)
+        assert {fmt: got[fmt] for fmt in FORMATS if fmt != "json"} == {
+            fmt: expected[fmt] for fmt in expected if fmt != "json"
+        }
+        (got_json, got_scores), (expected_json, expected_scores) = (
+            split_scores(got["json"]),
+            split_scores(expected["json"]),
+        )
+        assert got_json == expected_json
+        # Measured: scores move in the 6th or 7th significant digit; text, tokens and times do not.
+        assert got_scores == pytest.approx(expected_scores, rel=1e-4, abs=1e-6)
     words = json.loads(alone[1]["json"])["segments"][0]["words"]
     assert words and {"word", "start", "end"} <= set(words[0])
 
@@ -106,7 +129,7 @@ def test_short_job_is_not_stuck_behind_a_long_one(make_real_app, tmp_path: Path)
     beside = latency()
     long_state = client.get(f"/progress/{long_id}").get_json()
     assert long_state["status"] == "in_progress", "the short job must finish while the long one runs"
-    # The two share the model step by step, so about 2x (2.1x to 2.5x measured in the engine).
+    # It waits at most for the batch being decoded, then shares the next one: about 2x.
     assert beside < 3 * alone, f"short job took {beside:.1f}s beside a long one, {alone:.1f}s alone"
     wait_for(client, long_id, "completed", timeout=300)
 

@@ -28,9 +28,16 @@ DEFAULTS: dict[str, Any] = {
     "RETENTION_DAYS": 7,
     "EXPIRED_KEEP_DAYS": 30,
     "SWEEP_INTERVAL_S": 600,
+    # Windows of concurrent jobs decode together, up to BATCH_SIZE at once; a batch waits at
+    # most BATCH_WAIT_MS for windows of running jobs. Batches only form with MAX_WORKERS > 1.
+    "BATCH_SIZE": 8,
+    "BATCH_WAIT_MS": 50,
+    # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32.
+    "QUANTIZE": "none",
 }
 
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("none", "int8")
 
 
 class ConfigError(ValueError):
@@ -39,18 +46,28 @@ class ConfigError(ValueError):
 
 def validate_config(config: dict[str, Any]) -> None:
     """Normalise paths and limits in place, or raise ConfigError with a one-line reason."""
-    for name, low in (("MAX_WORKERS", 1), ("MAX_QUEUED_JOBS", 1), ("MAX_UPLOAD_MB", 1), ("PROXY_FIX", 0)):
+    limits = (("MAX_WORKERS", 1), ("MAX_QUEUED_JOBS", 1), ("MAX_UPLOAD_MB", 1), ("PROXY_FIX", 0), ("BATCH_SIZE", 1))
+    for name, low in limits:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             kind = "a positive integer" if low else "a whole number (0 or more)"
             raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
-    for name in ("RETENTION_DAYS", "EXPIRED_KEEP_DAYS", "SWEEP_INTERVAL_S"):
+    for name in ("RETENTION_DAYS", "EXPIRED_KEEP_DAYS", "SWEEP_INTERVAL_S", "BATCH_WAIT_MS"):
         value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value < 0
+            or (value == 0 and name != "BATCH_WAIT_MS")
+        ):
             raise ConfigError(f"WHISPER_FLASK_{name} must be a positive number, got {value!r}")
     for name in ("MODEL_DOWNLOAD", "KEEP_UPLOADS"):
         if not isinstance(config[name], bool):
             raise ConfigError(f"WHISPER_FLASK_{name} must be true or false, got {config[name]!r}")
+    if config["QUANTIZE"] not in QUANTIZATIONS:
+        raise ConfigError(
+            f"WHISPER_FLASK_QUANTIZE must be one of {', '.join(QUANTIZATIONS)}, got {config['QUANTIZE']!r}"
+        )
     if config["DEVICE"] not in DEVICES:
         raise ConfigError(f"WHISPER_FLASK_DEVICE must be one of {', '.join(DEVICES)}, got {config['DEVICE']!r}")
 

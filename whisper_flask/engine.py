@@ -3,19 +3,20 @@
 openai-whisper's model is not thread-safe: ``decode`` installs kv-cache forward
 hooks on shared modules and word alignment installs cross-attention hooks, so
 two overlapping calls corrupt each other. Each job therefore runs Whisper's own
-``transcribe`` loop and ``DecodingTask`` (temperature fallback, prompts, beam
-search, timestamps: not forked) on a per-job proxy of the model, and the proxy
-makes the model take turns:
+``transcribe`` loop (temperature fallback, prompts, timestamps: not forked) on a
+per-job proxy of the model, and the proxy hands each window's ``decode`` to one
+decoding thread:
 
-- a FIFO turn is taken before every encoder pass and every decoder step, so jobs
-  interleave step by step: a short job never waits for a long job's window;
-- a job's kv-cache hooks act only in its own thread, so another job's steps
-  between two of its own leave its cache alone;
-- torch's global RNG (temperature sampling) is saved and restored as the turn
-  changes hands, and seeded per window, so a job's transcript does not depend
-  on the jobs beside it;
-- between steps the turn stays with its holder, so word alignment (hooks
-  installed after a window's decode) runs before any other job's step.
+- windows waiting from different jobs that can share a decode (same options but
+  the prompt, greedy) run as one batch through Whisper's DecodingTask
+  (``batching``); the batch closes when every running job has a window waiting,
+  when it is full, or BATCH_WAIT_MS after its oldest window arrived;
+- batches are taken oldest window first, so no job starves behind the others;
+- a temperature fallback reuses its window's encoder output, and samples with a
+  seed of its own window, so its transcript does not depend on the jobs beside it;
+- language detection and word alignment take a FIFO turn on the model; the turn
+  stays with its holder until it next decodes, so alignment (hooks installed
+  around a forward pass) finishes before anyone else's model call.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -37,12 +37,16 @@ import torch
 import whisper
 from whisper.audio import FRAMES_PER_SECOND
 
+from .batching import Projection, decode_windows, whisper_projection
 from .checkpoints import ensure_checkpoint
+from .quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
 #: Called as each window starts, with the loop's state; it may raise to stop the job there.
 WindowHook = Callable[["Window"], None]
+#: A resumed job's (re-encoded initial_prompt, exact tokens it stands for); empty when fresh.
+PromptSwap = tuple[list[int], list[int]]
 
 _TRANSCRIBE_CODE = whisper.transcribe.__code__
 
@@ -52,36 +56,23 @@ class ModelUnavailable(RuntimeError):
 
 
 class FairTurn:
-    """Hands the model to one thread at a time, in the order they asked (FIFO), in time slices."""
+    """Hands the model to one thread at a time, in the order they asked (FIFO)."""
 
-    def __init__(self, slice_s: float = 0.1) -> None:
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._waiting: deque[int] = deque()
         self._holder: int | None = None
-        self._since = 0.0
-        # Handing over at every decoder step cost 22 % of throughput with 4 jobs (thread
-        # wake-ups); a slice bounds a newcomer's wait to ~0.1 s plus one step instead.
-        self._slice_s = slice_s
 
-    def take(self) -> None:
-        """Take the turn; a holder whose slice is up goes to the back of the line if others wait."""
+    def hold(self) -> None:
+        """Take the turn unless this thread holds it already."""
         me = threading.get_ident()
         with self._cond:
             if self._holder == me:
-                if not self._waiting or time.monotonic() - self._since < self._slice_s:
-                    return
-                self._holder = None
-                self._cond.notify_all()
+                return
             self._waiting.append(me)
             self._cond.wait_for(lambda: self._holder is None and self._waiting[0] == me)
             self._waiting.popleft()
             self._holder = me
-            self._since = time.monotonic()
-
-    def hold(self) -> None:
-        """Keep the turn if held (no hand-over), else take it."""
-        if self._holder != threading.get_ident():
-            self.take()
 
     def release(self) -> None:
         """Give the turn up if this thread holds it."""
@@ -117,28 +108,25 @@ def _transcribe_loop() -> dict[str, Any]:
 
 
 class _JobModel:
-    """One job's view of the shared model: every model call goes through the turn."""
+    """One job's view of the shared model: decodes go to the batcher, other model calls take the turn."""
 
     def __init__(
-        self, model: whisper.Whisper, turn: FairTurn, on_window: WindowHook, prompt_swap: tuple[list[int], list[int]]
+        self,
+        model: whisper.Whisper,
+        batcher: _Batcher,
+        on_window: WindowHook,
+        prompt_swap: PromptSwap,
+        aligns: bool,
     ) -> None:
         self._model = model
-        self._turn = turn
+        self._batcher = batcher
         self._on_window = on_window
         self._canonical, self._exact = prompt_swap
-        self._cuda = model.device.type == "cuda"
-        self.encoder = _Step(self, model.encoder)
-        self.decoder = _Step(self, model.decoder)
+        self._aligns = aligns
+        self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # (mel, its encoder output)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
-
-    def take_turn(self) -> None:
-        """Wait for the model; torch's RNG state leaves and comes back with this job."""
-        # Only the holder samples, so the state now is this job's own (or about to be reseeded).
-        rng = torch.cuda.get_rng_state() if self._cuda else torch.get_rng_state()
-        self._turn.take()
-        (torch.cuda.set_rng_state if self._cuda else torch.set_rng_state)(rng)
 
     def decode(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> Any:
         prompt = list(options.prompt or [])
@@ -150,81 +138,157 @@ class _JobModel:
         loop = _transcribe_loop()
         window = Window(loop.get("seek", 0), list(loop.get("all_segments", [])), prompt, options.language)
         # Report and allow cancellation before waiting for the model, never while holding it.
+        self._batcher.turn.release()
         self._on_window(window)
-        self.take_turn()
-        torch.manual_seed(window.seek)  # temperature fallback's samples depend on the window only
-        return whisper.decoding.decode(self, mel, options)
-
-    def install_kv_cache_hooks(self, cache: dict[Any, torch.Tensor] | None = None) -> Any:
-        cache, hooks = self._model.install_kv_cache_hooks(cache)
-        owner = threading.get_ident()
-        for handle in hooks:
-            registry = handle.hooks_dict_ref()
-            registry[handle.id] = _in_thread(owner, registry[handle.id])
-        return cache, hooks
+        # transcribe() passes the same mel tensor to each temperature of a fallback.
+        encoded = self._encoded[1] if self._encoded is not None and self._encoded[0] is mel else None
+        result = self._batcher.decode(_Request(mel if encoded is None else encoded, options, window.seek))
+        self._encoded = (mel, result.audio_features)
+        if self._aligns:
+            # Word alignment follows: it flips a global SDPA switch and hooks shared modules
+            # before its forward pass, so it must hold the model from now until its next decode.
+            self._batcher.turn.hold()
+        return result
 
     def detect_language(self, mel: torch.Tensor, tokenizer: Any = None) -> Any:
-        self.take_turn()
+        self._batcher.turn.hold()
         return self._model.detect_language(mel, tokenizer)
 
     def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        # Word alignment: its hooks were installed while this job holds the turn.
-        self._turn.hold()
+        self._batcher.turn.hold()  # held since the decode; see there
         return self._model(mel, tokens)
 
 
-class _Step:
-    """The encoder or decoder of a job's model: each call waits for the job's turn."""
+@dataclass(eq=False)
+class _Request:
+    """One window waiting to be decoded, and then its result."""
 
-    def __init__(self, job: _JobModel, module: torch.nn.Module) -> None:
-        self._job = job
-        self._module = module
+    window: torch.Tensor  # the mel segment, or its encoder output from an earlier temperature
+    options: whisper.DecodingOptions
+    seed: int
+    arrived: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None  # a DecodingResult, or the exception its batch raised
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
+    @property
+    def shares_batch(self) -> bool:
+        """Greedy windows batch; sampling (seeded per window) and beam search decode alone."""
+        return self.options.temperature == 0 and self.options.beam_size is None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._job.take_turn()
-        return self._module(*args, **kwargs)
+    def batches_with(self, other: _Request) -> bool:
+        """Whether both can be rows of one batch: the same options apart from the prompt."""
+        return (
+            self.shares_batch
+            and other.shares_batch
+            and dataclasses.replace(self.options, prompt=None) == dataclasses.replace(other.options, prompt=None)
+        )
 
 
-def _in_thread(owner: int, hook: Callable[..., Any]) -> Callable[..., Any]:
-    """A forward hook that acts only in the owner's thread (None leaves the output as it is)."""
+class _Batcher:
+    """Collects the windows that jobs wait on and decodes them in batches on one thread."""
 
-    def hook_in_owner_thread(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-        return hook(module, inputs, output) if threading.get_ident() == owner else None
+    def __init__(self, size: int, wait_s: float) -> None:
+        self.turn = FairTurn()
+        self._size = size
+        self._wait_s = wait_s
+        self._cond = threading.Condition()
+        self._queue: list[_Request] = []
+        self._jobs = 0  # jobs inside transcribe(): a batch waits for at most this many windows
 
-    return hook_in_owner_thread
+    def start(self, model: whisper.Whisper, project: Projection) -> None:
+        """Start the decoding thread (a daemon: it only ever waits for or runs a batch)."""
+        threading.Thread(target=self._run, args=(model, project), name="whisper-decode", daemon=True).start()
+
+    def decode(self, request: _Request) -> Any:
+        """Queue a window and wait for its result."""
+        with self._cond:
+            self._queue.append(request)
+            self._cond.notify_all()
+        request.done.wait()
+        if isinstance(request.result, BaseException):
+            raise request.result
+        return request.result
+
+    def job_started(self) -> None:
+        """A job entered Whisper's loop."""
+        with self._cond:
+            self._jobs += 1
+
+    def job_finished(self) -> None:
+        """A job left Whisper's loop; a batch waiting for its window need not wait any more."""
+        with self._cond:
+            self._jobs -= 1
+            self._cond.notify_all()
+
+    def _next_batch(self) -> list[_Request]:
+        with self._cond:
+            while True:
+                self._cond.wait_for(lambda: bool(self._queue))
+                oldest = self._queue[0]
+                batch = [request for request in self._queue if request is oldest or oldest.batches_with(request)]
+                batch = batch[: self._size]
+                left = oldest.arrived + self._wait_s - time.monotonic()
+                if not oldest.shares_batch or len(batch) == self._size or len(self._queue) >= self._jobs or left <= 0:
+                    self._queue = [request for request in self._queue if request not in batch]
+                    return batch
+                self._cond.wait(left)
+
+    def _run(self, model: whisper.Whisper, project: Projection) -> None:
+        while True:
+            batch = self._next_batch()
+            self.turn.hold()
+            try:
+                if not batch[0].shares_batch:
+                    torch.manual_seed(batch[0].seed)  # a fallback's samples depend on its window only
+                results: list[Any] = decode_windows(
+                    model, [r.window for r in batch], [r.options.prompt for r in batch], batch[0].options, project
+                )
+            except Exception as exc:  # the jobs waiting on this batch fail with it; the thread goes on
+                log.exception("decoding a batch of %d windows failed", len(batch))
+                results = [exc] * len(batch)
+            finally:
+                self.turn.release()
+            for request, result in zip(batch, results, strict=True):
+                request.result = result
+                request.done.set()
 
 
 class WhisperEngine:
     """Loads one Whisper model in the background and runs every job's model work through it."""
 
     def __init__(self) -> None:
-        self._turn = FairTurn()
+        self._batcher = _Batcher(size=1, wait_s=0.0)
         self._ready = threading.Event()
         self._model: whisper.Whisper | None = None
         self.model_name = ""
         self.error: str | None = None
 
-    def start(self, model: str, model_dir: Path, device: str, allow_download: bool) -> None:
+    def start(self, config: Mapping[str, Any]) -> None:
         """Resolve and load the model on a background thread; /readyz turns 200 when done."""
-        self.model_name = model
+        self.model_name = config["MODEL"]
+        device = config["DEVICE"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        threading.Thread(
-            target=self._load, args=(model, model_dir, device, allow_download), name="whisper-load", daemon=True
-        ).start()
+        self._batcher = _Batcher(config["BATCH_SIZE"], config["BATCH_WAIT_MS"] / 1000)
+        threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True).start()
 
-    def _load(self, model: str, model_dir: Path, device: str, allow_download: bool) -> None:
+    def _load(self, config: Mapping[str, Any], device: str) -> None:
+        model = self.model_name
         try:
-            path = ensure_checkpoint(model, model_dir, allow_download)
+            path = ensure_checkpoint(model, config["MODEL_DIR"], config["MODEL_DOWNLOAD"])
             loaded = whisper.load_model(str(path), device=device)
             if model in whisper._ALIGNMENT_HEADS:
                 # load_model(path) cannot know the name, so it would use generic heads.
                 loaded.set_alignment_heads(whisper._ALIGNMENT_HEADS[model])
+            project = whisper_projection(loaded)
+            if config["QUANTIZE"] == "int8":
+                if device == "cpu":
+                    project = quantize_int8(loaded)
+                else:
+                    log.warning("WHISPER_FLASK_QUANTIZE=int8 applies to the CPU only; %s runs unquantized", device)
+            self._batcher.start(loaded, project)
             self._model = loaded
-            log.info("model %s loaded on %s from %s", model, device, path)
+            log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, config["QUANTIZE"])
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
             self.error = f"model {model} could not be loaded: {exc}"
             log.exception("model %s could not be loaded", model)
@@ -292,23 +356,26 @@ class WhisperEngine:
         audio: np.ndarray,
         options: dict[str, Any],
         on_window: WindowHook,
-        prompt_swap: tuple[list[int], list[int]],
+        prompt_swap: PromptSwap,
     ) -> dict[str, Any]:
-        job_model = _JobModel(model, self._turn, on_window, prompt_swap)
+        aligns = bool(options.get("word_timestamps"))
+        job_model = _JobModel(model, self._batcher, on_window, prompt_swap, aligns)
+        self._batcher.job_started()
         try:
             return whisper.transcribe(job_model, audio, verbose=None, fp16=model.device.type == "cuda", **options)
         finally:
-            self._turn.release()
+            self._batcher.job_finished()
+            self._batcher.turn.release()
 
     def detect_language(self, audio: np.ndarray) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio."""
         model = self.wait_until_ready(timeout=0)
         mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(model.device)
-        self._turn.take()
+        self._batcher.turn.hold()
         try:
             _, probs = model.detect_language(mel)
         finally:
-            self._turn.release()
+            self._batcher.turn.release()
         return dict(probs)
 
 

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -49,7 +50,7 @@ class Engine(Protocol):
     @property
     def is_multilingual(self) -> bool: ...
 
-    def start(self, model: str, model_dir: Path, device: str, allow_download: bool) -> None: ...
+    def start(self, config: Mapping[str, Any]) -> None: ...
 
     def transcribe(
         self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
@@ -103,7 +104,7 @@ class JobService:
         if _built_for_cli_command():
             # `flask models ...` must not load the model or take jobs from the running server.
             return
-        engine.start(config["MODEL"], config["MODEL_DIR"], config["DEVICE"], config["MODEL_DOWNLOAD"])
+        engine.start(config)
         self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="whisper-job")
         self._recover()
         self._sweeper = threading.Thread(target=self._sweep_periodically, name="whisper-sweep", daemon=True)

@@ -1,0 +1,48 @@
+"""Int8 weights for Whisper's Linear layers and logits projection (WHISPER_FLASK_QUANTIZE=int8).
+
+Weights are quantized once, per output channel; activations are quantized per row at each
+call and multiplied in exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's
+result independent of the other windows in its batch, which torch's dynamic quantization
+(one scale per tensor, shared by the whole batch) would not.
+"""
+
+from __future__ import annotations
+
+import torch
+import whisper
+from torch import Tensor, nn
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W in int8 (per output channel) and x quantized per row."""
+
+    weight_t: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_t", torch.round(weight / scale[:, None]).to(torch.int8).t())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Quantize each row of x, multiply in int32, scale back to float."""
+        rows = x.reshape(-1, x.shape[-1]).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        product = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight_t)
+        y = product.float() * scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def quantize_int8(model: whisper.Whisper) -> Int8Linear:
+    """Swap the model's Linear layers for Int8Linear in place; return the int8 logits projection."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child.weight, child.bias))
+    return Int8Linear(model.decoder.token_embedding.weight, None)
