@@ -21,6 +21,9 @@ from whisper_flask.config import ConfigError
         ("MAX_QUEUED_JOBS", -5, "WHISPER_FLASK_MAX_QUEUED_JOBS must be a positive integer"),
         ("MAX_UPLOAD_MB", "big", "WHISPER_FLASK_MAX_UPLOAD_MB must be a positive integer"),
         ("KEEP_UPLOADS", "sometimes", "WHISPER_FLASK_KEEP_UPLOADS must be true or false"),
+        ("QUANTIZE", "int4", "WHISPER_FLASK_QUANTIZE must be one of auto, none, int8"),
+        ("BATCH_SIZE", 0, "WHISPER_FLASK_BATCH_SIZE must be a positive integer"),
+        ("BATCH_WAIT_MS", -1, "WHISPER_FLASK_BATCH_WAIT_MS must be a number .0 or more."),
     ],
 )
 def test_invalid_settings_refuse_to_start(tmp_path: Path, setting: str, value: object, message: str) -> None:

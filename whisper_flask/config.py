@@ -32,12 +32,13 @@ DEFAULTS: dict[str, Any] = {
     # most BATCH_WAIT_MS for windows of running jobs. Batches only form with MAX_WORKERS > 1.
     "BATCH_SIZE": 8,
     "BATCH_WAIT_MS": 50,
-    # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32.
-    "QUANTIZE": "none",
+    # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32;
+    # "auto": int8 on the CPU for the models measured as accurate with it (quantize.INT8_MODELS).
+    "QUANTIZE": "auto",
 }
 
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("auto", "none", "int8")
 
 
 class ConfigError(ValueError):
@@ -52,15 +53,16 @@ def validate_config(config: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             kind = "a positive integer" if low else "a whole number (0 or more)"
             raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
-    for name in ("RETENTION_DAYS", "EXPIRED_KEEP_DAYS", "SWEEP_INTERVAL_S", "BATCH_WAIT_MS"):
+    for name, zero_ok in (
+        ("RETENTION_DAYS", False),
+        ("EXPIRED_KEEP_DAYS", False),
+        ("SWEEP_INTERVAL_S", False),
+        ("BATCH_WAIT_MS", True),
+    ):
         value = config[name]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or value < 0
-            or (value == 0 and name != "BATCH_WAIT_MS")
-        ):
-            raise ConfigError(f"WHISPER_FLASK_{name} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero_ok):
+            kind = "a number (0 or more)" if zero_ok else "a positive number"
+            raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
     for name in ("MODEL_DOWNLOAD", "KEEP_UPLOADS"):
         if not isinstance(config[name], bool):
             raise ConfigError(f"WHISPER_FLASK_{name} must be true or false, got {config[name]!r}")

@@ -39,7 +39,7 @@ from whisper.audio import FRAMES_PER_SECOND
 
 from .batching import Projection, decode_windows, whisper_projection
 from .checkpoints import ensure_checkpoint
-from .quantize import quantize_int8
+from .quantize import INT8_MODELS, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class _Batcher:
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
         self._jobs = 0  # jobs inside transcribe(): a batch waits for at most this many windows
+        self._served_at = 0.0  # when the last batch's results were handed out
 
     def start(self, model: whisper.Whisper, project: Projection) -> None:
         """Start the decoding thread (a daemon: it only ever waits for or runs a batch)."""
@@ -227,7 +228,10 @@ class _Batcher:
                 oldest = self._queue[0]
                 batch = [request for request in self._queue if request is oldest or oldest.batches_with(request)]
                 batch = batch[: self._size]
-                left = oldest.arrived + self._wait_s - time.monotonic()
+                # Wait from the later of the oldest arrival and the last batch's end: the jobs of the
+                # batch just served queue their next windows within milliseconds, and without
+                # this grace two halves of the jobs would alternate in half-size batches forever.
+                left = max(oldest.arrived, self._served_at) + self._wait_s - time.monotonic()
                 if not oldest.shares_batch or len(batch) == self._size or len(self._queue) >= self._jobs or left <= 0:
                     self._queue = [request for request in self._queue if request not in batch]
                     return batch
@@ -237,6 +241,7 @@ class _Batcher:
         while True:
             batch = self._next_batch()
             self.turn.hold()
+            started = time.perf_counter()
             try:
                 if not batch[0].shares_batch:
                     torch.manual_seed(batch[0].seed)  # a fallback's samples depend on its window only
@@ -248,6 +253,9 @@ class _Batcher:
                 results = [exc] * len(batch)
             finally:
                 self.turn.release()
+            log.debug("decoded %d window(s) in %.2f s", len(batch), time.perf_counter() - started)
+            with self._cond:
+                self._served_at = time.monotonic()
             for request, result in zip(batch, results, strict=True):
                 request.result = result
                 request.done.set()
@@ -280,15 +288,18 @@ class WhisperEngine:
             if model in whisper._ALIGNMENT_HEADS:
                 # load_model(path) cannot know the name, so it would use generic heads.
                 loaded.set_alignment_heads(whisper._ALIGNMENT_HEADS[model])
+            quantize = config["QUANTIZE"]
+            if quantize == "auto":
+                quantize = "int8" if device == "cpu" and model in INT8_MODELS else "none"
             project = whisper_projection(loaded)
-            if config["QUANTIZE"] == "int8":
-                if device == "cpu":
-                    project = quantize_int8(loaded)
-                else:
-                    log.warning("WHISPER_FLASK_QUANTIZE=int8 applies to the CPU only; %s runs unquantized", device)
+            if quantize == "int8" and device == "cpu":
+                project = quantize_int8(loaded)
+            elif quantize == "int8":
+                log.warning("WHISPER_FLASK_QUANTIZE=int8 applies to the CPU only; %s runs unquantized", device)
+                quantize = "none"
             self._batcher.start(loaded, project)
             self._model = loaded
-            log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, config["QUANTIZE"])
+            log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, quantize)
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
             self.error = f"model {model} could not be loaded: {exc}"
             log.exception("model %s could not be loaded", model)
