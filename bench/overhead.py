@@ -1,6 +1,6 @@
 """Service overhead and concurrency, measured side by side with bare openai-whisper in one run.
 
-    .venv/bin/python bench/overhead.py [--model base] [--seconds 60] [--repeat 3]
+    .venv/bin/python bench/overhead.py [--model base] [--seconds 60] [--repeat 3] [--quantize none]
 
 1. Latency of one job: `whisper.transcribe(model, path)` directly, against the whole service path
    (multipart upload, SQLite record, ffmpeg decode, engine, five transcript files), measured from the
@@ -31,7 +31,8 @@ from whisper_flask import create_app  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
 
 
-def make_app(work: Path, model: str, model_dir: Path, workers: int) -> Any:
+def make_app(work: Path, model: str, model_dir: Path, workers: int, **config: Any) -> Any:
+    """A real service on `model`, ready to transcribe; `config` adds or overrides settings."""
     app = create_app(
         {
             "MODEL": model,
@@ -41,24 +42,28 @@ def make_app(work: Path, model: str, model_dir: Path, workers: int) -> Any:
             "TRANSCRIPT_DIR": work / f"transcripts-{workers}",
             "LOG_DIR": work / "logs",
             "MAX_WORKERS": workers,
+            **config,
         }
     )
     app.extensions["whisper_flask"].engine.wait_until_ready(300)
     return app
 
 
-def submit(client: Any, path: Path) -> str:
+def submit(client: Any, path: Path, **fields: str) -> str:
+    """Upload a file; return the job id."""
     with path.open("rb") as audio:
-        return str(client.post("/upload", data={"file": (audio, path.name)}).get_json()["transcription_id"])
+        response = client.post("/upload", data={"file": (audio, path.name), **fields})
+        return str(response.get_json()["transcription_id"])
 
 
-def wait(client: Any, job_id: str) -> dict[str, Any]:
+def wait(client: Any, job_id: str, poll_s: float = 0.01) -> dict[str, Any]:
+    """Poll until the job completed; return its record."""
     while True:
         record: dict[str, Any] = client.get(f"/jobs/{job_id}").get_json()
         if record["status"] in ("completed", "failed", "cancelled"):
             assert record["status"] == "completed", record
             return record
-        time.sleep(0.01)
+        time.sleep(poll_s)
 
 
 def seconds_between(start: str, end: str) -> float:
@@ -70,6 +75,7 @@ def main() -> None:
     parser.add_argument("--model", default="base")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each speech file")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quantize", default="none", help="the service's QUANTIZE (auto, none, int8)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="whisper-bench-"))
@@ -79,7 +85,7 @@ def main() -> None:
     files = [speech(work / f"speech-{i}.wav", args.seconds, names[i:] + names[:i]) for i in range(len(names))]
 
     bare_model = whisper.load_model(str(checkpoint), device="cpu")
-    app = make_app(work, args.model, model_dir, workers=1)
+    app = make_app(work, args.model, model_dir, workers=1, QUANTIZE=args.quantize)
     client = app.test_client()
     bare, served = [], []
     for _ in range(args.repeat):
@@ -99,7 +105,7 @@ def main() -> None:
     alone_texts = [client.get(f"/download/{job_id}.srt").get_data() for job_id in alone_ids]
     app.extensions["whisper_flask"].shutdown()
 
-    app4 = make_app(work, args.model, model_dir, workers=len(files))
+    app4 = make_app(work, args.model, model_dir, workers=len(files), QUANTIZE=args.quantize)
     client4 = app4.test_client()
     together_started = time.perf_counter()
     together_ids = [submit(client4, path) for path in files]

@@ -18,24 +18,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.peers import edit_distance_rate  # noqa: E402
 from tests.conftest import SPOKEN  # noqa: E402
 from tests.test_end_to_end import speech  # noqa: E402
 from whisper_flask.audio import decode_audio  # noqa: E402
+from whisper_flask.config import DEFAULTS  # noqa: E402
 from whisper_flask.engine import WhisperEngine, Window  # noqa: E402
 
 
 class Stop(Exception):
     pass
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = reference.split(), hypothesis.split()
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        previous, row[0] = row[0], i
-        for j, other in enumerate(hyp, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
-    return row[-1] / max(1, len(ref))
 
 
 def main() -> None:
@@ -47,7 +39,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="whisper-resume-"))
     engine = WhisperEngine()
-    engine.start(args.model, work / "models", "cpu", allow_download=False)
+    engine.start(
+        {**DEFAULTS, "MODEL": args.model, "MODEL_DIR": work / "models", "DEVICE": "cpu", "MODEL_DOWNLOAD": False}
+    )
     engine.wait_until_ready(300)
     audio = decode_audio(speech(work / "speech.wav", args.seconds, list(SPOKEN)))
 
@@ -72,7 +66,8 @@ def main() -> None:
         started = time.perf_counter()
         resumed = engine.transcribe(audio, {}, lambda w: None, target)
         resumed_time = time.perf_counter() - started
-        wer = word_error_rate(full["text"], resumed["text"])
+        # Raw words, not normalised: the two transcripts come from the same engine and should match exactly.
+        wer = edit_distance_rate(full["text"].split(), resumed["text"].split())
         print(  # noqa: T201
             f"interrupted at {target.seconds:6.1f} s: WER {100 * wer:5.2f} %, identical {resumed == full}, "
             f"resume took {resumed_time:5.1f} s = {resumed_time / full_time:.2f} of starting over"
