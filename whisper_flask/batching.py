@@ -34,7 +34,7 @@ def whisper_projection(model: whisper.Whisper) -> Projection:
     return project
 
 
-def is_encoded(model: whisper.Whisper, mel: Tensor) -> bool:
+def _is_encoded(model: whisper.Whisper, mel: Tensor) -> bool:
     """Whether `mel` already holds the encoder's output for its window."""
     return tuple(mel.shape[-2:]) == (model.dims.n_audio_ctx, model.dims.n_audio_state)
 
@@ -49,7 +49,7 @@ def decode_windows(
 ) -> list[DecodingResult]:
     """Decode windows (mel or encoded) that share `options` except each one's prompt."""
     task = _BatchTask(model, options, prompts, project)
-    mels = [i for i, window in enumerate(windows) if not is_encoded(model, window)]
+    mels = [i for i, window in enumerate(windows) if not _is_encoded(model, window)]
     features = list(windows)
     if mels:
         # One encoder pass for the windows not encoded before (a temperature fallback reuses its own).
@@ -69,11 +69,9 @@ class _BatchTask(DecodingTask):
         prompts: Sequence[Sequence[int] | str | None],
         project: Projection,
     ) -> None:
-        rows = []
-        for prompt in prompts:
-            super().__init__(model, dataclasses.replace(options, prompt=prompt))
-            rows.append(self.initial_tokens)
-        # Built last for the longest row, so sample_begin and sot_index (and the filters that
+        # Whisper's own rule for a prompt's initial tokens (trimmed, sot_prev first) for each row.
+        rows = [DecodingTask(model, dataclasses.replace(options, prompt=p)).initial_tokens for p in prompts]
+        # This task is the longest row's, so sample_begin and sot_index (and the filters that
         # use them) hold for every row once the others are padded on the left.
         longest = max(range(len(rows)), key=lambda i: len(rows[i]))
         super().__init__(model, dataclasses.replace(options, prompt=prompts[longest]))
@@ -95,8 +93,9 @@ class _BatchTask(DecodingTask):
 class _PaddedInference(Inference):
     """Whisper's kv-cached decoder forward pass, for rows with left padding.
 
-    It mirrors TextDecoder and MultiHeadAttention (without SDPA) operation by operation, so a
-    batch without padding (one window, or windows without prompts) gives Whisper's own floats.
+    It mirrors TextDecoder and MultiHeadAttention (without SDPA) operation by operation, with
+    keys cached pre-transposed for the matmul: a window alone gives Whisper's tokens, and its
+    scores differ from Whisper's in the last bits (matmul summation order).
     """
 
     def __init__(self, model: whisper.Whisper, pads: Tensor, project: Projection) -> None:
@@ -128,16 +127,15 @@ class _PaddedInference(Inference):
         x = x + decoder.positional_embedding[(positions[None, :] - self._pads[:, None]).clamp(min=0)]
         x = x.to(audio_features.dtype)
 
-        keys = torch.arange(length, device=tokens.device)
-        seen = keys[None, None, :] <= positions[None, :, None]
-        if bool(self._pads.any()):
-            # A padding row attends to itself so it stays finite; no real row attends to it.
-            seen = (seen & (keys[None, None, :] >= self._pads[:, None, None])) | (
-                keys[None, None, :] == positions[None, :, None]
-            )
-        else:
-            seen = seen.expand(1, -1, -1)
-        mask = torch.zeros(seen.shape, dtype=x.dtype, device=x.device).masked_fill_(~seen, float("-inf"))[:, None]
+        mask = None
+        padded = bool(self._pads.any())
+        if padded or length - start > 1:  # one new token per unpadded row sees the whole cache
+            keys = torch.arange(length, device=tokens.device)[None, None, :]
+            seen = keys <= positions[None, :, None]
+            if padded:
+                # A padding row attends to itself so it stays finite; no real row attends to it.
+                seen = (seen & (keys >= self._pads[:, None, None])) | (keys == positions[None, :, None])
+            mask = torch.zeros(seen.shape, dtype=x.dtype, device=x.device).masked_fill_(~seen, float("-inf"))[:, None]
 
         for index, block in enumerate(decoder.blocks):
             attn = block.attn
@@ -166,7 +164,7 @@ class _PaddedInference(Inference):
 
     def cleanup_caching(self) -> None:
         """Drop the caches (run() calls this when the loop ends)."""
-        self._self_kv, self._cross_kv = [], []
+        self._self_kv, self._cross_kv, self._length = [], [], 0
 
 
 def _heads(x: Tensor, n_head: int) -> Tensor:

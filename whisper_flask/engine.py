@@ -265,7 +265,7 @@ class WhisperEngine:
     """Loads one Whisper model in the background and runs every job's model work through it."""
 
     def __init__(self) -> None:
-        self._batcher = _Batcher(size=1, wait_s=0.0)
+        self._batcher: _Batcher  # made by start(), which every model call waits for
         self._ready = threading.Event()
         self._model: whisper.Whisper | None = None
         self.model_name = ""
@@ -328,7 +328,7 @@ class WhisperEngine:
     def transcribe(
         self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
     ) -> dict[str, Any]:
-        """Run Whisper's transcribe loop on audio, sharing the model with other jobs step by step.
+        """Run Whisper's transcribe loop on audio, its windows decoded in batches with other jobs'.
 
         With `resume` (a Window an interrupted run reported), start there instead of at 0.
         """
