@@ -50,8 +50,13 @@ def transcripts(client: FlaskClient, job_id: str) -> dict[str, bytes]:
     return {fmt: client.get(f"/download/{job_id}.{fmt}").get_data() for fmt in FORMATS}
 
 
-def test_spoken_words_come_back_in_every_format(make_real_app: Callable[..., Flask]) -> None:
-    client = make_real_app().test_client()
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_spoken_words_come_back_in_every_format(
+    make_real_app: Callable[..., Flask], quantize: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="whisper_flask.engine"):
+        client = make_real_app(QUANTIZE=quantize).test_client()
+    assert f"(quantize: {quantize})" in caplog.text
     job_id = submit(client, FIXTURES / "fox.wav")
     done = wait_for(client, job_id, "completed", "failed")
     assert done["status"] == "completed" and done["language"] == "en"
