@@ -95,6 +95,12 @@ def wav_bytes(seconds: float, amplitude: float = 0.1) -> bytes:
     return buffer.getvalue()
 
 
+def windows_per_step(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """For each window decoded, the most windows that shared one of its steps (the model thread's log)."""
+    messages = [record.getMessage() for record in caplog.records]
+    return [int(message.split()[-4]) for message in messages if message.endswith("windows per step")]
+
+
 def wait_for(client: FlaskClient, job_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
     """Poll /progress until the job reaches one of statuses."""
     deadline = time.monotonic() + timeout

@@ -1,23 +1,43 @@
-"""Batched decoding on the real tiny.en model: each window decodes as it would alone."""
+"""Decoding on the model thread, with the real tiny.en model: a window decodes as it would alone."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import whisper
+from whisper.decoding import DecodingResult
 
-from tests.conftest import FIXTURES, SPOKEN
-from whisper_flask.batching import decode_windows, whisper_projection
+from tests.conftest import FIXTURES, SPOKEN, windows_per_step
+from whisper_flask.batching import ModelThread, whisper_projection
 from whisper_flask.quantize import Int8Linear, quantize_int8
+
+OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
+
+
+def start_model_thread(model: whisper.Whisper, project: Callable[[torch.Tensor], torch.Tensor]) -> ModelThread:
+    thread = ModelThread(size=8, wait_s=0.05)
+    thread.start(model, project)
+    return thread
 
 
 @pytest.fixture(scope="module")
-def tiny(model_dir: Path) -> whisper.Whisper:
-    """The fp32 tiny.en model (module-wide: tests must not change it)."""
-    return whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
+def tiny(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
+    """The fp32 tiny.en model and its model thread (module-wide: tests must not change it)."""
+    model = whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
+    return model, start_model_thread(model, whisper_projection(model))
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
+    """tiny.en with int8 Linear layers, and its model thread."""
+    model = whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
+    return model, start_model_thread(model, quantize_int8(model))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +46,34 @@ def mels() -> list[torch.Tensor]:
     return [whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(FIXTURES / n)))) for n in SPOKEN]
 
 
-OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
+def encode(loaded: tuple[whisper.Whisper, ModelThread], mel: torch.Tensor) -> torch.Tensor:
+    model, thread = loaded
+    return thread.run(lambda: model.encoder(mel[None]))
+
+
+def decode_at_once(
+    thread: ModelThread, features: list[torch.Tensor], options: list[whisper.DecodingOptions], seed: int = 0
+) -> list[DecodingResult]:
+    """Decode each window on a thread of its own, all at the same time."""
+    results: list[DecodingResult | None] = [None] * len(features)
+
+    def decode(index: int) -> None:
+        results[index] = thread.decode(features[index], options[index], seed)
+
+    threads = [threading.Thread(target=decode, args=(index,)) for index in range(len(features))]
+    for job in threads:
+        job.start()
+    for job in threads:
+        job.join()
+    assert all(result is not None for result in results)
+    return results  # type: ignore[return-value]
+
+
+@pytest.fixture
+def widest_steps(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], int]]:
+    """The most windows that shared a decoder step, as the model thread logged them."""
+    with caplog.at_level(logging.DEBUG, logger="whisper_flask.batching"):
+        yield lambda: max(windows_per_step(caplog))
 
 
 @pytest.mark.parametrize(
@@ -34,38 +81,75 @@ OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
     [OPTIONS, dataclasses.replace(OPTIONS, without_timestamps=True)],
     ids=["timestamps", "no-timestamps"],
 )
-def test_windows_with_different_prompts_decode_in_one_batch_as_each_alone(
-    tiny: whisper.Whisper, mels: list[torch.Tensor], options: whisper.DecodingOptions
+def test_windows_decoded_at_once_give_each_one_whispers_own_tokens(
+    tiny: tuple[whisper.Whisper, ModelThread],
+    mels: list[torch.Tensor],
+    options: whisper.DecodingOptions,
+    widest_steps: Callable[[], int],
 ) -> None:
     tokenizer = whisper.tokenizer.get_tokenizer(False)
-    # Prompts of different lengths (and none) make the rows padded by different amounts.
+    # Prompts of different lengths (and none): each window has its own positions and cache.
     prompts = [None, tokenizer.encode(" The quick brown fox."), [], tokenizer.encode(" " + "word " * 40)]
-    alone = [
-        whisper.decode(tiny, mel, dataclasses.replace(options, prompt=prompt))
-        for mel, prompt in zip(mels, prompts, strict=True)
-    ]
-    batch = decode_windows(tiny, mels, prompts, options, whisper_projection(tiny))
-    assert [result.tokens for result in batch] == [result.tokens for result in alone]
-    assert [result.text for result in batch] == [result.text for result in alone]
-    assert [r.avg_logprob for r in batch] == pytest.approx([r.avg_logprob for r in alone], rel=1e-4)
-    assert [r.no_speech_prob for r in batch] == pytest.approx([r.no_speech_prob for r in alone], rel=1e-3, abs=1e-6)
+    each = [dataclasses.replace(options, prompt=prompt) for prompt in prompts]
+    alone = [whisper.decode(tiny[0], mel, opts) for mel, opts in zip(mels, each, strict=True)]
+    together = decode_at_once(tiny[1], [encode(tiny, mel) for mel in mels], each)
+    assert widest_steps() > 1
+    assert [result.tokens for result in together] == [result.tokens for result in alone]
+    assert [result.text for result in together] == [result.text for result in alone]
+    assert [r.avg_logprob for r in together] == pytest.approx([r.avg_logprob for r in alone], rel=1e-4)
+    assert [r.no_speech_prob for r in together] == pytest.approx([r.no_speech_prob for r in alone], rel=1e-3, abs=1e-6)
 
 
-def test_a_window_decoded_alone_follows_whisper_with_beam_search_and_sampling(
-    tiny: whisper.Whisper, mels: list[torch.Tensor]
+def test_with_int8_a_window_decodes_bit_for_bit_as_alone(
+    tiny_int8: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor], widest_steps: Callable[[], int]
 ) -> None:
-    for options in (dataclasses.replace(OPTIONS, beam_size=3), dataclasses.replace(OPTIONS, temperature=0.6)):
-        torch.manual_seed(7)
-        expected = whisper.decode(tiny, mels[1], options)
-        torch.manual_seed(7)
-        [result] = decode_windows(tiny, [mels[1]], [None], options, whisper_projection(tiny))
-        assert result.tokens == expected.tokens, options
+    features = [encode(tiny_int8, mel) for mel in mels]
+    options = [OPTIONS] * len(features)
+    alone = [decode_at_once(tiny_int8[1], [f], [OPTIONS])[0] for f in features]
+    together = decode_at_once(tiny_int8[1], features, options)
+    assert widest_steps() > 1
+    for one, other in zip(alone, together, strict=True):
+        assert one.tokens == other.tokens
+        assert (one.avg_logprob, one.no_speech_prob) == (other.avg_logprob, other.no_speech_prob)
 
 
-def test_encoder_output_can_stand_for_the_window(tiny: whisper.Whisper, mels: list[torch.Tensor]) -> None:
-    [first] = decode_windows(tiny, mels[:1], [None], OPTIONS, whisper_projection(tiny))
-    [again] = decode_windows(tiny, [first.audio_features], [None], OPTIONS, whisper_projection(tiny))
-    assert again.tokens == first.tokens
+def test_beam_search_decodes_as_whisper_does(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    options = dataclasses.replace(OPTIONS, beam_size=3)
+    expected = [whisper.decode(tiny[0], mel, options) for mel in mels[:2]]
+    results = decode_at_once(tiny[1], [encode(tiny, mel) for mel in mels[:2]], [options] * 2)
+    assert [result.tokens for result in results] == [result.tokens for result in expected]
+
+
+def test_sampling_depends_on_the_window_seed_only(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    options = dataclasses.replace(OPTIONS, temperature=1.0, best_of=3)
+    features = [encode(tiny, mel) for mel in mels]
+    alone = decode_at_once(tiny[1], features[:1], [options], seed=11)[0]
+    beside_others = decode_at_once(tiny[1], features, [options] * len(features), seed=11)[0]
+    other_seed = decode_at_once(tiny[1], features[:1], [options], seed=12)[0]
+    assert beside_others.tokens == alone.tokens
+    assert other_seed.tokens != alone.tokens
+
+
+def test_a_reservation_keeps_every_other_thread_off_the_model(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    model, thread = tiny
+    other_ran = threading.Event()
+    thread.reserve()
+    try:
+        other = threading.Thread(target=lambda: (encode(tiny, mels[0]), other_ran.set()))
+        other.start()
+        # The reserving thread's own calls still run, while the other thread's wait.
+        assert encode(tiny, mels[1]).shape == (1, model.dims.n_audio_ctx, model.dims.n_audio_state)
+        assert not other_ran.wait(0.5)
+    finally:
+        thread.release()
+    assert other_ran.wait(30)
+    other.join()
 
 
 def test_int8_linear_rows_do_not_depend_on_each_other() -> None:
@@ -75,14 +159,15 @@ def test_int8_linear_rows_do_not_depend_on_each_other() -> None:
     int8 = Int8Linear(layer.weight, layer.bias)
     together = int8(rows)
     assert all(torch.equal(together[i], int8(rows[i : i + 1])[0]) for i in range(len(rows)))
-    expected = layer(rows)
+    expected = layer(rows).detach()
     assert torch.allclose(together, expected, rtol=0.05, atol=0.05 * float(expected.abs().max()))
 
 
-def test_int8_model_still_hears_the_words(model_dir: Path, mels: list[torch.Tensor]) -> None:
-    model = whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
-    project = quantize_int8(model)
+def test_int8_model_still_hears_the_words(
+    tiny_int8: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    model, thread = tiny_int8
     assert not any(isinstance(module, torch.nn.Linear) for module in model.modules())
-    results = decode_windows(model, mels, [None] * len(mels), OPTIONS, project)
+    results = decode_at_once(thread, [encode(tiny_int8, mel) for mel in mels], [OPTIONS] * len(mels))
     for result, phrases in zip(results, SPOKEN.values(), strict=True):
         assert all(phrase.lower() in result.text.lower() for phrase in phrases), result.text

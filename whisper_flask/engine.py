@@ -4,19 +4,16 @@ openai-whisper's model is not thread-safe: ``decode`` installs kv-cache forward
 hooks on shared modules and word alignment installs cross-attention hooks, so
 two overlapping calls corrupt each other. Each job therefore runs Whisper's own
 ``transcribe`` loop (temperature fallback, prompts, timestamps: not forked) on a
-per-job proxy of the model, and the proxy hands each window's ``decode`` to one
-decoding thread:
+per-job proxy of the model, and the proxy hands all model work to one thread
+(``batching.ModelThread``):
 
-- windows waiting from different jobs that can share a decode (same options but
-  the prompt, greedy) run as one batch through Whisper's DecodingTask
-  (``batching``); the batch closes when every running job has a window waiting,
-  when it is full, or BATCH_WAIT_MS after its oldest window arrived;
-- batches are taken oldest window first, so no job starves behind the others;
-- a temperature fallback reuses its window's encoder output, and samples with a
-  seed of its own window, so its transcript does not depend on the jobs beside it;
-- language detection and word alignment take a FIFO turn on the model; the turn
-  stays with its holder until it next decodes, so alignment (hooks installed
-  around a forward pass) finishes before anyone else's model call.
+- each window is decoded by Whisper's DecodingTask in the job's thread, its
+  forward passes batched, step by step, with the other jobs' windows;
+- a temperature fallback reuses its window's encoder output, and samples from a
+  generator seeded by its window, so its transcript does not depend on the jobs
+  beside it;
+- word alignment reserves the model from its window's decode until the next one,
+  since it hooks shared modules around its forward pass.
 """
 
 from __future__ import annotations
@@ -25,10 +22,8 @@ import dataclasses
 import logging
 import sys
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -37,7 +32,7 @@ import torch
 import whisper
 from whisper.audio import FRAMES_PER_SECOND
 
-from .batching import Projection, decode_windows, whisper_projection
+from .batching import ModelThread, whisper_projection
 from .checkpoints import ensure_checkpoint
 from .quantize import INT8_MODELS, quantize_int8
 
@@ -53,33 +48,6 @@ _TRANSCRIBE_CODE = whisper.transcribe.__code__
 
 class ModelUnavailable(RuntimeError):
     """The model failed to load or is still loading."""
-
-
-class FairTurn:
-    """Hands the model to one thread at a time, in the order they asked (FIFO)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._waiting: deque[int] = deque()
-        self._holder: int | None = None
-
-    def hold(self) -> None:
-        """Take the turn unless this thread holds it already."""
-        me = threading.get_ident()
-        with self._cond:
-            if self._holder == me:
-                return
-            self._waiting.append(me)
-            self._cond.wait_for(lambda: self._holder is None and self._waiting[0] == me)
-            self._waiting.popleft()
-            self._holder = me
-
-    def release(self) -> None:
-        """Give the turn up if this thread holds it."""
-        with self._cond:
-            if self._holder == threading.get_ident():
-                self._holder = None
-                self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -108,18 +76,18 @@ def _transcribe_loop() -> dict[str, Any]:
 
 
 class _JobModel:
-    """One job's view of the shared model: decodes go to the batcher, other model calls take the turn."""
+    """One job's view of the shared model: every model call goes to the model thread."""
 
     def __init__(
         self,
         model: whisper.Whisper,
-        batcher: _Batcher,
+        thread: ModelThread,
         on_window: WindowHook,
         prompt_swap: PromptSwap,
         aligns: bool,
     ) -> None:
         self._model = model
-        self._batcher = batcher
+        self._thread = thread
         self._on_window = on_window
         self._canonical, self._exact = prompt_swap
         self._aligns = aligns
@@ -138,134 +106,31 @@ class _JobModel:
         loop = _transcribe_loop()
         window = Window(loop.get("seek", 0), list(loop.get("all_segments", [])), prompt, options.language)
         # Report and allow cancellation before waiting for the model, never while holding it.
-        self._batcher.turn.release()
+        self._thread.release()
         self._on_window(window)
         # transcribe() passes the same mel tensor to each temperature of a fallback.
-        encoded = self._encoded[1] if self._encoded is not None and self._encoded[0] is mel else None
-        result = self._batcher.decode(_Request(mel if encoded is None else encoded, options, window.seek))
-        self._encoded = (mel, result.audio_features)
+        if self._encoded is None or self._encoded[0] is not mel:
+            self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None])))
+        result = self._thread.decode(self._encoded[1], options, window.seek)
         if self._aligns:
             # Word alignment follows: it flips a global SDPA switch and hooks shared modules
-            # before its forward pass, so it must hold the model from now until its next decode.
-            self._batcher.turn.hold()
+            # before its forward pass, so it must have the model from now until its next decode.
+            self._thread.reserve()
         return result
 
     def detect_language(self, mel: torch.Tensor, tokenizer: Any = None) -> Any:
-        self._batcher.turn.hold()
-        return self._model.detect_language(mel, tokenizer)
+        return self._thread.run(lambda: self._model.detect_language(mel, tokenizer))
 
     def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        self._batcher.turn.hold()  # held since the decode; see there
-        return self._model(mel, tokens)
-
-
-@dataclass(eq=False)
-class _Request:
-    """One window waiting to be decoded, and then its result."""
-
-    window: torch.Tensor  # the mel segment, or its encoder output from an earlier temperature
-    options: whisper.DecodingOptions
-    seed: int
-    arrived: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None  # a DecodingResult, or the exception its batch raised
-
-    @property
-    def shares_batch(self) -> bool:
-        """Greedy windows batch; sampling (seeded per window) and beam search decode alone."""
-        return self.options.temperature == 0 and self.options.beam_size is None
-
-    def batches_with(self, other: _Request) -> bool:
-        """Whether both can be rows of one batch: the same options apart from the prompt."""
-        return (
-            self.shares_batch
-            and other.shares_batch
-            and dataclasses.replace(self.options, prompt=None) == dataclasses.replace(other.options, prompt=None)
-        )
-
-
-class _Batcher:
-    """Collects the windows that jobs wait on and decodes them in batches on one thread."""
-
-    def __init__(self, size: int, wait_s: float) -> None:
-        self.turn = FairTurn()
-        self._size = size
-        self._wait_s = wait_s
-        self._cond = threading.Condition()
-        self._queue: list[_Request] = []
-        self._jobs = 0  # jobs inside transcribe(): a batch waits for at most this many windows
-        self._served_at = 0.0  # when the last batch's results were handed out
-
-    def start(self, model: whisper.Whisper, project: Projection) -> None:
-        """Start the decoding thread (a daemon: it only ever waits for or runs a batch)."""
-        threading.Thread(target=self._run, args=(model, project), name="whisper-decode", daemon=True).start()
-
-    def decode(self, request: _Request) -> Any:
-        """Queue a window and wait for its result."""
-        with self._cond:
-            self._queue.append(request)
-            self._cond.notify_all()
-        request.done.wait()
-        if isinstance(request.result, BaseException):
-            raise request.result
-        return request.result
-
-    def job_started(self) -> None:
-        """A job entered Whisper's loop."""
-        with self._cond:
-            self._jobs += 1
-
-    def job_finished(self) -> None:
-        """A job left Whisper's loop; a batch waiting for its window need not wait any more."""
-        with self._cond:
-            self._jobs -= 1
-            self._cond.notify_all()
-
-    def _next_batch(self) -> list[_Request]:
-        with self._cond:
-            while True:
-                self._cond.wait_for(lambda: bool(self._queue))
-                oldest = self._queue[0]
-                batch = [request for request in self._queue if request is oldest or oldest.batches_with(request)]
-                batch = batch[: self._size]
-                # Wait from the later of the oldest arrival and the last batch's end: the jobs of the
-                # batch just served queue their next windows within milliseconds, and without
-                # this grace two halves of the jobs would alternate in half-size batches forever.
-                left = max(oldest.arrived, self._served_at) + self._wait_s - time.monotonic()
-                if not oldest.shares_batch or len(batch) == self._size or len(self._queue) >= self._jobs or left <= 0:
-                    self._queue = [request for request in self._queue if request not in batch]
-                    return batch
-                self._cond.wait(left)
-
-    def _run(self, model: whisper.Whisper, project: Projection) -> None:
-        while True:
-            batch = self._next_batch()
-            self.turn.hold()
-            started = time.perf_counter()
-            try:
-                if not batch[0].shares_batch:
-                    torch.manual_seed(batch[0].seed)  # a fallback's samples depend on its window only
-                results: list[Any] = decode_windows(
-                    model, [r.window for r in batch], [r.options.prompt for r in batch], batch[0].options, project
-                )
-            except Exception as exc:  # the jobs waiting on this batch fail with it; the thread goes on
-                log.exception("decoding a batch of %d windows failed", len(batch))
-                results = [exc] * len(batch)
-            finally:
-                self.turn.release()
-            log.debug("decoded %d window(s) in %.2f s", len(batch), time.perf_counter() - started)
-            with self._cond:
-                self._served_at = time.monotonic()
-            for request, result in zip(batch, results, strict=True):
-                request.result = result
-                request.done.set()
+        self._thread.reserve()  # reserved since the decode; see there
+        return self._thread.run(lambda: self._model(mel, tokens))
 
 
 class WhisperEngine:
     """Loads one Whisper model in the background and runs every job's model work through it."""
 
     def __init__(self) -> None:
-        self._batcher: _Batcher  # made by start(), which every model call waits for
+        self._thread: ModelThread  # made by start(), which every model call waits for
         self._ready = threading.Event()
         self._model: whisper.Whisper | None = None
         self.model_name = ""
@@ -277,7 +142,7 @@ class WhisperEngine:
         device = config["DEVICE"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._batcher = _Batcher(config["BATCH_SIZE"], config["BATCH_WAIT_MS"] / 1000)
+        self._thread = ModelThread(config["BATCH_SIZE"], config["BATCH_WAIT_MS"] / 1000)
         threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True).start()
 
     def _load(self, config: Mapping[str, Any], device: str) -> None:
@@ -297,7 +162,7 @@ class WhisperEngine:
             elif quantize == "int8":
                 log.warning("WHISPER_FLASK_QUANTIZE=int8 applies to the CPU only; %s runs unquantized", device)
                 quantize = "none"
-            self._batcher.start(loaded, project)
+            self._thread.start(loaded, project)
             self._model = loaded
             log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, quantize)
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
@@ -370,24 +235,24 @@ class WhisperEngine:
         prompt_swap: PromptSwap,
     ) -> dict[str, Any]:
         aligns = bool(options.get("word_timestamps"))
-        job_model = _JobModel(model, self._batcher, on_window, prompt_swap, aligns)
-        self._batcher.job_started()
+        job_model = _JobModel(model, self._thread, on_window, prompt_swap, aligns)
+        # The model thread does the model's work; this thread only computes the spectrogram and
+        # filters logits, on one torch thread so as not to compete with it (see ModelThread).
+        torch.set_num_threads(1)
         try:
             return whisper.transcribe(job_model, audio, verbose=None, fp16=model.device.type == "cuda", **options)
         finally:
-            self._batcher.job_finished()
-            self._batcher.turn.release()
+            self._thread.release()
 
     def detect_language(self, audio: np.ndarray) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio."""
         model = self.wait_until_ready(timeout=0)
-        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(model.device)
-        self._batcher.turn.hold()
-        try:
-            _, probs = model.detect_language(mel)
-        finally:
-            self._batcher.turn.release()
-        return dict(probs)
+
+        def detect() -> dict[str, float]:
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(model.device)
+            return dict(model.detect_language(mel)[1])
+
+        return self._thread.run(detect)
 
 
 def _renumbered(segments: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
