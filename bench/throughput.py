@@ -1,7 +1,7 @@
 """Aggregate throughput of concurrent jobs against bare openai-whisper and faster-whisper, in one run.
 
     .venv/bin/pip install -r bench/requirements.txt   # faster-whisper, for this benchmark only
-    .venv/bin/python bench/throughput.py [--model base] [--files 8] [--seconds 45]
+    .venv/bin/python bench/throughput.py [--model base] [--files 8] [--seconds 45] [--rounds 1]
 
 On the same speech (espeak-ng passages with known text, English) and the same weights (the model's
 registry pack: converted for openai-whisper, as shipped for faster-whisper), it measures
@@ -13,7 +13,9 @@ audio-seconds per wall-second of:
 3. faster-whisper, the files one after another, float32 and int8, with openai-whisper's
    defaults (greedy, the same temperature fallback and thresholds).
 
-Each transcript's word error rate against the passage text is reported beside it.
+Each run is a fresh process (bench/isolation.py); with --rounds N the runs take turns N times and
+the median wall time counts. Each transcript's word error rate against the passage text is
+reported beside it.
 """
 
 from __future__ import annotations
@@ -25,20 +27,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import whisper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.isolation import measure_apart, report  # noqa: E402
 from bench.overhead import make_app, seconds_between, submit, wait  # noqa: E402
 from bench.peers import ct2_model_dir, speech_passages, transcribe_faster_whisper, word_error_rate  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
 
+RUNS = ("bare", "service-none", "service-int8", "faster-whisper-float32", "faster-whisper-int8")
+NAMES = {
+    "bare": "openai-whisper bare, sequential",
+    "service-none": "service, all at once, QUANTIZE=none",
+    "service-int8": "service, all at once, QUANTIZE=int8",
+    "faster-whisper-float32": "faster-whisper float32, sequential",
+    "faster-whisper-int8": "faster-whisper int8, sequential",
+}
 
-def serve(work: Path, model: str, model_dir: Path, paths: list[Path], quantize: str) -> tuple[float, list[str]]:
+
+def serve(work: Path, model: str, paths: list[Path], quantize: str) -> tuple[float, list[str]]:
     """All files at once through the service: (wall seconds, texts)."""
-    app = make_app(work / quantize, model, model_dir, len(paths), QUANTIZE=quantize)
+    app = make_app(work / f"service-{quantize}-{time.time_ns()}", model, work / "models", len(paths), QUANTIZE=quantize)
     client = app.test_client()
     ids = [submit(client, path, language="en") for path in paths]
     # Rare polls (the records' own times are the measure), so polling steals no CPU from the jobs.
@@ -49,48 +60,65 @@ def serve(work: Path, model: str, model_dir: Path, paths: list[Path], quantize: 
     return wall, texts
 
 
+def measure(run: str, work: Path, model: str, paths: list[Path]) -> tuple[float, list[str]]:
+    """One run, in this process: (wall seconds, texts)."""
+    if run == "bare":
+        bare_model = whisper.load_model(str(ensure_checkpoint(model, work / "models", allow_download=False)))
+        started = time.perf_counter()
+        texts = [whisper.transcribe(bare_model, str(path), language="en", fp16=False)["text"] for path in paths]
+        return time.perf_counter() - started, texts
+    if run.startswith("service-"):
+        return serve(work, model, paths, run.removeprefix("service-"))
+    import torch
+
+    texts, seconds = transcribe_faster_whisper(
+        ct2_model_dir(model, work), paths, run.removeprefix("faster-whisper-"), torch.get_num_threads()
+    )
+    return seconds, texts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")
     parser.add_argument("--files", type=int, default=8, help="speech files, and concurrent jobs")
     parser.add_argument("--seconds", type=float, default=45.0, help="length of each file (30 to 60)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each run is repeated, in turns")
+    parser.add_argument("--measure", nargs=2, metavar=("RUN", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.measure:
+        run, work = args.measure[0], Path(args.measure[1])
+        paths = [work / f"passage-{i}.wav" for i in range(args.files)]
+        seconds, run_texts = measure(run, work, args.model, paths)
+        report({"seconds": seconds, "texts": run_texts})
+        return
+
     work = Path(tempfile.mkdtemp(prefix="whisper-throughput-"))
-    model_dir = work / "models"
-    checkpoint = ensure_checkpoint(args.model, model_dir, allow_download=False)
+    ensure_checkpoint(args.model, work / "models", allow_download=False)
     passages = speech_passages(work, args.files, args.seconds)
-    paths, references = [path for path, _ in passages], [text for _, text in passages]
-    audio_seconds = sum(whisper.load_audio(str(path)).shape[0] / whisper.audio.SAMPLE_RATE for path in paths)
-    threads = torch.get_num_threads()
+    references = [text for _, text in passages]
+    audio_seconds = sum(whisper.load_audio(str(path)).shape[0] / whisper.audio.SAMPLE_RATE for path, _ in passages)
 
-    rows: list[tuple[str, float, list[str]]] = []
-    bare_model = whisper.load_model(str(checkpoint), device="cpu")
-    started = time.perf_counter()
-    bare_texts = [whisper.transcribe(bare_model, str(path), language="en", fp16=False)["text"] for path in paths]
-    rows.append(("openai-whisper bare, sequential", time.perf_counter() - started, bare_texts))
-    del bare_model
+    walls: dict[str, list[float]] = {run: [] for run in RUNS}
+    texts: dict[str, list[str]] = {}
+    for _ in range(args.rounds):
+        for run in RUNS:
+            result = measure_apart(Path(__file__), ["--model", args.model, "--files", str(args.files)], run, str(work))
+            walls[run].append(result["seconds"])
+            texts[run] = result["texts"]
 
-    for quantize in ("none", "int8"):
-        wall, texts = serve(work, args.model, model_dir, paths, quantize)
-        rows.append((f"service, {args.files} at once, QUANTIZE={quantize}", wall, texts))
-
-    ct2 = ct2_model_dir(args.model, work)
-    for compute_type in ("float32", "int8"):
-        texts, seconds = transcribe_faster_whisper(ct2, paths, compute_type, threads)
-        rows.append((f"faster-whisper {compute_type}, sequential", seconds, texts))
-
-    bare_speed = audio_seconds / rows[0][1]
-    peer_speed = audio_seconds / rows[-1][1]
+    speed = {run: audio_seconds / statistics.median(walls[run]) for run in RUNS}
     out = [
-        f"model {args.model}, {args.files} files, {audio_seconds:.0f} s of speech, torch threads {threads}",
-        f"{'':42} {'wall s':>7} {'audio-s/s':>9} {'x bare':>7} {'x fw int8':>9} {'WER %':>6}",
+        f"model {args.model}, {args.files} files, {audio_seconds:.0f} s of speech, {args.rounds} round(s)",
+        f"{'':38} {'wall s':>7} {'audio-s/s':>9} {'x bare':>7} {'x fw int8':>9} {'WER %':>6}  runs",
     ]
-    for name, seconds, texts in rows:
-        speed = audio_seconds / seconds
-        wer = statistics.mean(word_error_rate(ref, text) for ref, text in zip(references, texts, strict=True))
-        x_bare, x_peer = speed / bare_speed, speed / peer_speed
-        out.append(f"{name:42} {seconds:7.2f} {speed:9.2f} {x_bare:7.2f} {x_peer:9.2f} {100 * wer:6.2f}")
+    for run in RUNS:
+        wer = statistics.mean(word_error_rate(ref, text) for ref, text in zip(references, texts[run], strict=True))
+        x_bare, x_peer = speed[run] / speed["bare"], speed[run] / speed["faster-whisper-int8"]
+        out.append(
+            f"{NAMES[run]:38} {statistics.median(walls[run]):7.2f} {speed[run]:9.2f} {x_bare:7.2f} {x_peer:9.2f}"
+            f" {100 * wer:6.2f}  {[round(w, 1) for w in walls[run]]}"
+        )
     print("\n".join(out))  # noqa: T201
 
 
