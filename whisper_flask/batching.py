@@ -32,6 +32,14 @@ T = TypeVar("T")
 #: that starts later inherits the last count set, and the model thread must keep the full one.
 MODEL_THREADS = torch.get_num_threads()
 
+
+def use_torch_threads(count: int) -> None:
+    """Set the calling thread's torch intra-op threads, for good."""
+    # torch initialises a thread's count at its first parallel op, to the last count set by any
+    # thread; get_num_threads() runs that initialisation now, so it cannot undo this setting.
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
 #: Hidden states -> vocabulary logits (the transposed token embedding, in fp32 or int8).
 Projection = Callable[[Tensor], Tensor]
 
@@ -166,7 +174,7 @@ class ModelThread:
             self._cond.wait(left if self._queue and left > 0 else None)
 
     def _run(self) -> None:
-        torch.set_num_threads(MODEL_THREADS)  # see the class docstring and MODEL_THREADS
+        use_torch_threads(MODEL_THREADS)  # see the class docstring
         while True:
             with self._cond:
                 batch = self._take()

@@ -32,7 +32,7 @@ import torch
 import whisper
 from whisper.audio import FRAMES_PER_SECOND
 
-from .batching import ModelThread, whisper_projection
+from .batching import ModelThread, use_torch_threads, whisper_projection
 from .checkpoints import ensure_checkpoint
 from .quantize import INT8_MODELS, quantize_int8
 
@@ -238,7 +238,7 @@ class WhisperEngine:
         job_model = _JobModel(model, self._thread, on_window, prompt_swap, aligns)
         # The model thread does the model's work; this thread only computes the spectrogram and
         # filters logits, on one torch thread so as not to compete with it (see ModelThread).
-        torch.set_num_threads(1)
+        use_torch_threads(1)
         try:
             return whisper.transcribe(job_model, audio, verbose=None, fp16=model.device.type == "cuda", **options)
         finally:
