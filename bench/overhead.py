@@ -4,7 +4,8 @@
 
 1. Latency of one job: `whisper.transcribe(model, path)` directly, against the whole service path
    (multipart upload, SQLite record, ffmpeg decode, engine, five transcript files), measured from the
-   upload to the job's `finished_at`. Runs alternate so machine drift hits both alike.
+   upload to the job's `finished_at`. Runs alternate so machine drift hits both alike, each in a
+   fresh process (bench/isolation.py).
 2. Four jobs through the service one by one (MAX_WORKERS=1) against all at once (MAX_WORKERS=4):
    aggregate audio-seconds per wall-second, and whether the transcripts are byte-identical.
 """
@@ -25,6 +26,7 @@ import whisper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.isolation import measure_apart, report  # noqa: E402
 from tests.conftest import SPOKEN  # noqa: E402
 from tests.test_end_to_end import speech  # noqa: E402
 from whisper_flask import create_app  # noqa: E402
@@ -70,62 +72,84 @@ def seconds_between(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
+def measure(run: str, work: Path, model: str, quantize: str, files: list[Path]) -> dict[str, Any]:
+    """One run, in this process."""
+    model_dir = work / "models"
+    if run == "bare":
+        bare_model = whisper.load_model(str(ensure_checkpoint(model, model_dir, allow_download=False)), device="cpu")
+        started = time.perf_counter()
+        text = whisper.transcribe(bare_model, str(files[0]), fp16=False)["text"]
+        return {"seconds": time.perf_counter() - started, "text": text}
+    workers = len(files) if run == "together" else 1
+    app = make_app(work / f"{run}-{time.time_ns()}", model, model_dir, workers, QUANTIZE=quantize)
+    client = app.test_client()
+    if run == "one":
+        record = wait(client, submit(client, files[0]))
+        text = client.get(f"/download/{record['transcription_id']}.json").get_json()["text"]
+        result = {"seconds": seconds_between(record["created_at"], record["finished_at"]), "text": text}
+    else:
+        started = time.perf_counter()
+        if run == "together":
+            ids = [submit(client, path) for path in files]
+        else:
+            ids = []
+            for path in files:
+                ids.append(submit(client, path))
+                wait(client, ids[-1])
+        for job_id in ids:
+            wait(client, job_id)
+        srts = [client.get(f"/download/{job_id}.srt").get_data(as_text=True) for job_id in ids]
+        result = {"seconds": time.perf_counter() - started, "srts": srts}
+    app.extensions["whisper_flask"].shutdown()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each speech file")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quantize", default="none", help="the service's QUANTIZE (auto, none, int8)")
+    parser.add_argument("--measure", nargs=2, metavar=("RUN", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = list(SPOKEN)
+
+    if args.measure:
+        work = Path(args.measure[1])
+        files = [work / f"speech-{i}.wav" for i in range(len(names))]
+        report(measure(args.measure[0], work, args.model, args.quantize, files))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="whisper-bench-"))
-    model_dir = work / "models"
-    checkpoint = ensure_checkpoint(args.model, model_dir, allow_download=False)
-    names = list(SPOKEN)
-    files = [speech(work / f"speech-{i}.wav", args.seconds, names[i:] + names[:i]) for i in range(len(names))]
+    ensure_checkpoint(args.model, work / "models", allow_download=False)
+    for i in range(len(names)):
+        speech(work / f"speech-{i}.wav", args.seconds, names[i:] + names[:i])
+    options = ["--model", args.model, "--seconds", str(args.seconds), "--quantize", args.quantize]
 
-    bare_model = whisper.load_model(str(checkpoint), device="cpu")
-    app = make_app(work, args.model, model_dir, workers=1, QUANTIZE=args.quantize)
-    client = app.test_client()
     bare, served = [], []
     for _ in range(args.repeat):
-        started = time.perf_counter()
-        bare_text = whisper.transcribe(bare_model, str(files[0]), fp16=False)["text"]
-        bare.append(time.perf_counter() - started)
-        record = wait(client, submit(client, files[0]))
-        served.append(seconds_between(record["created_at"], record["finished_at"]))
-    served_text = client.get(f"/download/{record['transcription_id']}.json").get_json()["text"]
+        bare_run = measure_apart(Path(__file__), options, "bare", str(work))
+        served_run = measure_apart(Path(__file__), options, "one", str(work))
+        bare.append(bare_run["seconds"])
+        served.append(served_run["seconds"])
+    alone = measure_apart(Path(__file__), options, "sequential", str(work))
+    together = measure_apart(Path(__file__), options, "together", str(work))
 
-    alone_started = time.perf_counter()
-    alone_ids = []
-    for path in files:
-        alone_ids.append(submit(client, path))
-        wait(client, alone_ids[-1])
-    alone_wall = time.perf_counter() - alone_started
-    alone_texts = [client.get(f"/download/{job_id}.srt").get_data() for job_id in alone_ids]
-    app.extensions["whisper_flask"].shutdown()
-
-    app4 = make_app(work, args.model, model_dir, workers=len(files), QUANTIZE=args.quantize)
-    client4 = app4.test_client()
-    together_started = time.perf_counter()
-    together_ids = [submit(client4, path) for path in files]
-    for job_id in together_ids:
-        wait(client4, job_id)
-    together_wall = time.perf_counter() - together_started
-    together_texts = [client4.get(f"/download/{job_id}.srt").get_data() for job_id in together_ids]
-    app4.extensions["whisper_flask"].shutdown()
-
-    audio_total = args.seconds * len(files)
+    audio_total = args.seconds * len(names)
     bare_median, served_median = statistics.median(bare), statistics.median(served)
-    print(f"model {args.model}, {args.seconds:.0f} s speech files, {args.repeat} alternating runs")  # noqa: T201
-    print(f"bare whisper.transcribe   median {bare_median:6.2f} s  runs {[round(x, 2) for x in bare]}")  # noqa: T201
-    print(f"service, upload->finished median {served_median:6.2f} s  runs {[round(x, 2) for x in served]}")  # noqa: T201
-    print(f"service / bare latency ratio: {served_median / bare_median:.3f}")  # noqa: T201
-    print(f"same text as bare whisper: {served_text == bare_text}")  # noqa: T201
-    print(f"{len(files)} jobs one by one: {alone_wall:6.2f} s = {audio_total / alone_wall:5.1f} audio-s/s")  # noqa: T201
-    print(f"{len(files)} jobs at once:    {together_wall:6.2f} s = {audio_total / together_wall:5.1f} audio-s/s")  # noqa: T201
-    print(f"concurrent / sequential throughput ratio: {alone_wall / together_wall:.3f}")  # noqa: T201
-    print(f"concurrent transcripts byte-identical to one-by-one: {together_texts == alone_texts}")  # noqa: T201
+    seconds_alone, seconds_together = alone["seconds"], together["seconds"]
+    out = [
+        f"model {args.model}, {args.seconds:.0f} s files, {args.repeat} alternating runs, QUANTIZE={args.quantize}",
+        f"bare whisper.transcribe   median {bare_median:6.2f} s  runs {[round(x, 2) for x in bare]}",
+        f"service, upload->finished median {served_median:6.2f} s  runs {[round(x, 2) for x in served]}",
+        f"service / bare latency ratio: {served_median / bare_median:.3f}",
+        f"same text as bare whisper: {served_run['text'] == bare_run['text']}",
+        f"{len(names)} jobs one by one: {seconds_alone:6.2f} s = {audio_total / seconds_alone:5.1f} audio-s/s",
+        f"{len(names)} jobs at once:    {seconds_together:6.2f} s = {audio_total / seconds_together:5.1f} audio-s/s",
+        f"concurrent / sequential throughput ratio: {seconds_alone / seconds_together:.3f}",
+        f"concurrent transcripts byte-identical to one-by-one: {together['srts'] == alone['srts']}",
+    ]
+    print("\n".join(out))  # noqa: T201
 
 
 if __name__ == "__main__":
