@@ -2,7 +2,7 @@
 
 Each window is decoded by Whisper's own DecodingTask (logit filters, greedy, sampling and beam
 decoders, ranking), run in its job's thread. Only the task's Inference, the kv-cached forward pass,
-is replaced: it hands the window's new tokens to the decoding thread and waits. That thread runs
+is replaced: it hands the window's new tokens to the model thread and waits. That thread runs
 the forward pass of every window waiting as one step. The Linear layers, most of the work, run on
 all their tokens at once; attention runs per window, on the window's own cache, positions and
 prompt, exactly as when it is alone. A window joins at the first step after it arrives and leaves
@@ -39,6 +39,7 @@ def use_torch_threads(count: int) -> None:
     # thread; get_num_threads() runs that initialisation now, so it cannot undo this setting.
     torch.get_num_threads()
     torch.set_num_threads(count)
+
 
 #: Hidden states -> vocabulary logits (the transposed token embedding, in fp32 or int8).
 Projection = Callable[[Tensor], Tensor]
@@ -164,14 +165,18 @@ class ModelThread:
             # Every admitted window sends its next tokens within a millisecond of the last step;
             # waiting for all of them keeps the steps full. The wait is bounded, so a job thread
             # the OS has put aside holds nobody up for long.
-            left = min((work.arrived for work in self._queue), default=0) + self._wait_s - time.monotonic()
-            if (steps or joining) and (len(steps) >= self._decoding or left <= 0):
+            batch = steps + joining
+            if not batch:  # nothing to run until a window leaves or work arrives
+                self._cond.wait()
+                continue
+            left = min(work.arrived for work in batch) + self._wait_s - time.monotonic()
+            if len(steps) >= self._decoding or left <= 0:
                 for work in joining:
                     assert work.window is not None
                     work.window.admitted = True
                 self._decoding += len(joining)
-                return steps + joining
-            self._cond.wait(left if self._queue and left > 0 else None)
+                return batch
+            self._cond.wait(left)
 
     def _run(self) -> None:
         use_torch_threads(MODEL_THREADS)  # see the class docstring
@@ -236,12 +241,12 @@ class ModelThread:
 
 
 class _WindowInference(Inference):
-    """One window's kv-cache, its forward passes run by the decoding thread among other windows'."""
+    """One window's kv-cache, its forward passes run by the model thread among other windows'."""
 
     def __init__(self, thread: ModelThread, sot_index: int) -> None:
         self._thread = thread
         self._sot_index = sot_index
-        self.admitted = False  # taking part in the steps (set and cleared under the decoder's lock)
+        self.admitted = False  # taking part in the steps (set and cleared under the model thread's lock)
         self.length = 0  # tokens in the cache
         self.widest = 0  # most windows that shared one of its steps
         self.dtype = torch.float32
@@ -319,7 +324,7 @@ class _WindowInference(Inference):
         """Drop the caches and leave the steps (run() calls this when its loop ends)."""
         self._thread._leave(self)
         if self.widest:
-            log.debug("decoded a window in %d steps, up to %d windows per step", self.length, self.widest)
+            log.debug("decoded a window of %d tokens, up to %d windows per step", self.length, self.widest)
         self._self_kv, self._cross_kv, self._audio = [], [], None
 
 

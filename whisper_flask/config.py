@@ -28,8 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "RETENTION_DAYS": 7,
     "EXPIRED_KEEP_DAYS": 30,
     "SWEEP_INTERVAL_S": 600,
-    # Windows of concurrent jobs decode together, up to BATCH_SIZE at once; a batch waits at
-    # most BATCH_WAIT_MS for windows of running jobs. Batches only form with MAX_WORKERS > 1.
+    # Windows of concurrent jobs decode together, up to BATCH_SIZE per decoder step; a step waits
+    # at most BATCH_WAIT_MS for a decoding window's next tokens. Only with MAX_WORKERS > 1.
     "BATCH_SIZE": 8,
     "BATCH_WAIT_MS": 50,
     # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32;
