@@ -20,8 +20,10 @@ from whisper_flask.quantize import Int8Linear, quantize_int8
 OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
 
 
-def start_model_thread(model: whisper.Whisper, project: Callable[[torch.Tensor], torch.Tensor]) -> ModelThread:
-    thread = ModelThread(size=8, wait_s=0.05)
+def start_model_thread(
+    model: whisper.Whisper, project: Callable[[torch.Tensor], torch.Tensor], size: int = 8
+) -> ModelThread:
+    thread = ModelThread(size, wait_s=0.05)
     thread.start(model, project)
     return thread
 
@@ -111,6 +113,17 @@ def test_with_int8_a_window_decodes_bit_for_bit_as_alone(
     for one, other in zip(alone, together, strict=True):
         assert one.tokens == other.tokens
         assert (one.avg_logprob, one.no_speech_prob) == (other.avg_logprob, other.no_speech_prob)
+
+
+def test_windows_beyond_the_batch_size_wait_for_a_place(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor], widest_steps: Callable[[], int]
+) -> None:
+    model = tiny[0]
+    one_at_a_time = start_model_thread(model, whisper_projection(model), size=1)
+    features = [encode(tiny, mel) for mel in mels[:3]]
+    results = decode_at_once(one_at_a_time, features, [OPTIONS] * 3)
+    assert widest_steps() == 1
+    assert [r.tokens for r in results] == [whisper.decode(model, mel, OPTIONS).tokens for mel in mels[:3]]
 
 
 def test_beam_search_decodes_as_whisper_does(
