@@ -101,7 +101,7 @@ class ModelThread:
     def decode(self, features: Tensor, options: DecodingOptions, seed: int) -> DecodingResult:
         """Decode one encoded window with Whisper's DecodingTask; sampling is seeded by `seed`."""
         task = DecodingTask(self._model, options)
-        task.inference = _WindowInference(self, task.sot_index)
+        task.inference = _WindowInference(self, self._model.decoder, task.sot_index)
         if isinstance(task.decoder, BeamSearchDecoder):
             task.decoder.inference = task.inference  # it kept a reference to the one replaced
         elif options.temperature > 0:
@@ -243,8 +243,9 @@ class ModelThread:
 class _WindowInference(Inference):
     """One window's kv-cache, its forward passes run by the model thread among other windows'."""
 
-    def __init__(self, thread: ModelThread, sot_index: int) -> None:
+    def __init__(self, thread: ModelThread, decoder: whisper.model.TextDecoder, sot_index: int) -> None:
         self._thread = thread
+        self._decoder = decoder
         self._sot_index = sot_index
         self.admitted = False  # taking part in the steps (set and cleared under the model thread's lock)
         self.length = 0  # tokens in the cache
@@ -252,6 +253,7 @@ class _WindowInference(Inference):
         self.dtype = torch.float32
         self._rows = 0
         self._new = 0  # tokens per row in the pass being run
+        self._read: list[int] = []  # the positions of those whose logits DecodingTask reads
         self._audio: Tensor | None = None
         self._self_kv: list[tuple[Tensor, Tensor]] = []
         self._cross_kv: list[tuple[Tensor, Tensor]] = []
@@ -262,11 +264,12 @@ class _WindowInference(Inference):
             # One window per task; best-of and beam rows all read the same audio.
             self._audio, self.dtype = audio_features[:1], audio_features.dtype
         self._rows, self._new = tokens.shape[0], tokens.shape[1] - self.length
+        self._read = [0] if self._new == 1 else sorted({self._sot_index, self._new - 1})  # see read_positions
         return self._thread._submit(_Work(window=self, tokens=tokens[:, self.length :]))
 
     def attend(self, index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Self-attention of the new tokens over this window's cache, which they join."""
-        n_head = self._thread._model.decoder.blocks[index].attn.n_head
+        n_head = self._decoder.blocks[index].attn.n_head
         key, value = _keys(self._rowwise(k), n_head), _heads(self._rowwise(v), n_head)
         if index < len(self._self_kv):
             previous_key, previous_value = self._self_kv[index]
@@ -276,12 +279,12 @@ class _WindowInference(Inference):
             self._self_kv.append((key, value))
         mask = None
         if self._new > 1:  # a prompt: each token sees the ones before it only (Whisper's causal mask)
-            mask = self._thread._model.decoder.mask[self.length : self.length + self._new, : self.length + self._new]
+            mask = self._decoder.mask[self.length : self.length + self._new, : self.length + self._new]
         return _attention(self._rowwise(q), key, value, n_head, mask).flatten(end_dim=1)
 
     def attend_audio(self, index: int, q: Tensor) -> Tensor:
         """Cross-attention of the new tokens over the window's audio."""
-        cross = self._thread._model.decoder.blocks[index].cross_attn
+        cross = self._decoder.blocks[index].cross_attn
         if index == len(self._cross_kv):
             assert self._audio is not None
             self._cross_kv.append(
@@ -295,8 +298,7 @@ class _WindowInference(Inference):
         """The hidden states DecodingTask reads logits of: the last token's, and the sot's on a prompt."""
         if self._new == 1:
             return hidden
-        rows = self._rowwise(hidden)
-        return rows[:, sorted({self._sot_index, self._new - 1})].flatten(end_dim=1)
+        return self._rowwise(hidden)[:, self._read].flatten(end_dim=1)
 
     def logits_at_read_positions(self, logits: Tensor) -> Tensor:
         """(rows, new tokens, vocabulary) logits, set where DecodingTask reads them.
@@ -307,9 +309,8 @@ class _WindowInference(Inference):
         """
         if self._new == 1:
             return logits[:, None]
-        positions = sorted({self._sot_index, self._new - 1})
         full = logits.new_empty(self._rows, self._new, logits.shape[-1])
-        full[:, positions] = logits.view(self._rows, len(positions), -1)
+        full[:, self._read] = logits.view(self._rows, len(self._read), -1)
         return full
 
     def _rowwise(self, x: Tensor) -> Tensor:
