@@ -24,16 +24,16 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import torch
 import whisper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.isolation import measure_apart, report  # noqa: E402
-from bench.overhead import make_app, seconds_between, submit, wait  # noqa: E402
+from bench.overhead import serve, transcribe_bare  # noqa: E402
 from bench.peers import ct2_model_dir, speech_passages, transcribe_faster_whisper, word_error_rate  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
 
@@ -47,30 +47,12 @@ NAMES = {
 }
 
 
-def serve(work: Path, model: str, paths: list[Path], quantize: str) -> tuple[float, list[str]]:
-    """All files at once through the service: (wall seconds, texts)."""
-    app = make_app(work / f"service-{quantize}-{time.time_ns()}", model, work / "models", len(paths), QUANTIZE=quantize)
-    client = app.test_client()
-    ids = [submit(client, path, language="en") for path in paths]
-    # Rare polls (the records' own times are the measure), so polling steals no CPU from the jobs.
-    records = [wait(client, job_id, poll_s=0.5) for job_id in ids]
-    wall = seconds_between(min(r["created_at"] for r in records), max(r["finished_at"] for r in records))
-    texts = [client.get(f"/download/{job_id}.txt").get_data(as_text=True) for job_id in ids]
-    app.extensions["whisper_flask"].shutdown()
-    return wall, texts
-
-
 def measure(run: str, work: Path, model: str, paths: list[Path]) -> tuple[float, list[str]]:
     """One run, in this process: (wall seconds, texts)."""
     if run == "bare":
-        bare_model = whisper.load_model(str(ensure_checkpoint(model, work / "models", allow_download=False)))
-        started = time.perf_counter()
-        texts = [whisper.transcribe(bare_model, str(path), language="en", fp16=False)["text"] for path in paths]
-        return time.perf_counter() - started, texts
+        return transcribe_bare(work, model, paths, language="en")
     if run.startswith("service-"):
-        return serve(work, model, paths, run.removeprefix("service-"))
-    import torch
-
+        return serve(work, model, paths, len(paths), run.removeprefix("service-"), "txt", language="en")
     texts, seconds = transcribe_faster_whisper(
         ct2_model_dir(model, work), paths, run.removeprefix("faster-whisper-"), torch.get_num_threads()
     )
