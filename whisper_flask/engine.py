@@ -1,4 +1,4 @@
-"""The inference engine: the only code that touches the shared Whisper model.
+"""The inference engine: each job's Whisper transcribe loop, its model work sent to the model thread.
 
 openai-whisper's model is not thread-safe: ``decode`` installs kv-cache forward
 hooks on shared modules and word alignment installs cross-attention hooks, so
@@ -193,7 +193,7 @@ class WhisperEngine:
     def transcribe(
         self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
     ) -> dict[str, Any]:
-        """Run Whisper's transcribe loop on audio, its windows decoded in batches with other jobs'.
+        """Run Whisper's transcribe loop on audio, its windows decoded step by step beside other jobs'.
 
         With `resume` (a Window an interrupted run reported), start there instead of at 0.
         """
