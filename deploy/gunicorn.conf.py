@@ -24,9 +24,22 @@ max_requests = 0  # a restart would interrupt running transcriptions
 accesslog = "-"
 
 
+def post_worker_init(worker: Any) -> None:
+    """Start the job service in the worker as it boots: load the model, resume what a stop left."""
+    from flask import Flask
+
+    from whisper_flask.service import get_service
+
+    if isinstance(worker.wsgi, Flask):  # not gunicorn's error app, when wsgi.py failed to load
+        get_service(worker.wsgi).start()
+
+
 def worker_exit(server: Any, worker: Any) -> None:
-    """Shut the job service down in the worker, before the interpreter's exit drains the pool."""
+    """Stop the job service in the worker, before the interpreter's exit drains the pool."""
+    from flask import Flask
+
+    from whisper_flask.service import get_service
+
     app = getattr(worker, "wsgi", None)
-    service = app.extensions.get("whisper_flask") if app is not None else None
-    if service is not None:
-        service.shutdown()
+    if isinstance(app, Flask):
+        get_service(app).stop()

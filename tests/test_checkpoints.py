@@ -1,4 +1,4 @@
-"""Checkpoints from CTranslate2 packs (DESIGN 6), and the models CLI."""
+"""Checkpoints from CTranslate2 packs, and the models CLI."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FakeEngine, base_config
+from tests.helpers import FakeEngine, base_config
 from whisper_flask import create_app
 from whisper_flask.config import ConfigError
 
@@ -28,17 +28,17 @@ from whisper_flask.config import ConfigError
 )
 def test_invalid_settings_refuse_to_start(tmp_path: Path, setting: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        create_app({**base_config(tmp_path), "ENGINE": FakeEngine(), setting: value})
+        create_app({**base_config(tmp_path), setting: value}, engine=FakeEngine())
 
 
 def test_unwritable_directory_refuses_to_start(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="WHISPER_FLASK_TRANSCRIPT_DIR .* is not a writable directory"):
-        create_app({**base_config(tmp_path), "ENGINE": FakeEngine(), "TRANSCRIPT_DIR": blocker / "sub"})
+        create_app({**base_config(tmp_path), "TRANSCRIPT_DIR": blocker / "sub"}, engine=FakeEngine())
 
 
 def test_reasons_fit_on_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        create_app({**base_config(tmp_path), "ENGINE": FakeEngine(), "MODEL": "nope"})
+        create_app({**base_config(tmp_path), "MODEL": "nope"}, engine=FakeEngine())
     assert "\n" not in str(info.value)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
-from tests.test_end_to_end import speech
+from bench.loopback import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
+from tests.helpers import speech
 from whisper_flask.config import DEFAULTS
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"

@@ -7,47 +7,25 @@ import json
 import logging
 import subprocess
 import time
-import wave
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
-from tests.conftest import FIXTURES, SPOKEN, wait_for, wav_bytes, windows_per_step
+from tests.helpers import (
+    FIXTURES,
+    SPOKEN,
+    speech,
+    split_scores,
+    submit,
+    transcripts,
+    wait_for,
+    wav_bytes,
+    windows_per_step,
+)
 from whisper_flask.audio import ffmpeg_binary
-from whisper_flask.formats import FORMATS
-
-
-def speech(path: Path, seconds: float, names: list[str]) -> Path:
-    """A WAV of about `seconds` made of the named fixtures in turn, a second of pause between."""
-    chunks, total = [], 0
-    pause = np.zeros(16000, np.int16)
-    while total < seconds * 16000:
-        for name in names:
-            with wave.open(str(FIXTURES / name)) as source:
-                chunks += [np.frombuffer(source.readframes(source.getnframes()), np.int16), pause]
-            total += len(chunks[-2]) + len(pause)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes(np.concatenate(chunks)[: int(seconds * 16000)].tobytes())
-    return path
-
-
-def submit(client: FlaskClient, path: Path, **fields: str) -> str:
-    with path.open("rb") as audio:
-        response = client.post("/upload", data={"file": (audio, path.name), **fields})
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()["transcription_id"]
-
-
-def transcripts(client: FlaskClient, job_id: str) -> dict[str, bytes]:
-    return {fmt: client.get(f"/download/{job_id}.{fmt}").get_data() for fmt in FORMATS}
+from whisper_flask.writers import FORMATS
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
@@ -70,17 +48,6 @@ def test_spoken_words_come_back_in_every_format(
     assert json.loads(files["json"])["language"] == "en"
 
 
-#: Decoder scores in the JSON transcript: batched matmuls round differently from one window alone.
-SCORES = ("avg_logprob", "no_speech_prob")
-
-
-def split_scores(transcript: bytes) -> tuple[dict[str, Any], list[float]]:
-    """The JSON transcript without the decoder's scores, and the scores."""
-    result = json.loads(transcript)
-    scores = [segment.pop(name) for segment in result["segments"] for name in SCORES]
-    return result, scores
-
-
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_concurrent_jobs_give_the_transcripts_of_jobs_run_alone(
     make_real_app, tmp_path: Path, caplog: pytest.LogCaptureFixture, quantize: str
@@ -98,14 +65,13 @@ def test_concurrent_jobs_give_the_transcripts_of_jobs_run_alone(
         alone.append(transcripts(one_by_one, job_id))
 
     at_once = make_real_app(MAX_WORKERS=len(files), QUANTIZE=quantize).test_client()
-    with caplog.at_level(logging.DEBUG, logger="whisper_flask.batching"):
+    with caplog.at_level(logging.DEBUG, logger="whisper_flask.decoding"):
         ids = [submit(at_once, path, **fields) for path, fields in zip(files, options, strict=True)]
-        records = [wait_for(at_once, job_id, "completed", timeout=240) for job_id in ids]
+        jobs = [wait_for(at_once, job_id, timeout=240) for job_id in ids]
     assert max(windows_per_step(caplog)) > 1, "the windows were never decoded together"
-    jobs = [at_once.get(f"/jobs/{job_id}").get_json() for job_id in ids]
 
     assert max(job["started_at"] for job in jobs) < min(job["finished_at"] for job in jobs), "jobs did not overlap"
-    assert all(record["status"] == "completed" for record in records)
+    assert all(job["status"] == "completed" for job in jobs)
     for job_id, expected in zip(ids, alone, strict=True):
         got = transcripts(at_once, job_id)
         if quantize == "int8":

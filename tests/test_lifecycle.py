@@ -1,16 +1,22 @@
-"""Restart recovery and graceful stop (DESIGN 5), in process on the fake engine."""
+"""Restart recovery, graceful stop and the service's lifecycle, in process on the fake engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from tests.conftest import FakeEngine, base_config, service, wait_for, wav_bytes
+import pytest
+
+from tests.helpers import FakeEngine, base_config, wait_for, wav_bytes
 from whisper_flask import create_app
+from whisper_flask.exceptions import WhisperIncompatible
+from whisper_flask.options import TranscribeOptions
 from whisper_flask.records import Job, JobStatus
+from whisper_flask.service import get_service
 from whisper_flask.store import JobStore
 
 
@@ -21,18 +27,23 @@ def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, int]]) -> None:
     store = JobStore(tmp_path / "transcripts" / "jobs.sqlite3")
     for job_id, status, attempts in jobs:
         (tmp_path / "uploads" / f"{job_id}.upload").write_bytes(wav_bytes(2))
-        job = Job(id=job_id, filename=f"{job_id}.wav", upload_name=f"{job_id}.upload", options={}, model="fake")
-        job.seq = store.insert(job)
-        job.status, job.attempts = status, attempts
-        store.update(job)
+        job = Job(
+            id=job_id,
+            filename=f"{job_id}.wav",
+            upload_name=f"{job_id}.upload",
+            options=TranscribeOptions(),
+            model="fake",
+        )
+        store.insert(job)
+        store.update(dataclasses.replace(job, status=status, attempts=attempts))
     store.close()
 
 
 def test_restart_runs_left_jobs_in_order_and_fails_repeat_crashers(tmp_path: Path, engine: FakeEngine) -> None:
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     seed_store(tmp_path, [(a, JobStatus.IN_PROGRESS, 1), (b, JobStatus.IN_PROGRESS, 2), (c, JobStatus.PENDING, 0)])
-    app = create_app({**base_config(tmp_path), "ENGINE": engine, "MAX_WORKERS": 1})
-    client = app.test_client()
+    app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    client = app.test_client()  # its first request starts the service, which queues the left jobs again
     try:
         crashed = wait_for(client, b, "failed")
         assert crashed["error_code"] == "interrupted"
@@ -42,21 +53,21 @@ def test_restart_runs_left_jobs_in_order_and_fails_repeat_crashers(tmp_path: Pat
         assert records[a]["attempts"] == 2 and records[c]["attempts"] == 1
         assert records[a]["started_at"] < records[c]["started_at"], "submission order is kept"
     finally:
-        service(app).shutdown()
+        get_service(app).stop()
 
 
 def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
     tmp_path: Path, engine: FakeEngine
 ) -> None:
-    app = create_app({**base_config(tmp_path), "ENGINE": engine, "MAX_WORKERS": 1})
+    app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
     client = app.test_client()
     engine.gate.clear()
     ids = [
         client.post("/upload", data={"file": (io.BytesIO(wav_bytes(70)), "a.wav")}).get_json()["transcription_id"]
         for _ in range(2)
     ]
-    engine.in_window.wait(10)
-    stopping = threading.Thread(target=service(app).shutdown)
+    assert engine.in_window.wait(10)
+    stopping = threading.Thread(target=get_service(app).stop)
     stopping.start()
     while client.post("/upload", data={}).status_code != 503:  # 400 no_file until it stops taking work
         time.sleep(0.01)
@@ -67,7 +78,8 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
     assert rows == [(ids[0], "pending", 0), (ids[1], "pending", 0)]
     assert len(list((tmp_path / "uploads").iterdir())) == 2, "pending jobs keep their audio"
 
-    restarted = create_app({**base_config(tmp_path), "ENGINE": engine, "MAX_WORKERS": 1})
+    restarted = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    get_service(restarted).start()
     try:
         for job_id in ids:
             assert wait_for(restarted.test_client(), job_id, "completed")["status"] == "completed"
@@ -76,10 +88,45 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
         assert engine.resumed_from[2] is None, "a job that never started has nothing to resume"
         assert not list((tmp_path / "transcripts").glob("*.resume.json")), "resume state is removed once done"
     finally:
-        service(restarted).shutdown()
+        get_service(restarted).stop()
 
 
 def test_uploads_are_refused_while_stopping(app, client) -> None:
-    service(app).shutdown()
+    get_service(app).stop()
     response = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")})
     assert response.status_code == 503 and response.get_json()["code"] == "shutting_down"
+
+
+def test_building_the_app_starts_nothing(tmp_path: Path, engine: FakeEngine) -> None:
+    """A CLI command builds the app too: no model, no pool, no job taken from the store."""
+    seed_store(tmp_path, [("a" * 32, JobStatus.PENDING, 0)])
+    before = set(threading.enumerate())
+    app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    try:
+        assert not engine.loaded and engine.options == []
+        assert set(threading.enumerate()) == before
+        assert wait_for(app.test_client(), "a" * 32, "completed")["attempts"] == 1, "the first request starts it"
+    finally:
+        get_service(app).stop()
+
+
+def test_stop_ends_every_thread_the_service_started(make_app, engine: FakeEngine) -> None:
+    before = set(threading.enumerate())
+    app = make_app(MAX_WORKERS=2)
+    client = app.test_client()
+    upload = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")})
+    wait_for(client, upload.get_json()["transcription_id"], "completed")
+    assert {t.name for t in set(threading.enumerate()) - before} >= {"whisper-sweep", "whisper-job_0"}
+    get_service(app).stop()
+    assert set(threading.enumerate()) - before == set()
+    assert client.post("/upload", data={}).get_json()["code"] == "shutting_down", "a stopped service stays stopped"
+
+
+def test_an_incompatible_whisper_refuses_to_start(tmp_path: Path, engine: FakeEngine, monkeypatch) -> None:
+    import whisper
+
+    monkeypatch.delattr(whisper, "_ALIGNMENT_HEADS")
+    with pytest.raises(
+        WhisperIncompatible, match=r"does not have what this service relies on: whisper\._ALIGNMENT_HEADS"
+    ):
+        create_app(base_config(tmp_path), engine=engine)

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import config as defaults
+if TYPE_CHECKING:
+    from .engine import Engine
 
 
-def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app: defaults, then WHISPER_FLASK_* variables, then test_config; validated."""
+def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine | None = None) -> Flask:
+    """Build the app: defaults, then WHISPER_FLASK_* variables, then test_config; validated.
+
+    `engine` replaces the Whisper engine (tests pass a fake). Nothing runs yet: the service starts
+    with the server (deploy/gunicorn.conf.py) or at the first request.
+    """
+    from . import config as defaults
     from .api import health, jobs, transcription
+    from .api.uploads import UploadRequest
     from .cli import models_cli
     from .engine import WhisperEngine
     from .errors import register_error_handlers
-    from .jobs import JobService
+    from .internals import check_whisper_internals
     from .logs import configure_logging
-    from .uploads import UploadRequest
+    from .service import TranscriptionService
 
+    check_whisper_internals()
     app = Flask(__name__)
     app.config.from_mapping(defaults.DEFAULTS)
     app.config.from_prefixed_env("WHISPER_FLASK")
-    # Tests may pass "ENGINE": a ready-made engine object (a fake) instead of Whisper.
-    engine = dict(test_config or {}).pop("ENGINE", None) or WhisperEngine()
-    app.config.from_mapping({k: v for k, v in (test_config or {}).items() if k != "ENGINE"})
+    app.config.from_mapping(test_config or {})
     defaults.validate_config(app.config)
     configure_logging(app.config["LOG_DIR"], app.name)
 
@@ -39,5 +45,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(module.bp)
     app.cli.add_command(models_cli)
 
-    JobService().init_app(app, engine)
+    TranscriptionService().init_app(app, engine or WhisperEngine())
     return app

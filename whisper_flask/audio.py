@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 from whisper.audio import SAMPLE_RATE
 
-
-class AudioDecodeError(ValueError):
-    """ffmpeg could not decode the file; the message is ffmpeg's own reason."""
+from .exceptions import AudioDecodeError
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Find a Whisper checkpoint for a model name: MODEL_DIR, OpenAI's CDN, or an installed pack (DESIGN 6).
+"""Find a Whisper checkpoint for a model name: MODEL_DIR, OpenAI's CDN, or an installed pack.
 
 The packs carry OpenAI's weights in CTranslate2's binary layout. They are read here
 as plain bytes (no pickle, no code from the pack) and written once as a checkpoint

@@ -1,4 +1,4 @@
-"""Configuration defaults and start-up validation (DESIGN section 3)."""
+"""Configuration defaults and start-up validation (ARCHITECTURE.md, "Configuration")."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from whisper.audio import FRAMES_PER_SECOND
 
 from .batching import ModelThread, use_torch_threads, whisper_projection
 from .checkpoints import ensure_checkpoint
+from .exceptions import ModelLoading, ModelUnavailable
+from .options import Task, TranscribeOptions
 from .quantize import INT8_MODELS, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,8 @@ WindowHook = Callable[["Window"], None]
 #: A resumed job's (re-encoded initial_prompt, exact tokens it stands for); empty when fresh.
 PromptSwap = tuple[list[int], list[int]]
 
+#: The function whose frame the proxy reads `seek` and `all_segments` from (internals.py checks them).
 _TRANSCRIBE_CODE = whisper.transcribe.__code__
-
-
-class ModelUnavailable(RuntimeError):
-    """The model failed to load or is still loading."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,29 @@ class Window:
     def seconds(self) -> float:
         """Seconds of audio decoded so far."""
         return self.seek / FRAMES_PER_SECOND
+
+
+class Engine(Protocol):
+    """What the service needs from an inference engine (WhisperEngine, or a fake in tests)."""
+
+    model_name: str
+    error: str | None
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def is_multilingual(self) -> bool: ...
+
+    def start(self, config: Mapping[str, Any]) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def transcribe(
+        self, audio: np.ndarray, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
+    ) -> dict[str, Any]: ...
+
+    def detect_language(self, audio: np.ndarray) -> dict[str, float]: ...
 
 
 def _transcribe_loop() -> dict[str, Any]:
@@ -143,7 +165,13 @@ class WhisperEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._thread = ModelThread(config["BATCH_SIZE"], config["BATCH_WAIT_MS"] / 1000)
-        threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True).start()
+        self._loader = threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True)
+        self._loader.start()
+
+    def stop(self) -> None:
+        """Wait for a load under way, then stop the model thread."""
+        self._loader.join()
+        self._thread.stop()
 
     def _load(self, config: Mapping[str, Any], device: str) -> None:
         model = self.model_name
@@ -184,28 +212,31 @@ class WhisperEngine:
         return not self.model_name.endswith(".en")
 
     def wait_until_ready(self, timeout: float | None = None) -> whisper.Whisper:
-        """Block until the model is loaded; raise ModelUnavailable if it failed or timed out."""
+        """Block until the model is loaded; ModelUnavailable if it failed, ModelLoading if it is not loaded yet."""
         self._ready.wait(timeout)
-        if self._model is None:
-            raise ModelUnavailable(self.error or f"model {self.model_name} is still loading")
-        return self._model
+        if self._model is not None:
+            return self._model
+        if self.error:
+            raise ModelUnavailable(self.error)
+        raise ModelLoading(f"model {self.model_name} is loading")
 
     def transcribe(
-        self, audio: np.ndarray, options: dict[str, Any], on_window: WindowHook, resume: Window | None = None
+        self, audio: np.ndarray, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
     ) -> dict[str, Any]:
         """Run Whisper's transcribe loop on audio, its windows decoded step by step beside other jobs'.
 
         With `resume` (a Window an interrupted run reported), start there instead of at 0.
         """
         model = self.wait_until_ready()
+        keywords = options.as_dict()
         if resume is None:
-            return self._run_transcribe(model, audio, options, on_window, ([], []))
+            return self._run_transcribe(model, audio, keywords, on_window, ([], []))
 
         tokenizer = whisper.tokenizer.get_tokenizer(
             model.is_multilingual,
             num_languages=model.num_languages,
             language=resume.language,
-            task=options.get("task", "transcribe"),
+            task=(options.task or Task.TRANSCRIBE).value,
         )
         # transcribe() encodes initial_prompt as " " + text.strip(); the proxy swaps that back.
         text = tokenizer.decode(resume.prompt)
@@ -216,7 +247,7 @@ class WhisperEngine:
             on_window(dataclasses.replace(window, segments=done + _renumbered(window.segments, len(done))))
 
         resumed_options = {
-            **options,
+            **keywords,
             "clip_timestamps": str(resume.seconds),
             "language": resume.language,
             "initial_prompt": text if resume.prompt else None,

@@ -1,4 +1,7 @@
-"""The one JSON error contract: {"error": message, "code": machine_code} with the right status."""
+"""The one JSON error contract: {"error": message, "code": machine_code} with the right status.
+
+Services raise their own exceptions (exceptions.py); this module alone turns them into HTTP.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,42 @@ from typing import Any
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+
+from .exceptions import (
+    AudioDecodeError,
+    InvalidOption,
+    JobExpired,
+    JobNotFound,
+    ModelLoading,
+    ModelUnavailable,
+    NotMultilingual,
+    NoTranscript,
+    QueueFull,
+    ServiceError,
+    ShuttingDown,
+    StorageFull,
+    TranscriptMissing,
+    TranscriptNotReady,
+    UnknownFormat,
+)
+
+#: The HTTP status of each service exception (a subclass not listed takes its base's).
+_STATUS: dict[type[ServiceError], int] = {
+    InvalidOption: 400,
+    AudioDecodeError: 400,
+    JobNotFound: 404,
+    UnknownFormat: 404,
+    TranscriptMissing: 404,
+    TranscriptNotReady: 409,
+    NoTranscript: 409,
+    JobExpired: 410,
+    NotMultilingual: 422,
+    QueueFull: 503,
+    ShuttingDown: 503,
+    ModelLoading: 503,
+    ModelUnavailable: 503,
+    StorageFull: 507,
+}
 
 # Codes for werkzeug's own errors; the rest are derived from the exception's name.
 _HTTP_CODES = {
@@ -17,7 +56,7 @@ _HTTP_CODES = {
 
 
 class ApiError(Exception):
-    """An error the API answers on purpose; raised from views and services."""
+    """An error a view answers on purpose about the request itself (a bad query, a missing file part)."""
 
     def __init__(
         self,
@@ -45,6 +84,31 @@ def error_response(
     return response
 
 
+def _retry_after(error: ServiceError) -> dict[str, str]:
+    if isinstance(error, QueueFull):
+        return {"Retry-After": str(error.retry_after)}
+    if isinstance(error, ShuttingDown):
+        return {"Retry-After": "30"}
+    if isinstance(error, ModelLoading):
+        return {"Retry-After": "5"}
+    return {}
+
+
+def _details(error: ServiceError) -> dict[str, Any]:
+    if isinstance(error, InvalidOption):
+        return {"field": error.field}
+    if isinstance(error, TranscriptNotReady):
+        return {"status": error.status, "progress": error.progress}
+    if isinstance(error, NoTranscript):
+        return {"status": error.status}
+    return {}
+
+
+def _handle_service_error(error: ServiceError) -> Response:
+    status = next((_STATUS[cls] for cls in type(error).__mro__ if cls in _STATUS), 500)
+    return error_response(status, error.code, str(error), _retry_after(error), **_details(error))
+
+
 def _handle_api_error(error: ApiError) -> Response:
     return error_response(error.http_status, error.code, error.message, error.headers, **error.extra)
 
@@ -59,6 +123,7 @@ def _handle_http_exception(error: HTTPException) -> Response:
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Answer every error, werkzeug's included, in the JSON contract."""
+    """Answer every error, werkzeug's and the service's included, in the JSON contract."""
+    app.register_error_handler(ServiceError, _handle_service_error)
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(HTTPException, _handle_http_exception)

@@ -1,44 +1,78 @@
-"""Validation of the transcription options a client may send (DESIGN 4, POST /upload)."""
+"""The transcription options a client may send, validated into one frozen TranscribeOptions."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
-from .errors import ApiError
+from .exceptions import InvalidOption
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 MAX_PROMPT_CHARS = 2000
 
 
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_option", f"{field}: {message}", field=field)
+class Task(str, Enum):
+    """What Whisper does with the speech."""
+
+    TRANSCRIBE = "transcribe"
+    TRANSLATE = "translate"
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """What a job asked for; None means Whisper's default (detect the language, no prompt, ...)."""
+
+    language: str | None = None
+    task: Task | None = None
+    initial_prompt: str | None = None
+    word_timestamps: bool | None = None
+    temperature: float | None = None
+    beam_size: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options that were set, as `whisper.transcribe` keywords (also their stored and served form)."""
+        return {
+            field.name: value.value if isinstance(value, Enum) else value
+            for field in dataclasses.fields(self)
+            if (value := getattr(self, field.name)) is not None
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TranscribeOptions:
+        """The options as_dict() gave (read back from the job store)."""
+        task = data.get("task")
+        return cls(**{**data, "task": Task(task) if task else None})
 
 
 def _language(value: str, multilingual: bool) -> str:
     code = value.strip().lower()
     code = code if code in LANGUAGES else TO_LANGUAGE_CODE.get(code, "")
     if not code:
-        raise _invalid("language", f"unknown language {value!r}; use a code such as 'en' or a name such as 'German'")
+        raise InvalidOption(
+            "language", f"unknown language {value!r}; use a code such as 'en' or a name such as 'German'"
+        )
     if not multilingual and code != "en":
-        raise _invalid("language", "the loaded model is English-only")
+        raise InvalidOption("language", "the loaded model is English-only")
     return code
 
 
-def _task(value: str, multilingual: bool) -> str:
+def _task(value: str, multilingual: bool) -> Task:
     if value not in ("transcribe", "translate"):
-        raise _invalid("task", "must be 'transcribe' or 'translate'")
+        raise InvalidOption("task", "must be 'transcribe' or 'translate'")
     if value == "translate" and not multilingual:
-        raise _invalid("task", "the loaded model is English-only and cannot translate")
-    return value
+        raise InvalidOption("task", "the loaded model is English-only and cannot translate")
+    return Task(value)
 
 
 def _prompt(value: str, multilingual: bool) -> str:
     if len(value) > MAX_PROMPT_CHARS:
-        raise _invalid("prompt", f"at most {MAX_PROMPT_CHARS} characters")
+        raise InvalidOption("prompt", f"at most {MAX_PROMPT_CHARS} characters")
     return value
 
 
@@ -46,7 +80,7 @@ def _boolean(field: str) -> Callable[[str, bool], bool]:
     def parse(value: str, multilingual: bool) -> bool:
         if value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise _invalid(field, "must be true or false")
+        raise InvalidOption(field, "must be true or false")
 
     return parse
 
@@ -58,13 +92,13 @@ def _number(field: str, low: float, high: float, kind: type[int] | type[float]) 
         except ValueError:
             number = None
         if number is None or not low <= number <= high:
-            raise _invalid(field, f"must be {'an integer' if kind is int else 'a number'} from {low} to {high}")
+            raise InvalidOption(field, f"must be {'an integer' if kind is int else 'a number'} from {low} to {high}")
         return number
 
     return parse
 
 
-# form/query field -> (whisper.transcribe keyword, parser)
+# form/query field -> (TranscribeOptions field, parser)
 _FIELDS: dict[str, tuple[str, Callable[[str, bool], Any]]] = {
     "language": ("language", _language),
     "task": ("task", _task),
@@ -76,11 +110,11 @@ _FIELDS: dict[str, tuple[str, Callable[[str, bool], Any]]] = {
 }
 
 
-def parse_options(sources: list[Mapping[str, str]], multilingual: bool) -> dict[str, Any]:
-    """Whisper keyword arguments from form fields and query parameters (the first source wins)."""
+def parse_options(sources: list[Mapping[str, str]], multilingual: bool) -> TranscribeOptions:
+    """Options from form fields and query parameters (the first source that has a field wins)."""
     options: dict[str, Any] = {}
-    for field, (keyword, parse) in _FIELDS.items():
+    for field, (name, parse) in _FIELDS.items():
         value = next((source[field] for source in sources if source.get(field, "") != ""), None)
-        if value is not None and keyword not in options:
-            options[keyword] = parse(value, multilingual)
-    return options
+        if value is not None and name not in options:
+            options[name] = parse(value, multilingual)
+    return TranscribeOptions(**options)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+
+from .options import TranscribeOptions
 
 
 class JobStatus(str, Enum):
@@ -43,14 +44,14 @@ def utcnow() -> str:
     return iso(datetime.now(timezone.utc))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """One transcription job, as stored and as served."""
+    """One transcription job, as stored and as served; changed only by replacing it (dataclasses.replace)."""
 
     id: str
     filename: str
     upload_name: str
-    options: dict[str, Any]
+    options: TranscribeOptions
     model: str
     created_at: str = field(default_factory=utcnow)
     status: JobStatus = JobStatus.PENDING
@@ -67,3 +68,11 @@ class Job:
     attempts: int = 0
     expired_at: str | None = None
     seq: int = 0
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as one answer shows it: its record and its queue position, read under the same lock."""
+
+    job: Job
+    queue_position: int | None = None  # 1 for the next pending job to start; None unless pending

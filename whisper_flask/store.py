@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .options import TranscribeOptions
 from .records import Job, JobStage, JobStatus
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
@@ -86,6 +87,11 @@ class JobStore:
             ).fetchall()
         return [_job(row) for row in rows]
 
+    def mark_expired(self, job_id: str, moment: str) -> None:
+        """Record that an ended job's files were deleted at `moment`."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET expired_at = ? WHERE id = ?", (moment, job_id))
+
     def forget_expired_before(self, cutoff: str) -> int:
         """Delete the records of jobs that expired before cutoff; return how many."""
         with self._lock:
@@ -102,7 +108,7 @@ def _values(job: Job) -> list[Any]:
     for name in _FIELDS:
         value = getattr(job, name)
         if name == "options":
-            value = json.dumps(value)
+            value = json.dumps(value.as_dict())
         elif isinstance(value, JobStatus | JobStage):
             value = value.value
         values.append(value)
@@ -111,7 +117,7 @@ def _values(job: Job) -> list[Any]:
 
 def _job(row: sqlite3.Row) -> Job:
     data = dict(row)
-    data["options"] = json.loads(data["options"])
+    data["options"] = TranscribeOptions.from_dict(json.loads(data["options"]))
     data["status"] = JobStatus(data["status"])
     data["stage"] = JobStage(data["stage"])
     return Job(**data)

@@ -1,32 +1,18 @@
-"""HTTP API blueprints and the JSON shapes they share."""
+"""HTTP API blueprints and the JSON shapes they share; each body is built from one JobView."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from flask import url_for
 
-from ..errors import ApiError
-from ..formats import FORMATS
-from ..jobs import get_service
-from ..records import Job, JobStatus
-
-_JOB_ID = re.compile(r"[0-9a-f]{32}")
+from ..records import JobStatus, JobView
+from ..writers import FORMATS
 
 
-def find_job(job_id: str) -> Job:
-    """The job with this id, or 404 job_not_found (ids are checked before any lookup)."""
-    job = get_service().get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
-    if job.expired_at:
-        raise ApiError(410, "expired", f"job {job_id} expired at {job.expired_at}; its files were deleted")
-    return job
-
-
-def progress_body(job: Job) -> dict[str, Any]:
+def progress_body(view: JobView) -> dict[str, Any]:
     """The /progress representation of a job."""
+    job = view.job
     body: dict[str, Any] = {
         "transcription_id": job.id,
         "status": job.status.value,
@@ -35,10 +21,10 @@ def progress_body(job: Job) -> dict[str, Any]:
         "duration": job.duration,
         "processed_seconds": job.processed_seconds,
         "eta_seconds": job.eta_seconds,
-        "language": job.language or job.options.get("language"),
+        "language": job.language or job.options.language,
     }
     if job.status is JobStatus.PENDING:
-        body["queue_position"] = get_service().queue_position(job.id)
+        body["queue_position"] = view.queue_position
     if job.status is JobStatus.COMPLETED:
         formats = {fmt: url_for("transcription.download_transcript", job_id=job.id, fmt=fmt) for fmt in FORMATS}
         body["download_url"] = formats["txt"]
@@ -49,12 +35,13 @@ def progress_body(job: Job) -> dict[str, Any]:
     return body
 
 
-def job_record(job: Job) -> dict[str, Any]:
+def job_record(view: JobView) -> dict[str, Any]:
     """The whole record: progress fields plus what was asked and when."""
+    job = view.job
     return {
-        **progress_body(job),
+        **progress_body(view),
         "filename": job.filename,
-        "options": job.options,
+        "options": job.options.as_dict(),
         "model": job.model,
         "created_at": job.created_at,
         "started_at": job.started_at,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..errors import error_response
-from ..jobs import get_service
+from ..service import get_service
 
 bp = Blueprint("health", __name__)
 
@@ -18,10 +17,7 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """200 once the model is loaded; 503 while loading or if it failed."""
-    engine = get_service().engine
-    if engine.ready:
-        return jsonify({"status": "ready", "model": engine.model_name})
-    if engine.error:
-        return error_response(503, "model_unavailable", engine.error)
-    return error_response(503, "model_loading", f"model {engine.model_name} is loading", {"Retry-After": "5"})
+    """200 once the model is loaded; 503 model_loading while it loads, model_unavailable if it failed."""
+    service = get_service()
+    service.check_ready()
+    return jsonify({"status": "ready", "model": service.engine.model_name})

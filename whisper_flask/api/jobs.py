@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flask import Blueprint, Response, jsonify, request
 
 from ..errors import ApiError
-from ..jobs import get_service
-from ..records import JobStatus
-from . import find_job, job_record
+from ..records import JobStatus, JobView
+from ..service import get_service
+from . import job_record
 
 bp = Blueprint("jobs", __name__)
 
@@ -22,7 +24,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
     """The whole record of one job."""
-    return jsonify(job_record(find_job(job_id)))
+    return jsonify(job_record(get_service().view(job_id)))
 
 
 @bp.get("/jobs")
@@ -34,20 +36,17 @@ def list_jobs() -> Response:
         raise ApiError(400, "invalid_query", f"status must be one of {', '.join(statuses)}", field="status")
     limit = _int_arg("limit", 50, 1, 1000)
     offset = _int_arg("offset", 0, 0, 10**9)
-    jobs = get_service().list_jobs(JobStatus(raw_status) if raw_status else None, limit, offset)
-    return jsonify({"jobs": [job_record(job) for job in jobs], "limit": limit, "offset": offset})
+    views = get_service().views(JobStatus(raw_status) if raw_status else None, limit, offset)
+    return jsonify({"jobs": [job_record(view) for view in views], "limit": limit, "offset": offset})
 
 
 @bp.delete("/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
     """Cancel a job and delete its files; a finished job is returned unchanged."""
-    find_job(job_id)
-    job = get_service().cancel_job(job_id)
-    assert job is not None  # find_job proved it exists, and records are never deleted
-    return jsonify(job_record(job))
+    return jsonify(job_record(JobView(get_service().cancel(job_id))))
 
 
 @bp.get("/queue")
 def get_queue() -> Response:
     """How many jobs wait and run, and the limits."""
-    return jsonify(get_service().queue_stats())
+    return jsonify(dataclasses.asdict(get_service().queue_stats()))

@@ -11,7 +11,8 @@ from typing import IO
 from flask import Request, current_app, request
 from werkzeug.datastructures import FileStorage
 
-from .errors import ApiError
+from ..errors import ApiError
+from ..exceptions import StorageFull
 
 
 class UploadRequest(Request):
@@ -33,7 +34,7 @@ def receive_upload() -> FileStorage:
     try:
         file = request.files.get("file")  # werkzeug streams the body into UPLOAD_DIR here
     except OSError as exc:
-        raise ApiError(507, "storage_full", f"the upload could not be stored: {exc.strerror or exc}") from None
+        raise StorageFull(f"the upload could not be stored: {exc.strerror or exc}") from None
     if file is None:
         raise ApiError(400, "no_file", "send the audio as a multipart/form-data part named 'file'")
     if not file.filename:

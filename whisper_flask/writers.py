@@ -1,10 +1,8 @@
-"""Transcript formats, written with whisper.utils' writers, atomically."""
+"""Transcripts in every format, written with whisper.utils' writers, atomically."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,8 +10,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from whisper.utils import get_writer
-
-from .engine import Window
 
 #: Download format -> MIME type (werkzeug appends "; charset=utf-8" to the text/ ones).
 FORMATS = {
@@ -31,7 +27,7 @@ def transcript_path(directory: Path, job_id: str, fmt: str) -> Path:
 
 
 @contextlib.contextmanager
-def _temporary(directory: Path, job_id: str, suffix: str) -> Iterator[IO[str]]:
+def temporary_beside(directory: Path, job_id: str, suffix: str) -> Iterator[IO[str]]:
     """A hidden text file beside its final name: fsynced on success, removed on failure."""
     file = tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=directory, prefix=f".{job_id}.", suffix=suffix, delete=False
@@ -51,7 +47,7 @@ def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> N
     written: dict[str, str] = {}
     try:
         for fmt in FORMATS:
-            with _temporary(directory, job_id, f".{fmt}") as file:
+            with temporary_beside(directory, job_id, f".{fmt}") as file:
                 written[fmt] = file.name
                 get_writer(fmt, str(directory)).write_result(result, file=file, options={})
         for fmt, name in written.items():
@@ -61,23 +57,3 @@ def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> N
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
         raise
-
-
-def resume_path(directory: Path, job_id: str) -> Path:
-    """Where an unfinished job's resume state lives."""
-    return directory / f"{job_id}.resume.json"
-
-
-def save_resume(directory: Path, job_id: str, window: Window) -> None:
-    """Record where an unfinished job's transcription stands, atomically (temp file, fsync, rename)."""
-    with _temporary(directory, job_id, ".resume") as file:
-        json.dump(dataclasses.asdict(window), file)
-    os.replace(file.name, resume_path(directory, job_id))
-
-
-def load_resume(directory: Path, job_id: str) -> Window | None:
-    """Where an interrupted job stood, if it got past its first window."""
-    try:
-        return Window(**json.loads(resume_path(directory, job_id).read_text()))
-    except FileNotFoundError:
-        return None

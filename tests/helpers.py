@@ -1,0 +1,285 @@
+"""Helpers shared by the tests: speech fixtures, a fake engine, uploads and polling.
+
+Uploading and polling work alike on Flask's test client and on a LiveClient (real gunicorn or
+nginx on loopback), so every test waits for jobs the same way.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import math
+import subprocess
+import threading
+import time
+import uuid
+import wave
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pytest
+
+from whisper_flask.engine import Window
+from whisper_flask.exceptions import ModelLoading
+from whisper_flask.options import TranscribeOptions
+from whisper_flask.writers import FORMATS
+
+FIXTURES = Path(__file__).parent / "fixtures"
+#: Words each espeak-ng fixture says that tiny.en reliably hears.
+SPOKEN = {
+    "fox.wav": ["lazy dog", "river bank"],
+    "report.wav": ["quarterly report", "Friday afternoon"],
+    "train.wav": ["train", "tomorrow morning"],
+    "garden.wav": ["yellow flowers", "garden"],
+}
+TERMINAL = ("completed", "failed", "cancelled")
+#: The `gunicorn` fixture: starts real gunicorn (again, after a stop) on the test's directories; (port, process).
+StartGunicorn = Callable[..., tuple[int, "subprocess.Popen[bytes]"]]
+
+
+class FakeEngine:
+    """Stands in for Whisper in unit tests: one segment per 30-second window.
+
+    Tests close `gate` to hold jobs inside a window and watch `in_window`.
+    """
+
+    def __init__(self, multilingual: bool = True) -> None:
+        self.model_name = "fake"
+        self.error: str | None = None
+        self.is_multilingual = multilingual
+        self.loaded = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_window = threading.Event()
+        self.options: list[TranscribeOptions] = []
+        self.resumed_from: list[Window | None] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded
+
+    def start(self, config: Mapping[str, Any]) -> None:
+        self.loaded = True
+
+    def stop(self) -> None:
+        self.loaded = False
+
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        options: TranscribeOptions,
+        on_window: Callable[[Window], None],
+        resume: Window | None = None,
+    ) -> dict[str, Any]:
+        self.options.append(options)
+        self.resumed_from.append(resume)
+        duration = len(audio) / 16000
+        segments = list(resume.segments) if resume else []
+        for index in range(len(segments), math.ceil(duration / 30)):
+            on_window(Window(index * 3000, list(segments), [], "en"))
+            self.in_window.set()
+            assert self.gate.wait(30), "test left the gate closed"
+            if options.initial_prompt == "crash":
+                raise RuntimeError("the fake engine was asked to crash")
+            end = min(duration, (index + 1) * 30.0)
+            segments.append({"id": index, "start": index * 30.0, "end": end, "text": f" window {index}"})
+        text = "".join(segment["text"] for segment in segments)
+        return {"text": text, "segments": segments, "language": options.language or "en"}
+
+    def detect_language(self, audio: np.ndarray) -> dict[str, float]:
+        if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model
+            raise ModelLoading("model fake is loading")
+        return {"de": 0.9, "en": 0.1}
+
+
+def base_config(tmp_path: Path) -> dict[str, Any]:
+    """Settings that keep an app's files in tmp_path and never download."""
+    return {
+        "TESTING": True,
+        "MODEL": "tiny.en",
+        "MODEL_DOWNLOAD": False,
+        "MODEL_DIR": tmp_path / "models",
+        "UPLOAD_DIR": tmp_path / "uploads",
+        "TRANSCRIPT_DIR": tmp_path / "transcripts",
+        "LOG_DIR": tmp_path / "logs",
+    }
+
+
+# -- audio ------------------------------------------------------------------------------------
+
+
+def wav_bytes(seconds: float, amplitude: float = 0.1) -> bytes:
+    """A 16 kHz mono WAV of a 440 Hz tone (or silence with amplitude 0)."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    samples = (amplitude * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(samples.tobytes())
+    return buffer.getvalue()
+
+
+def speech(path: Path, seconds: float, names: list[str]) -> Path:
+    """A WAV of about `seconds` made of the named fixtures in turn, a second of pause between."""
+    chunks, total = [], 0
+    pause = np.zeros(16000, np.int16)
+    while total < seconds * 16000:
+        for name in names:
+            with wave.open(str(FIXTURES / name)) as source:
+                chunks += [np.frombuffer(source.readframes(source.getnframes()), np.int16), pause]
+            total += len(chunks[-2]) + len(pause)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(np.concatenate(chunks)[: int(seconds * 16000)].tobytes())
+    return path
+
+
+# -- a client for real servers, shaped like Flask's test client -------------------------------
+
+
+class Response(Protocol):
+    """What the helpers read from a response, Flask's or a LiveClient's."""
+
+    status_code: int
+
+    def get_json(self) -> Any: ...
+
+    def get_data(self, as_text: bool = False) -> Any: ...
+
+
+class Client(Protocol):
+    """Flask's test client or a LiveClient."""
+
+    def get(self, path: str) -> Any: ...
+
+    def post(self, path: str, data: dict[str, Any]) -> Any: ...
+
+    def delete(self, path: str) -> Any: ...
+
+
+class LiveResponse:
+    """A real server's answer, read whole."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status_code, self.headers, self.data = status, headers, body
+
+    def get_json(self) -> Any:
+        return json.loads(self.data)
+
+    def get_data(self, as_text: bool = False) -> Any:
+        return self.data.decode() if as_text else self.data
+
+
+class LiveClient:
+    """HTTP/1.1 to a server on loopback, one connection per request; multipart like Flask's test client."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def open(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request(method, path, body, headers or {})
+            response = connection.getresponse()
+            return LiveResponse(response.status, dict(response.getheaders()), response.read())
+        finally:
+            connection.close()
+
+    def get(self, path: str) -> LiveResponse:
+        return self.open("GET", path)
+
+    def delete(self, path: str) -> LiveResponse:
+        return self.open("DELETE", path)
+
+    def post(self, path: str, data: dict[str, Any]) -> LiveResponse:
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in data.items():
+            if isinstance(value, tuple):
+                stream, filename = value
+                head = f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                head += "Content-Type: application/octet-stream\r\n"
+                content = stream.read()
+            else:
+                head, content = f'Content-Disposition: form-data; name="{name}"\r\n', str(value).encode()
+            parts.append(f"--{boundary}\r\n{head}\r\n".encode() + content + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.open("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def upload(client: Client, audio: Path | bytes | None = None, filename: str | None = None, **fields: str) -> Any:
+    """POST /upload with the audio (a file, bytes, or 5 s of tone) and form fields; the response."""
+    if isinstance(audio, Path):
+        data, name = audio.read_bytes(), filename or audio.name
+    else:
+        data, name = (wav_bytes(5) if audio is None else audio), filename or "talk.wav"
+    return client.post("/upload", data={"file": (io.BytesIO(data), name), **fields})
+
+
+def submit(client: Client, audio: Path | bytes | None = None, **fields: str) -> str:
+    """Upload and return the new job's id (the upload must be accepted)."""
+    response = upload(client, audio, **fields)
+    assert response.status_code == 202, response.get_json()
+    return str(response.get_json()["transcription_id"])
+
+
+def wait_until(client: Client, job_id: str, check: Callable[[dict[str, Any]], bool], timeout: float = 180) -> Any:
+    """Poll GET /jobs/<id> until check(record) holds; return that record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = client.get(f"/jobs/{job_id}").get_json()
+        if check(record):
+            return record
+        assert time.monotonic() < deadline, f"job {job_id} never reached the state: {record}"
+        time.sleep(0.05)
+
+
+def wait_for(client: Client, job_id: str, *statuses: str, timeout: float = 180) -> Any:
+    """Poll until the job reaches one of `statuses` (any final one if none are named); return its record."""
+    wanted = statuses or TERMINAL
+    return wait_until(client, job_id, lambda record: record["status"] in wanted, timeout)
+
+
+def transcribing(record: dict[str, Any]) -> bool:
+    """The job is transcribing, past its first window."""
+    return record["status"] == "in_progress" and record["processed_seconds"] > 0
+
+
+def transcripts(client: Client, job_id: str) -> dict[str, bytes]:
+    """Every format of a job's transcript."""
+    return {fmt: client.get(f"/download/{job_id}.{fmt}").get_data() for fmt in FORMATS}
+
+
+#: Decoder scores in the JSON transcript: batched matmuls round differently from one window alone.
+SCORES = ("avg_logprob", "no_speech_prob")
+
+
+def split_scores(transcript: bytes) -> tuple[dict[str, Any], list[float]]:
+    """The JSON transcript without the decoder's scores, and the scores."""
+    result = json.loads(transcript)
+    scores = [segment.pop(name) for segment in result["segments"] for name in SCORES]
+    return result, scores
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Wait until condition() holds; fail the test if it does not within timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+def windows_per_step(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """For each window decoded, the most windows that shared one of its steps (the decoding log)."""
+    messages = [record.getMessage() for record in caplog.records]
+    return [int(message.split()[-4]) for message in messages if message.endswith("windows per step")]

@@ -1,0 +1,127 @@
+"""The service's own exceptions: each names its condition with one machine code, used everywhere.
+
+The code is the same in an HTTP error body and in a failed job's record; `errors.py` alone decides
+the HTTP status of each (ARCHITECTURE.md, "Rooms").
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A condition the service reports on purpose; `code` names it for machines."""
+
+    code = "service_error"
+
+
+class QueueFull(ServiceError):
+    """No place for another job now; retry after `retry_after` seconds."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(ServiceError):
+    """The service is stopping (or not started) and takes no work."""
+
+    code = "shutting_down"
+
+
+class ModelUnavailable(ServiceError):
+    """The model failed to load."""
+
+    code = "model_unavailable"
+
+
+class ModelLoading(ModelUnavailable):
+    """The model is still loading."""
+
+    code = "model_loading"
+
+
+class NotMultilingual(ServiceError):
+    """The loaded model is English-only and the request needs another language."""
+
+    code = "model_not_multilingual"
+
+
+class AudioDecodeError(ServiceError):
+    """ffmpeg could not decode the file; the message is ffmpeg's own reason."""
+
+    code = "invalid_audio"
+
+
+class InvalidOption(ServiceError):
+    """A transcription option a client sent is not valid; `field` names it."""
+
+    code = "invalid_option"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class StorageFull(ServiceError):
+    """An upload could not be stored (disk full, read-only directory)."""
+
+    code = "storage_full"
+
+
+class JobNotFound(ServiceError):
+    """No job has this id (or it was forgotten after expiring)."""
+
+    code = "job_not_found"
+
+
+class JobExpired(ServiceError):
+    """The job ended long ago and its files were deleted by the retention sweep."""
+
+    code = "expired"
+
+
+class UnknownFormat(ServiceError):
+    """A transcript format the service does not write."""
+
+    code = "unknown_format"
+
+
+class TranscriptNotReady(ServiceError):
+    """The job is pending or running; `status` and `progress` say how far it is."""
+
+    code = "not_ready"
+
+    def __init__(self, message: str, status: str, progress: float) -> None:
+        super().__init__(message)
+        self.status = status
+        self.progress = progress
+
+
+class NoTranscript(ServiceError):
+    """The job ended without a transcript (failed or cancelled)."""
+
+    code = "no_transcript"
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TranscriptMissing(ServiceError):
+    """The job completed but its transcript file is gone."""
+
+    code = "transcript_not_found"
+
+
+class WriteFailed(ServiceError):
+    """The transcript directory refused a write; the job fails with this code."""
+
+    code = "write_failed"
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"could not write to the transcript directory: {error.strerror or error}")
+
+
+class WhisperIncompatible(RuntimeError):
+    """The installed openai-whisper lacks an internal the engine relies on; the service refuses to start."""

@@ -1,0 +1,35 @@
+"""A running job's resume state: where its transcription stands, saved at every window.
+
+After a crash or a graceful stop the job restarts at its last saved window instead of at 0
+(ARCHITECTURE.md, "Durability").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from .engine import Window
+from .writers import temporary_beside
+
+
+def resume_path(directory: Path, job_id: str) -> Path:
+    """Where an unfinished job's resume state lives."""
+    return directory / f"{job_id}.resume.json"
+
+
+def save_resume(directory: Path, job_id: str, window: Window) -> None:
+    """Record where an unfinished job's transcription stands, atomically (temp file, fsync, rename)."""
+    with temporary_beside(directory, job_id, ".resume") as file:
+        json.dump(dataclasses.asdict(window), file)
+    os.replace(file.name, resume_path(directory, job_id))
+
+
+def load_resume(directory: Path, job_id: str) -> Window | None:
+    """Where an interrupted job stood, if it got past its first window."""
+    try:
+        return Window(**json.loads(resume_path(directory, job_id).read_text()))
+    except FileNotFoundError:
+        return None
