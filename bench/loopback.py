@@ -1,4 +1,4 @@
-"""Real gunicorn and nginx on free loopback ports, for tests and benchmarks."""
+"""Real gunicorn and nginx on free loopback ports, serving the shipped deploy/ files; for tests and benchmarks."""
 
 from __future__ import annotations
 

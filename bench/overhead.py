@@ -28,10 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.isolation import measure_apart, report  # noqa: E402
-from tests.conftest import SPOKEN  # noqa: E402
-from tests.test_end_to_end import speech  # noqa: E402
+from bench.peers import joined_speech, speech_passages  # noqa: E402
 from whisper_flask import create_app  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.service import get_service  # noqa: E402
+
+#: Jobs in the concurrency measure, each its own rotation of the passages.
+FILES = 4
 
 
 def make_app(work: Path, model: str, model_dir: Path, workers: int, **config: Any) -> Any:
@@ -48,7 +51,9 @@ def make_app(work: Path, model: str, model_dir: Path, workers: int, **config: An
             **config,
         }
     )
-    app.extensions["whisper_flask"].engine.wait_until_ready(300)
+    service = get_service(app)
+    service.start()
+    service.engine.wait_until_ready(300)  # type: ignore[attr-defined]
     return app
 
 
@@ -92,7 +97,7 @@ def serve(
     records = [wait(client, job_id, poll_s=0.5) for job_id in ids]
     wall = seconds_between(min(r["created_at"] for r in records), max(r["finished_at"] for r in records))
     transcripts = [client.get(f"/download/{job_id}.{fmt}").get_data(as_text=True) for job_id in ids]
-    app.extensions["whisper_flask"].shutdown()
+    get_service(app).stop()
     return wall, transcripts
 
 
@@ -117,18 +122,18 @@ def main() -> None:
     parser.add_argument("--quantize", default="none", help="the service's QUANTIZE (auto, none, int8)")
     parser.add_argument("--measure", nargs=2, metavar=("RUN", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    names = list(SPOKEN)
 
     if args.measure:
         work = Path(args.measure[1])
-        files = [work / f"speech-{i}.wav" for i in range(len(names))]
+        files = [work / f"speech-{i}.wav" for i in range(FILES)]
         report(measure(args.measure[0], work, args.model, args.quantize, files))
         return
 
     work = Path(tempfile.mkdtemp(prefix="whisper-bench-"))
     ensure_checkpoint(args.model, work / "models", allow_download=False)
-    for i in range(len(names)):
-        speech(work / f"speech-{i}.wav", args.seconds, names[i:] + names[:i])
+    passages = [path for path, _ in speech_passages(work / "passages", FILES, 45)]
+    for i in range(FILES):
+        joined_speech(work / f"speech-{i}.wav", args.seconds, passages[i:] + passages[:i])
     options = ["--model", args.model, "--seconds", str(args.seconds), "--quantize", args.quantize]
 
     bare, served = [], []
@@ -140,7 +145,7 @@ def main() -> None:
     alone = measure_apart(Path(__file__), options, "sequential", str(work))
     together = measure_apart(Path(__file__), options, "together", str(work))
 
-    audio_total = args.seconds * len(names)
+    audio_total = args.seconds * FILES
     bare_median, served_median = statistics.median(bare), statistics.median(served)
     seconds_alone, seconds_together = alone["seconds"], together["seconds"]
     out = [
@@ -149,8 +154,8 @@ def main() -> None:
         f"service, upload->finished median {served_median:6.2f} s  runs {[round(x, 2) for x in served]}",
         f"service / bare latency ratio: {served_median / bare_median:.3f}",
         f"same text as bare whisper: {served_run['text'] == bare_run['text']}",
-        f"{len(names)} jobs one by one: {seconds_alone:6.2f} s = {audio_total / seconds_alone:5.1f} audio-s/s",
-        f"{len(names)} jobs at once:    {seconds_together:6.2f} s = {audio_total / seconds_together:5.1f} audio-s/s",
+        f"{FILES} jobs one by one: {seconds_alone:6.2f} s = {audio_total / seconds_alone:5.1f} audio-s/s",
+        f"{FILES} jobs at once:    {seconds_together:6.2f} s = {audio_total / seconds_together:5.1f} audio-s/s",
         f"concurrent / sequential throughput ratio: {seconds_alone / seconds_together:.3f}",
         f"concurrent transcripts byte-identical to one-by-one: {together['srts'] == alone['srts']}",
     ]

@@ -221,6 +221,23 @@ def speech_passages(work: Path, count: int, seconds: float) -> list[tuple[Path, 
     return result
 
 
+def joined_speech(path: Path, seconds: float, sources: Sequence[Path]) -> Path:
+    """A 16 kHz mono WAV of `seconds`: the source WAVs in turn, a second of pause after each, repeated as needed."""
+    frames, total = [], 0
+    pause = b"\0\0" * 16000
+    while total < seconds * 16000:
+        for source in sources:
+            with wave.open(str(source)) as speech:
+                frames += [speech.readframes(speech.getnframes()), pause]
+                total += speech.getnframes() + 16000
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(b"".join(frames)[: int(seconds * 16000) * 2])
+    return path
+
+
 def _clamp(rate: float) -> int:
     # Slower or faster than this and espeak-ng's speech stops sounding like ordinary talk.
     return max(110, min(240, round(rate)))

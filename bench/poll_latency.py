@@ -21,9 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import SPOKEN  # noqa: E402
-from tests.servers import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
-from tests.test_end_to_end import speech  # noqa: E402
+from bench.loopback import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
+from bench.peers import joined_speech, speech_passages  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
 
 
@@ -61,16 +60,16 @@ def main() -> None:
     proxy = start_nginx(render_nginx(work, upstream, port, free_port()), port)
     try:
         base = f"http://127.0.0.1:{port}"
-        warm = json.loads(curl("-F", f"file=@{ROOT / 'tests/fixtures/fox.wav'}", f"{base}/upload")[1])
+        passages = [path for path, _ in speech_passages(work / "passages", 2, 20)]
+        warm = json.loads(curl("-F", f"file=@{passages[0]}", f"{base}/upload")[1])
         path = f"/progress/{warm['transcription_id']}"
         while json.loads(curl(f"{base}{path}")[1])["status"] != "completed":
             time.sleep(0.1)  # the baseline is an idle service
         idle = poll(port, path, args.requests)
 
-        names = list(SPOKEN)
         ids = []
         for i in range(2):
-            audio = speech(work / f"long-{i}.wav", args.seconds, names[i:] + names[:i])
+            audio = joined_speech(work / f"long-{i}.wav", args.seconds, passages[i:] + passages[:i])
             ids.append(json.loads(curl("-F", f"file=@{audio}", f"{base}/upload")[1])["transcription_id"])
         while any(json.loads(curl(f"{base}/progress/{j}")[1])["stage"] != "transcribing" for j in ids):
             time.sleep(0.1)

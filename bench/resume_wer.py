@@ -18,12 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import edit_distance_rate  # noqa: E402
-from tests.conftest import SPOKEN  # noqa: E402
-from tests.test_end_to_end import speech  # noqa: E402
+from bench.peers import edit_distance_rate, joined_speech, speech_passages  # noqa: E402
 from whisper_flask.audio import decode_audio  # noqa: E402
 from whisper_flask.config import DEFAULTS  # noqa: E402
 from whisper_flask.engine import WhisperEngine, Window  # noqa: E402
+from whisper_flask.options import TranscribeOptions  # noqa: E402
 
 
 class Stop(Exception):
@@ -43,11 +42,13 @@ def main() -> None:
         {**DEFAULTS, "MODEL": args.model, "MODEL_DIR": work / "models", "DEVICE": "cpu", "MODEL_DOWNLOAD": False}
     )
     engine.wait_until_ready(300)
-    audio = decode_audio(speech(work / "speech.wav", args.seconds, list(SPOKEN)))
+    passages = [path for path, _ in speech_passages(work / "passages", 5, 45)]
+    audio = decode_audio(joined_speech(work / "speech.wav", args.seconds, passages))
+    options = TranscribeOptions()
 
     windows: list[Window] = []
     started = time.perf_counter()
-    full = engine.transcribe(audio, {}, windows.append)
+    full = engine.transcribe(audio, options, windows.append)
     full_time = time.perf_counter() - started
     starts = sorted({w.seek: w for w in windows if w.seek > 0}.values(), key=lambda w: w.seek)
     chosen = [starts[round(i * (len(starts) - 1) / max(1, args.points - 1))] for i in range(args.points)]
@@ -60,11 +61,11 @@ def main() -> None:
                 raise Stop
 
         try:
-            engine.transcribe(audio, {}, stop_at)
+            engine.transcribe(audio, options, stop_at)
         except Stop:
             pass
         started = time.perf_counter()
-        resumed = engine.transcribe(audio, {}, lambda w: None, target)
+        resumed = engine.transcribe(audio, options, lambda w: None, target)
         resumed_time = time.perf_counter() - started
         # Raw words, not normalised: the two transcripts come from the same engine and should match exactly.
         wer = edit_distance_rate(full["text"].split(), resumed["text"].split())
@@ -72,6 +73,8 @@ def main() -> None:
             f"interrupted at {target.seconds:6.1f} s: WER {100 * wer:5.2f} %, identical {resumed == full}, "
             f"resume took {resumed_time:5.1f} s = {resumed_time / full_time:.2f} of starting over"
         )
+
+    engine.stop()
 
 
 if __name__ == "__main__":
