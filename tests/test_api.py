@@ -72,7 +72,7 @@ def test_progress_is_real_and_monotonic_while_transcribing(client: FlaskClient, 
     job_id = upload(client, wav_bytes(100)).get_json()["transcription_id"]
     seen = []
     for _ in range(4):  # windows start at 0, 30, 60, 90 seconds of 100
-        engine.in_window.wait(10)
+        assert engine.in_window.wait(10)
         engine.in_window.clear()
         seen.append(client.get(f"/progress/{job_id}").get_json())
         engine.gate.set()
@@ -90,7 +90,7 @@ def test_pending_jobs_show_their_queue_position(make_app, engine: FakeEngine) ->
     client = make_app(MAX_WORKERS=1).test_client()
     engine.gate.clear()
     running = upload(client).get_json()["transcription_id"]
-    engine.in_window.wait(10)
+    assert engine.in_window.wait(10)
     waiting = [upload(client).get_json()["transcription_id"] for _ in range(2)]
     assert client.get(f"/progress/{running}").get_json()["status"] == "in_progress"
     assert [client.get(f"/progress/{j}").get_json()["queue_position"] for j in waiting] == [1, 2]
@@ -279,7 +279,7 @@ def test_cancelling_a_pending_job_removes_it_from_the_queue(make_app, engine: Fa
     client = app.test_client()
     engine.gate.clear()
     upload(client)
-    engine.in_window.wait(10)
+    assert engine.in_window.wait(10)
     pending = upload(client).get_json()["transcription_id"]
     response = client.delete(f"/jobs/{pending}")
     assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
@@ -293,7 +293,7 @@ def test_cancelling_a_running_job_stops_it_at_the_next_window(
 ) -> None:
     engine.gate.clear()
     job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]
-    engine.in_window.wait(10)
+    assert engine.in_window.wait(10)
     assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
     engine.gate.set()
     # The job's thread lets go of its audio when it stops, at its next window.
