@@ -37,8 +37,8 @@ from whisper_flask.service import get_service  # noqa: E402
 FILES = 4
 
 
-def make_app(work: Path, model: str, model_dir: Path, workers: int, **config: Any) -> Any:
-    """A real service on `model`, ready to transcribe; `config` adds or overrides settings."""
+def make_client(work: Path, model: str, model_dir: Path, workers: int, **config: Any) -> Any:
+    """A test client of a real service on `model`, ready to transcribe, with an API key; `config` adds settings."""
     app = create_app(
         {
             "MODEL": model,
@@ -52,9 +52,12 @@ def make_app(work: Path, model: str, model_dir: Path, workers: int, **config: An
         }
     )
     service = get_service(app)
+    key = service.access.keys.create("bench", admin=True)
     service.start()
     service.engine.wait_until_ready(300)  # type: ignore[attr-defined]
-    return app
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
 
 
 def submit(client: Any, path: Path, **fields: str) -> str:
@@ -90,14 +93,13 @@ def serve(
     work: Path, model: str, paths: list[Path], workers: int, quantize: str, fmt: str, **fields: str
 ) -> tuple[float, list[str]]:
     """Upload every file at once to a fresh service: (first upload to last job's end in s, transcripts in fmt)."""
-    app = make_app(work / f"service-{time.time_ns()}", model, work / "models", workers, QUANTIZE=quantize)
-    client = app.test_client()
+    client = make_client(work / f"service-{time.time_ns()}", model, work / "models", workers, QUANTIZE=quantize)
     ids = [submit(client, path, **fields) for path in paths]
     # Rare polls (the records' own times are the measure), so polling steals no CPU from the jobs.
     records = [wait(client, job_id, poll_s=0.5) for job_id in ids]
     wall = seconds_between(min(r["created_at"] for r in records), max(r["finished_at"] for r in records))
     transcripts = [client.get(f"/download/{job_id}.{fmt}").get_data(as_text=True) for job_id in ids]
-    get_service(app).stop()
+    get_service(client.application).stop()
     return wall, transcripts
 
 

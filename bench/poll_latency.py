@@ -24,15 +24,16 @@ sys.path.insert(0, str(ROOT))
 from bench.loopback import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
 from bench.peers import joined_speech, speech_passages  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.keys import KeyStore  # noqa: E402
 
 
-def poll(port: int, path: str, count: int) -> list[float]:
+def poll(port: int, path: str, count: int, key: str) -> list[float]:
     """Milliseconds per GET over one keep-alive connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port)
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
-        connection.request("GET", path)
+        connection.request("GET", path, headers={"Authorization": f"Bearer {key}"})
         response = connection.getresponse()
         response.read()
         latencies.append((time.perf_counter() - started) * 1000)
@@ -55,26 +56,31 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="whisper-poll-"))
     model_dir = work / "models"
     ensure_checkpoint(args.model, model_dir, allow_download=False)
+    (work / "transcripts").mkdir()
+    keys = KeyStore(work / "transcripts" / "jobs.sqlite3")
+    key = keys.create("bench", admin=True)
+    keys.close()
+    auth = ("-H", f"Authorization: Bearer {key}")
     upstream, port = free_port(), free_port()
     app = start_gunicorn(work, model_dir, upstream, MODEL=args.model, MAX_WORKERS="2", PROXY_FIX="1")
     proxy = start_nginx(render_nginx(work, upstream, port, free_port()), port)
     try:
         base = f"http://127.0.0.1:{port}"
         passages = [path for path, _ in speech_passages(work / "passages", 2, 20)]
-        warm = json.loads(curl("-F", f"file=@{passages[0]}", f"{base}/upload")[1])
+        warm = json.loads(curl(*auth, "-F", f"file=@{passages[0]}", f"{base}/upload")[1])
         path = f"/progress/{warm['transcription_id']}"
-        while json.loads(curl(f"{base}{path}")[1])["status"] != "completed":
+        while json.loads(curl(*auth, f"{base}{path}")[1])["status"] != "completed":
             time.sleep(0.1)  # the baseline is an idle service
-        idle = poll(port, path, args.requests)
+        idle = poll(port, path, args.requests, key)
 
         ids = []
         for i in range(2):
             audio = joined_speech(work / f"long-{i}.wav", args.seconds, passages[i:] + passages[:i])
-            ids.append(json.loads(curl("-F", f"file=@{audio}", f"{base}/upload")[1])["transcription_id"])
-        while any(json.loads(curl(f"{base}/progress/{j}")[1])["stage"] != "transcribing" for j in ids):
+            ids.append(json.loads(curl(*auth, "-F", f"file=@{audio}", f"{base}/upload")[1])["transcription_id"])
+        while any(json.loads(curl(*auth, f"{base}/progress/{j}")[1])["stage"] != "transcribing" for j in ids):
             time.sleep(0.1)
-        busy = poll(port, f"/progress/{ids[0]}", args.requests)
-        states = [json.loads(curl(f"{base}/progress/{j}")[1]) for j in ids]
+        busy = poll(port, f"/progress/{ids[0]}", args.requests, key)
+        states = [json.loads(curl(*auth, f"{base}/progress/{j}")[1]) for j in ids]
         assert all(state["status"] == "in_progress" for state in states), "the jobs ended before the polls did"
     finally:
         stop(proxy)

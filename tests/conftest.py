@@ -10,10 +10,19 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 from bench.loopback import free_port, start_gunicorn, stop
-from tests.helpers import FakeEngine, StartGunicorn, base_config
+from tests.helpers import FakeEngine, StartGunicorn, base_config, create_key, keyed_client_class
 from whisper_flask import create_app
 from whisper_flask.checkpoints import ensure_checkpoint
 from whisper_flask.service import get_service
+
+
+def started(app: Flask) -> Flask:
+    """Start the app's service with a new user key, which its test clients send."""
+    service = get_service(app)
+    name = f"user-{len(service.access.keys.keys())}"  # apps of one test share their job database
+    app.test_client_class = keyed_client_class(service.access.keys.create(name, admin=False))
+    service.start()
+    return app
 
 
 @pytest.fixture
@@ -29,8 +38,7 @@ def make_app(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., Flask
     def make(**config: Any) -> Flask:
         app = create_app({**base_config(tmp_path), **config}, engine=engine)
         apps.append(app)
-        get_service(app).start()
-        return app
+        return started(app)
 
     yield make
     engine.gate.set()
@@ -70,9 +78,7 @@ def make_real_app(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Fla
     def make(**config: Any) -> Flask:
         app = create_app({**base_config(tmp_path), "MODEL_DIR": model_dir, **config})
         apps.append(app)
-        service = get_service(app)
-        service.start()
-        service.engine.wait_until_ready(120)  # type: ignore[attr-defined]
+        get_service(started(app)).engine.wait_until_ready(120)  # type: ignore[attr-defined]
         return app
 
     yield make
@@ -81,7 +87,13 @@ def make_real_app(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Fla
 
 
 @pytest.fixture
-def gunicorn(tmp_path: Path, model_dir: Path) -> Iterator[StartGunicorn]:
+def api_key(tmp_path: Path) -> str:
+    """An admin key in the job database of the test's servers (made before they start, as the installer does)."""
+    return create_key(tmp_path, "tester", admin=True)
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path, model_dir: Path, api_key: str) -> Iterator[StartGunicorn]:
     """Real gunicorn with deploy/gunicorn.conf.py and tiny.en; every start is stopped after the test."""
     port = free_port()
     processes: list[subprocess.Popen[bytes]] = []

@@ -21,9 +21,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import pytest
+from flask.testing import FlaskClient
 
 from whisper_flask.engine import Window
 from whisper_flask.exceptions import ModelLoading
+from whisper_flask.keys import KeyStore
 from whisper_flask.options import TranscribeOptions
 from whisper_flask.writers import FORMATS
 
@@ -93,6 +95,16 @@ class FakeEngine:
         if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model
             raise ModelLoading("model fake is loading")
         return {"de": 0.9, "en": 0.1}
+
+
+def create_key(tmp_path: Path, name: str, *, admin: bool = False) -> str:
+    """A new key in the job database of an app or server whose TRANSCRIPT_DIR is tmp_path/transcripts."""
+    (tmp_path / "transcripts").mkdir(exist_ok=True)
+    keys = KeyStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    try:
+        return keys.create(name, admin=admin)
+    finally:
+        keys.close()
 
 
 def base_config(tmp_path: Path) -> dict[str, Any]:
@@ -177,16 +189,31 @@ class LiveResponse:
         return self.data.decode() if as_text else self.data
 
 
+def keyed_client_class(key: str) -> type[FlaskClient]:
+    """A Flask test client class that sends `key` as a Bearer token on every request."""
+
+    class KeyedClient(FlaskClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+
+    return KeyedClient
+
+
 class LiveClient:
     """HTTP/1.1 to a server on loopback, one connection per request; multipart like Flask's test client."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: str | None = None) -> None:
         self.port = port
+        self.key = key
 
     def open(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = dict(headers or {})
+        if self.key:
+            headers.setdefault("Authorization", f"Bearer {self.key}")
         try:
-            connection.request(method, path, body, headers or {})
+            connection.request(method, path, body, headers)
             response = connection.getresponse()
             return LiveResponse(response.status, dict(response.getheaders()), response.read())
         finally:

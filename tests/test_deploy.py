@@ -6,14 +6,13 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench.loopback import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
-from tests.helpers import speech
+from tests.helpers import LiveClient, create_key, speech, wait_for
 from whisper_flask.config import DEFAULTS
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
@@ -41,52 +40,60 @@ def test_nginx_serves_no_directory() -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, model_dir: Path) -> Iterator[str]:
-    """gunicorn behind nginx, both limiting uploads to 2 MB; yields nginx's base URL."""
+def stack(tmp_path: Path, model_dir: Path, api_key: str) -> Iterator[LiveClient]:
+    """gunicorn behind nginx, both limiting uploads to 2 MB; yields a client of nginx with an admin key."""
     upstream, http = free_port(), free_port()
     app = start_gunicorn(tmp_path, model_dir, upstream, MAX_UPLOAD_MB="2", PROXY_FIX="1")
     proxy = start_nginx(render_nginx(tmp_path, upstream, http, free_port(), max_body_mb=2), http)
-    yield f"http://127.0.0.1:{http}"
+    yield LiveClient(http, api_key)
     stop(proxy)
     stop(app)
 
 
-def test_upload_poll_and_download_through_nginx(stack: str, tmp_path: Path) -> None:
+def base_url(client: LiveClient) -> str:
+    return f"http://127.0.0.1:{client.port}"
+
+
+def test_upload_poll_and_download_through_nginx_with_keys(stack: LiveClient, tmp_path: Path) -> None:
     audio = speech(tmp_path / "meeting.wav", 45, ["train.wav", "garden.wav"])
     assert audio.stat().st_size > 1024 * 1024, "the upload must exceed nginx's in-memory body buffer"
     # From 127.0.0.2 with a forged header: the app must see the address nginx saw.
     status, body = curl(
-        "--interface", "127.0.0.2", "-H", "X-Forwarded-For: 203.0.113.9", "-F", f"file=@{audio}", f"{stack}/upload"
-    )
+        "--interface", "127.0.0.2", "-H", "X-Forwarded-For: 203.0.113.9", "-H", f"X-API-Key: {stack.key}",
+        "-F", f"file=@{audio}", f"{base_url(stack)}/upload",
+    )  # fmt: skip
     assert status == 202, body
     job_id = json.loads(body)["transcription_id"]
     logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
     assert f"job {job_id} pending: meeting.wav from 127.0.0.2" in logged, "ProxyFix must trust nginx's header"
     assert "203.0.113.9" not in logged, "a client's forged X-Forwarded-For must not be trusted"
-    deadline = time.monotonic() + 120
-    while (progress := json.loads(curl(f"{stack}/progress/{job_id}")[1]))["status"] not in ("completed", "failed"):
-        assert time.monotonic() < deadline, progress
-        time.sleep(0.2)
-    assert progress["status"] == "completed"
-    status, transcript = curl(f"{stack}/download/{job_id}.txt")
-    assert status == 200 and b"tomorrow morning" in transcript.lower()
+    assert stack.key is not None and stack.key not in logged, "keys are never logged"
+    assert wait_for(stack, job_id)["status"] == "completed"
+    response = stack.get(f"/download/{job_id}.txt")
+    assert response.status_code == 200 and b"tomorrow morning" in response.get_data().lower()
+    # Another user's key through nginx: the job does not exist for it; no key: 401 with the challenge.
+    other = LiveClient(stack.port, create_key(tmp_path, "other"))
+    assert other.get(f"/progress/{job_id}").get_json()["code"] == "job_not_found"
+    anonymous = LiveClient(stack.port).get(f"/progress/{job_id}")
+    assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")
 
 
-def test_oversized_upload_gets_413_json_from_nginx(stack: str, tmp_path: Path) -> None:
+def test_oversized_upload_gets_413_json_from_nginx(stack: LiveClient, tmp_path: Path) -> None:
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (3 * 1024 * 1024))
-    status, body = curl("-F", f"file=@{big}", f"{stack}/upload")
+    status, body = curl("-H", f"X-API-Key: {stack.key}", "-F", f"file=@{big}", f"{base_url(stack)}/upload")
     assert status == 413
     assert json.loads(body)["code"] == "too_large"
 
 
-def test_upload_flood_gets_429_json_and_polling_is_not_limited(stack: str) -> None:
+def test_upload_flood_gets_429_json_and_polling_is_not_limited(stack: LiveClient) -> None:
     # Requests without a file part: each is refused by the app at once, so only the limit is at work.
-    statuses = [curl("-X", "POST", "-F", "note=x", f"{stack}/upload") for _ in range(15)]
+    key, base = ("-H", f"X-API-Key: {stack.key}"), base_url(stack)
+    statuses = [curl(*key, "-X", "POST", "-F", "note=x", f"{base}/upload") for _ in range(15)]
     limited = [body for status, body in statuses if status == 429]
     assert [status for status, _ in statuses[:11]] == [400] * 11, "the burst of 10 (+1) passes"
     assert limited and json.loads(limited[0])["code"] == "rate_limited"
-    assert all(curl(f"{stack}/queue")[0] == 200 for _ in range(20))
+    assert all(curl(*key, f"{base}/queue")[0] == 200 for _ in range(20))
 
 
 def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
@@ -118,7 +125,9 @@ def test_unit_stops_gunicorn_within_its_graceful_timeout() -> None:
     assert "KillMode=mixed" in unit
 
 
-@pytest.mark.parametrize("script", ["deploy/install.sh", "deploy/system-packages.sh", ".ci/run"])
+@pytest.mark.parametrize(
+    "script", ["deploy/install.sh", "deploy/system-packages.sh", "deploy/whisper-flask", ".ci/run"]
+)
 def test_shell_scripts_pass_shellcheck(script: str) -> None:
     result = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

@@ -32,11 +32,14 @@ from tests.helpers import (
     wav_bytes,
 )
 
+#: The service's own files in TRANSCRIPT_DIR, beside the jobs' files.
+SERVICE_FILES = {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm", "link-secret"}
+
 
 def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(
-    gunicorn: StartGunicorn, tmp_path: Path
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
 ) -> None:
-    port, server = gunicorn(MAX_WORKERS="2", MAX_QUEUED_JOBS="250")
+    port, server = gunicorn(MAX_WORKERS="2", MAX_QUEUED_JOBS="250", MAX_JOBS_PER_KEY="250")
     # Every tenth upload is speech for the model; the rest are silence, which takes the whole
     # pipeline but the model, so 200 jobs fit in a test while the registry is kept busy.
     spoken, silence = (FIXTURES / "fox.wav").read_bytes(), wav_bytes(1.0, amplitude=0)
@@ -46,7 +49,7 @@ def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(
     lock = threading.Lock()
 
     def poller(worker: int) -> None:
-        live = LiveClient(port)
+        live = LiveClient(port, api_key)
         mine = []
         for n in range(200 // 16 + (worker < 200 % 16)):
             audio = spoken if (worker + 16 * n) % 10 == 0 else silence
@@ -87,7 +90,7 @@ def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(
     assert not any(thread.is_alive() for thread in threads), "clients did not finish"
     assert errors == []
     assert len(set(ids)) == 200 and polls[0] >= 2000
-    records = LiveClient(port).get("/jobs?limit=1000").get_json()["jobs"]
+    records = LiveClient(port, api_key).get("/jobs?limit=1000").get_json()["jobs"]
     assert len(records) == 200
     assert {(r["status"], r["progress"], r["stage"], r["attempts"]) for r in records} == {("completed", 100, "done", 1)}
     assert all(r["finished_at"] >= r["started_at"] >= r["created_at"] for r in records)
@@ -110,11 +113,13 @@ def _ppid(proc: Path) -> int | None:
         return None
 
 
-def test_killed_service_finishes_every_job_in_order_after_restart(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+def test_killed_service_finishes_every_job_in_order_after_restart(
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+) -> None:
     names = list(SPOKEN)
     files = [speech(tmp_path / "long.wav", 90, names)] + [FIXTURES / name for name in names[:3]]
     port, server = gunicorn(MAX_WORKERS="1")
-    client = LiveClient(port)
+    client = LiveClient(port, api_key)
     ids = [submit(client, path) for path in files]
     wait_until(client, ids[0], transcribing)
     os.killpg(server.pid, signal.SIGKILL)  # power loss: arbiter and worker die at once
@@ -143,10 +148,10 @@ def test_killed_service_finishes_every_job_in_order_after_restart(gunicorn: Star
 
 
 def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(
-    gunicorn: StartGunicorn, tmp_path: Path
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
 ) -> None:
     port, server = gunicorn(MAX_WORKERS="1")
-    client = LiveClient(port)
+    client = LiveClient(port, api_key)
     poison = submit(client, speech(tmp_path / "poison.wav", 60, list(SPOKEN)))
     bystander = submit(client, FIXTURES / "garden.wav")
     for attempt in (1, 2):
@@ -160,10 +165,10 @@ def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(
     assert b"lazy dog" in client.get(f"/download/{fresh}.txt").get_data().lower()
 
 
-def test_finished_jobs_expire_then_are_forgotten(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+def test_finished_jobs_expire_then_are_forgotten(gunicorn: StartGunicorn, tmp_path: Path, api_key: str) -> None:
     seconds = 2 / 86400  # RETENTION_DAYS and EXPIRED_KEEP_DAYS of two seconds each
     port, _ = gunicorn(RETENTION_DAYS=str(seconds), EXPIRED_KEEP_DAYS=str(seconds), SWEEP_INTERVAL_S="0.2")
-    client = LiveClient(port)
+    client = LiveClient(port, api_key)
     job_id = submit(client, FIXTURES / "fox.wav")
     wait_for(client, job_id)
     assert client.get(f"/download/{job_id}.txt").status_code == 200
@@ -196,10 +201,10 @@ def read_only(directory: Path) -> Iterator[None]:
 
 
 def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(
-    gunicorn: StartGunicorn, tmp_path: Path
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
 ) -> None:
     port, _ = gunicorn(MAX_WORKERS="1")
-    client = LiveClient(port)
+    client = LiveClient(port, api_key)
     transcripts, uploads = tmp_path / "transcripts", tmp_path / "uploads"
     job_id = submit(client, speech(tmp_path / "long.wav", 90, list(SPOKEN)))
     wait_until(client, job_id, transcribing)
@@ -209,7 +214,7 @@ def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(
         assert failed["error"] == "could not write to the transcript directory: Operation not permitted"
         # No transcript and no temporary file; only the resume state saved before the directory
         # turned read-only is left, which cannot be deleted now (the retention sweep will).
-        left = {p.name for p in transcripts.iterdir()} - {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"}
+        left = {p.name for p in transcripts.iterdir()} - SERVICE_FILES
         assert left <= {f"{job_id}.resume.json"}
     assert (tmp_path / "uploads").exists() and not uploads_of(tmp_path), "the failed job's audio is deleted"
     with read_only(uploads):
@@ -220,10 +225,10 @@ def test_unwritable_directories_fail_cleanly_and_the_service_keeps_serving(
 
 
 def test_cancelling_running_and_pending_jobs_removes_them_and_their_files(
-    gunicorn: StartGunicorn, tmp_path: Path
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
 ) -> None:
     port, _ = gunicorn(MAX_WORKERS="1")
-    client = LiveClient(port)
+    client = LiveClient(port, api_key)
     running = submit(client, speech(tmp_path / "long.wav", 120, list(SPOKEN)))
     pending = submit(client, FIXTURES / "fox.wav")
     wait_until(client, running, transcribing)
@@ -232,7 +237,7 @@ def test_cancelling_running_and_pending_jobs_removes_them_and_their_files(
         assert (response.status_code, response.get_json()["status"]) == (200, "cancelled")
     assert client.get("/queue").get_json() == {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}
     eventually(lambda: not uploads_of(tmp_path))  # the running job lets go of its audio at its next window
-    assert not [p for p in (tmp_path / "transcripts").iterdir() if not p.name.startswith("jobs.sqlite3")]
+    assert {p.name for p in (tmp_path / "transcripts").iterdir()} <= SERVICE_FILES
     response = client.delete(f"/jobs/{running}")
     assert (response.status_code, response.get_json()["status"]) == (200, "cancelled"), "repeating is harmless"
     fresh = submit(client, FIXTURES / "fox.wav")

@@ -7,7 +7,7 @@ import re
 import signal
 from pathlib import Path
 
-from bench.loopback import curl
+from bench.loopback import curl, free_port, start_gunicorn, stop
 from tests.helpers import (
     FIXTURES,
     SPOKEN,
@@ -22,28 +22,54 @@ from tests.helpers import (
 )
 
 
-def test_curl_walkthrough_upload_poll_download(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+def test_curl_walkthrough_upload_poll_download(gunicorn: StartGunicorn, tmp_path: Path, api_key: str) -> None:
     port, _ = gunicorn(MAX_WORKERS="1")
     base = f"http://127.0.0.1:{port}"
-    status, body = curl("-F", f"file=@{FIXTURES / 'report.wav'}", f"{base}/upload")
+    key = ("-H", f"Authorization: Bearer {api_key}")
+    status, body = curl(*key, "-F", f"file=@{FIXTURES / 'report.wav'}", f"{base}/upload")
     assert status == 202
     job_id = json.loads(body)["transcription_id"]
-    assert wait_for(LiveClient(port), job_id)["status"] == "completed"
+    done = wait_for(LiveClient(port, api_key), job_id)
+    assert done["status"] == "completed"
     target = tmp_path / "download"
-    target.mkdir()
-    status, _ = curl(
-        "--remote-name", "--remote-header-name", "--output-dir", str(target), f"{base}/download/{job_id}.txt"
-    )
-    assert status == 200
-    text = (target / "report.txt").read_text().lower()
-    assert all(words.lower() in text for words in SPOKEN["report.wav"]), text
-    status, body = curl("-F", "file=@/dev/null;filename=empty.wav", f"{base}/upload")
+    for name, args in [
+        ("by key", [*key, f"{base}/download/{job_id}.txt"]),
+        ("signed link", [base + done["download_url"]]),
+    ]:
+        (target / name).mkdir(parents=True)
+        status, _ = curl("--remote-name", "--remote-header-name", "--output-dir", str(target / name), *args)
+        assert status == 200, name
+        text = (target / name / "report.txt").read_text().lower()
+        assert all(words.lower() in text for words in SPOKEN["report.wav"]), text
+    status, body = curl(*key, "-F", "file=@/dev/null;filename=empty.wav", f"{base}/upload")
     assert (status, json.loads(body)["code"]) == (400, "empty_file")
+    status, body = curl("-F", f"file=@{FIXTURES / 'report.wav'}", f"{base}/upload")
+    assert (status, json.loads(body)["code"]) == (401, "missing_api_key")
 
 
-def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(gunicorn: StartGunicorn, tmp_path: Path) -> None:
+def test_first_start_prints_an_admin_key_once(tmp_path: Path, model_dir: Path) -> None:
+    port = free_port()
+    server = start_gunicorn(tmp_path, model_dir, port)
+    try:
+        logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
+        keys = re.findall(r"^    (wf_\S+)$", logged, re.MULTILINE)
+        assert len(keys) == 1 and "It is shown only this once" in logged
+        printed = "".join(path.read_text() for path in tmp_path.glob("gunicorn-*.log"))
+        assert keys[0] in printed, "the key goes to the console too"
+        client = LiveClient(port, keys[0])
+        assert wait_for(client, submit(client, FIXTURES / "fox.wav"))["status"] == "completed"
+    finally:
+        stop(server)
+    stop(start_gunicorn(tmp_path, model_dir, port))
+    logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
+    assert len(re.findall(r"^    (wf_\S+)$", logged, re.MULTILINE)) == 1, "a key exists now: none is made again"
+
+
+def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+) -> None:
     port, arbiter = gunicorn(MAX_WORKERS="1")
-    client = LiveClient(port)
+    client = LiveClient(port, api_key)
     audio = speech(tmp_path / "long.wav", 120, list(SPOKEN))
     running = submit(client, audio)
     waiting = submit(client, FIXTURES / "fox.wav")

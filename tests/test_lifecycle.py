@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FakeEngine, base_config, wait_for, wav_bytes
+from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class, wait_for, wav_bytes
 from whisper_flask import create_app
 from whisper_flask.exceptions import WhisperIncompatible
 from whisper_flask.options import TranscribeOptions
@@ -43,6 +43,8 @@ def test_restart_runs_left_jobs_in_order_and_fails_repeat_crashers(tmp_path: Pat
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     seed_store(tmp_path, [(a, JobStatus.IN_PROGRESS, 1), (b, JobStatus.IN_PROGRESS, 2), (c, JobStatus.PENDING, 0)])
     app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    # Jobs from before keys existed belong to no key: an admin sees them.
+    app.test_client_class = keyed_client_class(create_key(tmp_path, "root", admin=True))
     client = app.test_client()  # its first request starts the service, which queues the left jobs again
     try:
         crashed = wait_for(client, b, "failed")
@@ -60,6 +62,8 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
     tmp_path: Path, engine: FakeEngine
 ) -> None:
     app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    key = create_key(tmp_path, "alice")
+    app.test_client_class = keyed_client_class(key)
     client = app.test_client()
     engine.gate.clear()
     ids = [
@@ -79,6 +83,7 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
     assert len(list((tmp_path / "uploads").iterdir())) == 2, "pending jobs keep their audio"
 
     restarted = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    restarted.test_client_class = keyed_client_class(key)
     get_service(restarted).start()
     try:
         for job_id in ids:
@@ -100,8 +105,10 @@ def test_uploads_are_refused_while_stopping(app, client) -> None:
 def test_building_the_app_starts_nothing(tmp_path: Path, engine: FakeEngine) -> None:
     """A CLI command builds the app too: no model, no pool, no job taken from the store."""
     seed_store(tmp_path, [("a" * 32, JobStatus.PENDING, 0)])
+    key = create_key(tmp_path, "root", admin=True)
     before = set(threading.enumerate())
     app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
+    app.test_client_class = keyed_client_class(key)
     try:
         assert not engine.loaded and engine.options == []
         assert set(threading.enumerate()) == before

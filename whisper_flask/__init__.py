@@ -21,7 +21,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     from . import config as defaults
     from .api import health, jobs, transcription
     from .api.uploads import UploadRequest
-    from .cli import models_cli
+    from .cli import keys_cli, models_cli
     from .engine import WhisperEngine
     from .errors import register_error_handlers
     from .internals import check_whisper_internals
@@ -44,6 +44,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     for module in (transcription, jobs, health):
         app.register_blueprint(module.bp)
     app.cli.add_command(models_cli)
+    app.cli.add_command(keys_cli)
 
     TranscriptionService().init_app(app, engine or WhisperEngine())
     return app

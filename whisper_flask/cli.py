@@ -1,4 +1,4 @@
-"""`flask --app whisper_flask models list|fetch NAME`: provision checkpoints ahead of time."""
+"""`flask --app whisper_flask models ...` provisions checkpoints; `keys ...` manages API keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .checkpoints import CheckpointError, ensure_checkpoint, installed_models
+from .exceptions import ApiKeyError
+from .service import get_service
 
 models_cli = AppGroup("models", help="Provision Whisper checkpoints into MODEL_DIR.")
 
@@ -30,3 +32,51 @@ def fetch_model(name: str | None) -> None:
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{name or config['MODEL']}: {path}")
+
+
+keys_cli = AppGroup("keys", help="Manage API keys (README, API keys). A key is shown once, when it is made.")
+
+
+@keys_cli.command("create")
+@click.option("--name", required=True, help="a unique name: letters, digits, '-', '_' or '.'")
+@click.option("--admin", is_flag=True, help="the key sees and manages every key's jobs")
+def create_key(name: str, admin: bool) -> None:
+    """Make a key and print it; only its hash is kept, so copy it now."""
+    try:
+        secret = get_service().access.keys.create(name, admin=admin)
+    except ApiKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(secret)
+
+
+@keys_cli.command("init")
+def init_key() -> None:
+    """Make and print an admin key if no active key exists (the installer's first key); else print nothing."""
+    secret = get_service().access.ensure_first_key()
+    if secret is not None:
+        click.echo(secret)
+
+
+@keys_cli.command("list")
+def list_keys() -> None:
+    """Each key's name, role, dates and job count; never the key itself."""
+    service = get_service()
+    jobs = service.jobs_per_key()
+    click.echo(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<30} {'LAST USED':<30} {'JOBS':>6}  REVOKED")
+    for key in service.access.keys.keys():
+        role = "admin" if key.admin else "user"
+        click.echo(
+            f"{key.name:<24} {role:<6} {key.created_at:<30} {key.last_used_at or '-':<30} "
+            f"{jobs.get(key.name, 0):>6}  {key.revoked_at or '-'}"
+        )
+
+
+@keys_cli.command("revoke")
+@click.argument("name")
+def revoke_key(name: str) -> None:
+    """Stop a key from working, at once; its jobs stay (admins still see them)."""
+    try:
+        get_service().access.keys.revoke(name)
+    except ApiKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {name}")

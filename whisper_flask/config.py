@@ -35,6 +35,14 @@ DEFAULTS: dict[str, Any] = {
     # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32;
     # "auto": int8 on the CPU for the models measured as accurate with it (quantize.INT8_MODELS).
     "QUANTIZE": "auto",
+    # Every API route needs a key (README, "API keys"); "off" opens the API to anyone who reaches
+    # it, for closed networks only. Each key may have MAX_JOBS_PER_KEY jobs pending or running.
+    "AUTH": "on",
+    "MAX_JOBS_PER_KEY": 20,
+    # Wrong keys from one address per minute before it must wait.
+    "AUTH_FAILURES_PER_MINUTE": 10,
+    # How long a signed download link in a response stays valid.
+    "DOWNLOAD_LINK_TTL_S": 86400,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,7 +55,16 @@ class ConfigError(ValueError):
 
 def validate_config(config: dict[str, Any]) -> None:
     """Normalise paths and limits in place, or raise ConfigError with a one-line reason."""
-    limits = (("MAX_WORKERS", 1), ("MAX_QUEUED_JOBS", 1), ("MAX_UPLOAD_MB", 1), ("PROXY_FIX", 0), ("BATCH_SIZE", 1))
+    limits = (
+        ("MAX_WORKERS", 1),
+        ("MAX_QUEUED_JOBS", 1),
+        ("MAX_UPLOAD_MB", 1),
+        ("PROXY_FIX", 0),
+        ("BATCH_SIZE", 1),
+        ("MAX_JOBS_PER_KEY", 1),
+        ("AUTH_FAILURES_PER_MINUTE", 1),
+        ("DOWNLOAD_LINK_TTL_S", 1),
+    )
     for name, low in limits:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -70,6 +87,11 @@ def validate_config(config: dict[str, Any]) -> None:
         raise ConfigError(
             f"WHISPER_FLASK_QUANTIZE must be one of {', '.join(QUANTIZATIONS)}, got {config['QUANTIZE']!r}"
         )
+    # from_prefixed_env reads "false" as False and "off" as text: both mean off.
+    auth = {True: "on", False: "off"}.get(config["AUTH"], config["AUTH"])
+    if auth not in ("on", "off"):
+        raise ConfigError(f"WHISPER_FLASK_AUTH must be on or off, got {config['AUTH']!r}")
+    config["AUTH"] = auth
     if config["DEVICE"] not in DEVICES:
         raise ConfigError(f"WHISPER_FLASK_DEVICE must be one of {', '.join(DEVICES)}, got {config['DEVICE']!r}")
 

@@ -11,10 +11,12 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from .exceptions import (
+    ApiKeyError,
     AudioDecodeError,
     InvalidOption,
     JobExpired,
     JobNotFound,
+    LinkRefused,
     ModelLoading,
     ModelUnavailable,
     NotMultilingual,
@@ -23,8 +25,11 @@ from .exceptions import (
     ServiceError,
     ShuttingDown,
     StorageFull,
+    TooManyFailures,
+    TooManyJobs,
     TranscriptMissing,
     TranscriptNotReady,
+    Unauthenticated,
     UnknownFormat,
 )
 
@@ -32,6 +37,9 @@ from .exceptions import (
 _STATUS: dict[type[ServiceError], int] = {
     InvalidOption: 400,
     AudioDecodeError: 400,
+    ApiKeyError: 400,
+    Unauthenticated: 401,
+    LinkRefused: 403,
     JobNotFound: 404,
     UnknownFormat: 404,
     TranscriptMissing: 404,
@@ -39,6 +47,8 @@ _STATUS: dict[type[ServiceError], int] = {
     NoTranscript: 409,
     JobExpired: 410,
     NotMultilingual: 422,
+    TooManyFailures: 429,
+    TooManyJobs: 429,
     QueueFull: 503,
     ShuttingDown: 503,
     ModelLoading: 503,
@@ -84,9 +94,11 @@ def error_response(
     return response
 
 
-def _retry_after(error: ServiceError) -> dict[str, str]:
-    if isinstance(error, QueueFull):
+def _headers(error: ServiceError) -> dict[str, str]:
+    if isinstance(error, QueueFull | TooManyJobs | TooManyFailures):
         return {"Retry-After": str(error.retry_after)}
+    if isinstance(error, Unauthenticated):
+        return {"WWW-Authenticate": 'Bearer realm="whisper_flask"'}
     if isinstance(error, ShuttingDown):
         return {"Retry-After": "30"}
     if isinstance(error, ModelLoading):
@@ -106,7 +118,7 @@ def _details(error: ServiceError) -> dict[str, Any]:
 
 def _handle_service_error(error: ServiceError) -> Response:
     status = next((_STATUS[cls] for cls in type(error).__mro__ if cls in _STATUS), 500)
-    return error_response(status, error.code, str(error), _retry_after(error), **_details(error))
+    return error_response(status, error.code, str(error), _headers(error), **_details(error))
 
 
 def _handle_api_error(error: ApiError) -> Response:

@@ -123,5 +123,55 @@ class WriteFailed(ServiceError):
         super().__init__(f"could not write to the transcript directory: {error.strerror or error}")
 
 
+class ApiKeyError(ServiceError):
+    """A key command that cannot be done (a bad or taken name, no such key); the message says why."""
+
+    code = "api_key_error"
+
+
+class Unauthenticated(ServiceError):
+    """No API key came with the request, or it is not an active key (wrong and revoked look alike)."""
+
+    code = "invalid_api_key"
+
+
+class MissingKey(Unauthenticated):
+    """The request carried no API key at all."""
+
+    code = "missing_api_key"
+
+
+class TooManyFailures(ServiceError):
+    """This address sent too many wrong keys lately; retry after `retry_after` seconds."""
+
+    code = "too_many_failures"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyJobs(ServiceError):
+    """This key has MAX_JOBS_PER_KEY jobs pending or running; retry after `retry_after` seconds."""
+
+    code = "too_many_jobs"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LinkRefused(ServiceError):
+    """A signed download link that is malformed or tampered with."""
+
+    code = "link_invalid"
+
+
+class LinkExpired(LinkRefused):
+    """A signed download link past its expiry."""
+
+    code = "link_expired"
+
+
 class WhisperIncompatible(RuntimeError):
     """The installed openai-whisper lacks an internal the engine relies on; the service refuses to start."""

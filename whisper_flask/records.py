@@ -67,6 +67,7 @@ class Job:
     finished_at: str | None = None
     attempts: int = 0
     expired_at: str | None = None
+    owner: str | None = None  # the name of the API key that submitted it; None with WHISPER_FLASK_AUTH=off
     seq: int = 0
 
 

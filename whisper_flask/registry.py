@@ -11,10 +11,11 @@ import dataclasses
 import logging
 import math
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import JobNotFound, QueueFull, ShuttingDown
+from .exceptions import JobNotFound, QueueFull, ShuttingDown, TooManyJobs
 from .records import Job, JobStage, JobStatus, JobView, utcnow
 from .store import JobStore
 
@@ -40,11 +41,12 @@ class QueueCounts:
 class JobRegistry:
     """Pending and running jobs, changed and read under one lock."""
 
-    def __init__(self, store: JobStore, capacity: int) -> None:
+    def __init__(self, store: JobStore, capacity: int, per_owner: int) -> None:
         self._lock = threading.Lock()
         self._active: dict[str, Job] = {}
         self._store = store
         self._capacity = capacity
+        self._per_owner = per_owner
         self._open = False
 
     @property
@@ -64,29 +66,33 @@ class JobRegistry:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def check_capacity(self) -> None:
-        """Raise ShuttingDown or QueueFull if no job can be accepted now."""
+    def check_capacity(self, owner: str | None) -> None:
+        """Raise ShuttingDown, QueueFull or TooManyJobs (for `owner`'s share) if no job can be accepted now."""
         with self._lock:
-            self._refuse_if_full()
+            self._refuse_if_full(owner)
 
-    def _refuse_if_full(self) -> None:
+    def _refuse_if_full(self, owner: str | None) -> None:
         # Caller holds the lock.
         if not self._open:
             raise ShuttingDown("the service is not accepting jobs")
         if len(self._active) >= self._capacity:
             raise QueueFull(
                 f"{len(self._active)} jobs are queued or running, the limit is {self._capacity}; retry later",
-                retry_after=self._retry_after(),
+                retry_after=_retry_after(self._active.values()),
             )
-
-    def _retry_after(self) -> int:
-        etas = [job.eta_seconds for job in self._active.values() if job.eta_seconds is not None]
-        return max(1, min(600, math.ceil(min(etas)))) if etas else 30
+        if owner is None:
+            return
+        mine = [job for job in self._active.values() if job.owner == owner]
+        if len(mine) >= self._per_owner:
+            raise TooManyJobs(
+                f"this key has {len(mine)} jobs queued or running, the limit per key is {self._per_owner}",
+                retry_after=_retry_after(mine),
+            )
 
     def add(self, job: Job) -> JobView:
         """Record a new job durably and make it pending; raise if the queue is full or closed."""
         with self._lock:
-            self._refuse_if_full()  # again: another upload may have taken the last place meanwhile
+            self._refuse_if_full(job.owner)  # again: another upload may have taken the last place meanwhile
             job = dataclasses.replace(job, seq=self._store.insert(job))
             self._active[job.id] = job
             return self._view(job)
@@ -126,9 +132,9 @@ class JobRegistry:
             raise JobNotFound(f"no job with id {job_id!r}")
         return JobView(stored)
 
-    def views(self, status: JobStatus | None, limit: int, offset: int) -> list[JobView]:
-        """Jobs newest first, the active ones with their live state."""
-        stored = self._store.list_jobs(status, limit, offset)
+    def views(self, status: JobStatus | None, owner: str | None, limit: int, offset: int) -> list[JobView]:
+        """Jobs newest first (of one owner only, unless None), the active ones with their live state."""
+        stored = self._store.list_jobs(status, owner, limit, offset)
         with self._lock:
             return [self._view(self._active.get(job.id, job)) for job in stored]
 
@@ -210,6 +216,12 @@ class JobRegistry:
         if persist:
             self._store.update(job)
         return job
+
+
+def _retry_after(jobs: Iterable[Job]) -> int:
+    """Seconds until the soonest of these jobs should end (30 when none has an estimate yet)."""
+    etas = [job.eta_seconds for job in jobs if job.eta_seconds is not None]
+    return max(1, min(600, math.ceil(min(etas)))) if etas else 30
 
 
 def _pending(job: Job) -> Job:

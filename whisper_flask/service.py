@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flask import Flask, current_app
 
+from .access import UNRESTRICTED, AccessControl, FailureThrottle, LinkSigner, Principal
 from .audio import decode_audio
 from .engine import Engine
 from .exceptions import (
@@ -27,10 +28,12 @@ from .exceptions import (
     ModelUnavailable,
     NotMultilingual,
     NoTranscript,
+    ShuttingDown,
     TranscriptMissing,
     TranscriptNotReady,
     UnknownFormat,
 )
+from .keys import KeyStore
 from .options import TranscribeOptions
 from .pipeline import JobPipeline
 from .records import Job, JobStatus, JobView
@@ -78,7 +81,13 @@ class TranscriptionService:
         self.transcript_dir: Path = config["TRANSCRIPT_DIR"]
         self.workers: int = config["MAX_WORKERS"]
         self._store = JobStore(self.transcript_dir / "jobs.sqlite3")
-        self.registry = JobRegistry(self._store, config["MAX_QUEUED_JOBS"])
+        self.registry = JobRegistry(self._store, config["MAX_QUEUED_JOBS"], config["MAX_JOBS_PER_KEY"])
+        self.access = AccessControl(
+            KeyStore(self.transcript_dir / "jobs.sqlite3"),
+            FailureThrottle(config["AUTH_FAILURES_PER_MINUTE"]),
+            LinkSigner(self.transcript_dir / "link-secret", config["DOWNLOAD_LINK_TTL_S"]),
+            enabled=config["AUTH"] == "on",
+        )
         self.retention = Retention(
             self._store,
             self.upload_dir,
@@ -92,7 +101,7 @@ class TranscriptionService:
         app.extensions[_EXTENSION] = self
         # Started by the server (gunicorn's post_worker_init) or by the first request, never by
         # a CLI command that builds the app: `flask models ...` must not load the model or take jobs.
-        app.before_request(self.start)
+        app.before_request(self._before_request)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -103,6 +112,7 @@ class TranscriptionService:
         with self._lifecycle:
             if self._state is not _State.NEW:
                 return
+            self._announce_access()
             self.engine.start(self._config)
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="whisper-job")
             self.registry.open()
@@ -110,6 +120,11 @@ class TranscriptionService:
                 self._executor.submit(self._pipeline.run, job_id)
             self.retention.start()
             self._state = _State.RUNNING
+
+    def _before_request(self) -> None:
+        if self._state is _State.STOPPED:
+            raise ShuttingDown("the service has stopped")
+        self.start()
 
     def stop(self) -> None:
         """Stop taking work; running jobs stop at their next window and go back to pending; close the store."""
@@ -123,18 +138,36 @@ class TranscriptionService:
                 self.retention.stop()
                 self.engine.stop()
             self._store.close()
+            self.access.keys.close()
             self._state = _State.STOPPED
+
+    def _announce_access(self) -> None:
+        if not self.access.enabled:
+            log.warning("WHISPER_FLASK_AUTH=off: the API is open to anyone who can reach it")
+            return
+        secret = self.access.ensure_first_key()
+        if secret is not None:
+            # Shown once, as Jupyter shows its token: only its hash is kept.
+            log.warning(
+                "\n%s\nNo API key existed, so an admin key was made. It is shown only this once:\n\n    %s\n\n"
+                "Send it as 'Authorization: Bearer <key>'. More keys: flask --app whisper_flask keys create\n%s",
+                "=" * 78,
+                secret,
+                "=" * 78,
+            )
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def check_capacity(self) -> None:
-        """Raise QueueFull or ShuttingDown if no job can be accepted now (before an upload's body is read)."""
-        self.registry.check_capacity()
+    def check_capacity(self, principal: Principal) -> None:
+        """Raise QueueFull, TooManyJobs or ShuttingDown if no job can be accepted now (before an upload is read)."""
+        self.registry.check_capacity(principal.name)
 
-    def submit(self, upload_name: str, filename: str, options: TranscribeOptions, client: str | None) -> JobView:
-        """Queue a stored upload as a new job; the upload belongs to the service from now on."""
+    def submit(
+        self, upload_name: str, filename: str, options: TranscribeOptions, principal: Principal, client: str | None
+    ) -> JobView:
+        """Queue a stored upload as a new job of `principal`; the upload belongs to the service from now on."""
         job = Job(id=uuid.uuid4().hex, filename=filename, upload_name=upload_name, options=options,
-                  model=self.engine.model_name)  # fmt: skip
+                  model=self.engine.model_name, owner=principal.name)  # fmt: skip
         try:
             view = self.registry.add(job)
         except BaseException:
@@ -148,36 +181,41 @@ class TranscriptionService:
             log.info("job %s will run after the restart", job.id)
         return view
 
-    def view(self, job_id: str) -> JobView:
-        """The job as of one moment; JobNotFound for an unknown or malformed id, JobExpired once swept."""
+    def view(self, job_id: str, principal: Principal) -> JobView:
+        """The job as of one moment; JobNotFound for an unknown or malformed id, JobExpired once swept.
+
+        Another key's job is JobNotFound too, with the same message: no key learns which ids exist.
+        """
         if not _JOB_ID.fullmatch(job_id):  # checked before any lookup
             raise JobNotFound(f"no job with id {job_id!r}")
         view = self.registry.view(job_id)
+        if not principal.owns(view.job.owner):
+            raise JobNotFound(f"no job with id {job_id!r}")
         if view.job.expired_at:
             raise JobExpired(f"job {job_id} expired at {view.job.expired_at}; its files were deleted")
         return view
 
-    def views(self, status: JobStatus | None, limit: int, offset: int) -> list[JobView]:
-        """Jobs newest first, filtered by status."""
-        return self.registry.views(status, limit, offset)
+    def views(self, status: JobStatus | None, limit: int, offset: int, principal: Principal) -> list[JobView]:
+        """The principal's jobs (an admin's: all) newest first, filtered by status."""
+        return self.registry.views(status, None if principal.admin else principal.name, limit, offset)
 
     def queue_stats(self) -> QueueStats:
         """Pending and running jobs, and the limits."""
         counts = self.registry.counts()
         return QueueStats(counts.pending, counts.in_progress, counts.capacity, self.workers)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, principal: Principal) -> Job:
         """Cancel a pending or running job (a running one stops at its next window); an ended job is unchanged."""
-        self.view(job_id)
+        self.view(job_id, principal)
         job, was_pending = self.registry.cancel(job_id)
         if was_pending:
             # A pending job owns its upload alone; a running one releases its files when it stops.
             self.retention.release(job)
         return job
 
-    def transcript(self, job_id: str, fmt: str) -> tuple[Job, Path]:
+    def transcript(self, job_id: str, fmt: str, principal: Principal) -> tuple[Job, Path]:
         """A completed job and the path of its transcript in `fmt`."""
-        job = self.view(job_id).job
+        job = self.view(job_id, principal).job
         if fmt not in FORMATS:
             raise UnknownFormat(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         if not job.status.terminal:
@@ -190,12 +228,21 @@ class TranscriptionService:
             raise TranscriptMissing("the transcript file is gone")
         return job, path
 
+    def transcript_by_link(self, job_id: str, fmt: str, expires: str, signature: str) -> tuple[Job, Path]:
+        """A transcript opened by a signed link instead of a key; LinkRefused or LinkExpired if it is not valid."""
+        self.access.signer.verify(job_id, fmt, expires, signature)
+        return self.transcript(job_id, fmt, UNRESTRICTED)
+
+    def jobs_per_key(self) -> dict[str | None, int]:
+        """How many jobs each key has on record (for `flask keys list`)."""
+        return self._store.jobs_per_owner()
+
     def check_ready(self) -> None:
         """Return once the model is loaded; ModelLoading while it loads, ModelUnavailable if it failed."""
         if self.engine.ready:
             return
-        if self.engine.error:
-            raise ModelUnavailable(self.engine.error)
+        if self.engine.error:  # the reason, with paths, is in the log; /readyz is public
+            raise ModelUnavailable(f"model {self.engine.model_name} could not be loaded; the service's log says why")
         raise ModelLoading(f"model {self.engine.model_name} is loading")
 
     def detect_language(self, path: Path) -> dict[str, float]:

@@ -24,6 +24,7 @@ class JobStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout = 5000")  # the key store writes to the same file
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a 202 means the job survives a power cut
         self._db.execute(
@@ -36,6 +37,7 @@ class JobStore:
         for name in _FIELDS:
             if name not in existing:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)")
 
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
@@ -60,14 +62,27 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def list_jobs(self, status: JobStatus | None, limit: int, offset: int) -> list[Job]:
-        """Records newest first, optionally of one status."""
-        where, args = ("WHERE status = ?", [status.value]) if status else ("", [])
+    def list_jobs(self, status: JobStatus | None, owner: str | None, limit: int, offset: int) -> list[Job]:
+        """Records newest first, optionally of one status and of one owner only."""
+        conditions, args = [], []
+        if status is not None:
+            conditions.append("status = ?")
+            args.append(status.value)
+        if owner is not None:
+            conditions.append("owner = ?")
+            args.append(owner)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
             ).fetchall()
         return [_job(row) for row in rows]
+
+    def jobs_per_owner(self) -> dict[str | None, int]:
+        """How many jobs each key has on record."""
+        with self._lock:
+            rows = self._db.execute("SELECT owner, COUNT(*) FROM jobs GROUP BY owner").fetchall()
+        return {row[0]: row[1] for row in rows}
 
     def unfinished(self) -> list[Job]:
         """Jobs left pending or in progress, oldest first."""

@@ -7,7 +7,20 @@ from typing import Any
 from flask import url_for
 
 from ..records import JobStatus, JobView
+from ..service import get_service
 from ..writers import FORMATS
+
+
+def download_url(job_id: str, fmt: str) -> str:
+    """A signed link to the transcript, usable without a key until it expires."""
+    signed = get_service().access.signer.sign(job_id, fmt)
+    return url_for(
+        "transcription.download_transcript",
+        job_id=job_id,
+        fmt=fmt,
+        expires=signed["expires"],
+        signature=signed["signature"],
+    )
 
 
 def progress_body(view: JobView) -> dict[str, Any]:
@@ -26,7 +39,7 @@ def progress_body(view: JobView) -> dict[str, Any]:
     if job.status is JobStatus.PENDING:
         body["queue_position"] = view.queue_position
     if job.status is JobStatus.COMPLETED:
-        formats = {fmt: url_for("transcription.download_transcript", job_id=job.id, fmt=fmt) for fmt in FORMATS}
+        formats = {fmt: download_url(job.id, fmt) for fmt in FORMATS}
         body["download_url"] = formats["txt"]
         body["formats"] = formats
     if job.status is JobStatus.FAILED:

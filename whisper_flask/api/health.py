@@ -18,6 +18,5 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     """200 once the model is loaded; 503 model_loading while it loads, model_unavailable if it failed."""
-    service = get_service()
-    service.check_ready()
-    return jsonify({"status": "ready", "model": service.engine.model_name})
+    get_service().check_ready()
+    return jsonify({"status": "ready"})

@@ -9,23 +9,25 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 from ..options import parse_options
 from ..service import get_service
 from ..writers import FORMATS
-from . import progress_body
+from . import download_url, progress_body
+from .auth import principal, require_key
 from .uploads import client_filename, keep_upload, receive_upload
 
 bp = Blueprint("transcription", __name__)
+require_key(bp)
 
 
 @bp.post("/upload")
 def upload_audio() -> tuple[Response, int, dict[str, str]]:
     """Accept an audio file and queue it; 202 with the job's id before any audio work."""
     service = get_service()
-    service.check_capacity()  # before the body is read: a full queue should not cost an upload
+    service.check_capacity(principal())  # before the body is read: a full queue should not cost an upload
     file = receive_upload()
     options = parse_options([request.form, request.args], service.engine.is_multilingual)
-    view = service.submit(keep_upload(file), client_filename(file), options, request.remote_addr)
+    view = service.submit(keep_upload(file), client_filename(file), options, principal(), request.remote_addr)
     job_id = view.job.id
     body = progress_body(view)
-    body["download_url"] = url_for(".download_transcript", job_id=job_id, fmt="txt")
+    body["download_url"] = download_url(job_id, "txt")
     body["progress_url"] = url_for(".get_progress", job_id=job_id)
     return jsonify(body), 202, {"Location": url_for("jobs.get_job", job_id=job_id)}
 
@@ -33,13 +35,18 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
 @bp.get("/progress/<job_id>")
 def get_progress(job_id: str) -> Response:
     """A job's status and real progress."""
-    return jsonify(progress_body(get_service().view(job_id)))
+    return jsonify(progress_body(get_service().view(job_id, principal())))
 
 
 @bp.get("/download/<job_id>.<fmt>")
 def download_transcript(job_id: str, fmt: str) -> Response:
-    """The transcript file in one format, as an attachment named after the upload."""
-    job, path = get_service().transcript(job_id, fmt)
+    """The transcript file in one format, as an attachment named after the upload; by key or by signed link."""
+    service = get_service()
+    if "signature" in request.args:
+        expires, signature = request.args.get("expires", ""), request.args["signature"]
+        job, path = service.transcript_by_link(job_id, fmt, expires, signature)
+    else:
+        job, path = service.transcript(job_id, fmt, principal())
     stem = Path(job.filename).stem or "transcript"
     return send_file(path, mimetype=FORMATS[fmt], as_attachment=True, download_name=f"{stem}.{fmt}")
 

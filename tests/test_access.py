@@ -1,0 +1,229 @@
+"""API keys, jobs per key, fair share, the failure throttle and signed links."""
+
+from __future__ import annotations
+
+import io
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+
+from bench.loopback import free_port, start_gunicorn, stop
+from tests.helpers import (
+    FIXTURES,
+    FakeEngine,
+    LiveClient,
+    base_config,
+    create_key,
+    keyed_client_class,
+    submit,
+    upload,
+    wait_for,
+    wav_bytes,
+)
+from whisper_flask import create_app
+from whisper_flask.service import get_service
+
+KEYS = ("none", "wrong", "revoked", "other", "own", "admin")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[dict[str, Any]]:
+    """Real gunicorn on tiny.en with keys of every kind, and one completed job of 'own'."""
+    work = tmp_path_factory.mktemp("access")
+    keys = {name: create_key(work, name, admin=name == "admin") for name in ("own", "other", "admin", "revoked")}
+    keys["wrong"] = "wf_" + "x" * 43
+    keys["none"] = ""
+    port = free_port()
+    server = start_gunicorn(work, model_dir, port, AUTH_FAILURES_PER_MINUTE="1000")
+    # Revoked through the CLI while the server runs, as an operator would.
+    cli = create_app({**base_config(work), "MODEL_DIR": model_dir})
+    assert cli.test_cli_runner().invoke(args=["keys", "revoke", "revoked"]).exit_code == 0
+    get_service(cli).stop()
+    own = LiveClient(port, keys["own"])
+    job_id = submit(own, FIXTURES / "fox.wav")
+    assert wait_for(own, job_id)["status"] == "completed"
+    yield {"port": port, "keys": keys, "job": job_id, "work": work}
+    stop(server)
+
+
+#: route -> (method, path with {job}, status for a key that may, status for another user's key)
+ROUTES: dict[str, tuple[str, str, int, int]] = {
+    "upload": ("POST", "/upload", 202, 202),
+    "progress": ("GET", "/progress/{job}", 200, 404),
+    "download": ("GET", "/download/{job}.txt", 200, 404),
+    "job": ("GET", "/jobs/{job}", 200, 404),
+    "jobs": ("GET", "/jobs", 200, 200),
+    "cancel": ("DELETE", "/jobs/{job}", 200, 404),
+    "queue": ("GET", "/queue", 200, 200),
+    "detect-language": ("POST", "/detect-language", 422, 422),  # tiny.en is English-only
+}
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("route", ROUTES)
+def test_each_route_answers_each_kind_of_key_as_it_should(served: dict[str, Any], route: str, key: str) -> None:
+    method, path, allowed, other_user = ROUTES[route]
+    client = LiveClient(served["port"], served["keys"][key] or None)
+    path = path.format(job=served["job"])
+    if method == "POST":
+        response = upload(client, wav_bytes(1, amplitude=0), filename="quiet.wav") if route == "upload" else None
+        response = response or client.post(path, data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")})
+    else:
+        response = client.open(method, path)
+    body = response.get_json() if response.status_code != 200 or route != "download" else None
+    expected = {"none": 401, "wrong": 401, "revoked": 401, "other": other_user}.get(key, allowed)
+    assert response.status_code == expected, body
+    if expected == 401:
+        assert body["code"] == ("missing_api_key" if key == "none" else "invalid_api_key")
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="whisper_flask"'
+    if key == "other" and other_user == 404:
+        assert body == {"error": f"no job with id {served['job']!r}", "code": "job_not_found"}, "as an unknown id"
+    if route == "jobs" and expected == 200:
+        listed = [job["transcription_id"] for job in body["jobs"]]
+        assert (served["job"] in listed) == (key in ("own", "admin"))
+
+
+def test_keys_are_stored_hashed_and_never_logged(served: dict[str, Any]) -> None:
+    database = served["work"] / "transcripts" / "jobs.sqlite3"
+    dump = "\n".join(sqlite3.connect(database).iterdump())
+    logs = "".join(path.read_text() for path in served["work"].rglob("*.log"))
+    for name in ("own", "other", "admin", "revoked"):
+        secret = served["keys"][name]
+        assert secret not in dump and secret not in logs
+
+
+def test_the_key_is_checked_before_the_upload_body_is_read(served: dict[str, Any]) -> None:
+    # Headers that announce 500 MB, and no body: a server reading the body first would wait for it.
+    with socket.create_connection(("127.0.0.1", served["port"]), timeout=10) as connection:
+        connection.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wf_wrong\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 524288000\r\n\r\n"
+        )
+        answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+@pytest.fixture
+def keyed() -> Callable[..., Any]:
+    """Makes a new key on an app and returns a test client that sends it."""
+
+    def client_for(app: Flask, name: str, admin: bool = False) -> Any:
+        app.test_client_class = keyed_client_class(get_service(app).access.keys.create(name, admin=admin))
+        return app.test_client()
+
+    return client_for
+
+
+def test_a_revoked_key_stops_at_once_and_its_jobs_stay_for_admins(
+    make_app: Callable[..., Flask], keyed: Callable[..., Any], engine: FakeEngine
+) -> None:
+    app = make_app(MAX_WORKERS=1)
+    bob, admin = keyed(app, "bob"), keyed(app, "root", admin=True)
+    engine.gate.clear()
+    running, waiting = submit(bob), submit(bob)
+    assert engine.in_window.wait(10)
+    get_service(app).access.keys.revoke("bob")
+    response = bob.get(f"/progress/{waiting}")
+    assert (response.status_code, response.get_json()["code"]) == (401, "invalid_api_key")
+    records = {job["transcription_id"]: job for job in admin.get("/jobs").get_json()["jobs"]}
+    assert records[waiting]["status"] == "pending" and records[running]["status"] == "in_progress"
+    engine.gate.set()
+    assert wait_for(admin, waiting)["status"] == "completed"
+
+
+def test_each_key_has_a_fair_share_of_the_queue(
+    make_app: Callable[..., Flask], keyed: Callable[..., Any], engine: FakeEngine
+) -> None:
+    app = make_app(MAX_WORKERS=1, MAX_JOBS_PER_KEY=2)
+    alice, bob = keyed(app, "alice"), keyed(app, "bob")
+    engine.gate.clear()
+    assert [upload(alice).status_code for _ in range(2)] == [202, 202]
+    refused = upload(alice)
+    assert (refused.status_code, refused.get_json()["code"]) == (429, "too_many_jobs")
+    assert int(refused.headers["Retry-After"]) >= 1
+    accepted = upload(bob).get_json()
+    assert accepted["queue_position"] == 2, "queue positions are global: one of alice's jobs waits ahead"
+
+
+def test_wrong_keys_from_one_address_are_slowed_down(make_app: Callable[..., Flask], keyed: Callable[..., Any]) -> None:
+    app = make_app(AUTH_FAILURES_PER_MINUTE=3)
+    good = keyed(app, "bob")
+    wrong = app.test_client()
+    wrong.environ_base["HTTP_AUTHORIZATION"] = "Bearer wf_guess"
+    assert [wrong.get("/queue").status_code for _ in range(3)] == [401, 401, 401]
+    blocked = wrong.get("/queue")
+    assert (blocked.status_code, blocked.get_json()["code"]) == (429, "too_many_failures")
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 60
+    assert good.get("/queue").status_code == 429, "the address waits, whatever key it sends next"
+    elsewhere = good.get("/queue", environ_base={"REMOTE_ADDR": "127.0.0.9"})
+    assert elsewhere.status_code == 200, "other addresses are not affected"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (lambda url: url, None),
+        (lambda url: url.replace("signature=", "signature=0"), "link_invalid"),
+        (lambda url: url.replace("expires=", "expires=9"), "link_invalid"),
+        (lambda url: url.replace(".txt?", ".srt?"), "link_invalid"),
+        (lambda url: url.replace("expires=", "expires=x"), "link_invalid"),
+    ],
+    ids=["valid", "tampered-signature", "tampered-expiry", "other-format", "malformed"],
+)
+def test_signed_links_open_one_transcript_without_a_key(
+    client: Any, app: Flask, change: Callable[[str], str], code: str | None
+) -> None:
+    record = wait_for(client, submit(client, wav_bytes(35)))
+    url = change(record["download_url"])
+    response = FlaskClient(app).get(url)  # a plain client: no key
+    if code is None:
+        assert response.status_code == 200 and b"window 1" in response.get_data()
+    else:
+        assert (response.status_code, response.get_json()["code"]) == (403, code)
+
+
+def test_an_expired_link_is_refused(make_app: Callable[..., Flask]) -> None:
+    app = make_app(DOWNLOAD_LINK_TTL_S=1)
+    client = app.test_client()
+    record = wait_for(client, submit(client))
+    time.sleep(2.1)
+    response = FlaskClient(app).get(record["download_url"])
+    assert (response.status_code, response.get_json()["code"]) == (403, "link_expired")
+
+
+def test_keys_cli_creates_lists_and_revokes_without_showing_keys(runner: FlaskCliRunner) -> None:
+    created = runner.invoke(args=["keys", "create", "--name", "ci-bot"])
+    secret = created.output.strip()
+    assert created.exit_code == 0 and secret.startswith("wf_") and len(secret) >= 43
+    assert runner.invoke(args=["keys", "create", "--name", "ci-bot"]).exit_code == 1, "names are unique"
+    listed = runner.invoke(args=["keys", "list"]).output
+    assert "ci-bot" in listed and "user" in listed and secret not in listed
+    assert runner.invoke(args=["keys", "revoke", "ci-bot"]).output.strip() == "revoked ci-bot"
+    assert runner.invoke(args=["keys", "revoke", "ci-bot"]).exit_code == 1
+    assert runner.invoke(args=["keys", "init"]).output.startswith("wf_"), "no active key left: init makes one"
+    assert runner.invoke(args=["keys", "init"]).output == "", "init makes a key only when none works"
+
+
+def test_auth_off_opens_the_api_and_warns_at_every_start(
+    tmp_path: Path, engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app({**base_config(tmp_path), "AUTH": "off"}, engine=engine)
+    try:
+        assert app.test_client().get("/queue").status_code == 200
+        assert "WHISPER_FLASK_AUTH=off: the API is open" in caplog.text
+        assert not get_service(app).access.keys.keys(), "no key is made when auth is off"
+    finally:
+        get_service(app).stop()
+
+
+def test_health_endpoints_need_no_key_and_tell_no_state(app: Flask) -> None:
+    anonymous = FlaskClient(app)
+    assert anonymous.get("/healthz").get_json() == {"status": "ok"}
+    assert anonymous.get("/readyz").get_json() == {"status": "ready"}
