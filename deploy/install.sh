@@ -20,7 +20,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 
 uninstall() {
   systemctl disable --now "$SERVICE" 2>/dev/null || true
-  rm -f /etc/systemd/system/$SERVICE.service
+  rm -f /etc/systemd/system/$SERVICE.service /usr/local/sbin/whisper-flask
   systemctl daemon-reload
   rm -f /etc/nginx/sites-enabled/whisper-flask.conf /etc/nginx/sites-available/whisper-flask.conf \
     /etc/nginx/snippets/whisper-flask-locations.conf
@@ -86,17 +86,15 @@ ENV
 fi
 
 echo "== model"
-# The same environment the unit gives the service, so the checkpoint lands where it looks.
-set -a
-# shellcheck disable=SC1091
-. "$ETC/env"
-set +a
-runuser -u "$SERVICE" -- env -C "$APP" \
-  WHISPER_FLASK_MODEL="${WHISPER_FLASK_MODEL:-base}" \
-  WHISPER_FLASK_MODEL_DIR="$CACHE/models" WHISPER_FLASK_UPLOAD_DIR="$STATE/uploads" \
-  WHISPER_FLASK_TRANSCRIPT_DIR="$STATE/transcriptions" WHISPER_FLASK_LOG_DIR="$LOGS" \
-  HOME="$STATE" XDG_CACHE_HOME="$CACHE" \
-  "$VENV/bin/flask" --app whisper_flask models fetch
+# whisper-flask runs the app's flask commands as the service's user with the unit's directories,
+# so the checkpoint lands where the service looks and keys go into its database.
+install -m 0755 "$APP/deploy/whisper-flask" /usr/local/sbin/whisper-flask
+whisper-flask models fetch
+
+echo "== API key"
+# The first install makes an admin key (only its hash is stored) and shows it once, below;
+# an upgrade finds a key and makes none.
+FIRST_KEY=$(whisper-flask keys init)
 
 echo "== TLS (self-signed until real certificates replace it)"
 if [ ! -f "$ETC/tls/fullchain.pem" ]; then
@@ -120,3 +118,14 @@ systemctl restart "$SERVICE"
 systemctl reload nginx
 
 echo "== done: curl http://localhost/readyz"
+if [ -n "$FIRST_KEY" ]; then
+  cat <<MESSAGE
+
+The API needs a key. This admin key is shown only now; store it somewhere safe:
+
+    $FIRST_KEY
+
+  curl -H "Authorization: Bearer \$KEY" -F file=@talk.mp3 https://$(hostname -f)/upload
+  More keys: sudo whisper-flask keys create --name NAME
+MESSAGE
+fi
