@@ -54,6 +54,7 @@ def job_record(view: JobView) -> dict[str, Any]:
     return {
         **progress_body(view),
         "filename": job.filename,
+        "owner": job.owner,
         "options": job.options.as_dict(),
         "model": job.model,
         "created_at": job.created_at,
