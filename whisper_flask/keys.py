@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .exceptions import ApiKeyError
 from .records import utcnow
+from .store import connect
 
 #: Prefix of every key, so that secret scanners and people recognise one.
 KEY_PREFIX = "wf_"
@@ -45,11 +46,7 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 5000")  # the job store writes to the same file
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS api_keys (name TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE,"
             " admin INTEGER NOT NULL, created_at TEXT NOT NULL, last_used_at TEXT, revoked_at TEXT)"

@@ -15,6 +15,16 @@ from .records import Job, JobStage, JobStatus
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """Open jobs.sqlite3 the way both the job store and the key store need it."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA busy_timeout = 5000")  # the other store writes to the same file
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # a 202 means the job survives a power cut
+    return db
+
+
 class JobStore:
     """Commits every write before returning; safe to share between threads."""
 
@@ -22,11 +32,7 @@ class JobStore:
         # One connection, serialised by a lock: writes are tiny, and one writer
         # is what SQLite allows anyway, so no "database is locked" retries.
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 5000")  # the key store writes to the same file
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a 202 means the job survives a power cut
+        self._db = connect(path)
         self._db.execute(
             f"CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, {', '.join(_FIELDS)},"
             " UNIQUE (id))"
