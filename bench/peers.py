@@ -17,8 +17,8 @@ from pathlib import Path
 
 from whisper.normalizers import EnglishTextNormalizer
 
-from whisper_flask.audio import ffmpeg_binary
 from whisper_flask.checkpoints import installed_pack
+from whisper_flask.subprocesses import media_tool
 
 # Plain English prose with numbers spelled out, so that the reference needs no normalising of digits.
 # About 130 words each: some 45 s at espeak-ng's 160 words per minute.
@@ -212,7 +212,7 @@ def speech_passages(work: Path, count: int, seconds: float) -> list[tuple[Path, 
                 break
             rate = _clamp(rate * actual / seconds)
         subprocess.run(
-            [ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(raw)]
+            [media_tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(raw)]
             + ["-ar", "16000", "-ac", "1", "-sample_fmt", "s16", str(path)],
             check=True,
         )

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import edit_distance_rate, joined_speech, speech_passages  # noqa: E402
-from whisper_flask.audio import decode_audio  # noqa: E402
 from whisper_flask.config import DEFAULTS  # noqa: E402
 from whisper_flask.engine import WhisperEngine, Window  # noqa: E402
+from whisper_flask.media import MediaDecoder  # noqa: E402
 from whisper_flask.options import TranscribeOptions  # noqa: E402
 
 
@@ -43,7 +43,9 @@ def main() -> None:
     )
     engine.wait_until_ready(300)
     passages = [path for path, _ in speech_passages(work / "passages", 5, 45)]
-    audio = decode_audio(joined_speech(work / "speech.wav", args.seconds, passages))
+    audio = MediaDecoder(work, DEFAULTS["MAX_AUDIO_HOURS"] * 3600).decode(
+        joined_speech(work / "speech.wav", args.seconds, passages)
+    )
     options = TranscribeOptions()
 
     windows: list[Window] = []

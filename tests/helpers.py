@@ -26,6 +26,7 @@ from flask.testing import FlaskClient
 from whisper_flask.engine import Window
 from whisper_flask.exceptions import ModelLoading
 from whisper_flask.keys import KeyStore
+from whisper_flask.media import DecodedAudio
 from whisper_flask.options import TranscribeOptions
 from whisper_flask.writers import FORMATS
 
@@ -71,14 +72,14 @@ class FakeEngine:
 
     def transcribe(
         self,
-        audio: np.ndarray,
+        audio: DecodedAudio,
         options: TranscribeOptions,
         on_window: Callable[[Window], None],
         resume: Window | None = None,
     ) -> dict[str, Any]:
         self.options.append(options)
         self.resumed_from.append(resume)
-        duration = len(audio) / 16000
+        duration = audio.duration
         segments = list(resume.segments) if resume else []
         for index in range(len(segments), math.ceil(duration / 30)):
             on_window(Window(index * 3000, list(segments), [], "en"))
@@ -91,7 +92,7 @@ class FakeEngine:
         text = "".join(segment["text"] for segment in segments)
         return {"text": text, "segments": segments, "language": options.language or "en"}
 
-    def detect_language(self, audio: np.ndarray) -> dict[str, float]:
+    def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model
             raise ModelLoading("model fake is loading")
         return {"de": 0.9, "en": 0.1}
@@ -296,6 +297,20 @@ def split_scores(transcript: bytes) -> tuple[dict[str, Any], list[float]]:
     result = json.loads(transcript)
     scores = [segment.pop(name) for segment in result["segments"] for name in SCORES]
     return result, scores
+
+
+def worker_pid(arbiter: int) -> int:
+    """The gunicorn worker process of an arbiter (the process the model and jobs live in)."""
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == arbiter]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 60) -> None:

@@ -311,13 +311,13 @@ def test_a_crashing_job_fails_and_the_worker_keeps_serving(make_app) -> None:
     assert wait_for(client, good, "completed", "failed")["status"] == "completed"
 
 
-def test_undecodable_audio_fails_with_ffmpegs_reason(client: FlaskClient) -> None:
-    job_id = upload(client, b"this is a text file, not audio\n" * 10, filename="notes.mp3").get_json()[
-        "transcription_id"
-    ]
-    body = wait_for(client, job_id, "failed")
-    assert body["error_code"] == "invalid_audio"
+def test_undecodable_audio_is_refused_at_upload_with_ffmpegs_reason(client: FlaskClient, tmp_path: Path) -> None:
+    response = upload(client, b"this is a text file, not audio\n" * 10, filename="notes.mp3")
+    body = response.get_json()
+    assert (response.status_code, body["code"]) == (400, "invalid_audio")
     assert body["error"].startswith("could not decode audio: ") and "Invalid data" in body["error"]
+    assert str(tmp_path) not in body["error"] and ".upload" not in body["error"]
+    assert list((tmp_path / "uploads").iterdir()) == [], "a refused upload is not kept"
 
 
 def test_silence_completes_with_an_empty_transcript(client: FlaskClient, engine: FakeEngine) -> None:

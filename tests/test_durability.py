@@ -30,6 +30,7 @@ from tests.helpers import (
     wait_for,
     wait_until,
     wav_bytes,
+    worker_pid,
 )
 
 #: The service's own files in TRANSCRIPT_DIR, beside the jobs' files.
@@ -97,20 +98,6 @@ def test_registry_survives_200_uploads_and_thousands_of_polls_from_16_threads(
     stop(server)  # a clean stop, then the log must show no locking error or traceback
     log = "".join(path.read_text() for path in tmp_path.glob("gunicorn-*.log"))
     assert "database is locked" not in log and "Traceback" not in log
-
-
-def worker_pid(arbiter: int) -> int:
-    """The gunicorn worker process of an arbiter (the process the model and jobs live in)."""
-    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == arbiter]
-    assert len(children) == 1, children
-    return children[0]
-
-
-def _ppid(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def test_killed_service_finishes_every_job_in_order_after_restart(

@@ -24,7 +24,7 @@ from tests.helpers import (
     wav_bytes,
     windows_per_step,
 )
-from whisper_flask.audio import ffmpeg_binary
+from whisper_flask.subprocesses import media_tool
 from whisper_flask.writers import FORMATS
 
 
@@ -128,7 +128,7 @@ def test_progress_follows_the_decoder_window_by_window(make_real_app, tmp_path: 
 def bad_audio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Broken and silent files a user might send."""
     directory = tmp_path_factory.mktemp("bad")
-    ffmpeg = ffmpeg_binary()
+    ffmpeg = media_tool("ffmpeg")
 
     def encode(name: str, *args: str) -> Path:
         subprocess.run([ffmpeg, "-loglevel", "error", "-y", *args, str(directory / name)], check=True)
@@ -137,37 +137,31 @@ def bad_audio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mp3 = encode("fox.mp3", "-i", str(FIXTURES / "fox.wav"), "-b:a", "32k")
     truncated = directory / "truncated.mp3"
     truncated.write_bytes(mp3.read_bytes()[: mp3.stat().st_size // 2])
-    text = directory / "notes.mp3"
-    text.write_text("Minutes of the meeting: nothing to report.\n" * 20)
     silence = directory / "silence.wav"
     silence.write_bytes(wav_bytes(20, amplitude=0))
     two_hours = encode("two-hours-of-silence.mp3", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "7200",
                        "-b:a", "8k")  # fmt: skip
-    return {"text": text, "truncated": truncated, "silence": silence, "two_hours": two_hours}
+    return {"truncated": truncated, "silence": silence, "two_hours": two_hours}
 
 
 @pytest.mark.parametrize(
-    ("case", "expected_status", "expected"),
+    ("case", "expected"),
     [
-        ("text", "failed", "Invalid data found when processing input"),
-        ("truncated", "completed", "quick brown fox"),  # the first half of the sentence
-        ("silence", "completed", ""),
-        ("two_hours", "completed", ""),
+        ("truncated", "quick brown fox"),  # the first half of the sentence
+        ("silence", ""),
+        ("two_hours", ""),
     ],
 )
-def test_bad_audio_ends_cleanly_beside_a_good_job(
-    make_real_app, bad_audio: dict[str, Path], tmp_path: Path, case: str, expected_status: str, expected: str
+def test_damaged_and_silent_audio_completes_beside_a_good_job(
+    make_real_app, bad_audio: dict[str, Path], tmp_path: Path, case: str, expected: str
 ) -> None:
     client = make_real_app(MAX_WORKERS=2).test_client()
     good = submit(client, speech(tmp_path / "good.wav", 20, ["garden.wav", "fox.wav", "report.wav"]))
     bad = submit(client, bad_audio[case])
     result = wait_for(client, bad, "completed", "failed", timeout=180)
-    assert result["status"] == expected_status, result
-    if expected_status == "failed":
-        assert result["error_code"] == "invalid_audio" and expected in result["error"]
-    else:
-        text = client.get(f"/download/{bad}.txt").get_data(as_text=True)
-        assert (expected in text.lower()) if expected else text == ""
+    assert result["status"] == "completed", result
+    text = client.get(f"/download/{bad}.txt").get_data(as_text=True)
+    assert (expected in text.lower()) if expected else text == ""
     assert wait_for(client, good, "completed", "failed", timeout=180)["status"] == "completed"
     assert "yellow flowers" in client.get(f"/download/{good}.txt").get_data(as_text=True).lower()
     assert client.get("/queue").get_json()["in_progress"] == 0

@@ -27,8 +27,10 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     from .internals import check_whisper_internals
     from .logs import configure_logging
     from .service import TranscriptionService
+    from .subprocesses import media_tool
 
     check_whisper_internals()
+    media_tool("ffmpeg"), media_tool("ffprobe")  # refuse to start without them, not at the first upload
     app = Flask(__name__)
     app.config.from_mapping(defaults.DEFAULTS)
     app.config.from_prefixed_env("WHISPER_FLASK")

@@ -43,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     "AUTH_FAILURES_PER_MINUTE": 10,
     # How long a signed download link in a response stays valid.
     "DOWNLOAD_LINK_TTL_S": 86400,
+    # Longer audio is refused when probed: a job's spectrogram takes 230 MB per two hours.
+    "MAX_AUDIO_HOURS": 12,
+    # POST /detect-language requests running at once (each holds an HTTP thread); more get 503.
+    "MAX_DETECTIONS": 2,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,6 +68,7 @@ def validate_config(config: dict[str, Any]) -> None:
         ("MAX_JOBS_PER_KEY", 1),
         ("AUTH_FAILURES_PER_MINUTE", 1),
         ("DOWNLOAD_LINK_TTL_S", 1),
+        ("MAX_DETECTIONS", 1),
     )
     for name, low in limits:
         value = config[name]
@@ -74,6 +79,7 @@ def validate_config(config: dict[str, Any]) -> None:
         ("RETENTION_DAYS", False),
         ("EXPIRED_KEEP_DAYS", False),
         ("SWEEP_INTERVAL_S", False),
+        ("MAX_AUDIO_HOURS", False),
         ("BATCH_WAIT_MS", True),
     ):
         value = config[name]

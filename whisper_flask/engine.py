@@ -27,16 +27,17 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import whisper
-from whisper.audio import FRAMES_PER_SECOND
+from whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES
 
 from .batching import ModelThread, use_torch_threads, whisper_projection
 from .checkpoints import ensure_checkpoint
 from .exceptions import ModelLoading, ModelUnavailable
+from .media import DecodedAudio
 from .options import Task, TranscribeOptions
 from .quantize import INT8_MODELS, quantize_int8
+from .spectrogram import LogMel, accept_precomputed, log_mel
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ class Engine(Protocol):
     def stop(self) -> None: ...
 
     def transcribe(
-        self, audio: np.ndarray, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
+        self, audio: DecodedAudio, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
     ) -> dict[str, Any]: ...
 
-    def detect_language(self, audio: np.ndarray) -> dict[str, float]: ...
+    def detect_language(self, audio: DecodedAudio) -> dict[str, float]: ...
 
 
 def _transcribe_loop() -> dict[str, Any]:
@@ -165,6 +166,7 @@ class WhisperEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._thread = ModelThread(config["BATCH_SIZE"], config["BATCH_WAIT_MS"] / 1000)
+        accept_precomputed()
         self._loader = threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True)
         self._loader.start()
 
@@ -221,7 +223,7 @@ class WhisperEngine:
         raise ModelLoading(f"model {self.model_name} is loading")
 
     def transcribe(
-        self, audio: np.ndarray, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
+        self, audio: DecodedAudio, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
     ) -> dict[str, Any]:
         """Run Whisper's transcribe loop on audio, its windows decoded step by step beside other jobs'.
 
@@ -260,7 +262,7 @@ class WhisperEngine:
     def _run_transcribe(
         self,
         model: whisper.Whisper,
-        audio: np.ndarray,
+        audio: DecodedAudio,
         options: dict[str, Any],
         on_window: WindowHook,
         prompt_swap: PromptSwap,
@@ -270,18 +272,20 @@ class WhisperEngine:
         # The model thread does the model's work; this thread only computes the spectrogram and
         # filters logits, on one torch thread so as not to compete with it (see ModelThread).
         use_torch_threads(1)
+        mel = LogMel(log_mel(audio, model.dims.n_mels))  # by chunks: the whole file's STFT would not fit
         try:
-            return whisper.transcribe(job_model, audio, verbose=None, fp16=model.device.type == "cuda", **options)
+            return whisper.transcribe(job_model, mel, verbose=None, fp16=model.device.type == "cuda", **options)
         finally:
             self._thread.release()
 
-    def detect_language(self, audio: np.ndarray) -> dict[str, float]:
+    def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio."""
         model = self.wait_until_ready(timeout=0)
 
         def detect() -> dict[str, float]:
-            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(model.device)
-            return dict(model.detect_language(mel)[1])
+            # As transcribe() detects it: the first N_FRAMES of the padded spectrogram.
+            mel = log_mel(audio, model.dims.n_mels, first_samples=N_SAMPLES)[:, :N_FRAMES]
+            return dict(model.detect_language(mel.to(model.device))[1])
 
         return self._thread.run(detect)
 

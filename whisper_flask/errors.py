@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from .exceptions import (
     ApiKeyError,
     AudioDecodeError,
+    AudioTooLong,
     InvalidOption,
     JobExpired,
     JobNotFound,
@@ -37,6 +38,7 @@ from .exceptions import (
 _STATUS: dict[type[ServiceError], int] = {
     InvalidOption: 400,
     AudioDecodeError: 400,
+    AudioTooLong: 400,
     ApiKeyError: 400,
     Unauthenticated: 401,
     LinkRefused: 403,

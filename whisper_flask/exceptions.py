@@ -6,6 +6,16 @@ the HTTP status of each (ARCHITECTURE.md, "Rooms").
 
 from __future__ import annotations
 
+import re
+
+#: An absolute path, with or without ffmpeg's `file:` prefix.
+_PATH = re.compile(r"(?:file:)?/[^\s:;,'\"]+")
+
+
+def scrub_paths(message: str) -> str:
+    """The message with every absolute path replaced: no client may learn the server's layout."""
+    return _PATH.sub("<path>", message)
+
 
 class ServiceError(Exception):
     """A condition the service reports on purpose; `code` names it for machines."""
@@ -51,6 +61,24 @@ class AudioDecodeError(ServiceError):
     """ffmpeg could not decode the file; the message is ffmpeg's own reason."""
 
     code = "invalid_audio"
+
+
+class AudioTooLong(ServiceError):
+    """The audio lasts longer than MAX_AUDIO_HOURS."""
+
+    code = "audio_too_long"
+
+
+class DecodeTimeout(AudioDecodeError):
+    """ffmpeg or ffprobe ran past the time its file's length allows; the file is refused."""
+
+    code = "decode_timeout"
+
+
+class DetectionBusy(QueueFull):
+    """MAX_DETECTIONS language detections are running already; retry after `retry_after` seconds."""
+
+    code = "busy"
 
 
 class InvalidOption(ServiceError):

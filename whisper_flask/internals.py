@@ -2,13 +2,15 @@
 
 The engine reads the running transcribe loop's locals (progress and resume), swaps members of
 DecodingTask (step batching), walks the decoder's modules (the model thread's forward pass) and
-reads private tables (alignment heads, download URLs). An upgrade of openai-whisper that renames
+reads private tables (alignment heads, download URLs) and hands transcribe a precomputed
+spectrogram (spectrogram.py). An upgrade of openai-whisper that renames
 any of them must stop the service with a clear message, never zero the progress or the resume
 silently (ARCHITECTURE.md, "The engine").
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +45,15 @@ ASSUMPTIONS: tuple[tuple[str, Callable[[], bool]], ...] = (
         lambda: (
             {"clip_timestamps", "initial_prompt", "word_timestamps", "verbose"}
             <= set(inspect.signature(whisper.transcribe).parameters)
+        ),
+    ),
+    (
+        "whisper.transcribe takes its spectrogram from its module's log_mel_spectrogram(audio, ..., padding=N_SAMPLES)",
+        lambda: (
+            "log_mel_spectrogram" in whisper.transcribe.__code__.co_names
+            and hasattr(importlib.import_module("whisper.transcribe"), "log_mel_spectrogram")
+            and "log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)"
+            in inspect.getsource(whisper.transcribe)
         ),
     ),
     (

@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from whisper.audio import SAMPLE_RATE
-
-from .audio import decode_audio, is_silent
 from .engine import Engine, Window
-from .exceptions import ServiceError, WriteFailed
+from .exceptions import ServiceError, WriteFailed, scrub_paths
+from .media import MediaDecoder
 from .records import Job, JobStage, JobStatus
 from .registry import JobCancelled, JobRegistry
 from .resume import load_resume, save_resume
@@ -36,10 +34,17 @@ class JobPipeline:
     """Runs jobs from the registry through the engine; every job it starts ends in a final state or pending."""
 
     def __init__(
-        self, registry: JobRegistry, engine: Engine, retention: Retention, upload_dir: Path, transcript_dir: Path
+        self,
+        registry: JobRegistry,
+        engine: Engine,
+        media: MediaDecoder,
+        retention: Retention,
+        upload_dir: Path,
+        transcript_dir: Path,
     ) -> None:
         self._registry = registry
         self._engine = engine
+        self._media = media
         self._retention = retention
         self._upload_dir = upload_dir
         self._transcript_dir = transcript_dir
@@ -66,21 +71,26 @@ class JobPipeline:
             self._registry.finish(job_id, JobStatus.FAILED, exc.code, str(exc))
         except Exception as exc:  # a worker thread must survive any job, and the job must end
             log.exception("job %s crashed", job_id)
-            self._registry.finish(job_id, JobStatus.FAILED, "transcription_failed", f"{type(exc).__name__}: {exc}")
+            message = f"{type(exc).__name__}: {scrub_paths(str(exc))}"
+            self._registry.finish(job_id, JobStatus.FAILED, "transcription_failed", message)
         finally:
             self._release(job_id)
 
     def _transcribe(self, job: Job) -> dict[str, Any]:
-        audio = decode_audio(self._upload_dir / job.upload_name)
-        duration = round(len(audio) / SAMPLE_RATE, 3)
-        self._advance(job.id, JobStage.TRANSCRIBING, duration=duration)
-        if is_silent(audio):
-            return {"text": "", "segments": [], "language": job.options.language}
-        resume = load_resume(self._transcript_dir, job.id)
-        if resume is not None:
-            log.info("job %s resumes at %.1f s", job.id, resume.seconds)
-        progress = _Progress(self._registry, self._transcript_dir, job.id, duration)
-        return self._engine.transcribe(audio, job.options, progress.on_window, resume)
+        def check() -> None:  # polled while ffmpeg runs: a cancel or a stop kills it
+            if not self._registry.accepting:
+                raise JobInterrupted(job.id)
+            self._registry.check_active(job.id)
+
+        with self._media.decode(self._upload_dir / job.upload_name, check) as audio:
+            self._advance(job.id, JobStage.TRANSCRIBING, duration=audio.duration)
+            if audio.is_silent():
+                return {"text": "", "segments": [], "language": job.options.language}
+            resume = load_resume(self._transcript_dir, job.id)
+            if resume is not None:
+                log.info("job %s resumes at %.1f s", job.id, resume.seconds)
+            progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
+            return self._engine.transcribe(audio, job.options, progress.on_window, resume)
 
     def _advance(self, job_id: str, stage: JobStage, **changes: Any) -> None:
         if not self._registry.accepting:

@@ -19,9 +19,9 @@ from pathlib import Path
 from flask import Flask, current_app
 
 from .access import UNRESTRICTED, AccessControl, FailureThrottle, LinkSigner, Principal
-from .audio import decode_audio
 from .engine import Engine
 from .exceptions import (
+    DetectionBusy,
     JobExpired,
     JobNotFound,
     ModelLoading,
@@ -34,6 +34,7 @@ from .exceptions import (
     UnknownFormat,
 )
 from .keys import KeyStore
+from .media import MediaDecoder
 from .options import TranscribeOptions
 from .pipeline import JobPipeline
 from .records import Job, JobStatus, JobView
@@ -97,7 +98,11 @@ class TranscriptionService:
             expired_keep=timedelta(days=config["EXPIRED_KEEP_DAYS"]),
             sweep_interval_s=config["SWEEP_INTERVAL_S"],
         )
-        self._pipeline = JobPipeline(self.registry, engine, self.retention, self.upload_dir, self.transcript_dir)
+        self.media = MediaDecoder(self.upload_dir, config["MAX_AUDIO_HOURS"] * 3600)
+        self._detections = threading.BoundedSemaphore(config["MAX_DETECTIONS"])
+        self._pipeline = JobPipeline(
+            self.registry, engine, self.media, self.retention, self.upload_dir, self.transcript_dir
+        )
         app.extensions[_EXTENSION] = self
         # Started by the server (gunicorn's post_worker_init) or by the first request, never by
         # a CLI command that builds the app: `flask models ...` must not load the model or take jobs.
@@ -116,7 +121,10 @@ class TranscriptionService:
             self.engine.start(self._config)
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="whisper-job")
             self.registry.open()
-            for job_id in self.registry.recover():
+            queued, failed = self.registry.recover()
+            for job in failed:
+                self.retention.release(job)
+            for job_id in queued:
                 self._executor.submit(self._pipeline.run, job_id)
             self.retention.start()
             self._state = _State.RUNNING
@@ -165,16 +173,17 @@ class TranscriptionService:
     def submit(
         self, upload_name: str, filename: str, options: TranscribeOptions, principal: Principal, client: str | None
     ) -> JobView:
-        """Queue a stored upload as a new job of `principal`; the upload belongs to the service from now on."""
-        job = Job(id=uuid.uuid4().hex, filename=filename, upload_name=upload_name, options=options,
-                  model=self.engine.model_name, owner=principal.name)  # fmt: skip
+        """Probe a stored upload and queue it as a new job of `principal`; the upload is the service's from now on."""
         try:
+            info = self.media.probe(self.upload_dir / upload_name)  # a playlist or an absurd header ends here
+            job = Job(id=uuid.uuid4().hex, filename=filename, upload_name=upload_name, options=options,
+                      model=self.engine.model_name, owner=principal.name, duration=info.duration)  # fmt: skip
             view = self.registry.add(job)
         except BaseException:
             (self.upload_dir / upload_name).unlink(missing_ok=True)
             raise
         assert self._executor is not None  # the registry takes jobs only once started
-        log.info("job %s pending: %s from %s", job.id, filename, client)
+        log.info("job %s pending: %s from %s (%s)", job.id, filename, client, info.format_name)
         try:
             self._executor.submit(self._pipeline.run, job.id)
         except RuntimeError:  # stop() shut the pool after the registry took the job: it is durable
@@ -245,11 +254,26 @@ class TranscriptionService:
             raise ModelUnavailable(f"model {self.engine.model_name} could not be loaded; the service's log says why")
         raise ModelLoading(f"model {self.engine.model_name} is loading")
 
-    def detect_language(self, path: Path) -> dict[str, float]:
-        """Language probabilities of the first 30 seconds of an audio file."""
-        if not self.engine.is_multilingual:
-            raise NotMultilingual(f"the loaded model {self.engine.model_name} is English-only")
-        return self.engine.detect_language(decode_audio(path, max_seconds=30))
+    def detect_language(self, upload_name: str) -> dict[str, float]:
+        """Language probabilities of the first 30 s of a stored upload, which is then deleted; bounded in number."""
+        path = self.upload_dir / upload_name
+        try:
+            if not self.engine.is_multilingual:
+                raise NotMultilingual(f"the loaded model {self.engine.model_name} is English-only")
+            # Each detection holds an HTTP thread: a bound on them keeps threads free for everything else.
+            if not self._detections.acquire(blocking=False):
+                raise DetectionBusy("too many language detections are running; retry shortly", retry_after=2)
+            try:
+                with self.media.decode(path, self._check_running, first_seconds=30) as audio:
+                    return self.engine.detect_language(audio)
+            finally:
+                self._detections.release()
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _check_running(self) -> None:
+        if not self.registry.accepting:
+            raise ShuttingDown("the service is stopping")
 
 
 def get_service(app: Flask | None = None) -> TranscriptionService:

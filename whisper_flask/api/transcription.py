@@ -24,7 +24,8 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
     service.check_capacity(principal())  # before the body is read: a full queue should not cost an upload
     file = receive_upload()
     options = parse_options([request.form, request.args], service.engine.is_multilingual)
-    view = service.submit(keep_upload(file), client_filename(file), options, principal(), request.remote_addr)
+    name = client_filename(file.filename)
+    view = service.submit(keep_upload(file), name, options, principal(), request.remote_addr)
     job_id = view.job.id
     body = progress_body(view)
     body["download_url"] = download_url(job_id, "txt")
@@ -47,7 +48,7 @@ def download_transcript(job_id: str, fmt: str) -> Response:
         job, path = service.transcript_by_link(job_id, fmt, expires, signature)
     else:
         job, path = service.transcript(job_id, fmt, principal())
-    stem = Path(job.filename).stem or "transcript"
+    stem = Path(client_filename(job.filename)).stem or "transcript"  # also records stored before names were cleaned
     return send_file(path, mimetype=FORMATS[fmt], as_attachment=True, download_name=f"{stem}.{fmt}")
 
 
@@ -55,7 +56,7 @@ def download_transcript(job_id: str, fmt: str) -> Response:
 def detect_language() -> Response:
     """The spoken language of the first 30 seconds of an uploaded file, answered at once."""
     file = receive_upload()
-    probs = get_service().detect_language(Path(file.stream.name))
+    probs = get_service().detect_language(keep_upload(file))
     top = sorted(probs.items(), key=lambda item: item[1], reverse=True)[:5]
     return jsonify(
         {
