@@ -5,10 +5,33 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from concurrent_log_handler import ConcurrentRotatingFileHandler
 
 _FORMAT = "%(asctime)s %(levelname)s [%(process)d:%(threadName)s] %(name)s: %(message)s"
+
+
+def escape(value: Any) -> Any:
+    """Text with every non-printable character (CR, LF, ESC, NUL, bidi controls...) as a visible escape."""
+    text = str(value)
+    if text.isprintable():
+        return value
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+class EscapeArguments(logging.Filter):
+    """Escapes a record's arguments: file names, addresses and ffmpeg's messages come from clients.
+
+    The format strings are the service's own, so a deliberate line break there (the first key's
+    banner) stays; no client text can start a forged line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's arguments in place; never drops a record."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(arg if isinstance(arg, int | float) else escape(arg) for arg in record.args)
+        return True
 
 
 def configure_logging(log_dir: Path, logger_name: str) -> None:
@@ -25,6 +48,7 @@ def configure_logging(log_dir: Path, logger_name: str) -> None:
     ]
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(EscapeArguments())
         handler._whisper_flask = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from .store import JobStore
 from .writers import FORMATS, transcript_path
 
 log = logging.getLogger(__name__)
+
+#: Prefix of a partial upload's name, where the filesystem cannot make unnamed files (api/uploads.py).
+INCOMING_PREFIX = ".incoming-"
+#: A partial upload nobody has written to for this long was left by a killed process.
+INCOMING_IDLE_S = 60.0
 
 
 class Retention:
@@ -40,7 +46,8 @@ class Retention:
         self._sweeper: threading.Thread | None = None
 
     def start(self) -> None:
-        """Run the sweep every SWEEP_INTERVAL_S on a thread of its own until stop()."""
+        """Remove what a killed process left, then sweep every SWEEP_INTERVAL_S on a thread of its own until stop()."""
+        self.remove_partial_uploads()
         self._sweeper = threading.Thread(target=self._sweep_periodically, name="whisper-sweep", daemon=True)
         self._sweeper.start()
 
@@ -65,6 +72,18 @@ class Retention:
         forgotten = self._store.forget_expired_before(iso(now - self._expired_keep))
         if forgotten:
             log.info("forgot %d expired jobs", forgotten)
+        self.remove_partial_uploads()
+
+    def remove_partial_uploads(self) -> None:
+        """Delete partial uploads not written to for INCOMING_IDLE_S; one still streaming is kept."""
+        idle_since = time.time() - INCOMING_IDLE_S
+        for path in self._upload_dir.glob(f"{INCOMING_PREFIX}*"):
+            try:
+                if path.stat().st_mtime < idle_since:
+                    path.unlink()
+                    log.info("removed a partial upload left by a killed process")
+            except OSError:  # its request ended meanwhile and removed it
+                continue
 
     def _sweep_periodically(self) -> None:
         while not self._stopping.wait(self._interval):

@@ -1,8 +1,9 @@
-"""Uploads are streamed by werkzeug straight into UPLOAD_DIR under server-made names."""
+"""Uploads are streamed by werkzeug straight into UPLOAD_DIR, unnamed until kept under a server-made name."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from pathlib import PurePosixPath, PureWindowsPath
@@ -13,10 +14,15 @@ from werkzeug.datastructures import FileStorage
 
 from ..errors import ApiError
 from ..exceptions import StorageFull
+from ..retention import INCOMING_PREFIX
+
+#: Control characters (C0, DEL, C1), line and paragraph separators, and bidi embeddings,
+#: overrides, isolates and marks: they forge log lines, break headers or disguise a name.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 class UploadRequest(Request):
-    """A request whose multipart files go to an anonymous file in UPLOAD_DIR, never to memory or /tmp."""
+    """A request whose multipart files go to an unnamed file in UPLOAD_DIR, never to memory or /tmp."""
 
     def _get_file_stream(
         self,
@@ -25,8 +31,17 @@ class UploadRequest(Request):
         filename: str | None = None,
         content_length: int | None = None,
     ) -> IO[bytes]:
-        # Deleted when the request closes unless keep_upload() has linked it to a name.
-        return tempfile.NamedTemporaryFile(dir=current_app.config["UPLOAD_DIR"], prefix=".incoming-")
+        return incoming_file()
+
+
+def incoming_file() -> IO[bytes]:
+    """An unnamed file in UPLOAD_DIR (O_TMPFILE): a killed process leaves no partial upload behind."""
+    directory = current_app.config["UPLOAD_DIR"]
+    try:
+        # Not tempfile.TemporaryFile: it adds O_EXCL, which forbids keep_upload from linking it.
+        return open(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), "w+b")
+    except (AttributeError, OSError):  # no O_TMPFILE here: a named file the sweep removes if left over
+        return tempfile.NamedTemporaryFile(dir=directory, prefix=INCOMING_PREFIX)
 
 
 def receive_upload() -> FileStorage:
@@ -34,14 +49,14 @@ def receive_upload() -> FileStorage:
     try:
         file = request.files.get("file")  # werkzeug streams the body into UPLOAD_DIR here
     except OSError as exc:
-        raise StorageFull(f"the upload could not be stored: {exc.strerror or exc}") from None
+        raise StorageFull(f"the upload could not be stored: {exc.strerror or 'write failed'}") from None
     if file is None:
         raise ApiError(400, "no_file", "send the audio as a multipart/form-data part named 'file'")
     if not file.filename:
         raise ApiError(400, "no_filename", "the 'file' part has an empty filename")
     file.stream.seek(0, os.SEEK_END)
     if file.stream.tell() == 0:
-        raise ApiError(400, "empty_file", f"{client_filename(file)} is empty (0 bytes)")
+        raise ApiError(400, "empty_file", f"{client_filename(file.filename)} is empty (0 bytes)")
     file.stream.seek(0)
     return file
 
@@ -50,11 +65,17 @@ def keep_upload(file: FileStorage) -> str:
     """Give the streamed upload a permanent server-made name in UPLOAD_DIR and return it."""
     name = f"{uuid.uuid4().hex}.upload"
     file.stream.flush()
-    os.link(file.stream.name, current_app.config["UPLOAD_DIR"] / name)
+    # An unnamed file is linked through /proc/self/fd with linkat(AT_SYMLINK_FOLLOW); os.link
+    # calls linkat only when given a directory fd (plain link() would fail with EXDEV).
+    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(str(file.stream.fileno()), current_app.config["UPLOAD_DIR"] / name, src_dir_fd=fds)
+    finally:
+        os.close(fds)
     return name
 
 
-def client_filename(file: FileStorage) -> str:
-    """The client's file name without any directory part; metadata only, never a path."""
-    raw = file.filename or ""
-    return PureWindowsPath(PurePosixPath(raw).name).name[:255] or "audio"
+def client_filename(raw: str | None) -> str:
+    """The client's file name as safe data: no directory part, no control or bidi characters, at most 255."""
+    name = PureWindowsPath(PurePosixPath(_UNSAFE.sub("", raw or "")).name).name.strip()
+    return name[:255] or "audio"
