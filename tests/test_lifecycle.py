@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 
 from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class, wait_for, wav_bytes
 from whisper_flask import create_app
 from whisper_flask.exceptions import WhisperIncompatible
 from whisper_flask.options import TranscribeOptions
-from whisper_flask.records import Job, JobStatus
+from whisper_flask.records import Job, JobStage, JobStatus
 from whisper_flask.service import get_service
 from whisper_flask.store import JobStore
 
 
-def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, int]]) -> None:
+def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, JobStage, int]]) -> None:
     """Leave jobs in the store as a killed process would, each with an upload on disk."""
     (tmp_path / "transcripts").mkdir()
     (tmp_path / "uploads").mkdir()
     store = JobStore(tmp_path / "transcripts" / "jobs.sqlite3")
-    for job_id, status, attempts in jobs:
+    for job_id, status, stage, attempts in jobs:
         (tmp_path / "uploads" / f"{job_id}.upload").write_bytes(wav_bytes(2))
         job = Job(
             id=job_id,
@@ -35,27 +39,67 @@ def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, int]]) -> None:
             model="fake",
         )
         store.insert(job)
-        store.update(dataclasses.replace(job, status=status, attempts=attempts))
+        store.update(dataclasses.replace(job, status=status, stage=stage, attempts=attempts))
     store.close()
 
 
-def test_restart_runs_left_jobs_in_order_and_fails_repeat_crashers(tmp_path: Path, engine: FakeEngine) -> None:
-    a, b, c = "a" * 32, "b" * 32, "c" * 32
-    seed_store(tmp_path, [(a, JobStatus.IN_PROGRESS, 1), (b, JobStatus.IN_PROGRESS, 2), (c, JobStatus.PENDING, 0)])
-    app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)
-    # Jobs from before keys existed belong to no key: an admin sees them.
-    app.test_client_class = keyed_client_class(create_key(tmp_path, "root", admin=True))
-    client = app.test_client()  # its first request starts the service, which queues the left jobs again
-    try:
-        crashed = wait_for(client, b, "failed")
-        assert crashed["error_code"] == "interrupted"
-        assert wait_for(client, a, "completed")["status"] == "completed"
-        assert wait_for(client, c, "completed")["status"] == "completed"
-        records = {job_id: client.get(f"/jobs/{job_id}").get_json() for job_id in (a, c)}
-        assert records[a]["attempts"] == 2 and records[c]["attempts"] == 1
-        assert records[a]["started_at"] < records[c]["started_at"], "submission order is kept"
-    finally:
+@pytest.fixture
+def restarted(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., FlaskClient]]:
+    """Start a service on a seeded store and give an admin client (jobs from before keys belong to no key)."""
+    apps = []
+
+    def restart(**config: Any) -> FlaskClient:
+        app = create_app({**base_config(tmp_path), **config}, engine=engine)
+        app.test_client_class = keyed_client_class(create_key(tmp_path, "root", admin=True))
+        apps.append(app)
+        return app.test_client()  # its first request starts the service, which queues the left jobs again
+
+    yield restart
+    for app in apps:
         get_service(app).stop()
+
+
+def test_a_crash_is_charged_to_the_one_job_past_decoding_which_fails_at_the_limit(
+    tmp_path: Path, restarted: Callable[..., FlaskClient]
+) -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    seed_store(
+        tmp_path,
+        [
+            (a, JobStatus.IN_PROGRESS, JobStage.DECODING_AUDIO, 1),  # ffmpeg runs apart: innocent
+            (b, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 2),
+            (c, JobStatus.PENDING, JobStage.QUEUED, 0),
+        ],
+    )
+    client = restarted(MAX_WORKERS=1)
+    crashed = wait_for(client, b, "failed")
+    assert (crashed["error_code"], crashed["attempts"]) == ("interrupted", 2)
+    assert not (tmp_path / "uploads" / f"{b}.upload").exists(), "a failed job's upload goes when it fails"
+    records = {job_id: wait_for(client, job_id, "completed") for job_id in (a, c)}
+    assert records[a]["attempts"] == 1 and records[c]["attempts"] == 1, "the innocent job was not charged"
+    assert records[a]["started_at"] < records[c]["started_at"], "submission order is kept"
+
+
+def test_a_crash_beside_other_jobs_charges_none_and_each_runs_alone_afterwards(
+    tmp_path: Path, restarted: Callable[..., FlaskClient]
+) -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    seed_store(
+        tmp_path,
+        [
+            (a, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 1),
+            (b, JobStatus.IN_PROGRESS, JobStage.WRITING, 2),
+            (c, JobStatus.PENDING, JobStage.QUEUED, 0),
+        ],
+    )
+    client = restarted(MAX_WORKERS=3)
+    records = {job_id: wait_for(client, job_id, "completed", "failed") for job_id in (a, b, c)}
+    assert [records[job_id]["status"] for job_id in (a, b, c)] == ["completed"] * 3
+    assert [records[job_id]["attempts"] for job_id in (a, b, c)] == [1, 2, 1]
+    runs = sorted((r["started_at"], r["finished_at"]) for r in records.values())
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(runs)), (
+        f"the suspects ran beside another job: {runs}"
+    )
 
 
 def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
@@ -104,7 +148,7 @@ def test_uploads_are_refused_while_stopping(app, client) -> None:
 
 def test_building_the_app_starts_nothing(tmp_path: Path, engine: FakeEngine) -> None:
     """A CLI command builds the app too: no model, no pool, no job taken from the store."""
-    seed_store(tmp_path, [("a" * 32, JobStatus.PENDING, 0)])
+    seed_store(tmp_path, [("a" * 32, JobStatus.PENDING, JobStage.QUEUED, 0)])
     key = create_key(tmp_path, "root", admin=True)
     before = set(threading.enumerate())
     app = create_app({**base_config(tmp_path), "MAX_WORKERS": 1}, engine=engine)

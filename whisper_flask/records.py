@@ -68,6 +68,9 @@ class Job:
     attempts: int = 0
     expired_at: str | None = None
     owner: str | None = None  # the name of the API key that submitted it; None with WHISPER_FLASK_AUTH=off
+    # It was running beside others when the process died, so it runs alone until it ends
+    # (registry.recover says why).
+    isolated: bool = False
     seq: int = 0
 
 

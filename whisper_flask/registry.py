@@ -21,7 +21,7 @@ from .store import JobStore
 
 log = logging.getLogger(__name__)
 
-#: A job found in progress at start-up this many times took the process down with it.
+#: A job charged with this many crashes of the process fails instead of running again.
 MAX_ATTEMPTS = 2
 
 
@@ -43,6 +43,7 @@ class JobRegistry:
 
     def __init__(self, store: JobStore, capacity: int, per_owner: int) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a job ended or left: an isolated one may start
         self._active: dict[str, Job] = {}
         self._store = store
         self._capacity = capacity
@@ -63,6 +64,7 @@ class JobRegistry:
         """Stop taking jobs and starting pending ones; running ones stop at their next window."""
         with self._lock:
             self._open = False
+            self._changed.notify_all()
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -97,27 +99,40 @@ class JobRegistry:
             self._active[job.id] = job
             return self._view(job)
 
-    def recover(self) -> list[str]:
-        """Make the jobs a stopped process left unfinished pending again, oldest first; return their ids.
+    def recover(self) -> tuple[list[str], list[Job]]:
+        """Queue again the jobs a dead process left unfinished, oldest first: (their ids, the jobs failed instead).
 
-        A job that was running during MAX_ATTEMPTS stops fails instead, so a file that kills the
-        process cannot crash-loop it.
+        The crash is charged (an attempt kept) only to a job that alone could have caused it. A job
+        still decoding is innocent: ffprobe and ffmpeg run in processes of their own. Jobs past
+        that stage share the model thread's steps and the memory, so when several were there none
+        can be blamed: none is charged, and each runs isolated (alone) until it ends. A poison file
+        then crashes the process alone, is charged, and fails after MAX_ATTEMPTS; nothing else
+        ever pays for it.
         """
-        queued = []
+        queued, failed = [], []
         with self._lock:
-            for job in self._store.unfinished():
-                if job.status is JobStatus.IN_PROGRESS and job.attempts >= MAX_ATTEMPTS:
-                    message = f"the service stopped during this job {job.attempts} times; not retrying"
-                    self._store.update(_ended(job, JobStatus.FAILED, "interrupted", message))
-                    log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
-                    continue
+            unfinished = self._store.unfinished()
+            suspects = {job.id for job in unfinished if job.status is JobStatus.IN_PROGRESS
+                        and job.stage is not JobStage.DECODING_AUDIO}  # fmt: skip
+            for job in unfinished:
                 if job.status is JobStatus.IN_PROGRESS:
-                    job = _pending(job)
+                    charged = suspects == {job.id}
+                    if charged and job.attempts >= MAX_ATTEMPTS:
+                        message = f"the service stopped during this job {job.attempts} times; not retrying"
+                        failed.append(_ended(job, JobStatus.FAILED, "interrupted", message))
+                        self._store.update(failed[-1])
+                        log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
+                        continue
+                    job = dataclasses.replace(
+                        _pending(job),
+                        attempts=job.attempts if charged else job.attempts - 1,
+                        isolated=job.isolated or job.id in suspects,
+                    )
                     self._store.update(job)
                 self._active[job.id] = job
                 queued.append(job.id)
                 log.info("job %s queued again after restart (attempts %d)", job.id, job.attempts)
-        return queued
+        return queued, failed
 
     # -- queries --------------------------------------------------------------------------
 
@@ -154,11 +169,19 @@ class JobRegistry:
     # -- a job's life ---------------------------------------------------------------------
 
     def start(self, job_id: str) -> Job | None:
-        """Mark a pending job as running (one more attempt); None if it was cancelled or the registry closed."""
+        """Mark a pending job as running (one more attempt); None if it was cancelled or the registry closed.
+
+        An isolated job waits until nothing else runs, and nothing starts beside it.
+        """
         with self._lock:
-            job = self._active.get(job_id)
-            if job is None or job.status is not JobStatus.PENDING or not self._open:
-                return None  # cancelled while queued, or stopping: it stays pending in the store
+            while True:
+                job = self._active.get(job_id)
+                if job is None or job.status is not JobStatus.PENDING or not self._open:
+                    return None  # cancelled while queued, or stopping: it stays pending in the store
+                running = [other for other in self._active.values() if other.status is JobStatus.IN_PROGRESS]
+                if not running or not (job.isolated or any(other.isolated for other in running)):
+                    break
+                self._changed.wait()
             job = dataclasses.replace(
                 job,
                 status=JobStatus.IN_PROGRESS,
@@ -167,6 +190,12 @@ class JobRegistry:
                 attempts=job.attempts + 1,
             )
             return self._put(job, persist=True)
+
+    def check_active(self, job_id: str) -> None:
+        """Raise JobCancelled if the job has left the registry (cancelled)."""
+        with self._lock:
+            if job_id not in self._active:
+                raise JobCancelled(job_id)
 
     def update(self, job_id: str, *, persist: bool = True, **changes: Any) -> Job:
         """Change a running job's fields (stored if `persist`); JobCancelled if it was cancelled."""
@@ -182,6 +211,7 @@ class JobRegistry:
             job = self._active.pop(job_id, None)
             if job is not None:
                 self._store.update(_ended(job, status, code, message))
+            self._changed.notify_all()
         if job is None:
             return
         if status is JobStatus.COMPLETED:
@@ -196,6 +226,7 @@ class JobRegistry:
             if job is None:
                 return
             self._put(dataclasses.replace(_pending(job), attempts=job.attempts - 1), persist=True)
+            self._changed.notify_all()
         log.info("job %s back to pending for the next start", job_id)
 
     def cancel(self, job_id: str) -> tuple[Job, bool]:
@@ -205,6 +236,7 @@ class JobRegistry:
             if job is not None:
                 cancelled = dataclasses.replace(job, status=JobStatus.CANCELLED, finished_at=utcnow(), eta_seconds=None)
                 self._store.update(cancelled)
+            self._changed.notify_all()
         if job is None:
             return self.view(job_id).job, False
         log.info("job %s cancelled", job_id)

@@ -141,4 +141,5 @@ def _job(row: sqlite3.Row) -> Job:
     data["options"] = TranscribeOptions.from_dict(json.loads(data["options"]))
     data["status"] = JobStatus(data["status"])
     data["stage"] = JobStage(data["stage"])
+    data["isolated"] = bool(data["isolated"])  # SQLite has no booleans; NULL in older databases
     return Job(**data)
