@@ -34,7 +34,8 @@ MEDIA_FORMATS = (
 MIN_SAMPLE_RATE = 1000
 PROBE_TIMEOUT_S = 10.0
 #: A decode may take this long plus DECODE_S_PER_AUDIO_S per second of audio. ffmpeg decoded
-#: and resampled 1 h of MP3 in 9 s here (bench/memory.py); 0.05 leaves over 5x to spare.
+#: and resampled 1 h of MP3 in 2 s on an idle 2-core VM (bench/memory.py); 0.05 (3 min an hour)
+#: leaves room for a machine busy with the model and for slower codecs.
 DECODE_FIXED_S = 30.0
 DECODE_S_PER_AUDIO_S = 0.05
 #: Samples read per chunk when scanning decoded audio (1 MB of int16).
