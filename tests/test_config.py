@@ -27,6 +27,7 @@ from whisper_flask.config import ConfigError
         ("AUTH", "maybe", "WHISPER_FLASK_AUTH must be on or off"),
         ("MAX_JOBS_PER_KEY", 0, "WHISPER_FLASK_MAX_JOBS_PER_KEY must be a positive integer"),
         ("DOWNLOAD_LINK_TTL_S", -1, "WHISPER_FLASK_DOWNLOAD_LINK_TTL_S must be a positive integer"),
+        ("MAX_WAITING_REQUESTS", 0, "WHISPER_FLASK_MAX_WAITING_REQUESTS must be a positive integer"),
     ],
 )
 def test_invalid_settings_refuse_to_start(tmp_path: Path, setting: str, value: object, message: str) -> None:

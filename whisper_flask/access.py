@@ -140,6 +140,22 @@ class AccessControl:
             raise Unauthenticated("the API key is not valid")
         return Principal(key.name, key.admin)
 
+    def announce(self) -> None:
+        """At start: warn that the API is open, or make the first admin key and show it in the log once."""
+        if not self.enabled:
+            log.warning("WHISPER_FLASK_AUTH=off: the API is open to anyone who can reach it")
+            return
+        secret = self.ensure_first_key()
+        if secret is not None:
+            # Shown once, as Jupyter shows its token: only its hash is kept.
+            log.warning(
+                "\n%s\nNo API key existed, so an admin key was made. It is shown only this once:\n\n    %s\n\n"
+                "Send it as 'Authorization: Bearer <key>'. More keys: flask --app whisper_flask keys create\n%s",
+                "=" * 78,
+                secret,
+                "=" * 78,
+            )
+
     def ensure_first_key(self) -> str | None:
         """With auth on and no active key, make an admin key and return its secret (else None)."""
         if not self.enabled or self.keys.any_active():

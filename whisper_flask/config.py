@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "MAX_AUDIO_HOURS": 12,
     # POST /detect-language requests running at once (each holds an HTTP thread); more get 503.
     "MAX_DETECTIONS": 2,
+    # /v1/audio requests waiting for their jobs at once (each holds an HTTP thread until its job
+    # ends); more get 503. Keep it below gunicorn's threads (WHISPER_FLASK_HTTP_THREADS, 16).
+    "MAX_WAITING_REQUESTS": 8,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,6 +72,7 @@ def validate_config(config: dict[str, Any]) -> None:
         ("AUTH_FAILURES_PER_MINUTE", 1),
         ("DOWNLOAD_LINK_TTL_S", 1),
         ("MAX_DETECTIONS", 1),
+        ("MAX_WAITING_REQUESTS", 1),
     )
     for name, low in limits:
         value = config[name]

@@ -75,8 +75,8 @@ class DecodeTimeout(AudioDecodeError):
     code = "decode_timeout"
 
 
-class DetectionBusy(QueueFull):
-    """MAX_DETECTIONS language detections are running already; retry after `retry_after` seconds."""
+class Busy(QueueFull):
+    """As many requests of a kind as may hold an HTTP thread are running; retry after `retry_after` seconds."""
 
     code = "busy"
 
@@ -89,6 +89,20 @@ class InvalidOption(ServiceError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class ModelNotFound(ServiceError):
+    """A request named a model this service does not serve."""
+
+    code = "model_not_found"
+
+
+class JobFailed(ServiceError):
+    """A job a request waited for ended failed; the error carries the job's own code and reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StorageFull(ServiceError):

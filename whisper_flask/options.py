@@ -76,13 +76,15 @@ def _prompt(value: str, multilingual: bool) -> str:
     return value
 
 
-def _boolean(field: str) -> Callable[[str, bool], bool]:
-    def parse(value: str, multilingual: bool) -> bool:
-        if value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise InvalidOption(field, "must be true or false")
+def parse_flag(field: str, value: str) -> bool:
+    """A true/false form field (1/0, yes/no, on/off too); InvalidOption otherwise."""
+    if value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise InvalidOption(field, "must be true or false")
 
-    return parse
+
+def _boolean(field: str) -> Callable[[str, bool], bool]:
+    return lambda value, multilingual: parse_flag(field, value)
 
 
 def _number(field: str, low: float, high: float, kind: type[int] | type[float]) -> Callable[[str, bool], Any]:

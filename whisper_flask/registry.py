@@ -191,6 +191,12 @@ class JobRegistry:
             )
             return self._put(job, persist=True)
 
+    def wait_until_ended(self, job_id: str, timeout: float | None) -> bool:
+        """Wait at most `timeout` s for the job to end or the registry to close; whether the job ended."""
+        with self._lock:
+            self._changed.wait_for(lambda: job_id not in self._active or not self._open, timeout)
+            return job_id not in self._active
+
     def check_active(self, job_id: str) -> None:
         """Raise JobCancelled if the job has left the registry (cancelled)."""
         with self._lock:

@@ -7,6 +7,7 @@ service's exceptions (exceptions.py), never HTTP errors.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import re
 import threading
@@ -15,16 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, current_app
 
 from .access import UNRESTRICTED, AccessControl, FailureThrottle, LinkSigner, Principal
 from .engine import Engine
 from .exceptions import (
-    DetectionBusy,
     JobExpired,
     JobNotFound,
     ModelLoading,
+    ModelNotFound,
     ModelUnavailable,
     NotMultilingual,
     NoTranscript,
@@ -39,7 +41,9 @@ from .options import TranscribeOptions
 from .pipeline import JobPipeline
 from .records import Job, JobStatus, JobView
 from .registry import JobRegistry
+from .resume import load_resume
 from .retention import Retention
+from .slots import RequestSlots
 from .store import JobStore
 from .writers import FORMATS, transcript_path
 
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 
 _EXTENSION = "whisper_flask"
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+#: Other names requests may use for the loaded model: OpenAI's clients send "whisper-1".
+MODEL_ALIASES = ("whisper-1",)
 
 
 class _State(enum.Enum):
@@ -99,7 +105,8 @@ class TranscriptionService:
             sweep_interval_s=config["SWEEP_INTERVAL_S"],
         )
         self.media = MediaDecoder(self.upload_dir, config["MAX_AUDIO_HOURS"] * 3600)
-        self._detections = threading.BoundedSemaphore(config["MAX_DETECTIONS"])
+        self.detections = RequestSlots(config["MAX_DETECTIONS"], "language detections")
+        self.waits = RequestSlots(config["MAX_WAITING_REQUESTS"], "requests waiting for their transcripts")
         self._pipeline = JobPipeline(
             self.registry, engine, self.media, self.retention, self.upload_dir, self.transcript_dir
         )
@@ -117,7 +124,7 @@ class TranscriptionService:
         with self._lifecycle:
             if self._state is not _State.NEW:
                 return
-            self._announce_access()
+            self.access.announce()
             self.engine.start(self._config)
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="whisper-job")
             self.registry.open()
@@ -148,21 +155,6 @@ class TranscriptionService:
             self._store.close()
             self.access.keys.close()
             self._state = _State.STOPPED
-
-    def _announce_access(self) -> None:
-        if not self.access.enabled:
-            log.warning("WHISPER_FLASK_AUTH=off: the API is open to anyone who can reach it")
-            return
-        secret = self.access.ensure_first_key()
-        if secret is not None:
-            # Shown once, as Jupyter shows its token: only its hash is kept.
-            log.warning(
-                "\n%s\nNo API key existed, so an admin key was made. It is shown only this once:\n\n    %s\n\n"
-                "Send it as 'Authorization: Bearer <key>'. More keys: flask --app whisper_flask keys create\n%s",
-                "=" * 78,
-                secret,
-                "=" * 78,
-            )
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -242,6 +234,39 @@ class TranscriptionService:
         self.access.signer.verify(job_id, fmt, expires, signature)
         return self.transcript(job_id, fmt, UNRESTRICTED)
 
+    def wait(self, job_id: str, principal: Principal, timeout: float | None = None) -> Job:
+        """The job once it has ended, or as it stands after `timeout` s; ShuttingDown if the service stops first."""
+        self.view(job_id, principal)
+        if not self.registry.wait_until_ended(job_id, timeout) and not self.registry.accepting:
+            raise ShuttingDown(f"the service is stopping; job {job_id} resumes after the restart")
+        return self.view(job_id, principal).job
+
+    def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
+        """The segments of a running job's finished windows (its resume state); empty before its first."""
+        job = self.view(job_id, principal).job
+        window = load_resume(self.transcript_dir, job.id)
+        return window.segments if window else []
+
+    def result(self, job_id: str, principal: Principal) -> dict[str, Any]:
+        """A completed job's whole result: text, segments and language, as Whisper gave them."""
+        _, path = self.transcript(job_id, "json", principal)
+        result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return result
+
+    def model_names(self) -> list[str]:
+        """The names a request may give for a model: the aliases, then the loaded model."""
+        return [*MODEL_ALIASES, self.engine.model_name]
+
+    def resolve_model(self, name: str) -> str:
+        """The loaded model a requested name means; ModelNotFound for a name this service does not serve.
+
+        One model per service today: a request for another model is the seam where choosing
+        among several would go.
+        """
+        if name not in self.model_names():
+            raise ModelNotFound(f"the model {name!r} does not exist here; use one of {', '.join(self.model_names())}")
+        return self.engine.model_name
+
     def jobs_per_key(self) -> dict[str | None, int]:
         """How many jobs each key has on record (for `flask keys list`)."""
         return self._store.jobs_per_owner()
@@ -260,14 +285,8 @@ class TranscriptionService:
         try:
             if not self.engine.is_multilingual:
                 raise NotMultilingual(f"the loaded model {self.engine.model_name} is English-only")
-            # Each detection holds an HTTP thread: a bound on them keeps threads free for everything else.
-            if not self._detections.acquire(blocking=False):
-                raise DetectionBusy("too many language detections are running; retry shortly", retry_after=2)
-            try:
-                with self.media.decode(path, self._check_running, first_seconds=30) as audio:
-                    return self.engine.detect_language(audio)
-            finally:
-                self._detections.release()
+            with self.detections.held(), self.media.decode(path, self._check_running, first_seconds=30) as audio:
+                return self.engine.detect_language(audio)
         finally:
             path.unlink(missing_ok=True)
 
