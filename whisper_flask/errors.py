@@ -1,5 +1,7 @@
 """The one JSON error contract: {"error": message, "code": machine_code} with the right status.
 
+Under /v1 (OpenAI's API) the same errors take OpenAI's envelope instead:
+{"error": {"message", "type", "param", "code"}}, so OpenAI's clients raise the right exception.
 Services raise their own exceptions (exceptions.py); this module alone turns them into HTTP.
 """
 
@@ -7,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .exceptions import (
@@ -16,9 +18,11 @@ from .exceptions import (
     AudioTooLong,
     InvalidOption,
     JobExpired,
+    JobFailed,
     JobNotFound,
     LinkRefused,
     ModelLoading,
+    ModelNotFound,
     ModelUnavailable,
     NotMultilingual,
     NoTranscript,
@@ -43,6 +47,7 @@ _STATUS: dict[type[ServiceError], int] = {
     Unauthenticated: 401,
     LinkRefused: 403,
     JobNotFound: 404,
+    ModelNotFound: 404,
     UnknownFormat: 404,
     TranscriptMissing: 404,
     TranscriptNotReady: 409,
@@ -57,6 +62,9 @@ _STATUS: dict[type[ServiceError], int] = {
     ModelUnavailable: 503,
     StorageFull: 507,
 }
+
+#: The path prefix of OpenAI's API, whose errors use OpenAI's envelope.
+OPENAI_PREFIX = "/v1"
 
 # Codes for werkzeug's own errors; the rest are derived from the exception's name.
 _HTTP_CODES = {
@@ -89,11 +97,35 @@ class ApiError(Exception):
 def error_response(
     http_status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    """Build the JSON error body every endpoint uses."""
-    response = jsonify({"error": message, "code": code, **extra})
+    """Build the JSON error body every endpoint uses (OpenAI's envelope under /v1)."""
+    if has_request_context() and f"{request.path}/".startswith(f"{OPENAI_PREFIX}/"):
+        response = jsonify(_openai_body(http_status, code, message, extra.get("field")))
+    else:
+        response = jsonify({"error": message, "code": code, **extra})
     response.status_code = http_status
     response.headers.update(headers or {})
     return response
+
+
+def openai_error(error: ServiceError) -> dict[str, Any]:
+    """A service error in OpenAI's envelope, for a stream whose status line was already sent."""
+    return _openai_body(_status(error), error.code, str(error), _details(error).get("field"))
+
+
+def _openai_body(http_status: int, code: str, message: str, param: str | None) -> dict[str, Any]:
+    kind = "server_error" if http_status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _status(error: ServiceError) -> int:
+    kind = type(error)
+    if isinstance(error, JobFailed):  # answered as the exception that failed the job would be
+        kind = next((cls for cls in _service_errors(ServiceError) if cls.code == error.code), JobFailed)
+    return next((_STATUS[cls] for cls in kind.__mro__ if cls in _STATUS), 500)
+
+
+def _service_errors(base: type[ServiceError]) -> list[type[ServiceError]]:
+    return [base] + [cls for sub in base.__subclasses__() for cls in _service_errors(sub)]
 
 
 def _headers(error: ServiceError) -> dict[str, str]:
@@ -111,6 +143,8 @@ def _headers(error: ServiceError) -> dict[str, str]:
 def _details(error: ServiceError) -> dict[str, Any]:
     if isinstance(error, InvalidOption):
         return {"field": error.field}
+    if isinstance(error, ModelNotFound):
+        return {"field": "model"}
     if isinstance(error, TranscriptNotReady):
         return {"status": error.status, "progress": error.progress}
     if isinstance(error, NoTranscript):
@@ -119,8 +153,7 @@ def _details(error: ServiceError) -> dict[str, Any]:
 
 
 def _handle_service_error(error: ServiceError) -> Response:
-    status = next((_STATUS[cls] for cls in type(error).__mro__ if cls in _STATUS), 500)
-    return error_response(status, error.code, str(error), _headers(error), **_details(error))
+    return error_response(_status(error), error.code, str(error), _headers(error), **_details(error))
 
 
 def _handle_api_error(error: ApiError) -> Response:

@@ -1,0 +1,199 @@
+"""OpenAI's audio API on the shared queue: /v1/audio/transcriptions, /v1/audio/translations, /v1/models.
+
+Each request is an ordinary job of its key (it shows in /jobs, has progress, is fair to other jobs,
+durable and resumable); the response waits for it, or streams its text window by window. A client
+that leaves does not cancel the job. Errors under /v1 use OpenAI's envelope (errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from werkzeug.datastructures import MultiDict
+from whisper.tokenizer import LANGUAGES
+
+from ..access import Principal
+from ..errors import OPENAI_PREFIX, ApiError, openai_error
+from ..exceptions import JobFailed, NoTranscript, ServiceError
+from ..options import Task, TranscribeOptions, parse_flag, parse_options
+from ..records import Job, JobStatus
+from ..service import TranscriptionService, get_service
+from ..writers import FORMATS
+from .auth import principal, require_key
+from .uploads import client_filename, keep_upload, receive_upload
+
+bp = Blueprint("openai", __name__, url_prefix=OPENAI_PREFIX)
+require_key(bp)
+
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+GRANULARITIES = ("segment", "word")
+#: OpenAI's segment fields, in its order; Whisper's segments carry them all.
+SEGMENT_FIELDS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                  "compression_ratio", "no_speech_prob")  # fmt: skip
+#: How often a streaming response looks for newly finished windows.
+STREAM_POLL_S = 0.5
+#: A comment line this often keeps proxies from timing out and finds clients that have left.
+KEEPALIVE_S = 10.0
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    """The models a request may name, in OpenAI's list shape."""
+    return jsonify({"object": "list", "data": [_model(name) for name in get_service().model_names()]})
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str) -> Response:
+    """One model in OpenAI's shape; 404 model_not_found for a model this service does not serve."""
+    get_service().resolve_model(model_id)
+    return jsonify(_model(model_id))
+
+
+@bp.post("/audio/transcriptions")
+def create_transcription() -> Response:
+    """Transcribe an uploaded file as OpenAI's API does, on the shared queue."""
+    return _answer(Task.TRANSCRIBE)
+
+
+@bp.post("/audio/translations")
+def create_translation() -> Response:
+    """Translate an uploaded file's speech into English text as OpenAI's API does, on the shared queue."""
+    return _answer(Task.TRANSLATE)
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "whisper_flask"}
+
+
+def _answer(task: Task) -> Response:
+    service = get_service()
+    who = principal()
+    service.check_capacity(who)  # before the body is read, as on /upload
+    service.waits.take()  # each request holds an HTTP thread until its job ends
+    try:
+        file = receive_upload()
+        form = request.form
+        service.resolve_model(form.get("model") or _missing("model"))
+        fmt = _one_of(form, "response_format", RESPONSE_FORMATS, "json")
+        granularities = [_checked("timestamp_granularities[]", value, GRANULARITIES) for value in _granularities(form)]
+        if "word" in granularities and fmt != "verbose_json":
+            raise ApiError(400, "invalid_value", "timestamp_granularities[] needs response_format verbose_json",
+                           field="timestamp_granularities[]")  # fmt: skip
+        stream = parse_flag("stream", form.get("stream") or "false")
+        if stream and fmt not in ("json", "text"):
+            raise ApiError(400, "invalid_value", "stream=true sends text events; use response_format json or text",
+                           field="stream")  # fmt: skip
+        options = _options(form, task, "word" in granularities, service.engine.is_multilingual)
+        job = service.submit(keep_upload(file), client_filename(file.filename), options, who, request.remote_addr).job
+        if stream:
+            response = Response(_events(service, job.id, who), mimetype="text/event-stream")
+            # nginx passes each event on at once instead of buffering the response.
+            response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        else:
+            response = _final(service, service.wait(job.id, who), fmt, granularities)
+        response.headers["X-Job-Id"] = job.id  # a client that gives up can still fetch the job
+    except BaseException:
+        service.waits.give()
+        raise
+    response.call_on_close(service.waits.give)
+    return response
+
+
+def _missing(field: str) -> str:
+    raise ApiError(400, "missing_parameter", f"you must provide a '{field}' parameter", field=field)
+
+
+def _checked(field: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ApiError(400, "invalid_value", f"{field} must be one of {', '.join(allowed)}", field=field)
+    return value
+
+
+def _one_of(form: MultiDict[str, str], field: str, allowed: tuple[str, ...], default: str) -> str:
+    return _checked(field, form.get(field) or default, allowed)
+
+
+def _granularities(form: MultiDict[str, str]) -> list[str]:
+    # OpenAI's clients send the list as repeated `timestamp_granularities[]` parts.
+    return form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+
+
+def _options(form: MultiDict[str, str], task: Task, words: bool, multilingual: bool) -> TranscribeOptions:
+    fields = {name: form[name] for name in ("language", "prompt", "temperature") if name in form}
+    fields["task"] = task.value
+    if words:
+        fields["word_timestamps"] = "true"
+    return parse_options([fields], multilingual)
+
+
+def _final(service: TranscriptionService, job: Job, fmt: str, granularities: list[str]) -> Response:
+    _raise_unless_completed(job)
+    if fmt in ("srt", "vtt"):
+        _, path = service.transcript(job.id, fmt, principal())
+        return Response(path.read_text(encoding="utf-8"), mimetype=FORMATS[fmt])
+    result = service.result(job.id, principal())
+    text = result["text"].strip()
+    if fmt == "text":
+        return Response(text + "\n", mimetype="text/plain")
+    if fmt == "json":
+        return jsonify({"text": text})
+    return jsonify(_verbose(job, result, text, granularities))
+
+
+def _verbose(job: Job, result: dict[str, Any], text: str, granularities: list[str]) -> dict[str, Any]:
+    language = result.get("language") or job.language or ""
+    body: dict[str, Any] = {
+        "task": (job.options.task or Task.TRANSCRIBE).value,
+        "language": LANGUAGES.get(language, language),  # OpenAI names the language: "english"
+        "duration": job.duration,
+        "text": text,
+    }
+    segments = result["segments"]
+    if "segment" in granularities or not granularities:
+        body["segments"] = [{field: segment[field] for field in SEGMENT_FIELDS} for segment in segments]
+    if "word" in granularities:
+        body["words"] = [
+            {"word": word["word"].strip(), "start": word["start"], "end": word["end"]}
+            for segment in segments
+            for word in segment.get("words", [])
+        ]
+    return body
+
+
+def _raise_unless_completed(job: Job) -> None:
+    if job.status is JobStatus.FAILED:
+        raise JobFailed(job.error_code or "transcription_failed", job.error or "the transcription failed")
+    if job.status is not JobStatus.COMPLETED:
+        raise NoTranscript(f"the job was {job.status.value}; it has no transcript", job.status.value)
+
+
+def _events(service: TranscriptionService, job_id: str, who: Principal) -> Iterator[str]:
+    """Server-sent events: a delta per finished segment as its window ends, then the whole text."""
+    sent = 0
+    quiet = 0.0
+    try:
+        job = service.wait(job_id, who, STREAM_POLL_S)
+        while not job.status.terminal:
+            segments = service.segments_so_far(job_id, who)
+            for segment in segments[sent:]:
+                yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
+            quiet = 0.0 if len(segments) > sent else quiet + STREAM_POLL_S
+            sent = max(sent, len(segments))
+            if quiet >= KEEPALIVE_S:
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+            job = service.wait(job_id, who, STREAM_POLL_S)
+        _raise_unless_completed(job)
+        result = service.result(job_id, who)
+        for segment in result["segments"][sent:]:
+            yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
+        yield _event({"type": "transcript.text.done", "text": result["text"].strip()})
+    except ServiceError as error:  # the status line is sent: the failure becomes an error event
+        yield _event(openai_error(error))
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
