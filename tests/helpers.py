@@ -88,7 +88,9 @@ class FakeEngine:
             if options.initial_prompt == "crash":
                 raise RuntimeError("the fake engine was asked to crash")
             end = min(duration, (index + 1) * 30.0)
-            segments.append({"id": index, "start": index * 30.0, "end": end, "text": f" window {index}"})
+            segments.append({"id": index, "seek": index * 3000, "start": index * 30.0, "end": end,
+                             "text": f" window {index}", "tokens": [50364 + index], "temperature": 0.0,
+                             "avg_logprob": -0.2, "compression_ratio": 1.0, "no_speech_prob": 0.01})  # fmt: skip
         text = "".join(segment["text"] for segment in segments)
         return {"text": text, "segments": segments, "language": options.language or "en"}
 

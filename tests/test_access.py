@@ -63,6 +63,7 @@ ROUTES: dict[str, tuple[str, str, int, int]] = {
     "cancel": ("DELETE", "/jobs/{job}", 200, 404),
     "queue": ("GET", "/queue", 200, 200),
     "detect-language": ("POST", "/detect-language", 422, 422),  # tiny.en is English-only
+    "openai models": ("GET", "/v1/models", 200, 200),
 }
 
 
@@ -81,7 +82,8 @@ def test_each_route_answers_each_kind_of_key_as_it_should(served: dict[str, Any]
     expected = {"none": 401, "wrong": 401, "revoked": 401, "other": other_user}.get(key, allowed)
     assert response.status_code == expected, body
     if expected == 401:
-        assert body["code"] == ("missing_api_key" if key == "none" else "invalid_api_key")
+        code = body["error"]["code"] if path.startswith("/v1/") else body["code"]  # OpenAI's envelope under /v1
+        assert code == ("missing_api_key" if key == "none" else "invalid_api_key")
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="whisper_flask"'
     if key == "other" and other_user == 404:
         assert body == {"error": f"no job with id {served['job']!r}", "code": "job_not_found"}, "as an unknown id"

@@ -6,13 +6,16 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
+import openai
 import pytest
 
 from bench.loopback import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
-from tests.helpers import LiveClient, create_key, speech, wait_for
+from tests.helpers import FIXTURES, LiveClient, create_key, speech, wait_for
 from whisper_flask.config import DEFAULTS
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
@@ -84,6 +87,26 @@ def test_oversized_upload_gets_413_json_from_nginx(stack: LiveClient, tmp_path: 
     status, body = curl("-H", f"X-API-Key: {stack.key}", "-F", f"file=@{big}", f"{base_url(stack)}/upload")
     assert status == 413
     assert json.loads(body)["code"] == "too_large"
+
+
+def test_openai_stream_passes_nginx_window_by_window(stack: LiveClient) -> None:
+    client = openai.OpenAI(base_url=f"{base_url(stack)}/v1", api_key=stack.key, max_retries=0)
+    with (FIXTURES / "lj001-chapter-70s.opus").open("rb") as audio:
+        events = iter(client.audio.transcriptions.create(file=audio, model="whisper-1", stream=True))
+        first = next(events)
+        first_at = time.time()
+        rest = list(events)
+    assert first.type == "transcript.text.delta" and rest[-1].type == "transcript.text.done"
+    job = stack.get("/jobs").get_json()["jobs"][0]
+    assert job["status"] == "completed"
+    assert first_at < datetime.fromisoformat(job["finished_at"]).timestamp(), "nginx held the events back"
+
+
+def test_openai_client_reads_nginx_413_in_openai_envelope(stack: LiveClient) -> None:
+    client = openai.OpenAI(base_url=f"{base_url(stack)}/v1", api_key=stack.key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as error:
+        client.audio.transcriptions.create(file=("big.wav", b"\0" * (3 * 1024 * 1024)), model="whisper-1")
+    assert (error.value.status_code, error.value.code, error.value.type) == (413, "too_large", "invalid_request_error")
 
 
 def test_upload_flood_gets_429_json_and_polling_is_not_limited(stack: LiveClient) -> None:
