@@ -20,9 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.peers import edit_distance_rate, joined_speech, speech_passages  # noqa: E402
 from whisper_flask.config import DEFAULTS  # noqa: E402
-from whisper_flask.engine import WhisperEngine, Window  # noqa: E402
+from whisper_flask.engine import WhisperEngine  # noqa: E402
 from whisper_flask.media import MediaDecoder  # noqa: E402
 from whisper_flask.options import TranscribeOptions  # noqa: E402
+from whisper_flask.windows import Window  # noqa: E402
 
 
 class Stop(Exception):

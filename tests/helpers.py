@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from whisper_flask.engine import Window
 from whisper_flask.exceptions import ModelLoading
 from whisper_flask.keys import KeyStore
 from whisper_flask.media import DecodedAudio
 from whisper_flask.options import TranscribeOptions
+from whisper_flask.windows import Window
 from whisper_flask.writers import FORMATS
 
 FIXTURES = Path(__file__).parent / "fixtures"

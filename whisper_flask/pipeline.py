@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, Window
+from .engine import Engine
 from .exceptions import ServiceError, WriteFailed, scrub_paths
 from .media import MediaDecoder
 from .records import Job, JobStage, JobStatus
 from .registry import JobCancelled, JobRegistry
 from .resume import load_resume, save_resume
 from .retention import Retention
+from .windows import Window
 from .writers import write_transcripts
 
 log = logging.getLogger(__name__)

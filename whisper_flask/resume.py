@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .engine import Window
+from .windows import Window
 from .writers import temporary_beside
 
 

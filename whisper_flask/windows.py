@@ -1,0 +1,25 @@
+"""Where a job's transcription stands as a window starts: what progress, streaming and a resume need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from whisper.audio import FRAMES_PER_SECOND
+
+
+@dataclass(frozen=True)
+class Window:
+    """Whisper's transcribe loop as a window starts (for a job in parts: all its loops, parts.py)."""
+
+    seek: int  # frames (1/100 s) of audio decoded so far
+    segments: list[dict[str, Any]]  # the segments finished before this window, in order
+    prompt: list[int]  # the tokens this window is conditioned on (a job in parts: none)
+    language: str | None
+    # A job in parts: each part's span, whether it is done, and its own loop's window.
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of audio decoded so far."""
+        return self.seek / FRAMES_PER_SECOND
