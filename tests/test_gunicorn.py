@@ -7,6 +7,8 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from bench.loopback import curl, free_port, start_gunicorn, stop
 from tests.helpers import (
     FIXTURES,
@@ -14,6 +16,7 @@ from tests.helpers import (
     LiveClient,
     StartGunicorn,
     speech,
+    split_scores,
     submit,
     transcribing,
     transcripts,
@@ -89,4 +92,9 @@ def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(
     undisturbed = submit(client, audio)
     assert wait_for(client, undisturbed)["status"] == "completed"
     got, expected = transcripts(client, running), transcripts(client, undisturbed)
-    assert {fmt: got[fmt] for fmt in ("txt", "srt", "json")} == {fmt: expected[fmt] for fmt in ("txt", "srt", "json")}
+    assert (got["txt"], got["srt"]) == (expected["txt"], expected["srt"])
+    # Its two parts' windows shared decoder steps with different partners before and after the
+    # restart: fp32 scores move in their last digits, the text and times do not.
+    (got_json, got_scores), (expected_json, expected_scores) = split_scores(got["json"]), split_scores(expected["json"])
+    assert got_json == expected_json
+    assert got_scores == pytest.approx(expected_scores, rel=1e-4, abs=1e-6)

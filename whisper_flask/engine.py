@@ -23,7 +23,6 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
@@ -36,8 +35,10 @@ from .checkpoints import ensure_checkpoint
 from .exceptions import ModelLoading, ModelUnavailable
 from .media import DecodedAudio
 from .options import Task, TranscribeOptions
-from .quantize import INT8_MODELS, quantize_int8
+from .parts import PartedProgress, PartsAborted, part_mel, plan_parts
+from .quantize import choose_precision, quantize_int8
 from .spectrogram import LogMel, accept_precomputed, log_mel
+from .windows import Window
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,6 @@ PromptSwap = tuple[list[int], list[int]]
 
 #: The function whose frame the proxy reads `seek` and `all_segments` from (internals.py checks them).
 _TRANSCRIBE_CODE = whisper.transcribe.__code__
-
-
-@dataclass(frozen=True)
-class Window:
-    """Whisper's transcribe loop as a window starts: what progress and a resume need."""
-
-    seek: int  # frames (1/100 s) of audio decoded so far
-    segments: list[dict[str, Any]]  # the segments finished before this window
-    prompt: list[int]  # the tokens this window is conditioned on
-    language: str | None
-
-    @property
-    def seconds(self) -> float:
-        """Seconds of audio decoded so far."""
-        return self.seek / FRAMES_PER_SECOND
 
 
 class Engine(Protocol):
@@ -133,7 +119,8 @@ class _JobModel:
         self._on_window(window)
         # transcribe() passes the same mel tensor to each temperature of a fallback.
         if self._encoded is None or self._encoded[0] is not mel:
-            self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None])))
+            # float(): Whisper's DecodingTask wants fp32 features, and bf16 matmuls give bf16.
+            self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None]).float()))
         result = self._thread.decode(self._encoded[1], options, window.seek)
         if self._aligns:
             # Word alignment follows: it flips a global SDPA switch and hooks shared modules
@@ -156,6 +143,9 @@ class WhisperEngine:
         self._thread: ModelThread  # made by start(), which every model call waits for
         self._ready = threading.Event()
         self._model: whisper.Whisper | None = None
+        self._running_lock = threading.Lock()
+        self._running = 0  # transcribe() calls under way: each job's share of the batch places
+        self._batch_size = 1
         self.model_name = ""
         self.error: str | None = None
 
@@ -165,7 +155,8 @@ class WhisperEngine:
         device = config["DEVICE"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._thread = ModelThread(config["BATCH_SIZE"], config["BATCH_WAIT_MS"] / 1000)
+        self._batch_size = config["BATCH_SIZE"]
+        self._thread = ModelThread(self._batch_size, config["BATCH_WAIT_MS"] / 1000)
         accept_precomputed()
         self._loader = threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True)
         self._loader.start()
@@ -183,16 +174,11 @@ class WhisperEngine:
             if model in whisper._ALIGNMENT_HEADS:
                 # load_model(path) cannot know the name, so it would use generic heads.
                 loaded.set_alignment_heads(whisper._ALIGNMENT_HEADS[model])
-            quantize = config["QUANTIZE"]
-            if quantize == "auto":
-                quantize = "int8" if device == "cpu" and model in INT8_MODELS else "none"
+            quantize = choose_precision(config["QUANTIZE"], device, model)
             project = whisper_projection(loaded)
-            if quantize == "int8" and device == "cpu":
+            if quantize == "int8":
                 project = quantize_int8(loaded)
-            elif quantize == "int8":
-                log.warning("WHISPER_FLASK_QUANTIZE=int8 applies to the CPU only; %s runs unquantized", device)
-                quantize = "none"
-            self._thread.start(loaded, project)
+            self._thread.start(loaded, project, bf16=quantize == "bf16")
             self._model = loaded
             log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, quantize)
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
@@ -227,12 +213,88 @@ class WhisperEngine:
     ) -> dict[str, Any]:
         """Run Whisper's transcribe loop on audio, its windows decoded step by step beside other jobs'.
 
-        With `resume` (a Window an interrupted run reported), start there instead of at 0.
+        A long file runs as parts side by side, as many as the free batch places allow (parts.py).
+        With `resume` (a Window an interrupted run reported), each loop starts where it stood.
         """
         model = self.wait_until_ready()
+        # The model thread does the model's work; this thread only computes the spectrogram and
+        # filters logits, on one torch thread so as not to compete with it (see ModelThread).
+        use_torch_threads(1)
+        mel = log_mel(audio, model.dims.n_mels)  # by chunks: the whole file's STFT would not fit
+        with self._running_lock:
+            self._running += 1
+            places = max(1, self._batch_size // self._running)  # a fair share of the decoder steps
+        try:
+            if resume is not None and not resume.parts:  # one loop (or a resume saved before parts existed)
+                return self._run_loop(model, mel, options, on_window, resume)
+            if resume is not None:
+                return self._run_parts(model, mel, options, PartedProgress.resumed(resume, on_window))
+            parts = plan_parts(mel, mel.shape[-1] - N_FRAMES, places)
+            if len(parts) == 1:
+                return self._run_loop(model, mel, options, on_window, None)
+            cuts = ", ".join(f"{part.start / FRAMES_PER_SECOND:.1f}" for part in parts[1:])
+            log.info("transcribing in %d parts side by side, cut at %s s", len(parts), cuts)
+            language = options.language or self._language_of(model, mel)
+            return self._run_parts(model, mel, options, PartedProgress.fresh(parts, language, on_window))
+        finally:
+            with self._running_lock:
+                self._running -= 1
+
+    def _run_parts(
+        self, model: whisper.Whisper, mel: torch.Tensor, options: TranscribeOptions, progress: PartedProgress
+    ) -> dict[str, Any]:
+        """Each unfinished part's loop on a thread of its own, all joined before this returns."""
+        # Every part speaks the job's language: detected once, not per part.
+        options = dataclasses.replace(options, language=progress.language)
+        errors: dict[int, BaseException] = {}
+
+        def run(index: int) -> None:
+            use_torch_threads(1)
+            try:
+                part_audio = part_mel(mel, progress.parts[index])
+                result = self._run_loop(model, part_audio, options, progress.hook(index), progress.window(index))
+                progress.finish(index, result["segments"])
+            except BaseException as exc:  # re-raised by the job's thread below
+                errors[index] = exc
+                progress.fail()
+
+        name = threading.current_thread().name
+        threads = [
+            threading.Thread(target=run, args=(index,), name=f"{name}-part{index}")
+            for index in range(len(progress.parts))
+            if not progress.done(index)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        causes = [error for _, error in sorted(errors.items()) if not isinstance(error, PartsAborted)]
+        if causes or errors:
+            raise (causes or list(errors.values()))[0]
+        segments = progress.segments()
+        return {"text": "".join(segment["text"] for segment in segments), "segments": segments,
+                "language": progress.language}  # fmt: skip
+
+    def _language_of(self, model: whisper.Whisper, mel: torch.Tensor) -> str:
+        """The language of the first 30 s, as Whisper's loop would detect it there."""
+        if not model.is_multilingual:
+            return "en"
+        first = mel[:, :N_FRAMES].to(model.device)
+        _, probs = self._thread.run(lambda: model.detect_language(first))
+        return str(max(probs, key=probs.get))
+
+    def _run_loop(
+        self,
+        model: whisper.Whisper,
+        mel: torch.Tensor,
+        options: TranscribeOptions,
+        on_window: WindowHook,
+        resume: Window | None,
+    ) -> dict[str, Any]:
+        """Whisper's transcribe loop over a spectrogram (padded by N_FRAMES), from `resume` if given."""
         keywords = options.as_dict()
         if resume is None:
-            return self._run_transcribe(model, audio, keywords, on_window, ([], []))
+            return self._run_transcribe(model, mel, keywords, on_window, ([], []))
 
         tokenizer = whisper.tokenizer.get_tokenizer(
             model.is_multilingual,
@@ -254,7 +316,7 @@ class WhisperEngine:
             "language": resume.language,
             "initial_prompt": text if resume.prompt else None,
         }
-        result = self._run_transcribe(model, audio, resumed_options, on_resumed_window, (canonical, resume.prompt))
+        result = self._run_transcribe(model, mel, resumed_options, on_resumed_window, (canonical, resume.prompt))
         segments = done + _renumbered(result["segments"], len(done))
         tokens = [token for segment in segments for token in segment["tokens"]]
         return {"text": tokenizer.decode(tokens), "segments": segments, "language": result["language"]}
@@ -262,19 +324,15 @@ class WhisperEngine:
     def _run_transcribe(
         self,
         model: whisper.Whisper,
-        audio: DecodedAudio,
+        mel: torch.Tensor,
         options: dict[str, Any],
         on_window: WindowHook,
         prompt_swap: PromptSwap,
     ) -> dict[str, Any]:
         aligns = bool(options.get("word_timestamps"))
         job_model = _JobModel(model, self._thread, on_window, prompt_swap, aligns)
-        # The model thread does the model's work; this thread only computes the spectrogram and
-        # filters logits, on one torch thread so as not to compete with it (see ModelThread).
-        use_torch_threads(1)
-        mel = LogMel(log_mel(audio, model.dims.n_mels))  # by chunks: the whole file's STFT would not fit
         try:
-            return whisper.transcribe(job_model, mel, verbose=None, fp16=model.device.type == "cuda", **options)
+            return whisper.transcribe(job_model, LogMel(mel), verbose=None, fp16=model.device.type == "cuda", **options)
         finally:
             self._thread.release()
 

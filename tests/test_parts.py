@@ -1,0 +1,109 @@
+"""A long job in parts: where it is cut, how its parts' progress adds up, and that a resume continues each part."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from whisper.audio import N_FRAMES
+
+from tests.helpers import SPOKEN, speech, submit, wait_for
+from whisper_flask.parts import MIN_PART_FRAMES, Part, PartedProgress, plan_parts
+from whisper_flask.resume import load_resume, save_resume
+from whisper_flask.service import get_service
+from whisper_flask.windows import Window
+
+
+def loud_mel(frames: int, quiet_at: tuple[int, ...] = ()) -> torch.Tensor:
+    """A spectrogram (with Whisper's N_FRAMES of padding) that is loud everywhere but 0.5 s at each given frame."""
+    mel = torch.ones(80, frames + N_FRAMES)
+    for frame in quiet_at:
+        mel[:, frame - 25 : frame + 25] = -1.0
+    return mel
+
+
+def segment(start: float, end: float, text: str) -> dict[str, Any]:
+    """A segment as Whisper's loop makes it (relative to its part)."""
+    return {"id": 0, "seek": int(start * 100), "start": start, "end": end, "text": text, "tokens": [1]}
+
+
+def test_each_cut_falls_in_the_pause_nearest_its_even_spacing() -> None:
+    parts = plan_parts(loud_mel(27000, quiet_at=(9300, 17800)), 27000, places=3)
+    assert [(part.start, part.end) for part in parts] == [(0, parts[1].start), (parts[1].start, parts[2].start),
+                                                         (parts[2].start, 27000)]  # fmt: skip
+    assert abs(parts[1].start - 9300) <= 25 and abs(parts[2].start - 17800) <= 25
+
+
+@pytest.mark.parametrize(
+    ("frames", "places", "count"),
+    [
+        (MIN_PART_FRAMES * 2 - 1, 8, 1),  # under two parts' worth: one loop
+        (MIN_PART_FRAMES * 2, 8, 2),
+        (MIN_PART_FRAMES * 20, 8, 8),  # never more than the places
+        (MIN_PART_FRAMES * 20, 1, 1),  # no free place: one loop, as before parts
+    ],
+)
+def test_parts_are_no_more_than_the_places_and_at_least_two_windows_long(frames: int, places: int, count: int) -> None:
+    parts = plan_parts(loud_mel(frames), frames, places)
+    assert len(parts) == count
+    assert all(part.end - part.start >= MIN_PART_FRAMES - 500 for part in parts)
+
+
+def test_progress_adds_the_parts_and_shows_segments_only_in_order() -> None:
+    reported: list[Window] = []
+    progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000)], "en", reported.append)
+    progress.hook(1)(Window(1500, [segment(0, 15, " second")], [7], "en"))
+    assert (reported[-1].seek, reported[-1].segments) == (1500, []), "part 2's text waits for part 1"
+    progress.hook(0)(Window(3000, [segment(0, 30, " first")], [5], "en"))
+    assert [s["text"] for s in reported[-1].segments] == [" first"]
+    progress.finish(0, [segment(0, 30, " first"), segment(30, 60, " more")])
+    last = reported[-1]
+    assert last.seek == 6000 + 1500
+    assert [(s["id"], s["start"], s["seek"], s["text"]) for s in last.segments] == [
+        (0, 0, 0, " first"), (1, 30, 3000, " more"), (2, 60, 6000, " second")]  # fmt: skip
+
+
+def test_a_saved_state_resumes_each_part_at_its_own_window(tmp_path: Path) -> None:
+    reported: list[Window] = []
+    progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000), Part(12000, 18000)], "de", reported.append)
+    progress.finish(0, [segment(0, 60, " eins")])
+    progress.hook(1)(Window(3000, [segment(0, 30, " zwei")], [11, 12], "de"))
+    save_resume(tmp_path, "job", reported[-1])
+
+    resumed = PartedProgress.resumed(load_resume(tmp_path, "job"), reported.append)  # type: ignore[arg-type]
+    assert [resumed.done(index) for index in range(3)] == [True, False, False]
+    assert resumed.window(1) == Window(3000, [segment(0, 30, " zwei")], [11, 12], "de")
+    assert resumed.window(2) is None, "a part that never started starts afresh"
+    assert resumed.language == "de"
+
+
+def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcript(
+    make_real_app, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audio = speech(tmp_path / "long.wav", 150, list(SPOKEN))
+    first = make_real_app(MAX_WORKERS=1)
+    alone = submit(first.test_client(), audio)
+    wait_for(first.test_client(), alone, "completed", timeout=300)
+    assert "transcribing in 2 parts side by side" in caplog.text
+    expected = (get_service(first).transcript_dir / f"{alone}.txt").read_text()
+
+    interrupted = submit(first.test_client(), audio)
+    service = get_service(first)
+    deadline = time.monotonic() + 300
+    # Both parts past their first window: the state to resume has two loops in it.
+    while not ((window := load_resume(service.transcript_dir, interrupted)) and all(
+            part["window"]["seek"] for part in window.parts)):  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    service.stop()
+    assert service.registry.view(interrupted).job.status.value == "pending"
+
+    restarted = get_service(make_real_app(MAX_WORKERS=1))
+    while not restarted.registry.view(interrupted).job.status.terminal:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert f"job {interrupted} resumes at" in caplog.text
+    assert (restarted.transcript_dir / f"{interrupted}.txt").read_text() == expected
