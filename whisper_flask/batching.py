@@ -81,6 +81,7 @@ class ModelThread:
 
     def __init__(self, size: int, wait_s: float) -> None:
         self._size = size
+        self._bf16 = False
         self._wait_s = wait_s
         self._cond = threading.Condition()
         self._queue: list[_Work] = []
@@ -92,9 +93,9 @@ class ModelThread:
         self._model: whisper.Whisper
         self._project: Projection
 
-    def start(self, model: whisper.Whisper, project: Projection) -> None:
-        """Start the thread; it runs model work until stop()."""
-        self._model, self._project = model, project
+    def start(self, model: whisper.Whisper, project: Projection, bf16: bool = False) -> None:
+        """Start the thread; it runs model work (its matmuls in bf16 if `bf16`) until stop()."""
+        self._model, self._project, self._bf16 = model, project, bf16
         self._thread = threading.Thread(target=self._run, name="whisper-model", daemon=True)
         self._thread.start()
 
@@ -205,6 +206,13 @@ class ModelThread:
 
     def _run(self) -> None:
         use_torch_threads(MODEL_THREADS)  # see the class docstring
+        # With bf16, matmuls run in bf16 while norms, softmax and the logits projection's output
+        # stay fp32. Entered once for the thread's life: autocast keeps its bf16 copies of the
+        # weights until it exits, and would cast them again at every decoder step otherwise.
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 batch = self._take()
@@ -213,11 +221,7 @@ class ModelThread:
                 self._queue = [work for work in self._queue if work not in batch]
                 self._busy = True
             try:
-                if batch[0].call is not None:
-                    with torch.no_grad():
-                        results: list[Any] = [batch[0].call()]
-                else:
-                    results = self._step(batch)
+                results: list[Any] = [batch[0].call()] if batch[0].call is not None else self._step(batch)
             except Exception as exc:  # the threads waiting on this work fail with it; the thread goes on
                 log.exception("model work for %d window(s) failed", len(batch))
                 results = [exc] * len(batch)

@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("auto", "none", "int8")
+QUANTIZATIONS = ("auto", "none", "int8", "bf16")
 
 
 class ConfigError(ValueError):

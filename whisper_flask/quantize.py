@@ -1,4 +1,6 @@
-"""Int8 weights for Whisper's Linear layers and logits projection (WHISPER_FLASK_QUANTIZE=int8).
+"""The model's arithmetic (WHISPER_FLASK_QUANTIZE): fp32, bf16 matmuls, or int8 Linear layers.
+
+Int8 weights for Whisper's Linear layers and logits projection (WHISPER_FLASK_QUANTIZE=int8):
 
 Weights are quantized once, per output channel; activations are quantized per row at each
 call and multiplied in exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's
@@ -8,12 +10,42 @@ result independent of the other windows in its batch, which torch's dynamic quan
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 import whisper
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
+
 #: Models whose word error rate with int8 was measured within 0.5 points of fp32 (bench/throughput.py).
 INT8_MODELS = frozenset({"base"})
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles for bf16, where bf16 matmuls beat int8 ones.
+
+    AVX512-BF16 alone is not enough: on such a 2-core VM (no AMX), `base` with bf16 took 43 s
+    for a 232 s recording against 16 s with int8 (same word error rate, /tmp harness in the
+    issue 13 note); its one-row decoder matmuls are slow in bf16.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def choose_precision(setting: str, device: str, model: str) -> str:
+    """The arithmetic a setting means on a device: "none" (fp32; fp16 on CUDA is Whisper's own), "bf16" or "int8"."""
+    if device != "cpu":
+        if setting in ("int8", "bf16"):
+            log.warning("WHISPER_FLASK_QUANTIZE=%s applies to the CPU only; %s runs as Whisper does", setting, device)
+        return "none"
+    if setting == "auto":
+        return "bf16" if cpu_has_amx_bf16() else "int8" if model in INT8_MODELS else "none"
+    return setting
 
 
 class Int8Linear(nn.Module):
