@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from whisper.audio import N_FRAMES
 
 from tests.helpers import SPOKEN, speech, submit, wait_for
+from whisper_flask.engine import WhisperEngine
+from whisper_flask.options import TranscribeOptions
 from whisper_flask.parts import MIN_PART_FRAMES, Part, PartedProgress, plan_parts
 from whisper_flask.resume import load_resume, save_resume
 from whisper_flask.service import get_service
@@ -107,3 +110,30 @@ def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcrip
         time.sleep(0.1)
     assert f"job {interrupted} resumes at" in caplog.text
     assert (restarted.transcript_dir / f"{interrupted}.txt").read_text() == expected
+
+
+def test_a_failing_part_stops_the_others_at_their_next_window_and_the_job_fails_with_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = WhisperEngine()
+    windows_after_failure: list[int] = []
+    failed = threading.Event()
+
+    def run_loop(model: Any, mel: Any, options: Any, on_window: Any, resume: Any) -> dict[str, Any]:
+        if threading.current_thread().name.endswith("part0"):
+            on_window(Window(0, [], [], "en"))
+            failed.set()
+            raise RuntimeError("the model broke in part 0")
+        assert failed.wait(10)
+        for seek in range(1, 100):  # a loop that would go on for ever, but for its hook
+            windows_after_failure.append(seek)
+            on_window(Window(seek * 3000, [], [], "en"))
+        return {"segments": []}
+
+    monkeypatch.setattr(engine, "_run_loop", run_loop)
+    progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000), Part(12000, 18000)], "en", lambda window: None)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="the model broke in part 0"):
+        engine._run_parts(None, torch.zeros(80, 18000 + N_FRAMES), TranscribeOptions(), progress)  # type: ignore[arg-type]
+    assert windows_after_failure == [1, 1], "each other part stops at its first window after the failure"
+    assert threading.active_count() == before, "every part's thread has ended"
