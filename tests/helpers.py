@@ -76,6 +76,7 @@ class FakeEngine:
         options: TranscribeOptions,
         on_window: Callable[[Window], None],
         resume: Window | None = None,
+        check: Callable[[], None] = lambda: None,
     ) -> dict[str, Any]:
         self.options.append(options)
         self.resumed_from.append(resume)
@@ -84,6 +85,7 @@ class FakeEngine:
         for index in range(len(segments), math.ceil(duration / 30)):
             on_window(Window(index * 3000, list(segments), [], "en"))
             self.in_window.set()
+            check()  # as before each decoder step of a real window
             assert self.gate.wait(30), "test left the gate closed"
             if options.initial_prompt == "crash":
                 raise RuntimeError("the fake engine was asked to crash")

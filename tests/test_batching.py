@@ -184,3 +184,22 @@ def test_int8_model_still_hears_the_words(
     results = decode_at_once(thread, [encode(tiny_int8, mel) for mel in mels], [OPTIONS] * len(mels))
     for result, phrases in zip(results, SPOKEN.values(), strict=True):
         assert all(phrase.lower() in result.text.lower() for phrase in phrases), result.text
+
+
+def test_a_check_that_raises_stops_a_window_at_its_next_step_and_frees_its_place(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    steps = 0
+
+    def cancelled_after_three_steps() -> None:
+        nonlocal steps
+        steps += 1
+        if steps > 3:
+            raise RuntimeError("the job was cancelled")
+
+    features = encode(tiny, mels[0])
+    with pytest.raises(RuntimeError, match="the job was cancelled"):
+        tiny[1].decode(features, OPTIONS, 0, cancelled_after_three_steps)
+    assert steps == 4, "the window stopped at the step after the check first raised"
+    # Its place in the steps is free again: a window beside it decodes as if alone.
+    assert decode_at_once(tiny[1], [features], [OPTIONS])[0].tokens == whisper.decode(tiny[0], mels[0], OPTIONS).tokens

@@ -112,14 +112,14 @@ def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcrip
     assert (restarted.transcript_dir / f"{interrupted}.txt").read_text() == expected
 
 
-def test_a_failing_part_stops_the_others_at_their_next_window_and_the_job_fails_with_its_error(
+def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_with_its_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = WhisperEngine()
     windows_after_failure: list[int] = []
     failed = threading.Event()
 
-    def run_loop(model: Any, mel: Any, options: Any, on_window: Any, resume: Any) -> dict[str, Any]:
+    def run_loop(model: Any, mel: Any, options: Any, on_window: Any, resume: Any, check: Any) -> dict[str, Any]:
         if threading.current_thread().name.endswith("part0"):
             on_window(Window(0, [], [], "en"))
             failed.set()
@@ -127,6 +127,7 @@ def test_a_failing_part_stops_the_others_at_their_next_window_and_the_job_fails_
         assert failed.wait(10)
         for seek in range(1, 100):  # a loop that would go on for ever, but for its hook
             windows_after_failure.append(seek)
+            check()  # its next decoder step
             on_window(Window(seek * 3000, [], [], "en"))
         return {"segments": []}
 
@@ -134,6 +135,6 @@ def test_a_failing_part_stops_the_others_at_their_next_window_and_the_job_fails_
     progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000), Part(12000, 18000)], "en", lambda window: None)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="the model broke in part 0"):
-        engine._run_parts(None, torch.zeros(80, 18000 + N_FRAMES), TranscribeOptions(), progress)  # type: ignore[arg-type]
-    assert windows_after_failure == [1, 1], "each other part stops at its first window after the failure"
+        engine._run_parts(None, torch.zeros(80, 18000 + N_FRAMES), TranscribeOptions(), progress, lambda: None)  # type: ignore[arg-type]
+    assert windows_after_failure == [1, 1], "each other part stops at its first step after the failure"
     assert threading.active_count() == before, "every part's thread has ended"

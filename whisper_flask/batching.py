@@ -116,10 +116,12 @@ class ModelThread:
         return self._submit(_Work(call=call))
 
     @torch.no_grad()
-    def decode(self, features: Tensor, options: DecodingOptions, seed: int) -> DecodingResult:
-        """Decode one encoded window with Whisper's DecodingTask; sampling is seeded by `seed`."""
+    def decode(
+        self, features: Tensor, options: DecodingOptions, seed: int, check: Callable[[], None] = lambda: None
+    ) -> DecodingResult:
+        """Decode one encoded window with Whisper's DecodingTask (seeded by `seed`); `check` may stop it at a step."""
         task = DecodingTask(self._model, options)
-        task.inference = WindowInference(self, self._model.decoder, task.sot_index)
+        task.inference = WindowInference(self, self._model.decoder, task.sot_index, check)
         if isinstance(task.decoder, BeamSearchDecoder):
             task.decoder.inference = task.inference  # it kept a reference to the one replaced
         elif options.temperature > 0:

@@ -8,6 +8,7 @@ own cache, positions and prompt, exactly as when it is alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 class WindowInference(Inference):
     """One window's kv-cache, its forward passes run by the model thread among other windows'."""
 
-    def __init__(self, thread: ModelThread, decoder: whisper.model.TextDecoder, sot_index: int) -> None:
+    def __init__(
+        self, thread: ModelThread, decoder: whisper.model.TextDecoder, sot_index: int, check: Callable[[], None]
+    ) -> None:
         self._thread = thread
+        self._check = check  # raises to stop the window before its next step (a cancel, a stop)
         self._decoder = decoder
         self._sot_index = sot_index
         self.admitted = False  # taking part in the steps (set and cleared under the model thread's lock)
@@ -47,6 +51,7 @@ class WindowInference(Inference):
             self._audio, self.dtype = audio_features[:1], audio_features.dtype
         self._rows, self._new = tokens.shape[0], tokens.shape[1] - self.length
         self._read = [0] if self._new == 1 else sorted({self._sot_index, self._new - 1})  # see read_positions
+        self._check()
         return self._thread.step(self, tokens[:, self.length :])
 
     def attend(self, index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Called as each window starts, with the loop's state; it may raise to stop the job there.
 WindowHook = Callable[["Window"], None]
+#: Called before each decoder step; it raises to stop the job there (a cancel or a stop).
+StepCheck = Callable[[], None]
 #: A resumed job's (re-encoded initial_prompt, exact tokens it stands for); empty when fresh.
 PromptSwap = tuple[list[int], list[int]]
 
@@ -68,7 +70,12 @@ class Engine(Protocol):
     def stop(self) -> None: ...
 
     def transcribe(
-        self, audio: DecodedAudio, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
+        self,
+        audio: DecodedAudio,
+        options: TranscribeOptions,
+        on_window: WindowHook,
+        resume: Window | None = None,
+        check: StepCheck = lambda: None,
     ) -> dict[str, Any]: ...
 
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]: ...
@@ -92,12 +99,14 @@ class _JobModel:
         model: whisper.Whisper,
         thread: ModelThread,
         on_window: WindowHook,
+        check: StepCheck,
         prompt_swap: PromptSwap,
         aligns: bool,
     ) -> None:
         self._model = model
         self._thread = thread
         self._on_window = on_window
+        self._check = check
         self._canonical, self._exact = prompt_swap
         self._aligns = aligns
         self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # (mel, its encoder output)
@@ -121,7 +130,7 @@ class _JobModel:
         if self._encoded is None or self._encoded[0] is not mel:
             # float(): Whisper's DecodingTask wants fp32 features, and bf16 matmuls give bf16.
             self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None]).float()))
-        result = self._thread.decode(self._encoded[1], options, window.seek)
+        result = self._thread.decode(self._encoded[1], options, window.seek, self._check)
         if self._aligns:
             # Word alignment follows: it flips a global SDPA switch and hooks shared modules
             # before its forward pass, so it must have the model from now until its next decode.
@@ -209,12 +218,18 @@ class WhisperEngine:
         raise ModelLoading(f"model {self.model_name} is loading")
 
     def transcribe(
-        self, audio: DecodedAudio, options: TranscribeOptions, on_window: WindowHook, resume: Window | None = None
+        self,
+        audio: DecodedAudio,
+        options: TranscribeOptions,
+        on_window: WindowHook,
+        resume: Window | None = None,
+        check: StepCheck = lambda: None,
     ) -> dict[str, Any]:
         """Run Whisper's transcribe loop on audio, its windows decoded step by step beside other jobs'.
 
         A long file runs as parts side by side, as many as the free batch places allow (parts.py).
         With `resume` (a Window an interrupted run reported), each loop starts where it stood.
+        `check` runs before every decoder step: a cancel or a stop takes effect within one step.
         """
         model = self.wait_until_ready()
         # The model thread does the model's work; this thread only computes the spectrogram and
@@ -226,22 +241,27 @@ class WhisperEngine:
             places = max(1, self._batch_size // self._running)  # a fair share of the decoder steps
         try:
             if resume is not None and not resume.parts:  # one loop (or a resume saved before parts existed)
-                return self._run_loop(model, mel, options, on_window, resume)
+                return self._run_loop(model, mel, options, on_window, resume, check)
             if resume is not None:
-                return self._run_parts(model, mel, options, PartedProgress.resumed(resume, on_window))
+                return self._run_parts(model, mel, options, PartedProgress.resumed(resume, on_window), check)
             parts = plan_parts(mel, mel.shape[-1] - N_FRAMES, places)
             if len(parts) == 1:
-                return self._run_loop(model, mel, options, on_window, None)
+                return self._run_loop(model, mel, options, on_window, None, check)
             cuts = ", ".join(f"{part.start / FRAMES_PER_SECOND:.1f}" for part in parts[1:])
             log.info("transcribing in %d parts side by side, cut at %s s", len(parts), cuts)
             language = options.language or self._language_of(model, mel)
-            return self._run_parts(model, mel, options, PartedProgress.fresh(parts, language, on_window))
+            return self._run_parts(model, mel, options, PartedProgress.fresh(parts, language, on_window), check)
         finally:
             with self._running_lock:
                 self._running -= 1
 
     def _run_parts(
-        self, model: whisper.Whisper, mel: torch.Tensor, options: TranscribeOptions, progress: PartedProgress
+        self,
+        model: whisper.Whisper,
+        mel: torch.Tensor,
+        options: TranscribeOptions,
+        progress: PartedProgress,
+        check: StepCheck,
     ) -> dict[str, Any]:
         """Each unfinished part's loop on a thread of its own, all joined before this returns."""
         # Every part speaks the job's language: detected once, not per part.
@@ -252,7 +272,9 @@ class WhisperEngine:
             use_torch_threads(1)
             try:
                 part_audio = part_mel(mel, progress.parts[index])
-                result = self._run_loop(model, part_audio, options, progress.hook(index), progress.window(index))
+                result = self._run_loop(
+                    model, part_audio, options, progress.hook(index), progress.window(index), progress.checked(check)
+                )
                 progress.finish(index, result["segments"])
             except BaseException as exc:  # re-raised by the job's thread below
                 errors[index] = exc
@@ -290,11 +312,12 @@ class WhisperEngine:
         options: TranscribeOptions,
         on_window: WindowHook,
         resume: Window | None,
+        check: StepCheck,
     ) -> dict[str, Any]:
         """Whisper's transcribe loop over a spectrogram (padded by N_FRAMES), from `resume` if given."""
         keywords = options.as_dict()
         if resume is None:
-            return self._run_transcribe(model, mel, keywords, on_window, ([], []))
+            return self._run_transcribe(model, mel, keywords, on_window, check, ([], []))
 
         tokenizer = whisper.tokenizer.get_tokenizer(
             model.is_multilingual,
@@ -316,7 +339,7 @@ class WhisperEngine:
             "language": resume.language,
             "initial_prompt": text if resume.prompt else None,
         }
-        result = self._run_transcribe(model, mel, resumed_options, on_resumed_window, (canonical, resume.prompt))
+        result = self._run_transcribe(model, mel, resumed_options, on_resumed_window, check, (canonical, resume.prompt))
         segments = done + _renumbered(result["segments"], len(done))
         tokens = [token for segment in segments for token in segment["tokens"]]
         return {"text": tokenizer.decode(tokens), "segments": segments, "language": result["language"]}
@@ -327,10 +350,11 @@ class WhisperEngine:
         mel: torch.Tensor,
         options: dict[str, Any],
         on_window: WindowHook,
+        check: StepCheck,
         prompt_swap: PromptSwap,
     ) -> dict[str, Any]:
         aligns = bool(options.get("word_timestamps"))
-        job_model = _JobModel(model, self._thread, on_window, prompt_swap, aligns)
+        job_model = _JobModel(model, self._thread, on_window, check, prompt_swap, aligns)
         try:
             return whisper.transcribe(job_model, LogMel(mel), verbose=None, fp16=model.device.type == "cuda", **options)
         finally:

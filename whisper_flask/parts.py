@@ -42,7 +42,7 @@ class Part:
 
 
 class PartsAborted(Exception):
-    """Another part of the job failed or was stopped; this one stops at its next window too."""
+    """Another part of the job failed or was stopped; this one stops at its next step too."""
 
 
 def plan_parts(mel: Tensor, content_frames: int, places: int) -> list[Part]:
@@ -115,6 +115,16 @@ class PartedProgress:
 
         return on_part_window
 
+    def checked(self, check: Callable[[], None]) -> Callable[[], None]:
+        """The job's step check, which also stops a part once another has failed."""
+
+        def check_part() -> None:
+            if self._failed:  # read without the lock: it only ever turns True
+                raise PartsAborted
+            check()
+
+        return check_part
+
     def finish(self, index: int, segments: list[dict[str, Any]]) -> None:
         """Part `index` has ended with these segments (relative to its start)."""
         with self._lock:
@@ -123,7 +133,7 @@ class PartedProgress:
             self._report()
 
     def fail(self) -> None:
-        """A part failed: the others stop at their next window."""
+        """A part failed: the others stop at their next decoder step."""
         with self._lock:
             self._failed = True
 

@@ -78,7 +78,7 @@ class JobPipeline:
             self._release(job_id)
 
     def _transcribe(self, job: Job) -> dict[str, Any]:
-        def check() -> None:  # polled while ffmpeg runs: a cancel or a stop kills it
+        def check() -> None:  # polled while ffmpeg runs, and before every decoder step
             if not self._registry.accepting:
                 raise JobInterrupted(job.id)
             self._registry.check_active(job.id)
@@ -91,7 +91,7 @@ class JobPipeline:
             if resume is not None:
                 log.info("job %s resumes at %.1f s", job.id, resume.seconds)
             progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
-            return self._engine.transcribe(audio, job.options, progress.on_window, resume)
+            return self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
 
     def _advance(self, job_id: str, stage: JobStage, **changes: Any) -> None:
         if not self._registry.accepting:

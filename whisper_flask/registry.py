@@ -26,7 +26,7 @@ MAX_ATTEMPTS = 2
 
 
 class JobCancelled(Exception):
-    """The job left the registry (cancelled) while its pipeline ran; it stops at the next window."""
+    """The job left the registry (cancelled) while its pipeline ran; it stops at its next decoder step."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class JobRegistry:
             self._open = True
 
     def close(self) -> None:
-        """Stop taking jobs and starting pending ones; running ones stop at their next window."""
+        """Stop taking jobs and starting pending ones; running ones stop at their next decoder step."""
         with self._lock:
             self._open = False
             self._changed.notify_all()

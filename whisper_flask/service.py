@@ -142,7 +142,7 @@ class TranscriptionService:
         self.start()
 
     def stop(self) -> None:
-        """Stop taking work; running jobs stop at their next window and go back to pending; close the store."""
+        """Stop taking work; running jobs stop at their next decoder step and go back to pending; close the store."""
         with self._lifecycle:
             if self._state is _State.STOPPED:
                 return
@@ -206,7 +206,7 @@ class TranscriptionService:
         return QueueStats(counts.pending, counts.in_progress, counts.capacity, self.workers)
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
-        """Cancel a pending or running job (a running one stops at its next window); an ended job is unchanged."""
+        """Cancel a pending or running job (a running one stops at its next decoder step); an ended job is unchanged."""
         self.view(job_id, principal)
         job, was_pending = self.registry.cancel(job_id)
         if was_pending:
