@@ -4,7 +4,7 @@ openai-whisper's model is not thread-safe: ``decode`` installs kv-cache forward
 hooks on shared modules and word alignment installs cross-attention hooks, so
 two overlapping calls corrupt each other. Each job therefore runs Whisper's own
 ``transcribe`` loop (temperature fallback, prompts, timestamps: not forked) on a
-per-job proxy of the model, and the proxy hands all model work to one thread
+per-job proxy of the model (job_model.py), which hands all model work to one thread
 (``batching.ModelThread``):
 
 - each window is decoded by Whisper's DecodingTask in the job's thread, its
@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
-from collections.abc import Callable, Mapping
-from types import FrameType
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -33,24 +31,15 @@ from whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES
 from .batching import ModelThread, use_torch_threads, whisper_projection
 from .checkpoints import ensure_checkpoint
 from .exceptions import ModelLoading, ModelUnavailable
+from .job_model import JobModel, PromptSwap
 from .media import DecodedAudio
 from .options import Task, TranscribeOptions
 from .parts import PartedProgress, PartsAborted, part_mel, plan_parts
 from .quantize import choose_precision, quantize_int8
 from .spectrogram import LogMel, accept_precomputed, log_mel
-from .windows import Window
+from .windows import StepCheck, Window, WindowHook
 
 log = logging.getLogger(__name__)
-
-#: Called as each window starts, with the loop's state; it may raise to stop the job there.
-WindowHook = Callable[["Window"], None]
-#: Called before each decoder step; it raises to stop the job there (a cancel or a stop).
-StepCheck = Callable[[], None]
-#: A resumed job's (re-encoded initial_prompt, exact tokens it stands for); empty when fresh.
-PromptSwap = tuple[list[int], list[int]]
-
-#: The function whose frame the proxy reads `seek` and `all_segments` from (internals.py checks them).
-_TRANSCRIBE_CODE = whisper.transcribe.__code__
 
 
 class Engine(Protocol):
@@ -79,70 +68,6 @@ class Engine(Protocol):
     ) -> dict[str, Any]: ...
 
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]: ...
-
-
-def _transcribe_loop() -> dict[str, Any]:
-    """The local variables of the running ``whisper.transcribe`` (its seek and segments)."""
-    frame: FrameType | None = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is _TRANSCRIBE_CODE:
-            return frame.f_locals
-        frame = frame.f_back
-    return {}
-
-
-class _JobModel:
-    """One job's view of the shared model: every model call goes to the model thread."""
-
-    def __init__(
-        self,
-        model: whisper.Whisper,
-        thread: ModelThread,
-        on_window: WindowHook,
-        check: StepCheck,
-        prompt_swap: PromptSwap,
-        aligns: bool,
-    ) -> None:
-        self._model = model
-        self._thread = thread
-        self._on_window = on_window
-        self._check = check
-        self._canonical, self._exact = prompt_swap
-        self._aligns = aligns
-        self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # (mel, its encoder output)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def decode(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> Any:
-        prompt = list(options.prompt or [])
-        if self._canonical and prompt[: len(self._canonical)] == self._canonical:
-            # A resumed job: its initial_prompt stands for the exact tokens (timestamps included)
-            # that the interrupted run was conditioned on, until Whisper resets its prompt.
-            prompt = self._exact + prompt[len(self._canonical) :]
-            options = dataclasses.replace(options, prompt=prompt)
-        loop = _transcribe_loop()
-        window = Window(loop.get("seek", 0), list(loop.get("all_segments", [])), prompt, options.language)
-        # Report and allow cancellation before waiting for the model, never while holding it.
-        self._thread.release()
-        self._on_window(window)
-        # transcribe() passes the same mel tensor to each temperature of a fallback.
-        if self._encoded is None or self._encoded[0] is not mel:
-            # float(): Whisper's DecodingTask wants fp32 features, and bf16 matmuls give bf16.
-            self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None]).float()))
-        result = self._thread.decode(self._encoded[1], options, window.seek, self._check)
-        if self._aligns:
-            # Word alignment follows: it flips a global SDPA switch and hooks shared modules
-            # before its forward pass, so it must have the model from now until its next decode.
-            self._thread.reserve()
-        return result
-
-    def detect_language(self, mel: torch.Tensor, tokenizer: Any = None) -> Any:
-        return self._thread.run(lambda: self._model.detect_language(mel, tokenizer))
-
-    def __call__(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        self._thread.reserve()  # reserved since the decode; see there
-        return self._thread.run(lambda: self._model(mel, tokens))
 
 
 class WhisperEngine:
@@ -354,7 +279,7 @@ class WhisperEngine:
         prompt_swap: PromptSwap,
     ) -> dict[str, Any]:
         aligns = bool(options.get("word_timestamps"))
-        job_model = _JobModel(model, self._thread, on_window, check, prompt_swap, aligns)
+        job_model = JobModel(model, self._thread, on_window, check, prompt_swap, aligns)
         try:
             return whisper.transcribe(job_model, LogMel(mel), verbose=None, fp16=model.device.type == "cuda", **options)
         finally:

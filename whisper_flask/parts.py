@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from whisper.audio import FRAMES_PER_SECOND, N_FRAMES
 
-from .windows import Window
+from .windows import Window, WindowHook
 
 #: No part is shorter than two windows. Each part's last window still costs a whole 30 s encoder
 #: pass: on a 232 s recording (base, int8, 2 cores) 3 parts took 12.3 s and 7 parts 16.9 s,
@@ -29,8 +29,6 @@ MIN_PART_FRAMES = 2 * N_FRAMES
 SEARCH_FRAMES = 5 * FRAMES_PER_SECOND
 #: Quietness is measured over this span (0.3 s), so that a cut falls in a pause, not between syllables.
 QUIET_FRAMES = 31
-
-WindowHook = Callable[[Window], None]
 
 
 @dataclass(frozen=True)

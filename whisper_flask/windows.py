@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,3 +24,9 @@ class Window:
     def seconds(self) -> float:
         """Seconds of audio decoded so far."""
         return self.seek / FRAMES_PER_SECOND
+
+
+#: Called as each window starts, with the loop's state; it may raise to stop the job there.
+WindowHook = Callable[[Window], None]
+#: Called before each decoder step; it raises to stop the job there (a cancel or a stop).
+StepCheck = Callable[[], None]
