@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 bind = os.environ.get("WHISPER_FLASK_BIND", "127.0.0.1:8000")
@@ -31,7 +32,25 @@ def post_worker_init(worker: Any) -> None:
     from whisper_flask.service import get_service
 
     if isinstance(worker.wsgi, Flask):  # not gunicorn's error app, when wsgi.py failed to load
-        get_service(worker.wsgi).start()
+        service = get_service(worker.wsgi)
+        service.start()
+        stop_waiting_on_sigterm(worker, service.drain)
+
+
+def stop_waiting_on_sigterm(worker: Any, drain: Any) -> None:
+    """On SIGTERM, answer requests that wait for jobs before gunicorn waits for open connections.
+
+    Otherwise a /v1 request waiting for a long job keeps its connection open through the whole
+    graceful_timeout, the arbiter then SIGKILLs the worker before worker_exit puts the jobs back,
+    and a graceful stop becomes a crash.
+    """
+    handle_exit = worker.handle_exit
+
+    def drain_then_exit(sig: int, frame: Any) -> None:
+        drain()
+        handle_exit(sig, frame)
+
+    signal.signal(signal.SIGTERM, drain_then_exit)  # the worker registered its handler before this hook
 
 
 def worker_exit(server: Any, worker: Any) -> None:

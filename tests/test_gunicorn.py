@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from bench.loopback import curl, free_port, start_gunicorn, stop
@@ -15,6 +18,7 @@ from tests.helpers import (
     SPOKEN,
     LiveClient,
     StartGunicorn,
+    eventually,
     speech,
     split_scores,
     submit,
@@ -98,3 +102,36 @@ def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(
     (got_json, got_scores), (expected_json, expected_scores) = split_scores(got["json"]), split_scores(expected["json"])
     assert got_json == expected_json
     assert got_scores == pytest.approx(expected_scores, rel=1e-4, abs=1e-6)
+
+
+def test_sigterm_answers_a_waiting_openai_request_and_still_puts_its_job_back(
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+) -> None:
+    port, arbiter = gunicorn(MAX_WORKERS="1")
+    client = LiveClient(port, api_key)
+    audio = speech(tmp_path / "long.wav", 120, list(SPOKEN))
+    answers: list[openai.APIError] = []
+
+    def transcribe() -> None:
+        openai_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0)
+        with pytest.raises(openai.APIError) as error, audio.open("rb") as file:
+            openai_client.audio.transcriptions.create(file=file, model="whisper-1")
+        answers.append(error.value)
+
+    waiting = threading.Thread(target=transcribe)
+    waiting.start()
+    eventually(lambda: bool(client.get("/jobs").get_json()["jobs"]))
+    job_id = client.get("/jobs").get_json()["jobs"][0]["transcription_id"]
+    wait_until(client, job_id, transcribing)
+
+    signalled = time.monotonic()
+    arbiter.send_signal(signal.SIGTERM)
+    assert arbiter.wait(timeout=90) == 0
+    # Well inside graceful_timeout (60 s), after which the arbiter would SIGKILL the worker.
+    assert time.monotonic() - signalled < 30, "the waiting request held the stop"
+    waiting.join(10)
+    assert [(getattr(answer, "status_code", None), answer.code) for answer in answers] == [(503, "shutting_down")]
+
+    gunicorn(MAX_WORKERS="1")
+    assert wait_for(client, job_id)["status"] == "completed"
+    assert client.get(f"/jobs/{job_id}").get_json()["attempts"] == 1, "a graceful stop costs no attempt"

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 _EXTENSION = "whisper_flask"
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+#: How often a request waiting for a job looks whether the server is stopping (drain()).
+DRAIN_POLL_S = 1.0
 #: Other names requests may use for the loaded model: OpenAI's clients send "whisper-1".
 MODEL_ALIASES = ("whisper-1",)
 
@@ -78,6 +81,7 @@ class TranscriptionService:
         self._lifecycle = threading.Lock()
         self._state = _State.NEW
         self._executor: ThreadPoolExecutor | None = None
+        self._draining = threading.Event()
 
     def init_app(self, app: Flask, engine: Engine) -> None:
         """Open the store and build the parts from app.config; nothing runs until start()."""
@@ -234,12 +238,23 @@ class TranscriptionService:
         self.access.signer.verify(job_id, fmt, expires, signature)
         return self.transcript(job_id, fmt, UNRESTRICTED)
 
+    def drain(self) -> None:
+        """The server is stopping: requests waiting for jobs answer now (ShuttingDown); jobs run on until stop()."""
+        # Called from a signal handler: an Event, no lock. Waits look at it at least every second.
+        self._draining.set()
+
     def wait(self, job_id: str, principal: Principal, timeout: float | None = None) -> Job:
         """The job once it has ended, or as it stands after `timeout` s; ShuttingDown if the service stops first."""
         self.view(job_id, principal)
-        if not self.registry.wait_until_ended(job_id, timeout) and not self.registry.accepting:
-            raise ShuttingDown(f"the service is stopping; job {job_id} resumes after the restart")
-        return self.view(job_id, principal).job
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = DRAIN_POLL_S if deadline is None else min(DRAIN_POLL_S, deadline - time.monotonic())
+            if self.registry.wait_until_ended(job_id, max(0.0, left)):
+                return self.view(job_id, principal).job
+            if self._draining.is_set() or not self.registry.accepting:
+                raise ShuttingDown(f"the service is stopping; job {job_id} resumes after the restart")
+            if deadline is not None and time.monotonic() >= deadline:
+                return self.view(job_id, principal).job
 
     def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
         """The segments of a running job's finished windows (its resume state); empty before its first."""
