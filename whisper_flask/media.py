@@ -120,11 +120,16 @@ class MediaDecoder:
             raise AudioDecodeError(_reason(result.text, path))
         return self._media_info(report)
 
-    def decode(self, path: Path, check: StopCheck = _never, first_seconds: float | None = None) -> DecodedAudio:
-        """Probe, then decode the file (or its first seconds) to 16 kHz mono int16 on disk."""
-        info = self.probe(path, check)
+    def decode(
+        self, path: Path, check: StopCheck = _never, duration: float | None = None, first_seconds: float | None = None
+    ) -> DecodedAudio:
+        """Decode a probed file (or its first seconds) to 16 kHz mono int16 on disk.
+
+        `duration` is what probe() found (None: unknown); it sets the time limit. The decoder keeps
+        the same allow-lists as the probe, so a file never probed is refused just the same.
+        """
         limit = min(self.max_seconds, first_seconds or math.inf)
-        timeout = DECODE_FIXED_S + DECODE_S_PER_AUDIO_S * min(limit, info.duration or math.inf)
+        timeout = DECODE_FIXED_S + DECODE_S_PER_AUDIO_S * min(limit, duration or math.inf)
         # Unnamed (O_TMPFILE where the filesystem has it): a killed process leaves nothing behind.
         out = tempfile.TemporaryFile(dir=self._work_dir)
         try:

@@ -83,7 +83,8 @@ class JobPipeline:
                 raise JobInterrupted(job.id)
             self._registry.check_active(job.id)
 
-        with self._media.decode(self._upload_dir / job.upload_name, check) as audio:
+        # Probed when it was uploaded: its duration sets the decoder's time limit.
+        with self._media.decode(self._upload_dir / job.upload_name, check, job.duration) as audio:
             self._advance(job.id, JobStage.TRANSCRIBING, duration=audio.duration)
             if audio.is_silent():
                 return {"text": "", "segments": [], "language": job.options.language}

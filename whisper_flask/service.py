@@ -300,8 +300,10 @@ class TranscriptionService:
         try:
             if not self.engine.is_multilingual:
                 raise NotMultilingual(f"the loaded model {self.engine.model_name} is English-only")
-            with self.detections.held(), self.media.decode(path, self._check_running, first_seconds=30) as audio:
-                return self.engine.detect_language(audio)
+            with self.detections.held():
+                info = self.media.probe(path, self._check_running)
+                with self.media.decode(path, self._check_running, info.duration, first_seconds=30) as audio:
+                    return self.engine.detect_language(audio)
         finally:
             path.unlink(missing_ok=True)
 
