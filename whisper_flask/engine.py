@@ -34,7 +34,7 @@ from .exceptions import ModelLoading, ModelUnavailable
 from .job_model import JobModel, PromptSwap
 from .media import DecodedAudio
 from .options import Task, TranscribeOptions
-from .parts import PartedProgress, PartsAborted, part_mel, plan_parts
+from .parts import PartedProgress, PartsAborted, part_mel, plan_parts, renumbered
 from .quantize import choose_precision, quantize_int8
 from .spectrogram import LogMel, accept_precomputed, log_mel
 from .windows import StepCheck, Window, WindowHook
@@ -215,9 +215,9 @@ class WhisperEngine:
             thread.start()
         for thread in threads:
             thread.join()
-        causes = [error for _, error in sorted(errors.items()) if not isinstance(error, PartsAborted)]
-        if causes or errors:
-            raise (causes or list(errors.values()))[0]
+        if errors:  # the first part's own failure, not a sibling's PartsAborted that followed it
+            ordered = [errors[index] for index in sorted(errors)]
+            raise next((error for error in ordered if not isinstance(error, PartsAborted)), ordered[0])
         segments = progress.segments()
         return {"text": "".join(segment["text"] for segment in segments), "segments": segments,
                 "language": progress.language}  # fmt: skip
@@ -226,9 +226,8 @@ class WhisperEngine:
         """The language of the first 30 s, as Whisper's loop would detect it there."""
         if not model.is_multilingual:
             return "en"
-        first = mel[:, :N_FRAMES].to(model.device)
-        _, probs = self._thread.run(lambda: model.detect_language(first))
-        return str(max(probs, key=probs.get))
+        probs = self._thread.run(lambda: _language_probabilities(model, mel))
+        return max(probs, key=lambda code: probs[code])
 
     def _run_loop(
         self,
@@ -256,7 +255,7 @@ class WhisperEngine:
         done = resume.segments
 
         def on_resumed_window(window: Window) -> None:
-            on_window(dataclasses.replace(window, segments=done + _renumbered(window.segments, len(done))))
+            on_window(dataclasses.replace(window, segments=done + renumbered(window.segments, len(done))))
 
         resumed_options = {
             **keywords,
@@ -265,7 +264,7 @@ class WhisperEngine:
             "initial_prompt": text if resume.prompt else None,
         }
         result = self._run_transcribe(model, mel, resumed_options, on_resumed_window, check, (canonical, resume.prompt))
-        segments = done + _renumbered(result["segments"], len(done))
+        segments = done + renumbered(result["segments"], len(done))
         tokens = [token for segment in segments for token in segment["tokens"]]
         return {"text": tokenizer.decode(tokens), "segments": segments, "language": result["language"]}
 
@@ -288,14 +287,13 @@ class WhisperEngine:
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio."""
         model = self.wait_until_ready(timeout=0)
-
-        def detect() -> dict[str, float]:
-            # As transcribe() detects it: the first N_FRAMES of the padded spectrogram.
-            mel = log_mel(audio, model.dims.n_mels, first_samples=N_SAMPLES)[:, :N_FRAMES]
-            return dict(model.detect_language(mel.to(model.device))[1])
-
-        return self._thread.run(detect)
+        # The spectrogram too is made on the model thread: torch on an HTTP thread would start
+        # an OpenMP team of its own beside the model thread's (see ModelThread).
+        return self._thread.run(
+            lambda: _language_probabilities(model, log_mel(audio, model.dims.n_mels, first_samples=N_SAMPLES))
+        )
 
 
-def _renumbered(segments: list[dict[str, Any]], start: int) -> list[dict[str, Any]]:
-    return [{**segment, "id": start + index} for index, segment in enumerate(segments)]
+def _language_probabilities(model: whisper.Whisper, mel: torch.Tensor) -> dict[str, float]:
+    """As transcribe() detects the language: on the first N_FRAMES of the padded spectrogram."""
+    return dict(model.detect_language(mel[:, :N_FRAMES].to(model.device))[1])

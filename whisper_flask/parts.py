@@ -137,7 +137,7 @@ class PartedProgress:
 
     def segments(self) -> list[dict[str, Any]]:
         """Every part's segments on the job's timeline, numbered in order (once all parts are done)."""
-        return _renumbered([segment for index in range(len(self.parts)) for segment in self._shifted(index)])
+        return renumbered([segment for index in range(len(self.parts)) for segment in self._shifted(index)])
 
     def _report(self) -> None:
         # Caller holds the lock. A client streaming the text may only see a prefix in order:
@@ -148,7 +148,7 @@ class PartedProgress:
             if not state["done"]:
                 break
         seek = sum(state["window"]["seek"] for state in self._states)
-        self._on_window(Window(seek, _renumbered(prefix), [], self.language, [dict(s) for s in self._states]))
+        self._on_window(Window(seek, renumbered(prefix), [], self.language, [dict(s) for s in self._states]))
 
     def _shifted(self, index: int) -> list[dict[str, Any]]:
         offset = self.parts[index].start
@@ -171,5 +171,6 @@ def _shift(segment: dict[str, Any], frames: int) -> dict[str, Any]:
     return shifted
 
 
-def _renumbered(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**segment, "id": index} for index, segment in enumerate(segments)]
+def renumbered(segments: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+    """The segments with their ids counted on from `start` (ids are positions in the whole transcript)."""
+    return [{**segment, "id": start + index} for index, segment in enumerate(segments)]
