@@ -133,7 +133,8 @@ class _Progress:
         persist = now - self._persisted >= PERSIST_INTERVAL_S
         if persist:
             self._persisted = now
-        self._registry.update(self._job_id, persist=persist, **changes)  # JobCancelled stops the job here
+        # Saved before the progress is shown: a stream that sees the job move on reads these
+        # segments. A cancelled job's file goes with its other files when the pipeline ends.
         if window.seek > self._resumable_seek:
             self._resumable_seek = window.seek
             try:
@@ -141,6 +142,7 @@ class _Progress:
             except OSError as exc:
                 # The transcript could not be written either: fail now, not after the whole file.
                 raise WriteFailed(exc) from exc
+        self._registry.update(self._job_id, persist=persist, **changes)  # JobCancelled stops the job here
         # Checked after saving: a stopped job resumes at exactly this window.
         if not self._registry.accepting:
             raise JobInterrupted(self._job_id)

@@ -8,6 +8,7 @@ that leaves does not cancel the job. Errors under /v1 use OpenAI's envelope (err
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,17 +174,20 @@ def _raise_unless_completed(job: Job) -> None:
 def _events(service: TranscriptionService, job_id: str, who: Principal) -> Iterator[str]:
     """Server-sent events: a delta per finished segment as its window ends, then the whole text."""
     sent = 0
-    quiet = 0.0
+    read_at = 0.0  # the job's progress when its segments were last read
+    last_sent = time.monotonic()
     try:
         job = service.wait(job_id, who, STREAM_POLL_S)
         while not job.status.terminal:
-            segments = service.segments_so_far(job_id, who)
-            for segment in segments[sent:]:
-                yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
-            quiet = 0.0 if len(segments) > sent else quiet + STREAM_POLL_S
-            sent = max(sent, len(segments))
-            if quiet >= KEEPALIVE_S:
-                quiet = 0.0
+            # The resume state holds every finished segment: read it only when a window has ended.
+            if job.processed_seconds > read_at:
+                read_at = job.processed_seconds
+                for segment in service.segments_so_far(job_id, who)[sent:]:
+                    sent += 1
+                    last_sent = time.monotonic()
+                    yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
+            if time.monotonic() - last_sent >= KEEPALIVE_S:
+                last_sent = time.monotonic()
                 yield ": keep-alive\n\n"
             job = service.wait(job_id, who, STREAM_POLL_S)
         _raise_unless_completed(job)
