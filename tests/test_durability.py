@@ -12,17 +12,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from bench.loopback import stop
 from tests.helpers import (
     FIXTURES,
     SPOKEN,
     LiveClient,
     StartGunicorn,
+    assert_same_json_transcript,
     eventually,
     speech,
-    split_scores,
     submit,
     transcribing,
     transcripts,
@@ -128,10 +126,7 @@ def test_killed_service_finishes_every_job_in_order_after_restart(
         for fmt in ("txt", "srt"):
             assert got_files[fmt] == expected_files[fmt]
         # Both runs batch windows with different neighbours: only the decoder's scores may move.
-        got, got_scores = split_scores(got_files["json"])
-        expected, expected_scores = split_scores(expected_files["json"])
-        assert got == expected
-        assert got_scores == pytest.approx(expected_scores, rel=1e-4, abs=1e-6)
+        assert_same_json_transcript(got_files["json"], expected_files["json"])
 
 
 def test_a_job_that_kills_the_worker_twice_fails_and_the_rest_are_served(
