@@ -2,7 +2,7 @@
 and whisper.cpp, in one run.
 
     .venv/bin/pip install -r bench/requirements.txt   # faster-whisper and pywhispercpp, for benchmarks only
-    .venv/bin/python bench/long_file.py [--model base] [--speech /work/shared/speech] [--quantize auto]
+    .venv/bin/python bench/long_file.py [--model base] [--speech ../shared/speech] [--quantize auto]
                                         [--threads 2] [--quick] [--engines ...] [--work DIR]
 
 Workloads, real speech with reference texts (the speech directory's README.md says where it comes from):
@@ -353,7 +353,7 @@ def main() -> None:
     """Prepare the inputs and the converted models, then measure each engine on each workload in a fresh process."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")
-    parser.add_argument("--speech", type=Path, default=Path("/work/shared/speech"), help="the real-speech directory")
+    parser.add_argument("--speech", type=Path, default=ROOT.parent / "shared" / "speech", help="real speech")
     parser.add_argument("--quantize", default="auto", help="the service's QUANTIZE setting, passed through")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of faster-whisper and whisper.cpp")
     parser.add_argument("--quick", action="store_true", help=f"long files cut to {QUICK_SECONDS:.0f} s, 2 utterances")

@@ -2,10 +2,11 @@
 # Debian/Ubuntu packages the service and its tests need; installs only what is missing.
 set -euo pipefail
 
-# ffmpeg decodes audio; the rest serve the tests of the deployment (real nginx,
-# systemd-analyze, shellcheck, curl as the client, openssl for test certificates)
+# ffmpeg decodes audio and util-linux's setpriv ties it to the service's life; the rest
+# serve the tests of the deployment (real nginx, systemd-analyze, shellcheck, curl as the
+# client, openssl for test certificates)
 # and the benchmarks (espeak-ng synthesises speech with known text, bench/peers.py).
-packages=(ffmpeg curl nginx openssl systemd shellcheck espeak-ng)
+packages=(ffmpeg util-linux curl nginx openssl systemd shellcheck espeak-ng)
 # Ubuntu's python3 cannot make a virtualenv without python3-venv (no ensurepip).
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 

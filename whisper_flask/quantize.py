@@ -26,9 +26,9 @@ INT8_MODELS = frozenset({"base"})
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU has AMX tiles for bf16, where bf16 matmuls beat int8 ones.
 
-    AVX512-BF16 alone is not enough: on such a 2-core VM (no AMX), `base` with bf16 took 43 s
-    for a 232 s recording against 16 s with int8 (same word error rate, /tmp harness in the
-    issue 13 note); its one-row decoder matmuls are slow in bf16.
+    AVX512-BF16 alone is not enough: on such a 2-core VM (no AMX) `base` ran 2.7x slower in
+    bf16 than in int8, at the same word error rate (ARCHITECTURE.md, "The engine"; measured with
+    `bench/long_file.py --engines service --quantize bf16`); its one-row decoder matmuls are slow.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
