@@ -26,9 +26,10 @@ INT8_MODELS = frozenset({"base"})
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU has AMX tiles for bf16, where bf16 matmuls beat int8 ones.
 
-    AVX512-BF16 alone is not enough: on such a 2-core VM (no AMX) `base` ran 2.7x slower in
-    bf16 than in int8, at the same word error rate (ARCHITECTURE.md, "The engine"; measured with
-    `bench/long_file.py --engines service --quantize bf16`); its one-row decoder matmuls are slow.
+    AVX512-BF16 alone is not enough: on such a 2-core VM (no AMX) `base` ran 1.5x to 2x slower
+    in bf16 than in int8 on long recordings, at the same word error rate (ARCHITECTURE.md,
+    "The engine"; measured with `bench/long_file.py --engines service --quantize bf16`); its
+    one-row decoder matmuls are slow.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
