@@ -1,0 +1,48 @@
+"""The web page at /, and the security headers every response carries (ARCHITECTURE.md, "The web page")."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, render_template
+from whisper.tokenizer import LANGUAGES
+
+from ..service import get_service
+from ..writers import FORMATS
+
+bp = Blueprint("page", __name__)
+
+#: Scripts and styles come only from this origin's files, so a file name or transcript that slips
+#: into the page as markup still cannot run; the page talks only to its own origin.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self'",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+
+
+@bp.get("/")
+def index() -> str:
+    """The page: asks for a key, uploads files with live progress, shows transcripts and the key's jobs."""
+    languages = sorted((name.title(), code) for code, name in LANGUAGES.items())
+    return render_template(
+        "index.html",
+        languages=languages,
+        multilingual=get_service().engine.is_multilingual,
+        formats=list(FORMATS),
+        max_upload_mb=current_app.config["MAX_UPLOAD_MB"],
+    )
+
+
+@bp.after_app_request
+def add_security_headers(response: Response) -> Response:
+    """Every response: the CSP, no MIME sniffing, and no Referer (a signed link must not leak through it)."""
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
