@@ -72,8 +72,13 @@ def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> s
     return process
 
 
-def render_nginx(work: Path, upstream: int, http: int, https: int, max_body_mb: int | None = None) -> Path:
-    """The shipped site and locations, moved to loopback ports and temporary paths, in a minimal nginx.conf."""
+def render_nginx(
+    work: Path, upstream: int, http: int, https: int, max_body_mb: int | None = None, subpath: bool = False
+) -> Path:
+    """The shipped site and locations, moved to loopback ports and temporary paths, in a minimal nginx.conf.
+
+    With `subpath`, each server also includes the shipped snippet that serves the app under /speech/.
+    """
     prefix = work / "nginx"
     prefix.mkdir(exist_ok=True)
     subprocess.run(
@@ -82,6 +87,8 @@ def render_nginx(work: Path, upstream: int, http: int, https: int, max_body_mb: 
         check=True, capture_output=True,
     )  # fmt: skip
     locations = (DEPLOY / "nginx" / "whisper-flask-locations.conf").read_text()
+    if subpath:
+        locations += (DEPLOY / "nginx" / "whisper-flask-subpath.conf").read_text()
     if max_body_mb is not None:
         locations = re.sub(r"client_max_body_size \d+m;", f"client_max_body_size {max_body_mb}m;", locations)
     (prefix / "locations.conf").write_text(locations)

@@ -23,7 +23,7 @@ uninstall() {
   rm -f /etc/systemd/system/$SERVICE.service /usr/local/sbin/whisper-flask
   systemctl daemon-reload
   rm -f /etc/nginx/sites-enabled/whisper-flask.conf /etc/nginx/sites-available/whisper-flask.conf \
-    /etc/nginx/snippets/whisper-flask-locations.conf
+    /etc/nginx/snippets/whisper-flask-locations.conf /etc/nginx/snippets/whisper-flask-subpath.conf
   if nginx -t 2>/dev/null; then systemctl reload nginx || true; fi
   rm -rf "$PREFIX"
 }
@@ -106,6 +106,8 @@ fi
 echo "== nginx and systemd"
 install -m 0644 "$APP/deploy/nginx/whisper-flask.conf" /etc/nginx/sites-available/whisper-flask.conf
 install -m 0644 "$APP/deploy/nginx/whisper-flask-locations.conf" /etc/nginx/snippets/whisper-flask-locations.conf
+# Not included anywhere: for serving under /speech/ of another site (README, "Deployment").
+install -m 0644 "$APP/deploy/nginx/whisper-flask-subpath.conf" /etc/nginx/snippets/whisper-flask-subpath.conf
 ln -sf /etc/nginx/sites-available/whisper-flask.conf /etc/nginx/sites-enabled/whisper-flask.conf
 # Debian's default site claims port 80 as default_server and would answer instead.
 rm -f /etc/nginx/sites-enabled/default

@@ -21,23 +21,29 @@ from whisper_flask.config import DEFAULTS
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
 
 
-def test_nginx_accepts_the_shipped_site(tmp_path: Path) -> None:
-    conf = render_nginx(tmp_path, upstream=8000, http=free_port(), https=free_port())
+@pytest.mark.parametrize("subpath", [False, True])
+def test_nginx_accepts_the_shipped_site(tmp_path: Path, subpath: bool) -> None:
+    conf = render_nginx(tmp_path, upstream=8000, http=free_port(), https=free_port(), subpath=subpath)
     result = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(conf.parent)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
 
-def test_nginx_body_limit_equals_the_apps_upload_limit() -> None:
-    locations = (DEPLOY / "nginx" / "whisper-flask-locations.conf").read_text()
-    limit = re.search(r"client_max_body_size (\d+)m;", locations)
-    assert limit is not None and int(limit.group(1)) == DEFAULTS["MAX_UPLOAD_MB"]
-    assert f"the {DEFAULTS['MAX_UPLOAD_MB']} MB limit" in locations
+@pytest.mark.parametrize("snippet", ["whisper-flask-locations.conf", "whisper-flask-subpath.conf"])
+def test_nginx_body_limit_equals_the_apps_upload_limit(snippet: str) -> None:
+    locations = (DEPLOY / "nginx" / snippet).read_text()
+    limits = re.findall(r"client_max_body_size (\d+)m;", locations)
+    assert limits and {int(limit) for limit in limits} == {DEFAULTS["MAX_UPLOAD_MB"]}
     assert f"WHISPER_FLASK_MAX_UPLOAD_MB={DEFAULTS['MAX_UPLOAD_MB']}" in (DEPLOY / "install.sh").read_text()
 
 
+def test_nginx_413_names_the_apps_upload_limit() -> None:
+    locations = (DEPLOY / "nginx" / "whisper-flask-locations.conf").read_text()
+    assert f"the {DEFAULTS['MAX_UPLOAD_MB']} MB limit" in locations
+
+
 def test_nginx_serves_no_directory() -> None:
-    for name in ("whisper-flask.conf", "whisper-flask-locations.conf"):
+    for name in ("whisper-flask.conf", "whisper-flask-locations.conf", "whisper-flask-subpath.conf"):
         text = (DEPLOY / "nginx" / name).read_text()
         assert not re.search(r"^\s*(root|alias|autoindex)\b", text, re.MULTILINE), name
 

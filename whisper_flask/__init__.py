@@ -19,7 +19,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     with the server (deploy/gunicorn.conf.py) or at the first request.
     """
     from . import config as defaults
-    from .api import health, jobs, openai_audio, transcription
+    from .api import health, jobs, openai_audio, page, transcription
     from .api.uploads import UploadRequest
     from .cli import keys_cli, models_cli
     from .engine import WhisperEngine
@@ -39,11 +39,13 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     configure_logging(app.config["LOG_DIR"], app.name)
 
     if proxies := app.config["PROXY_FIX"]:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies)  # type: ignore[method-assign]
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies, x_prefix=proxies
+        )
     app.request_class = UploadRequest
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app)
-    for module in (transcription, jobs, health, openai_audio):
+    for module in (transcription, jobs, health, openai_audio, page):
         app.register_blueprint(module.bp)
     app.cli.add_command(models_cli)
     app.cli.add_command(keys_cli)
