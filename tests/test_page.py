@@ -1,0 +1,316 @@
+"""The web page: served safely by Flask, and used in real Chromium against real gunicorn, nginx and `base`."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from bench.loopback import free_port, render_nginx, start_gunicorn, start_nginx, stop
+from tests.helpers import FIXTURES, LiveClient, create_key, submit, upload
+from whisper_flask.checkpoints import ensure_checkpoint
+
+KEYS = ("main", "errors", "keyboard", "subpath", "pager", "busy")
+MAX_JOBS_PER_KEY = 3
+MAX_UPLOAD_MB = 2
+SPEECH = FIXTURES / "lj001-0001.flac"  # LJ Speech, read aloud: "Printing, in the only sense ..."
+XSS_NAME = "<img src=x onerror=alert(1)>.wav"
+
+
+# -- served by Flask ---------------------------------------------------------------------------
+
+
+def test_the_page_and_its_assets_need_no_key_and_run_no_inline_code(client: FlaskClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    html = page.get_data(as_text=True)
+    scripts = re.findall(r"<script\b[^>]*>", html)
+    assert scripts and all("src=" in tag for tag in scripts)
+    assert not re.search(r"\son[a-z]+=", html)  # no inline event handlers either
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_every_response_forbids_sniffing_and_referrers(client: FlaskClient) -> None:
+    for path in ("/healthz", "/jobs", "/no-such-route"):
+        headers = client.get(path).headers
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("multilingual", [True, False])
+def test_language_and_task_are_offered_only_by_a_multilingual_model(
+    make_app: Any, engine: Any, multilingual: bool
+) -> None:
+    engine.is_multilingual = multilingual
+    html = make_app().test_client().get("/").get_data(as_text=True)
+    assert ('<option value="German">de</option>' in html) is multilingual
+    assert ('value="translate"' in html) is multilingual
+    assert ("English only" in html) is not multilingual
+
+
+# -- in a real browser -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[dict[str, Any]]:
+    """gunicorn on `base` behind the shipped nginx site, which also serves the app under /speech/."""
+    work = tmp_path_factory.mktemp("page")
+    ensure_checkpoint("base", model_dir, allow_download=False)
+    keys = {name: create_key(work, name) for name in KEYS}
+    upstream, http = free_port(), free_port()
+    app = start_gunicorn(
+        work,
+        model_dir,
+        upstream,
+        MODEL="base",
+        PROXY_FIX="1",
+        MAX_UPLOAD_MB=str(MAX_UPLOAD_MB),
+        MAX_JOBS_PER_KEY=str(MAX_JOBS_PER_KEY),
+    )
+    proxy = start_nginx(render_nginx(work, upstream, http, free_port(), max_body_mb=MAX_UPLOAD_MB, subpath=True), http)
+    long_recording = work / "chapter-280s.opus"  # long enough to cancel while it runs
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-stream_loop", "3", "-i", str(FIXTURES / "lj001-chapter-70s.opus"),
+         "-c", "copy", str(long_recording)],
+        check=True,
+    )  # fmt: skip
+    # Tests prepare jobs on gunicorn's port: through nginx they would meet its upload rate limit.
+    yield {"url": f"http://127.0.0.1:{http}", "upstream": upstream, "keys": keys, "long": long_recording}
+    stop(proxy)
+    stop(app)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, driven by Playwright through its executable path (no browser download)."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's, or Ubuntu's snap
+    assert executable, "chromium is missing: deploy/system-packages.sh installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh tab whose script errors and CSP violations fail the test."""
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"], accept_downloads=True)
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    tab.on("console", lambda note: problems.append(note.text) if "Content Security Policy" in note.text else None)
+    tab.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
+    yield tab
+    context.close()
+    assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the page's screenshots go: pytest's output directory for this run."""
+    return tmp_path_factory.mktemp("screenshots", numbered=False)
+
+
+def open_with_key(page: Page, url: str, key: str) -> None:
+    """Open the page and enter the key as a person would."""
+    page.goto(url)
+    page.get_by_label("Your API key").fill(key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.get_by_role("heading", name="Your jobs")).to_be_visible()
+
+
+def drop(page: Page, files: list[tuple[str, bytes]]) -> None:
+    """Drop files on the drop zone, as a drag from the desktop delivers them."""
+    payload = [(name, base64.b64encode(data).decode()) for name, data in files]
+    page.evaluate(
+        """(files) => {
+            const transfer = new DataTransfer();
+            for (const [name, data] of files) {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name));
+            }
+            const zone = document.getElementById("drop-zone");
+            for (const kind of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(new DragEvent(kind, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+            }
+        }""",
+        payload,
+    )
+
+
+def card(page: Page, name: str) -> Locator:
+    """The card of one file sent from the page."""
+    return page.locator(".card").filter(has=page.locator(".name", has_text=name))
+
+
+@pytest.mark.slow
+def test_a_wrong_key_is_refused_in_plain_words_and_the_right_one_opens_the_page(
+    page: Page, site: dict[str, Any]
+) -> None:
+    page.goto(site["url"])
+    page.get_by_label("Your API key").fill("wf_not-a-key")
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.get_by_role("alert")).to_have_text("Your API key was not accepted. Enter it again.")
+    expect(page.get_by_text("Drop audio or video files here")).to_be_hidden()
+    open_with_key(page, site["url"], site["keys"]["main"])
+    expect(page.get_by_text("No jobs yet")).to_be_visible()
+    page.reload()  # the key lives in the tab's session storage, not in a cookie
+    expect(page.get_by_role("heading", name="Your jobs")).to_be_visible()
+    assert page.context.cookies() == []
+
+
+@pytest.mark.slow
+def test_a_dropped_recording_reaches_100_percent_and_its_transcript_is_downloaded_shown_and_copied(
+    page: Page, site: dict[str, Any], screenshots: Path
+) -> None:
+    open_with_key(page, site["url"], site["keys"]["main"])
+    page.screenshot(path=screenshots / "1-empty.png", full_page=True)
+    page.get_by_label("Language").fill("English")
+    page.get_by_label("Word timestamps").check()
+    drop(page, [(SPEECH.name, SPEECH.read_bytes()), ("chapter.opus", site["long"].read_bytes())])
+
+    speech, long = card(page, SPEECH.name), card(page, "chapter.opus")
+    expect(long.locator(".state")).to_have_text("Transcribing", timeout=60_000)
+    expect(long.locator(".detail")).to_have_text(re.compile(r"^[1-9]\d* % · \d:\d\d of 4:40"), timeout=120_000)
+    page.screenshot(path=screenshots / "2-in-progress.png", full_page=True)
+    expect(speech.locator(".state")).to_have_text("Done", timeout=120_000)
+    expect(speech.locator("progress")).to_have_js_property("value", 100)
+
+    with page.expect_download() as download:
+        speech.get_by_role("link", name="txt").click()
+    assert download.value.suggested_filename == "lj001-0001.txt"
+    assert "printing" in Path(download.value.path()).read_text().lower()
+
+    speech.get_by_role("button", name="Show transcript").click()
+    expect(speech.locator(".segments li").first).to_have_text(re.compile(r"^0:00\.0 → 0:0\d\.\d Printing, in the only"))
+    expect(speech.locator(".segments")).to_contain_text("arts and crafts")
+    speech.get_by_role("button", name="Copy text").click()
+    expect(speech.locator(".copied")).to_have_text("Copied.")
+    assert "printing" in page.evaluate("navigator.clipboard.readText()").lower()
+
+    long.get_by_role("button", name="Cancel").click()
+    expect(long.locator(".state")).to_have_text("Cancelled")
+    page.get_by_role("button", name="Refresh").click()
+    rows = page.locator("#jobs-body tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("chapter.opus")  # newest first
+    expect(rows.nth(0)).to_contain_text("Cancelled")
+    expect(rows.nth(1)).to_contain_text("Done")
+    page.screenshot(path=screenshots / "3-done.png", full_page=True)
+    client = LiveClient(site["upstream"], site["keys"]["main"])
+    options = [job["options"] for job in client.get("/jobs").get_json()["jobs"]]
+    assert options == [{"language": "en", "word_timestamps": True}] * 2
+
+
+@pytest.mark.slow
+def test_bad_files_get_their_reasons_beside_them_and_a_hostile_name_stays_text(
+    page: Page, site: dict[str, Any]
+) -> None:
+    open_with_key(page, site["url"], site["keys"]["errors"])
+    drop(
+        page,
+        [
+            ("notes.wav", b"These are meeting notes, not audio.\n" * 20),
+            ("huge.wav", bytes(MAX_UPLOAD_MB * 1024 * 1024 + 1)),
+            (XSS_NAME, (FIXTURES / "fox.wav").read_bytes()),
+        ],
+    )
+    expect(card(page, "notes.wav").locator(".error")).to_contain_text("Refused.")
+    expect(card(page, "notes.wav").locator(".error")).to_contain_text("audio")
+    expect(card(page, "huge.wav").locator(".error")).to_have_text(
+        f"This file is too large: 2.0 MB; the limit is {MAX_UPLOAD_MB}.0 MB."
+    )
+    hostile = card(page, XSS_NAME)
+    expect(hostile.locator(".state")).to_have_text("Done", timeout=120_000)
+    expect(hostile.locator(".name")).to_have_text(XSS_NAME)
+    page.get_by_role("button", name="Refresh").click()
+    expect(page.locator("#jobs-body")).to_contain_text(XSS_NAME)
+    assert page.locator("img").count() == 0  # the `page` fixture also fails on any dialog (alert)
+
+
+@pytest.mark.slow
+def test_a_key_at_its_job_limit_is_told_to_wait_beside_the_refused_file(page: Page, site: dict[str, Any]) -> None:
+    open_with_key(page, site["url"], site["keys"]["busy"])
+    client = LiveClient(site["upstream"], site["keys"]["busy"])
+    jobs = [submit(client, site["long"]) for _ in range(MAX_JOBS_PER_KEY)]
+    try:
+        drop(page, [("one-too-many.wav", (FIXTURES / "fox.wav").read_bytes())])
+        error = card(page, "one-too-many.wav").locator(".error")
+        expect(error).to_contain_text("The service is busy.")
+        expect(error).to_contain_text(re.compile(r"Try again in \d+ seconds\."))
+    finally:
+        for job in jobs:
+            client.delete(f"/jobs/{job}")
+
+
+@pytest.mark.slow
+def test_the_page_works_from_the_keyboard_with_visible_focus_at_phone_width(
+    page: Page, site: dict[str, Any], screenshots: Path
+) -> None:
+    page.set_viewport_size({"width": 375, "height": 740})
+    # Listening from the start: Playwright intercepts file choosers only once a listener exists.
+    page.on("filechooser", lambda chooser: chooser.set_files(FIXTURES / "fox.wav"))
+    page.goto(site["url"])
+    page.keyboard.press("Tab")  # the key field has focus already; Tab, Shift+Tab comes back to it
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.type(site["keys"]["keyboard"])
+    page.keyboard.press("Enter")
+    pick = page.get_by_role("button", name="Choose files")
+    expect(pick).to_be_focused()
+    assert pick.evaluate("(node) => getComputedStyle(node).outlineStyle") != "none"
+    page.keyboard.press("Enter")
+    sent = card(page, "fox.wav")
+    expect(sent.locator(".state")).to_have_text("Done", timeout=120_000)
+    # Found by its role and accessible name: what a screen reader is given, with its value.
+    expect(sent.get_by_role("progressbar", name="Progress of fox.wav")).to_have_js_property("value", 100)
+    page.get_by_role("button", name="Refresh").click()
+    expect(page.locator("#jobs-body tr")).to_have_count(1)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=screenshots / "4-phone.png", full_page=True)
+
+
+@pytest.mark.slow
+def test_the_page_works_under_a_sub_path_behind_nginx(page: Page, site: dict[str, Any]) -> None:
+    open_with_key(page, f"{site['url']}/speech/", site["keys"]["subpath"])
+    assert page.locator("#drop-zone").evaluate("(node) => getComputedStyle(node).borderStyle") == "dashed"
+    drop(page, [(SPEECH.name, SPEECH.read_bytes())])
+    sent = card(page, SPEECH.name)
+    expect(sent.locator(".state")).to_have_text("Done", timeout=120_000)
+    link = sent.get_by_role("link", name="txt")
+    assert link.get_attribute("href").startswith("/speech/download/")
+    with page.expect_download() as download:
+        link.click()
+    assert "printing" in Path(download.value.path()).read_text().lower()
+
+
+@pytest.mark.slow
+def test_the_job_list_pages_through_a_keys_jobs_newest_first(page: Page, site: dict[str, Any]) -> None:
+    client = LiveClient(site["upstream"], site["keys"]["pager"])
+    for number in range(11):
+        response = upload(client, FIXTURES / "fox.wav", filename=f"part-{number:02}.wav")
+        assert response.status_code == 202
+        client.delete(f"/jobs/{response.get_json()['transcription_id']}")  # listed all the same
+    open_with_key(page, site["url"], site["keys"]["pager"])
+    rows = page.locator("#jobs-body tr")
+    expect(rows).to_have_count(10)
+    expect(rows.first).to_contain_text("part-10.wav")
+    expect(page.get_by_role("button", name="Newer")).to_be_disabled()
+    page.get_by_role("button", name="Older").click()
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("part-00.wav")
+    expect(page.get_by_text("Page 2")).to_be_visible()
+    expect(page.get_by_role("button", name="Older")).to_be_disabled()
+    page.get_by_role("button", name="Newer").click()
+    expect(rows).to_have_count(10)
