@@ -111,6 +111,30 @@ def test_upload_rejects_a_missing_or_empty_file(client: FlaskClient, form: dict,
     assert response.get_json()["code"] == code
 
 
+@pytest.mark.parametrize("content_type", ["audio/mpeg", "video/mp4", "application/octet-stream"])
+def test_a_raw_body_is_an_upload_named_and_configured_by_its_query(client: FlaskClient, content_type: str) -> None:
+    response = client.post("/upload?filename=dir/talk.mp3&language=de", data=wav_bytes(2), content_type=content_type)
+    assert response.status_code == 202, response.get_json()
+    record = client.get(f"/jobs/{response.get_json()['transcription_id']}").get_json()
+    assert (record["filename"], record["options"]) == ("talk.mp3", {"language": "de"})
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (b"", "audio/wav", 400, "empty_file"),
+        (b"not a form", "text/plain", 400, "no_file"),
+        (bytes(1024 * 1024 + 1), "audio/wav", 413, "too_large"),
+    ],
+)
+def test_a_raw_body_that_is_empty_not_audio_typed_or_too_large_is_refused(
+    make_app, body: bytes, content_type: str, status: int, code: str
+) -> None:
+    client = make_app(MAX_UPLOAD_MB=1).test_client()
+    response = client.post("/upload", data=body, content_type=content_type)
+    assert (response.status_code, response.get_json()["code"]) == (status, code)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -87,6 +87,17 @@ def test_upload_poll_and_download_through_nginx_with_keys(stack: LiveClient, tmp
     assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+def test_a_raw_body_upload_through_nginx_is_transcribed(stack: LiveClient) -> None:
+    status, body = curl(
+        "-H", f"X-API-Key: {stack.key}", "-H", "Content-Type: audio/flac",
+        "--data-binary", f"@{FIXTURES / 'lj001-0001.flac'}", f"{base_url(stack)}/upload?filename=talk.flac&language=en",
+    )  # fmt: skip
+    assert status == 202, body
+    job_id = json.loads(body)["transcription_id"]
+    assert wait_for(stack, job_id)["filename"] == "talk.flac"
+    assert b"printing" in stack.get(f"/download/{job_id}.txt").get_data().lower()
+
+
 def test_oversized_upload_gets_413_json_from_nginx(stack: LiveClient, tmp_path: Path) -> None:
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (3 * 1024 * 1024))

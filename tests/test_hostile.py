@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -325,6 +326,25 @@ def test_an_upload_killed_mid_stream_leaves_no_file(gunicorn: StartGunicorn, tmp
         time.sleep(0.5)
         os.killpg(server.pid, signal.SIGKILL)  # power loss mid-upload
         server.wait()
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == []
+
+
+def test_an_endless_chunked_raw_body_stops_at_the_upload_limit(
+    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+) -> None:
+    port, _ = gunicorn(MAX_UPLOAD_MB="1")
+    head = (
+        f"POST /upload?filename=endless.wav HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
+        "Content-Type: audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"10000\r\n" + bytes(0x10000) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head.encode())
+        with contextlib.suppress(OSError):  # the server answers and closes long before the 10 MB end
+            for _ in range(160):
+                connection.sendall(chunk)
+        response = connection.recv(65536)
+    assert response.startswith(b"HTTP/1.1 413") and b'"too_large"' in response
     assert [p.name for p in (tmp_path / "uploads").iterdir()] == []
 
 

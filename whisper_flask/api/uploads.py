@@ -1,9 +1,10 @@
-"""Uploads are streamed by werkzeug straight into UPLOAD_DIR, unnamed until kept under a server-made name."""
+"""Uploads (multipart or raw body) are streamed into UPLOAD_DIR, unnamed until kept under a server-made name."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from pathlib import PurePosixPath, PureWindowsPath
@@ -19,6 +20,11 @@ from ..retention import INCOMING_PREFIX
 #: Control characters (C0, DEL, C1), line and paragraph separators, and bidi embeddings,
 #: overrides, isolates and marks: they forge log lines, break headers or disguise a name.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+#: Content types whose body is the audio itself, as Whisper-as-a-Service clients send it.
+RAW_BODY_TYPES = ("audio/", "video/", "application/octet-stream")
+RAW_CHUNK_BYTES = 1024 * 1024
 
 
 class UploadRequest(Request):
@@ -45,20 +51,37 @@ def incoming_file() -> IO[bytes]:
 
 
 def receive_upload() -> FileStorage:
-    """The request's `file` part, or a 400 that says what is wrong with it."""
+    """The audio: the multipart `file` part, or the raw body of an audio or video type; else a 400 saying why."""
     try:
-        file = request.files.get("file")  # werkzeug streams the body into UPLOAD_DIR here
+        file = _raw_body() if request.mimetype.startswith(RAW_BODY_TYPES) else _file_part()
     except OSError as exc:
         raise StorageFull(f"the upload could not be stored: {exc.strerror or 'write failed'}") from None
-    if file is None:
-        raise ApiError(400, "no_file", "send the audio as a multipart/form-data part named 'file'")
-    if not file.filename:
-        raise ApiError(400, "no_filename", "the 'file' part has an empty filename")
     file.stream.seek(0, os.SEEK_END)
     if file.stream.tell() == 0:
         raise ApiError(400, "empty_file", f"{client_filename(file.filename)} is empty (0 bytes)")
     file.stream.seek(0)
     return file
+
+
+def _file_part() -> FileStorage:
+    file = request.files.get("file")  # werkzeug streams the body into UPLOAD_DIR here
+    if file is None:
+        raise ApiError(
+            400,
+            "no_file",
+            "send the audio as a multipart/form-data part named 'file', or as the raw body with an"
+            " audio/*, video/* or application/octet-stream Content-Type",
+        )
+    if not file.filename:
+        raise ApiError(400, "no_filename", "the 'file' part has an empty filename")
+    return file
+
+
+def _raw_body() -> FileStorage:
+    # request.stream stops at Content-Length, or at MAX_CONTENT_LENGTH (413) for a chunked body.
+    stream = incoming_file()
+    shutil.copyfileobj(request.stream, stream, RAW_CHUNK_BYTES)
+    return FileStorage(stream, filename=request.args.get("filename") or "audio", content_type=request.mimetype)
 
 
 def keep_upload(file: FileStorage) -> str:
