@@ -59,14 +59,15 @@ def restarted(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., Flas
         get_service(app).stop()
 
 
+@pytest.mark.parametrize("innocent_stage", [JobStage.FETCHING, JobStage.DECODING_AUDIO])
 def test_a_crash_is_charged_to_the_one_job_past_decoding_which_fails_at_the_limit(
-    tmp_path: Path, restarted: Callable[..., FlaskClient]
+    tmp_path: Path, restarted: Callable[..., FlaskClient], innocent_stage: JobStage
 ) -> None:
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     seed_store(
         tmp_path,
         [
-            (a, JobStatus.IN_PROGRESS, JobStage.DECODING_AUDIO, 1),  # ffmpeg runs apart: innocent
+            (a, JobStatus.IN_PROGRESS, innocent_stage, 1),  # no model step yet, ffmpeg runs apart: innocent
             (b, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 2),
             (c, JobStatus.PENDING, JobStage.QUEUED, 0),
         ],

@@ -7,6 +7,8 @@ from typing import Any
 
 import whisper
 
+from .fetch import parse_networks
+
 #: Every setting a deployment may change; WHISPER_FLASK_<NAME> overrides each one.
 DEFAULTS: dict[str, Any] = {
     "MODEL": "base",
@@ -50,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
     # /v1/audio requests waiting for their jobs at once (each holds an HTTP thread until its job
     # ends); more get 503. Keep it below gunicorn's threads (WHISPER_FLASK_HTTP_THREADS, 16).
     "MAX_WAITING_REQUESTS": 8,
+    # Audio from a URL: only public addresses unless URL_ALLOW names networks ("10.0.0.0/8,
+    # 127.0.0.1"); at most MAX_UPLOAD_MB, within URL_FETCH_TIMEOUT_S.
+    "URL_ALLOW": "",
+    "URL_FETCH_TIMEOUT_S": 600,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,6 +90,7 @@ def validate_config(config: dict[str, Any]) -> None:
         ("EXPIRED_KEEP_DAYS", False),
         ("SWEEP_INTERVAL_S", False),
         ("MAX_AUDIO_HOURS", False),
+        ("URL_FETCH_TIMEOUT_S", False),
         ("BATCH_WAIT_MS", True),
     ):
         value = config[name]
@@ -119,6 +126,11 @@ def validate_config(config: dict[str, Any]) -> None:
     for name in ("MODEL_DIR", "UPLOAD_DIR", "TRANSCRIPT_DIR", "LOG_DIR"):
         config[name] = _writable_dir(name, config[name])
     config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_MB"] * 1024 * 1024
+    allow = config["URL_ALLOW"]
+    try:
+        config["URL_ALLOW"] = parse_networks(allow.split(",") if isinstance(allow, str) else allow)
+    except (ValueError, TypeError):
+        raise ConfigError(f"WHISPER_FLASK_URL_ALLOW must list IP networks or addresses, got {allow!r}") from None
 
 
 def _writable_dir(name: str, value: Any) -> Path:

@@ -69,6 +69,12 @@ class AudioTooLong(ServiceError):
     code = "audio_too_long"
 
 
+class FetchFailed(ServiceError):
+    """Audio could not be fetched from the job's URL; the message says why (a status, an error, a refusal)."""
+
+    code = "fetch_failed"
+
+
 class DecodeTimeout(AudioDecodeError):
     """ffmpeg or ffprobe ran past the time its file's length allows; the file is refused."""
 

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .engine import Engine
 from .exceptions import ServiceError, WriteFailed, scrub_paths
+from .fetch import UrlFetcher
 from .media import MediaDecoder
 from .records import Job, JobStage, JobStatus
 from .registry import JobCancelled, JobRegistry
 from .resume import load_resume, save_resume
-from .retention import Retention
+from .retention import INCOMING_PREFIX, Retention
 from .windows import Window
 from .writers import write_transcripts
 
@@ -39,6 +41,7 @@ class JobPipeline:
         registry: JobRegistry,
         engine: Engine,
         media: MediaDecoder,
+        fetcher: UrlFetcher,
         retention: Retention,
         upload_dir: Path,
         transcript_dir: Path,
@@ -46,6 +49,7 @@ class JobPipeline:
         self._registry = registry
         self._engine = engine
         self._media = media
+        self._fetcher = fetcher
         self._retention = retention
         self._upload_dir = upload_dir
         self._transcript_dir = transcript_dir
@@ -83,8 +87,11 @@ class JobPipeline:
                 raise JobInterrupted(job.id)
             self._registry.check_active(job.id)
 
-        # Probed when it was uploaded: its duration sets the decoder's time limit.
-        with self._media.decode(self._upload_dir / job.upload_name, check, job.duration) as audio:
+        path, duration = self._upload_dir / job.upload_name, job.duration
+        if job.source_url is not None and not path.exists():
+            duration = self._fetch(job, path, check)
+        # Probed when it was uploaded or fetched: its duration sets the decoder's time limit.
+        with self._media.decode(path, check, duration) as audio:
             self._advance(job.id, JobStage.TRANSCRIBING, duration=audio.duration)
             if audio.is_silent():
                 return {"text": "", "segments": [], "language": job.options.language}
@@ -93,6 +100,22 @@ class JobPipeline:
                 log.info("job %s resumes at %.1f s", job.id, resume.seconds)
             progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
             return self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
+
+    def _fetch(self, job: Job, path: Path, check: Callable[[], None]) -> float | None:
+        """Fetch the job's audio from its URL and probe it; its duration."""
+        assert job.source_url is not None
+        self._advance(job.id, JobStage.FETCHING)
+        # A partial name that the sweep removes if the process dies mid-fetch; only a whole,
+        # probed file takes the job's upload name (a resumed job fetches again otherwise).
+        partial = self._upload_dir / f"{INCOMING_PREFIX}{job.id}"
+        try:
+            self._fetcher.fetch(job.source_url, partial, check)
+            duration = self._media.probe(partial, check).duration
+            partial.rename(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        self._advance(job.id, JobStage.DECODING_AUDIO, duration=duration)
+        return duration
 
     def _advance(self, job_id: str, stage: JobStage, **changes: Any) -> None:
         if not self._registry.accepting:

@@ -28,6 +28,7 @@ class JobStage(str, Enum):
     """What a job is doing now (finer than status)."""
 
     QUEUED = "queued"
+    FETCHING = "fetching"
     DECODING_AUDIO = "decoding_audio"
     TRANSCRIBING = "transcribing"
     WRITING = "writing"
@@ -50,7 +51,7 @@ class Job:
 
     id: str
     filename: str
-    upload_name: str
+    upload_name: str  # made by the server; for a URL job, where its audio goes once fetched
     options: TranscribeOptions
     model: str
     created_at: str = field(default_factory=utcnow)
@@ -71,6 +72,7 @@ class Job:
     # It was running beside others when the process died, so it runs alone until it ends
     # (registry.recover says why).
     isolated: bool = False
+    source_url: str | None = None  # the audio is fetched from here when the job runs
     seq: int = 0
 
 

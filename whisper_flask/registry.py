@@ -103,7 +103,8 @@ class JobRegistry:
         """Queue again the jobs a dead process left unfinished, oldest first: (their ids, the jobs failed instead).
 
         The crash is charged (an attempt kept) only to a job that alone could have caused it. A job
-        still decoding is innocent: ffprobe and ffmpeg run in processes of their own. Jobs past
+        still fetching or decoding is innocent: it has run no model step, and ffprobe and ffmpeg run in
+        processes of their own. Jobs past
         that stage share the model thread's steps and the memory, so when several were there none
         can be blamed: none is charged, and each runs isolated (alone) until it ends. A poison file
         then crashes the process alone, is charged, and fails after MAX_ATTEMPTS; nothing else
@@ -113,7 +114,7 @@ class JobRegistry:
         with self._lock:
             unfinished = self._store.unfinished()
             suspects = {job.id for job in unfinished if job.status is JobStatus.IN_PROGRESS
-                        and job.stage is not JobStage.DECODING_AUDIO}  # fmt: skip
+                        and job.stage not in (JobStage.FETCHING, JobStage.DECODING_AUDIO)}  # fmt: skip
             for job in unfinished:
                 if job.status is JobStatus.IN_PROGRESS:
                     charged = suspects == {job.id}

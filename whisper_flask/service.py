@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app
 
@@ -36,6 +37,7 @@ from .exceptions import (
     TranscriptNotReady,
     UnknownFormat,
 )
+from .fetch import FetchLimits, UrlFetcher
 from .keys import KeyStore
 from .media import MediaDecoder
 from .options import TranscribeOptions
@@ -111,8 +113,10 @@ class TranscriptionService:
         self.media = MediaDecoder(self.upload_dir, config["MAX_AUDIO_HOURS"] * 3600)
         self.detections = RequestSlots(config["MAX_DETECTIONS"], "language detections")
         self.waits = RequestSlots(config["MAX_WAITING_REQUESTS"], "requests waiting for their transcripts")
+        limits = FetchLimits(config["MAX_CONTENT_LENGTH"], config["URL_FETCH_TIMEOUT_S"])
+        fetcher = UrlFetcher(config["URL_ALLOW"], limits)
         self._pipeline = JobPipeline(
-            self.registry, engine, self.media, self.retention, self.upload_dir, self.transcript_dir
+            self.registry, engine, self.media, fetcher, self.retention, self.upload_dir, self.transcript_dir
         )
         app.extensions[_EXTENSION] = self
         # Started by the server (gunicorn's post_worker_init) or by the first request, never by
@@ -178,12 +182,28 @@ class TranscriptionService:
         except BaseException:
             (self.upload_dir / upload_name).unlink(missing_ok=True)
             raise
-        assert self._executor is not None  # the registry takes jobs only once started
         log.info("job %s pending: %s from %s (%s)", job.id, filename, client, info.format_name)
+        self._run(job.id)
+        return view
+
+    def _run(self, job_id: str) -> None:
+        assert self._executor is not None  # the registry takes jobs only once started
         try:
-            self._executor.submit(self._pipeline.run, job.id)
+            self._executor.submit(self._pipeline.run, job_id)
         except RuntimeError:  # stop() shut the pool after the registry took the job: it is durable
-            log.info("job %s will run after the restart", job.id)
+            log.info("job %s will run after the restart", job_id)
+
+    def submit_url(
+        self, url: str, filename: str, options: TranscribeOptions, principal: Principal, client: str | None
+    ) -> JobView:
+        """Queue a new job of `principal` whose audio the pipeline fetches from `url` when it runs."""
+        job_id = uuid.uuid4().hex
+        job = Job(id=job_id, filename=filename, upload_name=f"{job_id}.upload", options=options,
+                  model=self.engine.model_name, owner=principal.name, source_url=url)  # fmt: skip
+        view = self.registry.add(job)
+        # Only the host is logged: a URL's path and query may carry a token.
+        log.info("job %s pending: %s from %s (from a URL on %s)", job.id, filename, client, urlsplit(url).hostname)
+        self._run(job.id)
         return view
 
     def view(self, job_id: str, principal: Principal) -> JobView:

@@ -54,6 +54,7 @@ def job_record(view: JobView) -> dict[str, Any]:
     return {
         **progress_body(view),
         "filename": job.filename,
+        "source_url": job.source_url,
         "owner": job.owner,
         "options": job.options.as_dict(),
         "model": job.model,

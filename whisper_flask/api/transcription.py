@@ -6,12 +6,13 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
+from ..fetch import check_url, url_filename
 from ..options import parse_options
 from ..service import get_service
 from ..writers import FORMATS
 from . import download_url, progress_body
 from .auth import principal, require_key
-from .uploads import client_filename, keep_upload, receive_upload
+from .uploads import client_filename, keep_upload, receive_upload, requested_url
 
 bp = Blueprint("transcription", __name__)
 require_key(bp)
@@ -19,13 +20,20 @@ require_key(bp)
 
 @bp.post("/upload")
 def upload_audio() -> tuple[Response, int, dict[str, str]]:
-    """Accept an audio file and queue it; 202 with the job's id before any audio work."""
+    """Accept an audio file, or a URL to fetch it from, and queue it; 202 with the job's id before any audio work."""
     service = get_service()
     service.check_capacity(principal())  # before the body is read: a full queue should not cost an upload
-    file = receive_upload()
-    options = parse_options([request.form, request.args], service.engine.is_multilingual)
-    name = client_filename(file.filename)
-    view = service.submit(keep_upload(file), name, options, principal(), request.remote_addr)
+    source = requested_url()
+    if source is None:
+        file = receive_upload()
+        options = parse_options([request.form, request.args], service.engine.is_multilingual)
+        name = client_filename(file.filename)
+        view = service.submit(keep_upload(file), name, options, principal(), request.remote_addr)
+    else:
+        url, fields = source
+        options = parse_options([fields, request.args], service.engine.is_multilingual)
+        name = client_filename(url_filename(check_url(url)))
+        view = service.submit_url(url, name, options, principal(), request.remote_addr)
     job_id = view.job.id
     body = progress_body(view)
     body["download_url"] = download_url(job_id, "txt")

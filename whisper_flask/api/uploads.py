@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import IO
 
@@ -25,6 +27,8 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\
 #: Content types whose body is the audio itself, as Whisper-as-a-Service clients send it.
 RAW_BODY_TYPES = ("audio/", "video/", "application/octet-stream")
 RAW_CHUNK_BYTES = 1024 * 1024
+#: A JSON body names a URL and options: it is small, and read whole only up to this size.
+MAX_JSON_BYTES = 64 * 1024
 
 
 class UploadRequest(Request):
@@ -82,6 +86,34 @@ def _raw_body() -> FileStorage:
     stream = incoming_file()
     shutil.copyfileobj(request.stream, stream, RAW_CHUNK_BYTES)
     return FileStorage(stream, filename=request.args.get("filename") or "audio", content_type=request.mimetype)
+
+
+def requested_url() -> tuple[str, Mapping[str, str]] | None:
+    """The URL of a JSON body or of a `url` form field, with the fields that hold the options; None for a file."""
+    if request.mimetype == "application/json":
+        raw = request.stream.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise ApiError(413, "too_large", f"a JSON body may have at most {MAX_JSON_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+            raise ApiError(400, "no_url", 'a JSON body must be an object with a "url" string')
+        return body["url"], {name: _json_field(name, value) for name, value in body.items() if name != "url"}
+    if request.mimetype.startswith(RAW_BODY_TYPES) or "url" not in request.form:
+        return None
+    if "file" in request.files:
+        raise ApiError(400, "file_and_url", "send either a file or a url, not both")
+    return request.form["url"], request.form
+
+
+def _json_field(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ApiError(400, "invalid_option", f"{name}: must be a string, a number or true/false", field=name)
 
 
 def keep_upload(file: FileStorage) -> str:

@@ -1,0 +1,217 @@
+"""Audio from a URL: fetched in the pipeline from real HTTP servers on loopback, every address checked."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from tests.helpers import FIXTURES, wait_for, wait_until
+from whisper_flask.fetch import parse_networks, refusal
+
+LOOPBACK_ONLY = "127.0.0.1/32"  # 127.0.0.2 stays refused: the private target of a redirect
+
+
+class AudioSite(ThreadingHTTPServer):
+    """A loopback web server with audio, redirects, errors and bodies that never end."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[str] = []
+        self.stopping = threading.Event()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server_address[1]}{path}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AudioSite
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)
+        if self.path in ("/fox.wav", "/lj001-0001.flac"):
+            self._send(200, (FIXTURES / self.path.lstrip("/")).read_bytes())
+        elif self.path == "/page.html":
+            self._send(200, b"<html>not audio</html>")
+        elif self.path == "/redirect":
+            self._redirect("/fox.wav")
+        elif self.path == "/redirect-private":
+            self._redirect(self.server.url("/fox.wav", host="127.0.0.2"))
+        elif self.path == "/endless":
+            self._stream(bytes(64 * 1024), pause=0)
+        elif self.path == "/slow":
+            self._stream(b"\0", pause=0.2)
+        else:
+            self._send(404, b"not here")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _stream(self, chunk: bytes, pause: float) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")  # no length: the body ends when the server says so
+        self.end_headers()
+        for _ in range(100_000):  # bounded; the client hangs up long before
+            if self.server.stopping.is_set():
+                return
+            try:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(pause)
+
+
+@pytest.fixture
+def site() -> Iterator[AudioSite]:
+    """The web server, stopped after the test."""
+    server = AudioSite()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stopping.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Flask]) -> Any:
+    """A client of an app that may fetch from 127.0.0.1 only, 1 MB within 3 s."""
+    return make_app(URL_ALLOW=LOOPBACK_ONLY, MAX_UPLOAD_MB=1, URL_FETCH_TIMEOUT_S=3).test_client()
+
+
+def test_a_url_job_is_accepted_at_once_then_fetched_and_transcribed(client: Any, site: AudioSite) -> None:
+    response = client.post("/upload", data={"url": site.url("/redirect"), "language": "en"})
+    assert response.status_code == 202
+    assert response.get_json()["stage"] == "queued"
+    record = wait_for(client, response.get_json()["transcription_id"])
+    assert record["status"] == "completed", record
+    assert (record["filename"], record["source_url"], record["options"]) == (
+        "redirect",
+        site.url("/redirect"),
+        {"language": "en"},
+    )
+    assert record["duration"] == pytest.approx(4.0, abs=1)
+    assert site.requests == ["/redirect", "/fox.wav"]
+
+
+def test_a_json_body_names_the_url_and_the_options(client: Any, site: AudioSite) -> None:
+    body = {"url": site.url("/fox.wav"), "language": "en", "word_timestamps": True, "temperature": 0}
+    response = client.post("/upload", json=body)
+    assert response.status_code == 202, response.get_json()
+    record = wait_for(client, response.get_json()["transcription_id"])
+    assert record["status"] == "completed" and record["filename"] == "fox.wav"
+    assert record["options"] == {"language": "en", "word_timestamps": True, "temperature": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "reason"),
+    [
+        ("/missing", "fetch_failed", "the server answered 404 Not Found"),
+        ("/redirect-private", "fetch_failed", "127.0.0.2 is not a public address"),
+        ("/endless", "fetch_failed", "larger than the 1 MB upload limit"),
+        ("/slow", "fetch_failed", "took longer than 3 s"),
+        ("/page.html", "invalid_audio", ""),
+    ],
+)
+def test_a_fetch_that_cannot_give_audio_fails_the_job_with_its_reason(
+    client: Any, site: AudioSite, path: str, code: str, reason: str
+) -> None:
+    job_id = client.post("/upload", data={"url": site.url(path)}).get_json()["transcription_id"]
+    record = wait_for(client, job_id, timeout=30)
+    assert (record["status"], record["error_code"]) == ("failed", code), record
+    assert reason in record["error"]
+    assert not list((client.application.config["UPLOAD_DIR"]).iterdir()), "no partial download is left"
+
+
+def test_loopback_is_refused_unless_url_allow_names_it(make_app: Callable[..., Flask], site: AudioSite) -> None:
+    client = make_app().test_client()
+    job_id = client.post("/upload", data={"url": site.url("/fox.wav")}).get_json()["transcription_id"]
+    record = wait_for(client, job_id)
+    assert record["error_code"] == "fetch_failed"
+    assert "127.0.0.1 is not a public address (URL_ALLOW lists the exceptions)" in record["error"]
+    assert site.requests == [], "nothing was sent to the refused address"
+
+
+def test_cancelling_a_job_stops_its_download(client: Any, site: AudioSite) -> None:
+    job_id = client.post("/upload", data={"url": site.url("/slow")}).get_json()["transcription_id"]
+    wait_until(client, job_id, lambda record: record["stage"] == "fetching")
+    assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
+    uploads = client.application.config["UPLOAD_DIR"]
+    deadline = time.monotonic() + 5
+    while list(uploads.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(uploads.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"url": "ftp://127.0.0.1/a.wav"}, 400, "invalid_option"),
+        ({"url": "http://user:secret@127.0.0.1/a.wav"}, 400, "invalid_option"),
+        ({"url": "http:///a.wav"}, 400, "invalid_option"),
+        ({"url": "http://127.0.0.1/a b.wav"}, 400, "invalid_option"),
+        ({"url": "http://127.0.0.1:99999/a.wav"}, 400, "invalid_option"),
+        ({"url": "http://h/" + "a" * 2100}, 400, "invalid_option"),
+        ({"url": 5}, 400, "no_url"),
+        ({"url": "http://127.0.0.1/a.wav", "language": ["en"]}, 400, "invalid_option"),
+        ({"url": "http://127.0.0.1/a.wav", "pad": "x" * 70_000}, 413, "too_large"),
+    ],
+)
+def test_a_url_request_of_the_wrong_form_is_refused_before_a_job_exists(
+    client: Any, body: dict[str, Any], status: int, code: str
+) -> None:
+    response = client.post("/upload", json=body)
+    assert (response.status_code, response.get_json()["code"]) == (status, code)
+    assert client.get("/jobs").get_json()["jobs"] == []
+
+
+def test_a_file_and_a_url_together_are_refused(client: Any) -> None:
+    response = client.post("/upload", data={"url": "http://127.0.0.1/a.wav", "file": (FIXTURES / "fox.wav").open("rb")})
+    assert (response.status_code, response.get_json()["code"]) == (400, "file_and_url")
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.100.100.200", "0.0.0.0",
+     "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:169.254.169.254"],
+)  # fmt: skip
+def test_loopback_private_link_local_multicast_and_metadata_addresses_are_refused(address: str) -> None:
+    assert refusal(ipaddress.ip_address(address), []) is not None
+    assert refusal(ipaddress.ip_address(address), parse_networks([address])) is None
+
+
+def test_public_addresses_may_be_fetched() -> None:
+    assert refusal(ipaddress.ip_address("93.184.216.34"), []) is None
+    assert refusal(ipaddress.ip_address("2606:2800:220:1::1"), []) is None
+
+
+def test_the_real_model_transcribes_speech_fetched_from_a_url(
+    make_real_app: Callable[..., Flask], site: AudioSite, tmp_path: Path
+) -> None:
+    client = make_real_app(URL_ALLOW=LOOPBACK_ONLY).test_client()
+    job_id = client.post("/upload", json={"url": site.url("/lj001-0001.flac")}).get_json()["transcription_id"]
+    assert wait_for(client, job_id)["status"] == "completed"
+    assert b"printing" in client.get(f"/download/{job_id}.txt").get_data().lower()

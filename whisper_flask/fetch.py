@@ -1,0 +1,165 @@
+"""Audio from a URL: checked, resolved once, fetched from that address, bounded in size and time.
+
+ARCHITECTURE.md, "Audio from a URL", says which addresses are refused and why.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+from .exceptions import FetchFailed, InvalidOption
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_URL_CHARS = 2048
+MAX_REDIRECTS = 5
+CHUNK_BYTES = 64 * 1024
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How much and how long one fetch may take."""
+
+    max_bytes: int
+    total_s: float
+    connect_s: float = 10.0
+    idle_s: float = 30.0  # the longest wait for the next bytes
+
+
+def check_url(url: str) -> str:
+    """The URL if its form is acceptable (http or https, a host, no credentials); InvalidOption otherwise."""
+    if len(url) > MAX_URL_CHARS:
+        raise InvalidOption("url", f"at most {MAX_URL_CHARS} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise InvalidOption("url", "not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidOption("url", "must be an http or https URL with a host")
+    if parts.username is not None or parts.password is not None:
+        # They would be stored in the job record and shown with it.
+        raise InvalidOption("url", "must not contain a user name or password")
+    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
+        raise InvalidOption("url", "must not contain spaces or control characters")
+    return url
+
+
+def url_filename(url: str) -> str:
+    """The last segment of the URL's path, as the job's file name (cleaned by the caller)."""
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+
+
+def parse_networks(items: Iterable[str]) -> list[IPNetwork]:
+    """URL_ALLOW's entries as networks (a bare address is a network of one); ValueError names a bad one."""
+    return [ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip()]
+
+
+def refusal(address: IPAddress, allowed: list[IPNetwork]) -> str | None:
+    """Why the service may not connect to `address`, or None if it may."""
+    if any(address in network for network in allowed):
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return refusal(address.ipv4_mapped, allowed)  # ::ffff:127.0.0.1 is 127.0.0.1
+    # is_global is False for loopback, private, link-local (169.254.169.254, the cloud metadata
+    # address, among them), shared (100.64/10), reserved and unspecified addresses.
+    if not address.is_global or address.is_multicast:
+        return f"{address} is not a public address"
+    return None
+
+
+class UrlFetcher:
+    """Fetches one URL to a file; every hop is resolved once and connected to the address it checked."""
+
+    def __init__(self, allowed: list[IPNetwork], limits: FetchLimits) -> None:
+        self._allowed = allowed
+        self._limits = limits
+
+    def fetch(self, url: str, destination: Path, check: Callable[[], None]) -> None:
+        """Write the body at `url` (after at most MAX_REDIRECTS redirects) to `destination`; FetchFailed says why not.
+
+        `check` is called between reads and raises to stop (a cancelled job, a stopping service).
+        """
+        deadline = time.monotonic() + self._limits.total_s
+        for _ in range(MAX_REDIRECTS + 1):
+            connection, response = self._request(check_url(url), deadline)
+            try:
+                if response.status in REDIRECTS and response.getheader("Location"):
+                    url = urljoin(url, response.getheader("Location", ""))
+                    continue
+                if response.status != 200:
+                    raise FetchFailed(f"the server answered {response.status} {response.reason}")
+                self._save(response, destination, deadline, check)
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                raise FetchFailed(f"the download broke off: {_reason(exc)}") from None
+            finally:
+                connection.close()
+        raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
+
+    def _request(self, url: str, deadline: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except (OSError, UnicodeError) as exc:
+            raise FetchFailed(f"{host} could not be resolved: {_reason(exc)}") from None
+        why = refusal(ipaddress.ip_address(address[0]), self._allowed)
+        if why is not None:
+            raise FetchFailed(f"refused to fetch from {host}: {why} (URL_ALLOW lists the exceptions)")
+        connection = http.client.HTTPConnection(host, port, timeout=self._limits.idle_s)
+        try:
+            # Connected here, to the address just checked: http.client would resolve the name again.
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(min(self._limits.connect_s, max(0.1, deadline - time.monotonic())))
+            connection.sock = sock
+            sock.connect(address)
+            sock.settimeout(self._limits.idle_s)
+            if parts.scheme == "https":
+                connection.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            target = parts.path or "/"
+            connection.request("GET", f"{target}?{parts.query}" if parts.query else target,
+                               headers={"User-Agent": "whisper_flask", "Accept-Encoding": "identity"})  # fmt: skip
+            return connection, connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise FetchFailed(f"could not fetch from {host}: {_reason(exc)}") from None
+
+    def _save(
+        self, response: http.client.HTTPResponse, destination: Path, deadline: float, check: Callable[[], None]
+    ) -> None:
+        limit = self._limits.max_bytes
+        declared = response.getheader("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise FetchFailed(f"the file is larger than the {limit // 2**20} MB upload limit")
+        written = 0
+        with destination.open("wb") as out:
+            while chunk := response.read1(CHUNK_BYTES):
+                written += len(chunk)
+                if written > limit:
+                    raise FetchFailed(f"the file is larger than the {limit // 2**20} MB upload limit")
+                if time.monotonic() > deadline:
+                    raise FetchFailed(f"the download took longer than {self._limits.total_s:g} s")
+                check()
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if written == 0:
+            raise FetchFailed("the server sent an empty body")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
