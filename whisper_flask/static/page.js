@@ -9,6 +9,7 @@
   const POLL_MS = 1000;
   const STAGES = {
     queued: "Queued",
+    fetching: "Fetching the audio",
     decoding_audio: "Decoding audio",
     transcribing: "Transcribing",
     writing: "Writing the transcript",
@@ -21,14 +22,30 @@
   const byId = (id) => document.getElementById(id);
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
   let uploads = Promise.resolve(); // files are sent one after another, in the order they were added
+  let cards = []; // this key's cards; a new key starts with none
   let jobsPage = 0;
+  let jobsRequest = 0; // only the latest job-list request may draw the table
+
+  class ApiFailure extends Error {
+    constructor(message, status) {
+      super(message);
+      this.status = status;
+    }
+  }
 
   // ---- the key: in sessionStorage, sent as a Bearer header, so no cookie and no CSRF surface ----
 
   const key = () => sessionStorage.getItem(KEY_ITEM);
 
   function askForKey(message) {
+    // Leaving a key ends everything it started in this page: its requests stop, and what it
+    // showed (cards, transcripts, signed links, the job list) goes before another key is entered.
     sessionStorage.removeItem(KEY_ITEM);
+    for (const card of cards) card.close();
+    cards = [];
+    uploads = Promise.resolve();
+    byId("cards").replaceChildren();
+    byId("jobs-body").replaceChildren();
     byId("app").hidden = true;
     byId("key-state").hidden = true;
     byId("key-section").hidden = false;
@@ -46,7 +63,12 @@
 
   function useKey(event) {
     event.preventDefault();
-    sessionStorage.setItem(KEY_ITEM, byId("key-input").value.trim());
+    const value = byId("key-input").value.trim();
+    if (!/^[\x21-\x7e]+$/.test(value)) {
+      byId("key-error").textContent = "An API key has no spaces or special characters; paste it again.";
+      return;
+    }
+    sessionStorage.setItem(KEY_ITEM, value);
     byId("key-input").value = "";
     showApp();
     byId("pick-files").focus();
@@ -56,16 +78,18 @@
 
   function explain(status, bodyText, retryAfter) {
     let detail = "";
+    let code = "";
     try {
-      detail = JSON.parse(bodyText).error || "";
+      ({ error: detail = "", code = "" } = JSON.parse(bodyText));
     } catch {
       // not JSON (a proxy's own page): the status says enough
     }
     const said = detail ? ` ${detail.charAt(0).toUpperCase()}${detail.slice(1).replace(/\.?$/, ".")}` : "";
-    const wait = retryAfter ? ` Try again in ${retryAfter} seconds.` : "";
+    const wait = /^\d+$/.test(retryAfter ?? "") ? ` Try again in ${retryAfter} seconds.` : "";
     if (status === 0) return "The server could not be reached. Check the connection and try again.";
     if (status === 401) return "Your API key was not accepted. Enter it again.";
     if (status === 413) return `This file is too large.${said}`;
+    if (code === "too_many_failures") return `Too many wrong keys were sent from this address.${wait}`;
     if (status === 429 || status === 503) return `The service is busy.${said}${wait}`;
     if (status >= 400 && status < 500) return `Refused.${said || ` The server answered ${status}.`}`;
     return `The server failed (${status}).${said}`;
@@ -76,13 +100,13 @@
     try {
       response = await fetch(root + path, { method, headers: { Authorization: `Bearer ${key()}` } });
     } catch {
-      throw new Error(explain(0, "", null));
+      throw new ApiFailure(explain(0, "", null), 0);
     }
     const text = await response.text();
     if (response.ok) return JSON.parse(text);
     const message = explain(response.status, text, response.headers.get("Retry-After"));
     if (response.status === 401) askForKey(message);
-    throw new Error(message);
+    throw new ApiFailure(message, response.status);
   }
 
   // ---- formatting ----
@@ -100,7 +124,7 @@
   }
 
   function megabytes(bytes) {
-    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+    return `${(Math.ceil(bytes / 1024 / 102.4) / 10).toFixed(1)} MB`; // rounded up: 2 MB + 1 byte is 2.1
   }
 
   // ---- one card per file: upload, progress, cancel, downloads, transcript ----
@@ -111,6 +135,7 @@
       this.options = options;
       this.jobId = null;
       this.ended = false;
+      this.closed = false;
       this.node = byId("card-template").content.firstElementChild.cloneNode(true);
       this.part = (selector) => this.node.querySelector(selector);
       this.part(".name").textContent = file.name;
@@ -123,6 +148,11 @@
       byId("cards").prepend(this.node);
     }
 
+    close() {
+      this.closed = true; // its loops stop at their next turn
+      this.xhr?.abort();
+    }
+
     state(text, detail = "") {
       // Rewriting the live region with the same words would make screen readers repeat them.
       if (this.part(".state").textContent !== text) this.part(".state").textContent = text;
@@ -132,12 +162,29 @@
     fail(message) {
       this.ended = true;
       this.part(".error").textContent = message;
-      this.part(".cancel").hidden = true;
+      this.hideCancel();
       this.node.classList.add("failed");
     }
 
+    finish(text, detail = "") {
+      this.ended = true;
+      this.state(text, detail);
+      this.hideCancel();
+    }
+
+    hideCancel() {
+      const button = this.part(".cancel");
+      if (document.activeElement === button) this.part(".state").focus(); // keep keyboard focus in the card
+      button.hidden = true;
+    }
+
+    cancelled(detail = "") {
+      this.finish("Cancelled", detail);
+      this.node.classList.add("cancelled");
+    }
+
     upload() {
-      if (this.ended) return Promise.resolve();
+      if (this.ended || this.closed) return Promise.resolve();
       if (this.file.size > maxUploadBytes) {
         this.state("Not sent");
         this.fail(`This file is too large: ${megabytes(this.file.size)}; the limit is ${megabytes(maxUploadBytes)}.`);
@@ -157,11 +204,16 @@
           this.part("progress").value = percent;
           this.state("Uploading", `${megabytes(event.loaded)} of ${megabytes(event.total)} (${Math.floor(percent)} %)`);
         });
+        // Once the whole body is out, the server may have queued the job already: a cancel then
+        // waits for the job's id instead of dropping the answer that carries it.
+        xhr.upload.addEventListener("load", () => {
+          this.sent = true;
+        });
         xhr.addEventListener("loadend", () => {
           this.xhr = null;
           if (xhr.status === 202) {
             this.follow(JSON.parse(xhr.responseText));
-          } else if (!this.ended) {
+          } else if (!this.ended && !this.closed) {
             this.state("Not sent");
             this.fail(explain(xhr.status, xhr.responseText, xhr.getResponseHeader("Retry-After")));
             if (xhr.status === 401) askForKey(explain(401, "", null));
@@ -175,24 +227,30 @@
 
     async follow(job) {
       this.jobId = job.transcription_id;
-      this.show(job);
-      while (!TERMINAL.has(job.status)) {
-        await sleep(POLL_MS);
+      if (this.cancelWanted) await this.cancel();
+      else this.show(job);
+      let wait = POLL_MS;
+      while (!this.ended && !this.closed) {
+        await sleep(wait);
+        if (this.closed) return;
+        wait = POLL_MS;
         try {
-          job = await api("GET", `/progress/${encodeURIComponent(this.jobId)}`);
+          this.show(await api("GET", `/progress/${encodeURIComponent(this.jobId)}`));
         } catch (error) {
-          this.part(".detail").textContent = `${error.message} Still trying.`;
-          if (!key()) return;
-          continue;
+          if (error.status === 0 || error.status === 429 || error.status >= 500) {
+            this.part(".detail").textContent = `${error.message} Still trying.`;
+            wait = 5 * POLL_MS; // a busy or unreachable server is asked less often
+          } else if (error.status !== 401) {
+            this.fail(error.message); // gone, expired or refused: asking again will not help
+          }
         }
-        this.show(job);
       }
-      loadJobs(jobsPage);
+      if (!this.closed) loadJobs(jobsPage);
     }
 
     show(job) {
-      const progress = this.part("progress");
-      progress.value = job.progress ?? 0;
+      if (this.ended && !TERMINAL.has(job.status)) return; // an answer older than the cancel
+      this.part("progress").value = job.progress ?? 0;
       if (job.status === "pending") {
         const position = job.queue_position ? ` (position ${job.queue_position})` : "";
         this.state(`Queued${position}`);
@@ -212,17 +270,6 @@
       }
     }
 
-    finish(text, detail = "") {
-      this.ended = true;
-      this.state(text, detail);
-      this.part(".cancel").hidden = true;
-    }
-
-    cancelled(detail = "") {
-      this.finish("Cancelled", detail);
-      this.node.classList.add("cancelled");
-    }
-
     offerTranscript(formats) {
       for (const link of this.node.querySelectorAll("a[data-format]")) {
         link.href = formats[link.dataset.format];
@@ -234,10 +281,14 @@
     }
 
     async cancel() {
-      if (this.xhr) {
-        this.ended = true;
+      if (this.xhr && !this.sent) {
         this.xhr.abort();
         this.cancelled("The upload was stopped.");
+        return;
+      }
+      if (this.xhr) {
+        this.cancelWanted = true; // follow() cancels as soon as the job's id arrives
+        this.state("Cancelling");
         return;
       }
       if (!this.jobId) {
@@ -261,6 +312,7 @@
         return;
       }
       if (!this.segments) {
+        button.disabled = true; // one fetch, however often it is clicked
         try {
           const response = await fetch(this.formats.json); // a signed link: no key needed
           if (!response.ok) throw new Error(explain(response.status, await response.text(), null));
@@ -268,6 +320,8 @@
         } catch (error) {
           this.part(".error").textContent = error.message;
           return;
+        } finally {
+          button.disabled = false;
         }
         const list = this.part(".segments");
         for (const segment of this.segments) {
@@ -313,20 +367,24 @@
     const options = chosenOptions();
     for (const file of files) {
       const card = new Card(file, options);
-      uploads = uploads.then(() => card.upload());
+      cards.push(card);
+      // A card that throws must not stop the files after it.
+      uploads = uploads.then(() => card.upload()).catch((error) => card.fail(`The page failed: ${error.message}`));
     }
   }
 
   // ---- the key's jobs, newest first, paged ----
 
   async function loadJobs(page) {
+    const request = ++jobsRequest;
     let data;
     try {
       data = await api("GET", `/jobs?limit=${PAGE_SIZE}&offset=${page * PAGE_SIZE}`);
     } catch (error) {
-      byId("jobs-error").textContent = error.message;
+      if (request === jobsRequest && key()) byId("jobs-error").textContent = error.message;
       return;
     }
+    if (request !== jobsRequest) return; // a later request (another page, a refresh) has the say
     byId("jobs-error").textContent = "";
     jobsPage = page;
     const rows = data.jobs.map((job) => {
