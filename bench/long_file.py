@@ -71,7 +71,7 @@ from whisper_flask import create_app  # noqa: E402
 from whisper_flask.access import UNRESTRICTED  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
 from whisper_flask.options import TranscribeOptions  # noqa: E402
-from whisper_flask.records import Job  # noqa: E402
+from whisper_flask.records import Job, Submission  # noqa: E402
 from whisper_flask.service import get_service  # noqa: E402
 from whisper_flask.subprocesses import media_tool  # noqa: E402
 from whisper_flask.writers import transcript_path  # noqa: E402
@@ -263,7 +263,7 @@ def serve_all_at_once(
         options = TranscribeOptions(language="en")
         started = datetime.now(timezone.utc)
         ids = [
-            service.submit(name, path.name, options, UNRESTRICTED, None).job.id
+            service.submit(name, Submission(path.name, options, UNRESTRICTED.name)).job.id
             for name, path in zip(names, paths, strict=True)
         ]
         jobs: dict[str, Job] = {}

@@ -37,6 +37,7 @@ from whisper_flask import create_app  # noqa: E402
 from whisper_flask.access import UNRESTRICTED  # noqa: E402
 from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
 from whisper_flask.options import TranscribeOptions  # noqa: E402
+from whisper_flask.records import Submission  # noqa: E402
 from whisper_flask.service import get_service  # noqa: E402
 from whisper_flask.subprocesses import media_tool  # noqa: E402
 
@@ -75,7 +76,7 @@ def measure_service(work: Path, model_name: str, audio: Path, jobs: int) -> dict
     for n in range(jobs):
         name = f"long-{n}.upload"
         os.link(audio, service.upload_dir / name)  # as a finished upload: the file itself, no copy
-        ids.append(service.submit(name, "long.wav", TranscribeOptions(), UNRESTRICTED, None).job.id)
+        ids.append(service.submit(name, Submission("long.wav", TranscribeOptions(), UNRESTRICTED.name)).job.id)
     waiting = set(ids)
     while waiting:
         for job_id in list(waiting):

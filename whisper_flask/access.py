@@ -101,6 +101,10 @@ class LinkSigner:
         if int(expires) < time.time():
             raise LinkExpired("the link has expired; ask for a new one with your API key")
 
+    def webhook_secret(self, owner: str | None) -> str:
+        """The secret that signs the webhooks of one key's jobs: another key's receiver cannot forge them."""
+        return hmac.new(self._secret, f"webhook\n{owner or ''}".encode(), hashlib.sha256).hexdigest()
+
     def _signature(self, job_id: str, fmt: str, expires: str) -> str:
         return hmac.new(self._secret, f"{job_id}\n{fmt}\n{expires}".encode(), hashlib.sha256).hexdigest()
 

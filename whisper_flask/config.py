@@ -56,6 +56,21 @@ DEFAULTS: dict[str, Any] = {
     # 127.0.0.1"); at most MAX_UPLOAD_MB, within URL_FETCH_TIMEOUT_S.
     "URL_ALLOW": "",
     "URL_FETCH_TIMEOUT_S": 600,
+    # Links in webhooks and e-mails start with PUBLIC_URL ("https://speech.example.com");
+    # empty: with the address the job was submitted to.
+    "PUBLIC_URL": "",
+    # E-mail when a job ends (the `email` field) needs SMTP_HOST; SMTP_SECURITY is starttls,
+    # tls or none; set the password as WHISPER_FLASK_SMTP_PASSWORD in the environment.
+    "SMTP_HOST": "",
+    "SMTP_PORT": 587,
+    "SMTP_SECURITY": "starttls",
+    "SMTP_USER": "",
+    "SMTP_PASSWORD": "",
+    "SMTP_FROM": "whisper-flask@localhost",
+    # A failed webhook or e-mail is tried again after NOTIFY_RETRY_BASE_S, doubling up to an
+    # hour, NOTIFY_MAX_ATTEMPTS times in all (12: about five hours).
+    "NOTIFY_RETRY_BASE_S": 30,
+    "NOTIFY_MAX_ATTEMPTS": 12,
 }
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -79,6 +94,8 @@ def validate_config(config: dict[str, Any]) -> None:
         ("DOWNLOAD_LINK_TTL_S", 1),
         ("MAX_DETECTIONS", 1),
         ("MAX_WAITING_REQUESTS", 1),
+        ("SMTP_PORT", 1),
+        ("NOTIFY_MAX_ATTEMPTS", 1),
     )
     for name, low in limits:
         value = config[name]
@@ -91,6 +108,7 @@ def validate_config(config: dict[str, Any]) -> None:
         ("SWEEP_INTERVAL_S", False),
         ("MAX_AUDIO_HOURS", False),
         ("URL_FETCH_TIMEOUT_S", False),
+        ("NOTIFY_RETRY_BASE_S", False),
         ("BATCH_WAIT_MS", True),
     ):
         value = config[name]
@@ -109,6 +127,8 @@ def validate_config(config: dict[str, Any]) -> None:
     if auth not in ("on", "off"):
         raise ConfigError(f"WHISPER_FLASK_AUTH must be on or off, got {config['AUTH']!r}")
     config["AUTH"] = auth
+    if config["SMTP_SECURITY"] not in ("starttls", "tls", "none"):
+        raise ConfigError(f"WHISPER_FLASK_SMTP_SECURITY must be starttls, tls or none, got {config['SMTP_SECURITY']!r}")
     if config["DEVICE"] not in DEVICES:
         raise ConfigError(f"WHISPER_FLASK_DEVICE must be one of {', '.join(DEVICES)}, got {config['DEVICE']!r}")
 

@@ -75,6 +75,10 @@ class FetchFailed(ServiceError):
     code = "fetch_failed"
 
 
+class AddressRefused(FetchFailed):
+    """The URL's host is at an address the service may not connect to (URL_ALLOW lists exceptions)."""
+
+
 class DecodeTimeout(AudioDecodeError):
     """ffmpeg or ffprobe ran past the time its file's length allows; the file is refused."""
 

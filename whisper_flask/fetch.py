@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .exceptions import FetchFailed, InvalidOption
+from .exceptions import AddressRefused, FetchFailed, InvalidOption
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,22 +37,22 @@ class FetchLimits:
     idle_s: float = 30.0  # the longest wait for the next bytes
 
 
-def check_url(url: str) -> str:
+def check_url(url: str, field: str = "url") -> str:
     """The URL if its form is acceptable (http or https, a host, no credentials); InvalidOption otherwise."""
     if len(url) > MAX_URL_CHARS:
-        raise InvalidOption("url", f"at most {MAX_URL_CHARS} characters")
+        raise InvalidOption(field, f"at most {MAX_URL_CHARS} characters")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
-        raise InvalidOption("url", "not a valid URL") from None
+        raise InvalidOption(field, "not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidOption("url", "must be an http or https URL with a host")
+        raise InvalidOption(field, "must be an http or https URL with a host")
     if parts.username is not None or parts.password is not None:
         # They would be stored in the job record and shown with it.
-        raise InvalidOption("url", "must not contain a user name or password")
+        raise InvalidOption(field, "must not contain a user name or password")
     if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
-        raise InvalidOption("url", "must not contain spaces or control characters")
+        raise InvalidOption(field, "must not contain spaces or control characters")
     return url
 
 
@@ -93,7 +93,7 @@ class UrlFetcher:
         """
         deadline = time.monotonic() + self._limits.total_s
         for _ in range(MAX_REDIRECTS + 1):
-            connection, response = self._request(check_url(url), deadline)
+            connection, response = open_checked(check_url(url), self._allowed, self._limits, deadline)
             try:
                 if response.status in REDIRECTS and response.getheader("Location"):
                     url = urljoin(url, response.getheader("Location", ""))
@@ -107,34 +107,6 @@ class UrlFetcher:
             finally:
                 connection.close()
         raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
-
-    def _request(self, url: str, deadline: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        except (OSError, UnicodeError) as exc:
-            raise FetchFailed(f"{host} could not be resolved: {_reason(exc)}") from None
-        why = refusal(ipaddress.ip_address(address[0]), self._allowed)
-        if why is not None:
-            raise FetchFailed(f"refused to fetch from {host}: {why} (URL_ALLOW lists the exceptions)")
-        connection = http.client.HTTPConnection(host, port, timeout=self._limits.idle_s)
-        try:
-            # Connected here, to the address just checked: http.client would resolve the name again.
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(min(self._limits.connect_s, max(0.1, deadline - time.monotonic())))
-            connection.sock = sock
-            sock.connect(address)
-            sock.settimeout(self._limits.idle_s)
-            if parts.scheme == "https":
-                connection.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            target = parts.path or "/"
-            connection.request("GET", f"{target}?{parts.query}" if parts.query else target,
-                               headers={"User-Agent": "whisper_flask", "Accept-Encoding": "identity"})  # fmt: skip
-            return connection, connection.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            raise FetchFailed(f"could not fetch from {host}: {_reason(exc)}") from None
 
     def _save(
         self, response: http.client.HTTPResponse, destination: Path, deadline: float, check: Callable[[], None]
@@ -157,6 +129,48 @@ class UrlFetcher:
             os.fsync(out.fileno())
         if written == 0:
             raise FetchFailed("the server sent an empty body")
+
+
+def open_checked(
+    url: str,
+    allowed: list[IPNetwork],
+    limits: FetchLimits,
+    deadline: float,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send one request to `url` through a socket connected to the address that was checked; FetchFailed if not."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as exc:
+        raise FetchFailed(f"{host} could not be resolved: {_reason(exc)}") from None
+    why = refusal(ipaddress.ip_address(address[0]), allowed)
+    if why is not None:
+        raise AddressRefused(f"refused to connect to {host}: {why} (URL_ALLOW lists the exceptions)")
+    connection = http.client.HTTPConnection(host, port, timeout=limits.idle_s)
+    try:
+        # Connected here, to the address just checked: http.client would resolve the name again.
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(min(limits.connect_s, max(0.1, deadline - time.monotonic())))
+        connection.sock = sock
+        sock.connect(address)
+        sock.settimeout(limits.idle_s)
+        if parts.scheme == "https":
+            connection.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        target = parts.path or "/"
+        connection.request(
+            method,
+            f"{target}?{parts.query}" if parts.query else target,
+            body,
+            {"User-Agent": "whisper_flask", "Accept-Encoding": "identity", **(headers or {})},
+        )
+        return connection, connection.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()
+        raise FetchFailed(f"could not reach {host}: {_reason(exc)}") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from typing import Any
 
 from .options import TranscribeOptions
 
@@ -73,7 +74,67 @@ class Job:
     # (registry.recover says why).
     isolated: bool = False
     source_url: str | None = None  # the audio is fetched from here when the job runs
+    # Told when the job ends (notifications.py): a webhook, an address, and the base of the links.
+    callback_url: str | None = None
+    notify_email: str | None = None
+    link_base: str | None = None
     seq: int = 0
+
+
+@dataclass(frozen=True)
+class NotifyTargets:
+    """Whom to tell when a job ends, and the base URL its links start with."""
+
+    callback_url: str | None = None
+    email: str | None = None
+    link_base: str | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request for a job: its file name and options, the key's name, the client's address, whom to tell."""
+
+    filename: str
+    options: TranscribeOptions
+    owner: str | None
+    client: str | None = None
+    notify: NotifyTargets = field(default_factory=NotifyTargets)
+
+    def job(self, job_id: str, model: str, **fields: Any) -> Job:
+        """The new pending job this request asks for."""
+        return Job(id=job_id, filename=self.filename, options=self.options, model=model, owner=self.owner,
+                   callback_url=self.notify.callback_url, notify_email=self.notify.email,
+                   link_base=self.notify.link_base, **fields)  # fmt: skip
+
+
+class NotificationKind(str, Enum):
+    """How an ended job is announced."""
+
+    WEBHOOK = "webhook"
+    EMAIL = "email"
+
+
+class DeliveryState(str, Enum):
+    """Where a notification is: waiting for (another) attempt, delivered, or given up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One announcement of an ended job, kept in the outbox until delivered or given up."""
+
+    id: int
+    job_id: str
+    kind: NotificationKind
+    target: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: str
+    last_error: str | None
+    delivered_at: str | None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ service's exceptions (exceptions.py), never HTTP errors.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import re
@@ -40,9 +41,9 @@ from .exceptions import (
 from .fetch import FetchLimits, UrlFetcher
 from .keys import KeyStore
 from .media import MediaDecoder
-from .options import TranscribeOptions
+from .notifications import Notifier, RetryPolicy, download_links, smtp_settings
 from .pipeline import JobPipeline
-from .records import Job, JobStatus, JobView
+from .records import Job, JobStatus, JobView, Notification, Submission
 from .registry import JobRegistry
 from .resume import load_resume
 from .retention import Retention
@@ -113,6 +114,14 @@ class TranscriptionService:
         self.media = MediaDecoder(self.upload_dir, config["MAX_AUDIO_HOURS"] * 3600)
         self.detections = RequestSlots(config["MAX_DETECTIONS"], "language detections")
         self.waits = RequestSlots(config["MAX_WAITING_REQUESTS"], "requests waiting for their transcripts")
+        self.notifier = Notifier(
+            self._store,
+            config["URL_ALLOW"],
+            RetryPolicy(config["NOTIFY_RETRY_BASE_S"], config["NOTIFY_MAX_ATTEMPTS"]),
+            smtp_settings(config),
+            self.access.signer.webhook_secret,
+            functools.partial(download_links, self.access.signer),
+        )
         limits = FetchLimits(config["MAX_CONTENT_LENGTH"], config["URL_FETCH_TIMEOUT_S"])
         fetcher = UrlFetcher(config["URL_ALLOW"], limits)
         self._pipeline = JobPipeline(
@@ -142,6 +151,7 @@ class TranscriptionService:
             for job_id in queued:
                 self._executor.submit(self._pipeline.run, job_id)
             self.retention.start()
+            self.notifier.start()
             self._state = _State.RUNNING
 
     def _before_request(self) -> None:
@@ -158,6 +168,7 @@ class TranscriptionService:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
             if self._state is _State.RUNNING:
+                self.notifier.stop()
                 self.retention.stop()
                 self.engine.stop()
             self._store.close()
@@ -170,20 +181,28 @@ class TranscriptionService:
         """Raise QueueFull, TooManyJobs or ShuttingDown if no job can be accepted now (before an upload is read)."""
         self.registry.check_capacity(principal.name)
 
-    def submit(
-        self, upload_name: str, filename: str, options: TranscribeOptions, principal: Principal, client: str | None
-    ) -> JobView:
-        """Probe a stored upload and queue it as a new job of `principal`; the upload is the service's from now on."""
+    def submit(self, upload_name: str, request: Submission) -> JobView:
+        """Probe a stored upload and queue it as a new job; the upload is the service's from now on."""
         try:
             info = self.media.probe(self.upload_dir / upload_name)  # a playlist or an absurd header ends here
-            job = Job(id=uuid.uuid4().hex, filename=filename, upload_name=upload_name, options=options,
-                      model=self.engine.model_name, owner=principal.name, duration=info.duration)  # fmt: skip
+            job = request.job(uuid.uuid4().hex, self.engine.model_name, upload_name=upload_name, duration=info.duration)
             view = self.registry.add(job)
         except BaseException:
             (self.upload_dir / upload_name).unlink(missing_ok=True)
             raise
-        log.info("job %s pending: %s from %s (%s)", job.id, filename, client, info.format_name)
+        log.info("job %s pending: %s from %s (%s)", job.id, request.filename, request.client, info.format_name)
         self._run(job.id)
+        return view
+
+    def submit_url(self, url: str, request: Submission) -> JobView:
+        """Queue a new job whose audio the pipeline fetches from `url` when it runs."""
+        job_id = uuid.uuid4().hex
+        job = request.job(job_id, self.engine.model_name, upload_name=f"{job_id}.upload", source_url=url)
+        view = self.registry.add(job)
+        # Only the host is logged: a URL's path and query may carry a token.
+        host = urlsplit(url).hostname
+        log.info("job %s pending: %s from %s (a URL on %s)", job_id, request.filename, request.client, host)
+        self._run(job_id)
         return view
 
     def _run(self, job_id: str) -> None:
@@ -193,18 +212,9 @@ class TranscriptionService:
         except RuntimeError:  # stop() shut the pool after the registry took the job: it is durable
             log.info("job %s will run after the restart", job_id)
 
-    def submit_url(
-        self, url: str, filename: str, options: TranscribeOptions, principal: Principal, client: str | None
-    ) -> JobView:
-        """Queue a new job of `principal` whose audio the pipeline fetches from `url` when it runs."""
-        job_id = uuid.uuid4().hex
-        job = Job(id=job_id, filename=filename, upload_name=f"{job_id}.upload", options=options,
-                  model=self.engine.model_name, owner=principal.name, source_url=url)  # fmt: skip
-        view = self.registry.add(job)
-        # Only the host is logged: a URL's path and query may carry a token.
-        log.info("job %s pending: %s from %s (from a URL on %s)", job.id, filename, client, urlsplit(url).hostname)
-        self._run(job.id)
-        return view
+    def notifications(self, job_id: str, principal: Principal) -> list[Notification]:
+        """The webhook and e-mail of a job, with their delivery state."""
+        return self._store.notifications(self.view(job_id, principal).job.id)
 
     def view(self, job_id: str, principal: Principal) -> JobView:
         """The job as of one moment; JobNotFound for an unknown or malformed id, JobExpired once swept.

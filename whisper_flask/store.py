@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import TranscribeOptions
-from .records import Job, JobStage, JobStatus
+from .records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
 
@@ -44,6 +44,12 @@ class JobStore:
             if name not in existing:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name}")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,"
+            " kind TEXT NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,"
+            " next_attempt_at TEXT NOT NULL, last_error TEXT, delivered_at TEXT, UNIQUE (job_id, kind))"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_at)")
 
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
@@ -55,12 +61,53 @@ class JobStore:
         return int(cursor.lastrowid or 0)
 
     def update(self, job: Job) -> None:
-        """Replace a job's stored record with this one."""
+        """Replace a job's stored record with this one; an ended job's notifications join the outbox with it."""
+        with self._lock:
+            # One transaction: no crash can leave an ended job without its notifications.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _FIELDS)} WHERE id = ?",
+                    [*_values(job), job.id],
+                )
+                if job.status.terminal:
+                    for kind, target in ((NotificationKind.WEBHOOK, job.callback_url),
+                                         (NotificationKind.EMAIL, job.notify_email)):  # fmt: skip
+                        if target:
+                            self._db.execute(
+                                "INSERT OR IGNORE INTO notifications (job_id, kind, target, state, attempts,"
+                                " next_attempt_at) VALUES (?, ?, ?, ?, 0, ?)",
+                                (job.id, kind.value, target, DeliveryState.PENDING.value, utcnow()),
+                            )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def due_notifications(self, now: str, limit: int) -> list[Notification]:
+        """Notifications waiting for an attempt whose time has come, soonest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM notifications WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+                (DeliveryState.PENDING.value, now, limit),
+            ).fetchall()
+        return [_notification(row) for row in rows]
+
+    def notifications(self, job_id: str) -> list[Notification]:
+        """A job's notifications, webhook first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM notifications WHERE job_id = ? ORDER BY kind DESC", (job_id,))
+            return [_notification(row) for row in rows.fetchall()]
+
+    def record_attempt(self, notification: Notification) -> None:
+        """Store a notification's state after an attempt."""
         with self._lock:
             self._db.execute(
-                f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _FIELDS)} WHERE id = ?",
-                [*_values(job), job.id],
-            )
+                "UPDATE notifications SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+                " delivered_at = ? WHERE id = ?",
+                (notification.state.value, notification.attempts, notification.next_attempt_at,
+                 notification.last_error, notification.delivered_at, notification.id),
+            )  # fmt: skip
 
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
@@ -116,7 +163,9 @@ class JobStore:
     def forget_expired_before(self, cutoff: str) -> int:
         """Delete the records of jobs that expired before cutoff; return how many."""
         with self._lock:
-            return self._db.execute("DELETE FROM jobs WHERE expired_at < ?", (cutoff,)).rowcount
+            forgotten = self._db.execute("DELETE FROM jobs WHERE expired_at < ?", (cutoff,)).rowcount
+            self._db.execute("DELETE FROM notifications WHERE job_id NOT IN (SELECT id FROM jobs)")
+            return forgotten
 
     def close(self) -> None:
         """Close the connection."""
@@ -134,6 +183,13 @@ def _values(job: Job) -> list[Any]:
             value = value.value
         values.append(value)
     return values
+
+
+def _notification(row: sqlite3.Row) -> Notification:
+    data = dict(row)
+    data["kind"] = NotificationKind(data["kind"])
+    data["state"] = DeliveryState(data["state"])
+    return Notification(**data)
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -55,6 +55,8 @@ def job_record(view: JobView) -> dict[str, Any]:
         **progress_body(view),
         "filename": job.filename,
         "source_url": job.source_url,
+        "callback_url": job.callback_url,
+        "email": job.notify_email,
         "owner": job.owner,
         "options": job.options.as_dict(),
         "model": job.model,

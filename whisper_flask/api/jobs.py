@@ -7,6 +7,7 @@ import dataclasses
 from flask import Blueprint, Response, jsonify, request
 
 from ..errors import ApiError
+from ..notifications import SIGNATURE_HEADER
 from ..records import JobStatus, JobView
 from ..service import get_service
 from . import job_record
@@ -25,8 +26,26 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    """The whole record of one job."""
-    return jsonify(job_record(get_service().view(job_id, principal())))
+    """The whole record of one job, with the delivery state of its webhook and e-mail."""
+    service = get_service()
+    record = job_record(service.view(job_id, principal()))
+    record["notifications"] = [
+        {key: value for key, value in dataclasses.asdict(notification).items() if key not in ("id", "job_id")}
+        for notification in service.notifications(job_id, principal())
+    ]
+    return jsonify(record)
+
+
+@bp.get("/webhook-secret")
+def get_webhook_secret() -> Response:
+    """The secret that signs this key's webhooks, and how the signature is made."""
+    return jsonify(
+        {
+            "secret": get_service().access.signer.webhook_secret(principal().name),
+            "header": SIGNATURE_HEADER,
+            "signature": "t=<unix time>,v1=<hex HMAC-SHA256(secret, '<unix time>.' + raw body)>",
+        }
+    )
 
 
 @bp.get("/jobs")

@@ -20,7 +20,7 @@ from ..access import Principal
 from ..errors import OPENAI_PREFIX, ApiError, openai_error
 from ..exceptions import JobFailed, NoTranscript, ServiceError
 from ..options import Task, TranscribeOptions, parse_flag, parse_options
-from ..records import Job, JobStatus
+from ..records import Job, JobStatus, Submission
 from ..service import TranscriptionService, get_service
 from ..writers import FORMATS
 from .auth import principal, require_key
@@ -88,7 +88,8 @@ def _answer(task: Task) -> Response:
             raise ApiError(400, "invalid_value", "stream=true sends text events; use response_format json or text",
                            field="stream")  # fmt: skip
         options = _options(form, task, "word" in granularities, service.engine.is_multilingual)
-        job = service.submit(keep_upload(file), client_filename(file.filename), options, who, request.remote_addr).job
+        submission = Submission(client_filename(file.filename), options, who.name, request.remote_addr)
+        job = service.submit(keep_upload(file), submission).job
         if stream:
             response = Response(_events(service, job.id, who), mimetype="text/event-stream")
             # nginx passes each event on at once instead of buffering the response.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Response, jsonify, request, send_file, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 
 from ..fetch import check_url, url_filename
+from ..notifications import parse_targets
 from ..options import parse_options
+from ..records import Submission
 from ..service import get_service
 from ..writers import FORMATS
 from . import download_url, progress_body
@@ -24,16 +26,19 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
     service = get_service()
     service.check_capacity(principal())  # before the body is read: a full queue should not cost an upload
     source = requested_url()
-    if source is None:
-        file = receive_upload()
-        options = parse_options([request.form, request.args], service.engine.is_multilingual)
-        name = client_filename(file.filename)
-        view = service.submit(keep_upload(file), name, options, principal(), request.remote_addr)
+    file = receive_upload() if source is None else None
+    fields = [request.form if source is None else source[1], request.args]
+    options = parse_options(fields, service.engine.is_multilingual)
+    # Links in webhooks and e-mails start with PUBLIC_URL, else with the address this request came to.
+    base = current_app.config["PUBLIC_URL"] or request.url_root
+    notify = parse_targets(fields, base, service.notifier.sends_email)
+    if file is not None:
+        submission = Submission(client_filename(file.filename), options, principal().name, request.remote_addr, notify)
+        view = service.submit(keep_upload(file), submission)
     else:
-        url, fields = source
-        options = parse_options([fields, request.args], service.engine.is_multilingual)
-        name = client_filename(url_filename(check_url(url)))
-        view = service.submit_url(url, name, options, principal(), request.remote_addr)
+        assert source is not None
+        name = client_filename(url_filename(check_url(source[0])))
+        view = service.submit_url(source[0], Submission(name, options, principal().name, request.remote_addr, notify))
     job_id = view.job.id
     body = progress_body(view)
     body["download_url"] = download_url(job_id, "txt")
