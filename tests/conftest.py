@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import FakeEngine, StartGunicorn, base_config, create_key, keyed_client_class
@@ -105,3 +107,37 @@ def gunicorn(tmp_path: Path, model_dir: Path, api_key: str) -> Iterator[StartGun
     yield start
     for process in processes:
         stop(process)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, driven by Playwright through its executable path (no browser download)."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's, or Ubuntu's snap
+    assert executable, "chromium is missing: deploy/system-packages.sh installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where pages' screenshots go: pytest's output directory for this run."""
+    return tmp_path_factory.mktemp("screenshots", numbered=False)
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh tab whose script errors, CSP violations, dialogs and requests off loopback fail the test."""
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"], accept_downloads=True)
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    tab.on("console", lambda note: problems.append(note.text) if "Content Security Policy" in note.text else None)
+    tab.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
+    # Nothing may come from another host (a CDN): every asset is served by the service itself.
+    local = ("http://127.0.0.1:", "data:", "blob:")
+    tab.on("request", lambda sent: None if sent.url.startswith(local) else problems.append(f"fetched {sent.url}"))
+    yield tab
+    context.close()
+    assert not problems, problems

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect
 
 from bench.loopback import free_port, render_nginx, start_gunicorn, start_nginx, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, submit, upload
@@ -90,37 +89,6 @@ def site(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[
     yield {"url": f"http://127.0.0.1:{http}", "upstream": upstream, "keys": keys, "long": long_recording}
     stop(proxy)
     stop(app)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium, driven by Playwright through its executable path (no browser download)."""
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's, or Ubuntu's snap
-    assert executable, "chromium is missing: deploy/system-packages.sh installs it"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh tab whose script errors and CSP violations fail the test."""
-    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"], accept_downloads=True)
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    tab.on("console", lambda note: problems.append(note.text) if "Content Security Policy" in note.text else None)
-    tab.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
-    yield tab
-    context.close()
-    assert not problems, problems
-
-
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the page's screenshots go: pytest's output directory for this run."""
-    return tmp_path_factory.mktemp("screenshots", numbered=False)
 
 
 def open_with_key(page: Page, url: str, key: str) -> None:

@@ -19,7 +19,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     with the server (deploy/gunicorn.conf.py) or at the first request.
     """
     from . import config as defaults
-    from .api import health, jobs, openai_audio, page, transcription
+    from .api import describe, health, jobs, openai_audio, page, transcription
     from .api.uploads import UploadRequest
     from .cli import keys_cli, models_cli
     from .engine import WhisperEngine
@@ -45,7 +45,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     app.request_class = UploadRequest
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app)
-    for module in (transcription, jobs, health, openai_audio, page):
+    for module in (transcription, jobs, health, openai_audio, page, describe):
         app.register_blueprint(module.bp)
     app.cli.add_command(models_cli)
     app.cli.add_command(keys_cli)

@@ -83,11 +83,20 @@ def parse_flag(field: str, value: str) -> bool:
     raise InvalidOption(field, "must be true or false")
 
 
-def _boolean(field: str) -> Callable[[str, bool], bool]:
-    return lambda value, multilingual: parse_flag(field, value)
+@dataclass(frozen=True)
+class FormField:
+    """One option a client may send: the TranscribeOptions field it sets, its parser, its JSON Schema."""
+
+    option: str
+    parse: Callable[[str, bool], Any]
+    schema: dict[str, Any]
 
 
-def _number(field: str, low: float, high: float, kind: type[int] | type[float]) -> Callable[[str, bool], Any]:
+def _boolean(field: str) -> FormField:
+    return FormField(field, lambda value, multilingual: parse_flag(field, value), {"type": "boolean"})
+
+
+def _number(field: str, low: float, high: float, kind: type[int] | type[float]) -> FormField:
     def parse(value: str, multilingual: bool) -> Any:
         try:
             number = kind(value)
@@ -97,26 +106,29 @@ def _number(field: str, low: float, high: float, kind: type[int] | type[float]) 
             raise InvalidOption(field, f"must be {'an integer' if kind is int else 'a number'} from {low} to {high}")
         return number
 
-    return parse
+    schema = {"type": "integer" if kind is int else "number", "minimum": low, "maximum": high}
+    return FormField(field, parse, schema)
 
 
-# form/query field -> (TranscribeOptions field, parser)
-_FIELDS: dict[str, tuple[str, Callable[[str, bool], Any]]] = {
-    "language": ("language", _language),
-    "task": ("task", _task),
-    "prompt": ("initial_prompt", _prompt),
-    "initial_prompt": ("initial_prompt", _prompt),
-    "word_timestamps": ("word_timestamps", _boolean("word_timestamps")),
-    "temperature": ("temperature", _number("temperature", 0.0, 1.0, float)),
-    "beam_size": ("beam_size", _number("beam_size", 1, 10, int)),
+_PROMPT = FormField("initial_prompt", _prompt, {"type": "string", "maxLength": MAX_PROMPT_CHARS})
+
+#: The options a client may send, by form, JSON or query field name; OpenAPI and OPTIONS describe these.
+FIELDS: dict[str, FormField] = {
+    "language": FormField("language", _language, {"type": "string", "description": "a code ('de') or a name"}),
+    "task": FormField("task", _task, {"type": "string", "enum": [task.value for task in Task]}),
+    "prompt": _PROMPT,
+    "initial_prompt": _PROMPT,
+    "word_timestamps": _boolean("word_timestamps"),
+    "temperature": _number("temperature", 0.0, 1.0, float),
+    "beam_size": _number("beam_size", 1, 10, int),
 }
 
 
 def parse_options(sources: list[Mapping[str, str]], multilingual: bool) -> TranscribeOptions:
     """Options from form fields and query parameters (the first source that has a field wins)."""
     options: dict[str, Any] = {}
-    for field, (name, parse) in _FIELDS.items():
-        value = next((source[field] for source in sources if source.get(field, "") != ""), None)
-        if value is not None and name not in options:
-            options[name] = parse(value, multilingual)
+    for name, field in FIELDS.items():
+        value = next((source[name] for source in sources if source.get(name, "") != ""), None)
+        if value is not None and field.option not in options:
+            options[field.option] = field.parse(value, multilingual)
     return TranscribeOptions(**options)

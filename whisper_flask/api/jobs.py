@@ -24,7 +24,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-@bp.get("/jobs/<job_id>")
+@bp.get("/jobs/<job_id>", provide_automatic_options=False)  # describe.py answers OPTIONS
 def get_job(job_id: str) -> Response:
     """The whole record of one job, with the delivery state of its webhook and e-mail."""
     service = get_service()
@@ -48,7 +48,7 @@ def get_webhook_secret() -> Response:
     )
 
 
-@bp.get("/jobs")
+@bp.get("/jobs", provide_automatic_options=False)
 def list_jobs() -> Response:
     """Jobs newest first, filtered by status, paged by limit and offset."""
     raw_status = request.args.get("status") or None
@@ -61,7 +61,7 @@ def list_jobs() -> Response:
     return jsonify({"jobs": [job_record(view) for view in views], "limit": limit, "offset": offset})
 
 
-@bp.delete("/jobs/<job_id>")
+@bp.delete("/jobs/<job_id>", provide_automatic_options=False)
 def cancel_job(job_id: str) -> Response:
     """Cancel a job and delete its files; a finished job is returned unchanged."""
     return jsonify(job_record(JobView(get_service().cancel(job_id, principal()))))

@@ -17,7 +17,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "default-src 'none'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self'",
+        "img-src 'self' data:",  # Swagger UI's icons
         "connect-src 'self'",
         "base-uri 'none'",
         "form-action 'none'",

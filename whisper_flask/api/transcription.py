@@ -20,7 +20,7 @@ bp = Blueprint("transcription", __name__)
 require_key(bp)
 
 
-@bp.post("/upload")
+@bp.post("/upload", provide_automatic_options=False)  # describe.py answers OPTIONS
 def upload_audio() -> tuple[Response, int, dict[str, str]]:
     """Accept an audio file, or a URL to fetch it from, and queue it; 202 with the job's id before any audio work."""
     service = get_service()

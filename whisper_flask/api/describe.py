@@ -1,0 +1,244 @@
+"""What the API accepts: OPTIONS on the job routes, an OpenAPI 3.1 description, and its documentation page.
+
+The description is built from the code it describes (option fields, formats, statuses, languages),
+and a test checks that its paths and methods are exactly the app's routes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flask_swagger_ui
+from flask import Blueprint, Response, jsonify, render_template, request, send_from_directory
+from whisper.tokenizer import LANGUAGES
+
+from ..notifications import SIGNATURE_HEADER
+from ..options import FIELDS
+from ..records import JobStatus
+from ..service import get_service
+from ..writers import FORMATS
+
+bp = Blueprint("describe", __name__)
+
+#: Swagger UI's files as its pinned package ships them (Apache-2.0): served from here, never a CDN.
+SWAGGER_UI = Path(flask_swagger_ui.__file__).parent / "dist"
+RAW_TYPES = ("audio/*", "video/*", "application/octet-stream")
+FILE = {"type": "string", "contentMediaType": "application/octet-stream"}
+NOTIFY_FIELDS = {
+    "callback_url": {"type": "string", "description": f"gets a JSON POST signed in {SIGNATURE_HEADER} at the end"},
+    "email": {"type": "string", "description": "sent the links when the job ends (needs SMTP_HOST)"},
+}
+
+
+def _option_fields() -> dict[str, Any]:
+    """Each option field's schema, with the values the loaded model takes."""
+    multilingual = get_service().engine.is_multilingual
+    fields = {name: dict(field.schema) for name, field in FIELDS.items()}
+    fields["language"]["enum"] = sorted(LANGUAGES) if multilingual else ["en"]
+    fields["task"]["enum"] = fields["task"]["enum"] if multilingual else ["transcribe"]
+    return fields
+
+
+@bp.route("/upload", methods=["OPTIONS"])
+def describe_upload() -> Response:
+    """The upload's methods, body types and fields, with the values each field takes."""
+    return jsonify(
+        {
+            "methods": ["POST"],
+            "content_types": ["multipart/form-data", "application/json", *RAW_TYPES],
+            "fields": {"file": {"type": "file"}, "url": {"type": "string"}, **_option_fields(), **NOTIFY_FIELDS},
+            "formats": list(FORMATS),
+        }
+    )
+
+
+@bp.route("/jobs", methods=["OPTIONS"])
+def describe_jobs() -> Response:
+    """The job list's query parameters and their values."""
+    query = {
+        "status": {"type": "string", "enum": [status.value for status in JobStatus]},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+        "offset": {"type": "integer", "minimum": 0, "default": 0},
+    }
+    return jsonify({"methods": ["GET"], "query": query})
+
+
+@bp.route("/jobs/<job_id>", methods=["OPTIONS"])
+def describe_job(job_id: str) -> Response:
+    """What may be done to one job."""
+    return jsonify({"methods": ["GET", "DELETE"], "formats": list(FORMATS)})
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of this API."""
+    return jsonify(openapi_document(request.script_root or "/"))
+
+
+@bp.get("/docs")
+def docs() -> str:
+    """The API's documentation page (Swagger UI, served from this server)."""
+    return render_template("docs.html")
+
+
+@bp.get("/docs/vendor/<path:name>")
+def docs_asset(name: str) -> Response:
+    """Swagger UI's own files; send_from_directory refuses any path outside its folder."""
+    return send_from_directory(SWAGGER_UI, name)
+
+
+# -- the document ------------------------------------------------------------------------------
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ok(description: str, content: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, **({"content": content} if content else {})}
+
+
+def _errors(*statuses: int, openai: bool = False) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{'OpenAIError' if openai else 'Error'}"}
+    return {str(status): _ok("an error, in plain words", _json(schema)) for status in statuses}
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def openapi_document(server: str) -> dict[str, Any]:
+    """The description, for a server mounted at `server` ("/" or a sub-path)."""
+    options = _option_fields()
+    job = {"$ref": "#/components/schemas/Job"}
+    job_id = _path("job_id", "the id the upload answered with")
+    upload_form = {
+        "type": "object",
+        "properties": {"file": FILE, "url": {"type": "string"}, **options, **NOTIFY_FIELDS},
+    }
+    url_properties = {"url": {"type": "string"}, **options, **NOTIFY_FIELDS}
+    url_body = {"type": "object", "required": ["url"], "properties": url_properties}
+    raw_body = {"schema": FILE}
+    upload_query = [_query("filename", {"type": "string"}), *(_query(name, schema) for name, schema in options.items())]
+    openai_form = {
+        "type": "object",
+        "required": ["file", "model"],
+        "properties": {
+            "file": FILE,
+            "model": {"type": "string", "examples": ["whisper-1"]},
+            "language": {"type": "string"},
+            "prompt": {"type": "string"},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+            "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
+            "stream": {"type": "boolean"},
+        },
+    }
+    openai_audio = _operation(
+        "OpenAI's audio API on the same jobs",
+        {"200": _ok("the transcript in the asked format"), **_errors(400, 401, 404, 413, 429, 500, 503, openai=True)},
+        requestBody={"required": True, "content": {"multipart/form-data": {"schema": openai_form}}},
+    )
+    described = {"200": _ok("the accepted methods and values", _json({"type": "object"}))}
+    paths: dict[str, Any] = {
+        "/upload": {
+            "post": _operation(
+                "Queue audio (a file part, a raw body, or a URL to fetch); 202 at once",
+                {"202": _ok("the new job", _json(job)), **_errors(400, 401, 413, 429, 503, 507)},
+                parameters=upload_query,
+                requestBody={"required": True, "content": {"multipart/form-data": {"schema": upload_form},
+                             "application/json": {"schema": url_body}, **{t: raw_body for t in RAW_TYPES}}},
+            ),  # fmt: skip
+            "options": _operation("The upload's fields and their values", described, security=[]),
+        },
+        "/progress/{job_id}": {
+            "get": _operation(
+                "A job's status and progress", {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
+                parameters=[job_id],
+            )
+        },
+        "/download/{job_id}.{fmt}": {
+            "get": _operation(
+                "The transcript, by key or by the signed link from a response",
+                {"200": _ok("the transcript file"), **_errors(401, 403, 404, 409, 410)},
+                parameters=[job_id, {**_path("fmt", "the format"), "schema": {"type": "string", "enum": list(FORMATS)}},
+                            _query("expires", {"type": "string"}), _query("signature", {"type": "string"})],
+            )  # fmt: skip
+        },
+        "/jobs": {
+            "get": _operation(
+                "The key's jobs, newest first (an admin key's: everyone's)",
+                {"200": _ok("a page of jobs", _json({"type": "object"})), **_errors(400, 401)},
+                parameters=[_query("status", {"type": "string", "enum": [s.value for s in JobStatus]}),
+                            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                            _query("offset", {"type": "integer", "minimum": 0})],
+            ),  # fmt: skip
+            "options": _operation("The job list's query parameters", described, security=[]),
+        },
+        "/jobs/{job_id}": {
+            "get": _operation("A job's whole record, with its notifications", {"200": _ok("the job", _json(job)),
+                              **_errors(401, 404, 410)}, parameters=[job_id]),  # fmt: skip
+            "delete": _operation("Cancel a job and delete its files", {"200": _ok("the job", _json(job)),
+                                 **_errors(401, 404, 410)}, parameters=[job_id]),  # fmt: skip
+            "options": _operation("What may be done to a job", described, security=[], parameters=[job_id]),
+        },
+        "/queue": {"get": _operation("Pending and running jobs, the limits", {"200": _ok("counts"), **_errors(401)})},
+        "/detect-language": {
+            "post": _operation(
+                "The language of the first 30 s of a file",
+                {"200": _ok("the top languages"), **_errors(400, 401, 413, 503)},
+                requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "properties": {"file": FILE}}}}},
+            )  # fmt: skip
+        },
+        "/webhook-secret": {
+            "get": _operation("The secret that signs this key's webhooks", {"200": _ok("the secret"), **_errors(401)})
+        },
+        "/healthz": {"get": _operation("Liveness", {"200": _ok("alive")}, security=[])},
+        "/readyz": {"get": _operation("Readiness: the model is loaded", {"200": _ok("ready"), **_errors(503)},
+                                      security=[])},  # fmt: skip
+        "/openapi.json": {"get": _operation("This description", {"200": _ok("OpenAPI 3.1")}, security=[])},
+        "/v1/audio/transcriptions": {"post": openai_audio},
+        "/v1/audio/translations": {"post": openai_audio},
+        "/v1/models": {
+            "get": _operation("The models, in OpenAI's shape", {"200": _ok("a list"), **_errors(401, openai=True)})
+        },
+        "/v1/models/{model_id}": {
+            "get": _operation("One model", {"200": _ok("the model"), **_errors(401, 404, openai=True)},
+                              parameters=[_path("model_id", "whisper-1 or the loaded model's name")])  # fmt: skip
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "whisper_flask", "version": "1", "description": "Self-hosted speech to text (README)."},
+        "servers": [{"url": server}],
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "code"],
+                          "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+                "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}},
+                "Job": {"type": "object", "required": ["transcription_id", "status"], "properties": {
+                    "transcription_id": {"type": "string"},
+                    "status": {"type": "string", "enum": [s.value for s in JobStatus]},
+                    "progress": {"type": "number"}, "stage": {"type": "string"},
+                    "duration": {"type": ["number", "null"]}, "queue_position": {"type": ["integer", "null"]},
+                    "download_url": {"type": "string"}, "formats": {"type": "object"},
+                    "error": {"type": ["string", "null"]}, "error_code": {"type": ["string", "null"]}}},
+            },  # fmt: skip
+        },
+    }
