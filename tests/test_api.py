@@ -111,6 +111,12 @@ def test_upload_rejects_a_missing_or_empty_file(client: FlaskClient, form: dict,
     assert response.get_json()["code"] == code
 
 
+@pytest.mark.parametrize("query", ["limit=%C2%B2", "offset=%C2%B2", "limit=0", "limit=-1"])
+def test_a_page_query_that_is_not_a_plain_number_is_a_bad_request(client: FlaskClient, query: str) -> None:
+    response = client.get(f"/jobs?{query}")
+    assert (response.status_code, response.get_json()["code"]) == (400, "invalid_query")
+
+
 @pytest.mark.parametrize("content_type", ["audio/mpeg", "video/mp4", "application/octet-stream"])
 def test_a_raw_body_is_an_upload_named_and_configured_by_its_query(client: FlaskClient, content_type: str) -> None:
     response = client.post("/upload?filename=dir/talk.mp3&language=de", data=wav_bytes(2), content_type=content_type)

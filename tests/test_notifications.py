@@ -159,11 +159,19 @@ def test_cancelled_jobs_are_announced_too(
     assert (payload["event"], payload["links"]) == ("job.cancelled", {})
 
 
+@pytest.mark.parametrize("address", ["@", "@b", "<a@b>", "a@b@c", "a@[", "a", "a@b\r\nBcc: c@d"])
+def test_a_malformed_email_address_is_refused_at_upload(make_app: Callable[..., Flask], address: str) -> None:
+    client = make_app(SMTP_HOST="127.0.0.1").test_client()
+    response = upload(client, FIXTURES / "fox.wav", email=address)
+    assert (response.status_code, response.get_json()["field"]) == (400, "email")
+
+
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
         ({"callback_url": "ftp://127.0.0.1/hook"}, "callback_url"),
         ({"callback_url": "http://user:pw@127.0.0.1/hook"}, "callback_url"),
+        ({"callback_url": "http://127.0.0.1/hooks/é"}, "callback_url"),  # http.client could not send it
         ({"email": "alice@example.com"}, "email"),  # this app has no SMTP_HOST
     ],
 )

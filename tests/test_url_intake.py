@@ -53,6 +53,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(bytes(64 * 1024), pause=0)
         elif self.path == "/slow":
             self._stream(b"\0", pause=0.2)
+        elif self.path == "/continue-forever":
+            self._continue_forever()
         else:
             self._send(404, b"not here")
 
@@ -61,6 +63,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _continue_forever(self) -> None:
+        """Interim responses without end: http.client reads them in a loop no socket timeout ends."""
+        for _ in range(100_000):
+            if self.server.stopping.is_set():
+                return
+            try:
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.01)
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)
@@ -133,6 +147,7 @@ def test_a_json_body_names_the_url_and_the_options(client: Any, site: AudioSite)
         ("/redirect-private", "fetch_failed", "127.0.0.2 is not a public address"),
         ("/endless", "fetch_failed", "larger than the 1 MB upload limit"),
         ("/slow", "fetch_failed", "took longer than 3 s"),
+        ("/continue-forever", "fetch_failed", "could not reach 127.0.0.1"),
         ("/page.html", "invalid_audio", ""),
     ],
 )
@@ -173,6 +188,7 @@ def test_cancelling_a_job_stops_its_download(client: Any, site: AudioSite) -> No
         ({"url": "http://user:secret@127.0.0.1/a.wav"}, 400, "invalid_option"),
         ({"url": "http:///a.wav"}, 400, "invalid_option"),
         ({"url": "http://127.0.0.1/a b.wav"}, 400, "invalid_option"),
+        ({"url": "http://127.0.0.1/é.wav"}, 400, "invalid_option"),
         ({"url": "http://127.0.0.1:99999/a.wav"}, 400, "invalid_option"),
         ({"url": "http://h/" + "a" * 2100}, 400, "invalid_option"),
         ({"url": 5}, 400, "no_url"),
@@ -188,6 +204,11 @@ def test_a_url_request_of_the_wrong_form_is_refused_before_a_job_exists(
     assert client.get("/jobs").get_json()["jobs"] == []
 
 
+def test_json_nested_thousands_deep_is_a_bad_request(client: Any) -> None:
+    response = client.post("/upload", data=b"[" * 30_000, content_type="application/json")
+    assert (response.status_code, response.get_json()["code"]) == (400, "invalid_json")
+
+
 def test_a_file_and_a_url_together_are_refused(client: Any) -> None:
     response = client.post("/upload", data={"url": "http://127.0.0.1/a.wav", "file": (FIXTURES / "fox.wav").open("rb")})
     assert (response.status_code, response.get_json()["code"]) == (400, "file_and_url")
@@ -196,7 +217,8 @@ def test_a_file_and_a_url_together_are_refused(client: Any) -> None:
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.100.100.200", "0.0.0.0",
-     "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:169.254.169.254"],
+     "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+     "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1", "2002:7f00:1::", "::7f00:1", "::ffff:0:7f00:1", "fec0::1"],
 )  # fmt: skip
 def test_loopback_private_link_local_multicast_and_metadata_addresses_are_refused(address: str) -> None:
     assert refusal(ipaddress.ip_address(address), []) is not None
@@ -204,8 +226,8 @@ def test_loopback_private_link_local_multicast_and_metadata_addresses_are_refuse
 
 
 def test_public_addresses_may_be_fetched() -> None:
-    assert refusal(ipaddress.ip_address("93.184.216.34"), []) is None
-    assert refusal(ipaddress.ip_address("2606:2800:220:1::1"), []) is None
+    for address in ("93.184.216.34", "2606:2800:220:1::1", "64:ff9b::5db8:d822"):  # the last: NAT64 to a public one
+        assert refusal(ipaddress.ip_address(address), []) is None
 
 
 def test_the_real_model_transcribes_speech_fetched_from_a_url(

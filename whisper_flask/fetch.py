@@ -5,11 +5,13 @@ ARCHITECTURE.md, "Audio from a URL", says which addresses are refused and why.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,8 +53,8 @@ def check_url(url: str, field: str = "url") -> str:
     if parts.username is not None or parts.password is not None:
         # They would be stored in the job record and shown with it.
         raise InvalidOption(field, "must not contain a user name or password")
-    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
-        raise InvalidOption(field, "must not contain spaces or control characters")
+    if not url.isascii() or any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
+        raise InvalidOption(field, "must be ASCII without spaces or control characters (percent-encode the rest)")
     return url
 
 
@@ -70,12 +72,33 @@ def refusal(address: IPAddress, allowed: list[IPNetwork]) -> str | None:
     """Why the service may not connect to `address`, or None if it may."""
     if any(address in network for network in allowed):
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return refusal(address.ipv4_mapped, allowed)  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(address)
+        if inner is not None:  # ::ffff:127.0.0.1, 64:ff9b::a00:1 (NAT64), 2002:7f00:1:: (6to4) ...
+            return refusal(inner, allowed)
+        if address.is_site_local:
+            return f"{address} is not a public address"
     # is_global is False for loopback, private, link-local (169.254.169.254, the cloud metadata
     # address, among them), shared (100.64/10), reserved and unspecified addresses.
     if not address.is_global or address.is_multicast:
         return f"{address} is not a public address"
+    return None
+
+
+#: IPv6 ranges whose last 32 bits are an IPv4 address the packets reach: NAT64 (well-known and
+#: local-use prefixes), IPv4-compatible, and SIIT's IPv4-translated addresses.
+_EMBEDS_IPV4 = [ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")]
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if any(address in network for network in _EMBEDS_IPV4) and int(address) > 1:  # not :: or ::1
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
 
@@ -113,7 +136,7 @@ class UrlFetcher:
     ) -> None:
         limit = self._limits.max_bytes
         declared = response.getheader("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FetchFailed(f"the file is larger than the {limit // 2**20} MB upload limit")
         written = 0
         with destination.open("wb") as out:
@@ -125,6 +148,8 @@ class UrlFetcher:
                     raise FetchFailed(f"the download took longer than {self._limits.total_s:g} s")
                 check()
                 out.write(chunk)
+            if time.monotonic() > deadline:  # the deadline's timer cut the body short
+                raise FetchFailed(f"the download took longer than {self._limits.total_s:g} s")
             out.flush()
             os.fsync(out.fileno())
         if written == 0:
@@ -150,7 +175,8 @@ def open_checked(
     why = refusal(ipaddress.ip_address(address[0]), allowed)
     if why is not None:
         raise AddressRefused(f"refused to connect to {host}: {why} (URL_ALLOW lists the exceptions)")
-    connection = http.client.HTTPConnection(host, port, timeout=limits.idle_s)
+    connection = _BoundedConnection(host, port, timeout=limits.idle_s)
+    connection.cut_off_at(deadline)
     try:
         # Connected here, to the address just checked: http.client would resolve the name again.
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -171,6 +197,34 @@ def open_checked(
     except (OSError, http.client.HTTPException) as exc:
         connection.close()
         raise FetchFailed(f"could not reach {host}: {_reason(exc)}") from None
+
+
+class _BoundedConnection(http.client.HTTPConnection):
+    """A connection cut at a deadline, whatever the peer sends meanwhile.
+
+    Socket timeouts bound each read, not a peer that keeps sending: endless "100 Continue"
+    lines, trailers, or headers a byte at a time. A timer shuts the socket down instead.
+    """
+
+    _timer: threading.Timer | None = None
+
+    def cut_off_at(self, deadline: float) -> None:
+        """Shut the socket down at `deadline` (time.monotonic()) if it is still open."""
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        sock = self.sock  # read once: close() may clear it meanwhile
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close, and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        super().close()
 
 
 def _reason(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Whisper-Flask-Signature"
 MAX_DELAY_S = 3600.0
 POLL_S = 1.0
+STOP_TIMEOUT_S = 60.0
 WEBHOOK_LIMITS = FetchLimits(max_bytes=0, total_s=30.0, connect_s=10.0, idle_s=20.0)
 MAX_EMAIL_CHARS = 254
 
@@ -62,7 +63,7 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the `attempts`-th failed attempt."""
-        return min(self.base_s * 2 ** (attempts - 1), MAX_DELAY_S)
+        return min(self.base_s * 2 ** min(attempts - 1, 32), MAX_DELAY_S)
 
 
 class DeliveryFailed(Exception):
@@ -84,7 +85,7 @@ def parse_targets(sources: list[Mapping[str, str]], link_base: str, email_enable
             raise InvalidOption("email", "this server sends no e-mail (its SMTP_HOST is not set)")
         try:
             address = Address(addr_spec=email)
-        except (ValueError, IndexError):
+        except Exception:  # email's parser raises HeaderParseError, AttributeError, ... on odd input
             address = None
         if address is None or not address.domain or len(email) > MAX_EMAIL_CHARS:
             raise InvalidOption("email", "not an e-mail address")
@@ -156,7 +157,8 @@ class Notifier:
         """Stop after the attempt in hand; what is left is delivered after the next start."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join()
+            # An attempt is bounded (a webhook by WEBHOOK_LIMITS.total_s, SMTP by its timeout).
+            self._thread.join(timeout=STOP_TIMEOUT_S)
 
     def deliver_due(self) -> None:
         """Make one attempt at every notification whose time has come."""
@@ -183,8 +185,8 @@ class Notifier:
                 self._post(notification, job)
             else:
                 self._mail(notification, job)
-        except DeliveryFailed as exc:
-            final = exc.final or attempts >= self._retry.max_attempts
+        except Exception as exc:  # whatever failed, this attempt is recorded: the queue must move on
+            final = (isinstance(exc, DeliveryFailed) and exc.final) or attempts >= self._retry.max_attempts
             later = datetime.now(timezone.utc) + timedelta(seconds=self._retry.delay(attempts))
             outcome = dataclasses.replace(
                 notification,

@@ -81,7 +81,8 @@ class JobStore:
                             )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
 
     def due_notifications(self, now: str, limit: int) -> list[Notification]:

@@ -19,7 +19,7 @@ require_key(bp)
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name, str(default))
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # "²".isdigit() is True
         raise ApiError(400, "invalid_query", f"{name} must be an integer from {low} to {high}", field=name)
     return int(raw)
 

@@ -14,7 +14,7 @@ from ..service import get_service
 from ..writers import FORMATS
 from . import download_url, progress_body
 from .auth import principal, require_key
-from .uploads import client_filename, keep_upload, receive_upload, requested_url
+from .uploads import RAW_BODY_TYPES, client_filename, keep_upload, receive_upload, requested_url
 
 bp = Blueprint("transcription", __name__)
 require_key(bp)
@@ -31,7 +31,9 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
     options = parse_options(fields, service.engine.is_multilingual)
     # Links in webhooks and e-mails start with PUBLIC_URL, else with the address this request came to.
     base = current_app.config["PUBLIC_URL"] or request.url_root
-    notify = parse_targets(fields, base, service.notifier.sends_email)
+    # From the body where it can carry them: a token in a query string would land in access logs.
+    raw_body = request.mimetype.startswith(RAW_BODY_TYPES)
+    notify = parse_targets(fields[1:] if raw_body else fields[:1], base, service.notifier.sends_email)
     if file is not None:
         submission = Submission(client_filename(file.filename), options, principal().name, request.remote_addr, notify)
         view = service.submit(keep_upload(file), submission)

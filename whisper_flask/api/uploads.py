@@ -96,16 +96,22 @@ def requested_url() -> tuple[str, Mapping[str, str]] | None:
             raise ApiError(413, "too_large", f"a JSON body may have at most {MAX_JSON_BYTES} bytes")
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("url"), str):
             raise ApiError(400, "no_url", 'a JSON body must be an object with a "url" string')
         return body["url"], {name: _json_field(name, value) for name, value in body.items() if name != "url"}
-    if request.mimetype.startswith(RAW_BODY_TYPES) or "url" not in request.form:
+    if request.mimetype.startswith(RAW_BODY_TYPES):
         return None
-    if "file" in request.files:
+    try:
+        form, has_file = request.form, "file" in request.files  # werkzeug stores file parts in UPLOAD_DIR here
+    except OSError as exc:
+        raise StorageFull(f"the upload could not be stored: {exc.strerror or 'write failed'}") from None
+    if "url" not in form:
+        return None
+    if has_file:
         raise ApiError(400, "file_and_url", "send either a file or a url, not both")
-    return request.form["url"], request.form
+    return form["url"], form
 
 
 def _json_field(name: str, value: object) -> str:
