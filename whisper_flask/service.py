@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import json
 import logging
 import re
 import threading
@@ -18,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, current_app
 
-from .access import UNRESTRICTED, AccessControl, FailureThrottle, LinkSigner, Principal
+from .access import AccessControl, FailureThrottle, LinkSigner, Principal
 from .engine import Engine
 from .exceptions import (
     JobExpired,
@@ -32,11 +30,7 @@ from .exceptions import (
     ModelNotFound,
     ModelUnavailable,
     NotMultilingual,
-    NoTranscript,
     ShuttingDown,
-    TranscriptMissing,
-    TranscriptNotReady,
-    UnknownFormat,
 )
 from .fetch import FetchLimits, UrlFetcher
 from .keys import KeyStore
@@ -45,11 +39,10 @@ from .notifications import Notifier, RetryPolicy, download_links, smtp_settings
 from .pipeline import JobPipeline
 from .records import Job, JobStatus, JobView, Notification, Submission
 from .registry import JobRegistry
-from .resume import load_resume
 from .retention import Retention
 from .slots import RequestSlots
 from .store import JobStore
-from .writers import FORMATS, transcript_path
+from .transcripts import TranscriptReader
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +120,7 @@ class TranscriptionService:
         self._pipeline = JobPipeline(
             self.registry, engine, self.media, fetcher, self.retention, self.upload_dir, self.transcript_dir
         )
+        self.transcripts = TranscriptReader(self.view, self.access.signer, self.transcript_dir)
         app.extensions[_EXTENSION] = self
         # Started by the server (gunicorn's post_worker_init) or by the first request, never by
         # a CLI command that builds the app: `flask models ...` must not load the model or take jobs.
@@ -248,26 +242,6 @@ class TranscriptionService:
             self.retention.release(job)
         return job
 
-    def transcript(self, job_id: str, fmt: str, principal: Principal) -> tuple[Job, Path]:
-        """A completed job and the path of its transcript in `fmt`."""
-        job = self.view(job_id, principal).job
-        if fmt not in FORMATS:
-            raise UnknownFormat(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-        if not job.status.terminal:
-            raise TranscriptNotReady("the transcript is not ready yet", job.status.value, job.progress)
-        if job.status is not JobStatus.COMPLETED:
-            raise NoTranscript(f"the job is {job.status.value}; it has no transcript", job.status.value)
-        # Built from the registry's id and a known format, never from the URL's text.
-        path = transcript_path(self.transcript_dir, job.id, fmt)
-        if not path.is_file():
-            raise TranscriptMissing("the transcript file is gone")
-        return job, path
-
-    def transcript_by_link(self, job_id: str, fmt: str, expires: str, signature: str) -> tuple[Job, Path]:
-        """A transcript opened by a signed link instead of a key; LinkRefused or LinkExpired if it is not valid."""
-        self.access.signer.verify(job_id, fmt, expires, signature)
-        return self.transcript(job_id, fmt, UNRESTRICTED)
-
     def drain(self) -> None:
         """The server is stopping: requests waiting for jobs answer now (ShuttingDown); jobs run on until stop()."""
         # Called from a signal handler: an Event, no lock. Waits look at it at least every second.
@@ -285,18 +259,6 @@ class TranscriptionService:
                 raise ShuttingDown(f"the service is stopping; job {job_id} resumes after the restart")
             if deadline is not None and time.monotonic() >= deadline:
                 return self.view(job_id, principal).job
-
-    def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
-        """The segments of a running job's finished windows (its resume state); empty before its first."""
-        job = self.view(job_id, principal).job
-        window = load_resume(self.transcript_dir, job.id)
-        return window.segments if window else []
-
-    def result(self, job_id: str, principal: Principal) -> dict[str, Any]:
-        """A completed job's whole result: text, segments and language, as Whisper gave them."""
-        _, path = self.transcript(job_id, "json", principal)
-        result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return result
 
     def model_names(self) -> list[str]:
         """The names a request may give for a model: the aliases, then the loaded model."""

@@ -134,9 +134,9 @@ def _options(form: MultiDict[str, str], task: Task, words: bool, multilingual: b
 def _final(service: TranscriptionService, job: Job, fmt: str, granularities: list[str]) -> Response:
     _raise_unless_completed(job)
     if fmt in ("srt", "vtt"):
-        _, path = service.transcript(job.id, fmt, principal())
+        _, path = service.transcripts.path(job.id, fmt, principal())
         return Response(path.read_text(encoding="utf-8"), mimetype=FORMATS[fmt])
-    result = service.result(job.id, principal())
+    result = service.transcripts.result(job.id, principal())
     text = result["text"].strip()
     if fmt == "text":
         return Response(text + "\n", mimetype="text/plain")
@@ -183,7 +183,7 @@ def _events(service: TranscriptionService, job_id: str, who: Principal) -> Itera
             # The resume state holds every finished segment: read it only when a window has ended.
             if job.processed_seconds > read_at:
                 read_at = job.processed_seconds
-                for segment in service.segments_so_far(job_id, who)[sent:]:
+                for segment in service.transcripts.segments_so_far(job_id, who)[sent:]:
                     sent += 1
                     last_sent = time.monotonic()
                     yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
@@ -192,7 +192,7 @@ def _events(service: TranscriptionService, job_id: str, who: Principal) -> Itera
                 yield ": keep-alive\n\n"
             job = service.wait(job_id, who, STREAM_POLL_S)
         _raise_unless_completed(job)
-        result = service.result(job_id, who)
+        result = service.transcripts.result(job_id, who)
         for segment in result["segments"][sent:]:
             yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
         yield _event({"type": "transcript.text.done", "text": result["text"].strip()})

@@ -60,9 +60,9 @@ def download_transcript(job_id: str, fmt: str) -> Response:
     service = get_service()
     if "signature" in request.args:
         expires, signature = request.args.get("expires", ""), request.args["signature"]
-        job, path = service.transcript_by_link(job_id, fmt, expires, signature)
+        job, path = service.transcripts.path_by_link(job_id, fmt, expires, signature)
     else:
-        job, path = service.transcript(job_id, fmt, principal())
+        job, path = service.transcripts.path(job_id, fmt, principal())
     stem = Path(client_filename(job.filename)).stem or "transcript"  # also records stored before names were cleaned
     return send_file(path, mimetype=FORMATS[fmt], as_attachment=True, download_name=f"{stem}.{fmt}")
 
