@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import IO
 
@@ -54,12 +55,19 @@ def incoming_file() -> IO[bytes]:
         return tempfile.NamedTemporaryFile(dir=directory, prefix=INCOMING_PREFIX)
 
 
-def receive_upload() -> FileStorage:
-    """The audio: the multipart `file` part, or the raw body of an audio or video type; else a 400 saying why."""
+@contextlib.contextmanager
+def _storing() -> Iterator[None]:
+    """Reading the body writes it to UPLOAD_DIR: a failed write is StorageFull (507), not a 500."""
     try:
-        file = _raw_body() if request.mimetype.startswith(RAW_BODY_TYPES) else _file_part()
+        yield
     except OSError as exc:
         raise StorageFull(f"the upload could not be stored: {exc.strerror or 'write failed'}") from None
+
+
+def receive_upload() -> FileStorage:
+    """The audio: the multipart `file` part, or the raw body of an audio or video type; else a 400 saying why."""
+    with _storing():
+        file = _raw_body() if request.mimetype.startswith(RAW_BODY_TYPES) else _file_part()
     file.stream.seek(0, os.SEEK_END)
     if file.stream.tell() == 0:
         raise ApiError(400, "empty_file", f"{client_filename(file.filename)} is empty (0 bytes)")
@@ -103,10 +111,8 @@ def requested_url() -> tuple[str, Mapping[str, str]] | None:
         return body["url"], {name: _json_field(name, value) for name, value in body.items() if name != "url"}
     if request.mimetype.startswith(RAW_BODY_TYPES):
         return None
-    try:
+    with _storing():
         form, has_file = request.form, "file" in request.files  # werkzeug stores file parts in UPLOAD_DIR here
-    except OSError as exc:
-        raise StorageFull(f"the upload could not be stored: {exc.strerror or 'write failed'}") from None
     if "url" not in form:
         return None
     if has_file:
