@@ -53,6 +53,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(bytes(64 * 1024), pause=0)
         elif self.path == "/slow":
             self._stream(b"\0", pause=0.2)
+        elif self.path == "/stall":
+            self._stream(b"", pause=0.2)  # headers with "Connection: close", then silence
         elif self.path == "/continue-forever":
             self._continue_forever()
         else:
@@ -148,6 +150,7 @@ def test_a_json_body_names_the_url_and_the_options(client: Any, site: AudioSite)
         ("/endless", "fetch_failed", "larger than the 1 MB upload limit"),
         ("/slow", "fetch_failed", "took longer than 3 s"),
         ("/continue-forever", "fetch_failed", "could not reach 127.0.0.1"),
+        ("/stall", "fetch_failed", "took longer than 3 s"),  # the deadline, not the 30 s read timeout
         ("/page.html", "invalid_audio", ""),
     ],
 )
@@ -175,7 +178,7 @@ def test_cancelling_a_job_stops_its_download(client: Any, site: AudioSite) -> No
     wait_until(client, job_id, lambda record: record["stage"] == "fetching")
     assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
     uploads = client.application.config["UPLOAD_DIR"]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 8  # at the latest, the 3 s fetch deadline cuts the download
     while list(uploads.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(uploads.iterdir()) == []

@@ -128,7 +128,7 @@ class UrlFetcher:
             except (OSError, http.client.HTTPException) as exc:
                 raise FetchFailed(f"the download broke off: {_reason(exc)}") from None
             finally:
-                connection.close()
+                connection.finish()
         raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
 
     def _save(
@@ -164,7 +164,7 @@ def open_checked(
     method: str = "GET",
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+) -> tuple[BoundedConnection, http.client.HTTPResponse]:
     """Send one request to `url` through a socket connected to the address that was checked; FetchFailed if not."""
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -175,17 +175,18 @@ def open_checked(
     why = refusal(ipaddress.ip_address(address[0]), allowed)
     if why is not None:
         raise AddressRefused(f"refused to connect to {host}: {why} (URL_ALLOW lists the exceptions)")
-    connection = _BoundedConnection(host, port, timeout=limits.idle_s)
+    connection = BoundedConnection(host, port, timeout=limits.idle_s)
     connection.cut_off_at(deadline)
     try:
         # Connected here, to the address just checked: http.client would resolve the name again.
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(min(limits.connect_s, max(0.1, deadline - time.monotonic())))
-        connection.sock = sock
+        connection.sock = connection.guarded = sock
         sock.connect(address)
         sock.settimeout(limits.idle_s)
         if parts.scheme == "https":
             connection.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        connection.guarded = connection.sock
         target = parts.path or "/"
         connection.request(
             method,
@@ -195,11 +196,11 @@ def open_checked(
         )
         return connection, connection.getresponse()
     except (OSError, http.client.HTTPException) as exc:
-        connection.close()
+        connection.finish()
         raise FetchFailed(f"could not reach {host}: {_reason(exc)}") from None
 
 
-class _BoundedConnection(http.client.HTTPConnection):
+class BoundedConnection(http.client.HTTPConnection):
     """A connection cut at a deadline, whatever the peer sends meanwhile.
 
     Socket timeouts bound each read, not a peer that keeps sending: endless "100 Continue"
@@ -207,6 +208,9 @@ class _BoundedConnection(http.client.HTTPConnection):
     """
 
     _timer: threading.Timer | None = None
+    #: The socket the timer shuts. Not self.sock: getresponse() clears that (close()) as soon as
+    #: a response says "Connection: close", while the response goes on reading the socket.
+    guarded: socket.socket | None = None
 
     def cut_off_at(self, deadline: float) -> None:
         """Shut the socket down at `deadline` (time.monotonic()) if it is still open."""
@@ -215,16 +219,15 @@ class _BoundedConnection(http.client.HTTPConnection):
         self._timer.start()
 
     def _cut(self) -> None:
-        sock = self.sock  # read once: close() may clear it meanwhile
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if self.guarded is not None:
+            with contextlib.suppress(OSError):  # already closed: nothing to cut
+                self.guarded.shutdown(socket.SHUT_RDWR)
 
-    def close(self) -> None:
-        """Close, and stop the timer."""
+    def finish(self) -> None:
+        """Stop the timer and close: the caller is done with the connection and its response."""
         if self._timer is not None:
             self._timer.cancel()
-        super().close()
+        self.close()
 
 
 def _reason(exc: BaseException) -> str:

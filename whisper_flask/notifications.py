@@ -228,7 +228,7 @@ class Notifier:
         except FetchFailed as exc:
             raise DeliveryFailed(str(exc)) from None
         status, reason = response.status, response.reason
-        connection.close()
+        connection.finish()
         if not 200 <= status < 300:  # a redirect is not followed: the receiver must answer itself
             raise DeliveryFailed(f"the receiver answered {status} {reason}")
 
