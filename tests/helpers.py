@@ -27,6 +27,7 @@ from whisper_flask.exceptions import ModelLoading
 from whisper_flask.keys import KeyStore
 from whisper_flask.media import DecodedAudio
 from whisper_flask.options import TranscribeOptions
+from whisper_flask.subprocesses import media_tool
 from whisper_flask.windows import Window
 from whisper_flask.writers import FORMATS
 
@@ -155,6 +156,23 @@ def speech(path: Path, seconds: float, names: list[str]) -> Path:
         out.setsampwidth(2)
         out.setframerate(16000)
         out.writeframes(np.concatenate(chunks)[: int(seconds * 16000)].tobytes())
+    return path
+
+
+def quiet_between(path: Path, quiet_s: float) -> Path:
+    """A WAV: real speech (lj001-0001.flac, 9.7 s), `quiet_s` of faint noise (-60 dBFS), the speech again."""
+    decoded = subprocess.run(
+        [media_tool("ffmpeg"), "-v", "error", "-i", str(FIXTURES / "lj001-0001.flac"),
+         "-ac", "1", "-ar", "16000", "-f", "s16le", "-"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    spoken = np.frombuffer(decoded, np.int16)
+    noise = np.random.default_rng(0).normal(0, 32768 * 10 ** (-60 / 20), int(quiet_s * 16000)).astype(np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(np.concatenate([spoken, noise, spoken]).tobytes())
     return path
 
 

@@ -12,9 +12,7 @@ import torch
 from whisper.audio import N_FRAMES
 
 from tests.helpers import SPOKEN, speech, submit, wait_for
-from whisper_flask.engine import WhisperEngine
-from whisper_flask.options import TranscribeOptions
-from whisper_flask.parts import MIN_PART_FRAMES, Part, PartedProgress, plan_parts
+from whisper_flask.parts import MIN_PART_FRAMES, Part, PartedProgress, part_clips, plan_parts, run_parts
 from whisper_flask.resume import load_resume, save_resume
 from whisper_flask.service import get_service
 from whisper_flask.windows import Window
@@ -34,10 +32,18 @@ def segment(start: float, end: float, text: str) -> dict[str, Any]:
 
 
 def test_each_cut_falls_in_the_pause_nearest_its_even_spacing() -> None:
-    parts = plan_parts(loud_mel(27000, quiet_at=(9300, 17800)), 27000, places=3)
+    parts = plan_parts(loud_mel(27000, quiet_at=(9300, 17800)), 27000, [(0, 27000)], places=3)
     assert [(part.start, part.end) for part in parts] == [(0, parts[1].start), (parts[1].start, parts[2].start),
                                                          (parts[2].start, 27000)]  # fmt: skip
     assert abs(parts[1].start - 9300) <= 25 and abs(parts[2].start - 17800) <= 25
+
+
+def test_parts_share_the_clips_to_transcribe_not_the_timeline() -> None:
+    mel = loud_mel(39000)
+    mel[:, 9000:30000] = -1.0  # the stretch without speech that the clips skip
+    clips = [(0, 9000), (30000, 39000)]
+    parts = plan_parts(mel, 39000, clips, places=2)
+    assert [sum(end - start for start, end in part_clips(clips, part)) for part in parts] == [9000, 9000]
 
 
 @pytest.mark.parametrize(
@@ -50,7 +56,7 @@ def test_each_cut_falls_in_the_pause_nearest_its_even_spacing() -> None:
     ],
 )
 def test_parts_are_no_more_than_the_places_and_at_least_two_windows_long(frames: int, places: int, count: int) -> None:
-    parts = plan_parts(loud_mel(frames), frames, places)
+    parts = plan_parts(loud_mel(frames), frames, [(0, frames)], places)
     assert len(parts) == count
     assert all(part.end - part.start >= MIN_PART_FRAMES - 500 for part in parts)
 
@@ -112,15 +118,14 @@ def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcrip
     assert (restarted.transcript_dir / f"{interrupted}.txt").read_text() == expected
 
 
-def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_with_its_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    engine = WhisperEngine()
+def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_with_its_error() -> None:
     windows_after_failure: list[int] = []
     failed = threading.Event()
+    progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000), Part(12000, 18000)], "en", lambda window: None)
 
-    def run_loop(model: Any, mel: Any, options: Any, on_window: Any, resume: Any, check: Any) -> dict[str, Any]:
-        if threading.current_thread().name.endswith("part0"):
+    def run_part(index: int) -> list[dict[str, Any]]:
+        on_window, check = progress.hook(index), progress.checked(lambda: None)
+        if index == 0:
             on_window(Window(0, [], [], "en"))
             failed.set()
             raise RuntimeError("the model broke in part 0")
@@ -129,12 +134,10 @@ def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_wi
             windows_after_failure.append(seek)
             check()  # its next decoder step
             on_window(Window(seek * 3000, [], [], "en"))
-        return {"segments": []}
+        return []
 
-    monkeypatch.setattr(engine, "_run_loop", run_loop)
-    progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000), Part(12000, 18000)], "en", lambda window: None)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="the model broke in part 0"):
-        engine._run_parts(None, torch.zeros(80, 18000 + N_FRAMES), TranscribeOptions(), progress, lambda: None)  # type: ignore[arg-type]
+        run_parts(progress, run_part)
     assert windows_after_failure == [1, 1], "each other part stops at its first step after the failure"
     assert threading.active_count() == before, "every part's thread has ended"

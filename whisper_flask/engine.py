@@ -34,9 +34,10 @@ from .exceptions import ModelLoading, ModelUnavailable
 from .job_model import JobModel, PromptSwap
 from .media import DecodedAudio
 from .options import Task, TranscribeOptions
-from .parts import PartedProgress, PartsAborted, part_mel, plan_parts, renumbered
+from .parts import PartedProgress, part_clips, part_mel, plan_parts, renumbered, run_parts
 from .quantize import choose_precision, quantize_int8
 from .spectrogram import LogMel, accept_precomputed, log_mel
+from .speech import Clip, SpeechDetector, clip_timestamps, clips_after
 from .windows import StepCheck, Window, WindowHook
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class WhisperEngine:
         self._running_lock = threading.Lock()
         self._running = 0  # transcribe() calls under way: each job's share of the batch places
         self._batch_size = 1
+        self._speech = SpeechDetector()
         self.model_name = ""
         self.error: str | None = None
 
@@ -113,6 +115,7 @@ class WhisperEngine:
             if quantize == "int8":
                 project = quantize_int8(loaded)
             self._thread.start(loaded, project, bf16=quantize == "bf16")
+            self._speech.load()
             self._model = loaded
             log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, quantize)
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
@@ -161,21 +164,30 @@ class WhisperEngine:
         # filters logits, on one torch thread so as not to compete with it (see ModelThread).
         use_torch_threads(1)
         mel = log_mel(audio, model.dims.n_mels)  # by chunks: the whole file's STFT would not fit
+        content = mel.shape[-1] - N_FRAMES
+        clips = self._speech.clips(audio, content)
+        if clips != [(0, content)]:
+            skipped = content - sum(end - start for start, end in clips)
+            log.info("skipping %.1f s without speech", skipped / FRAMES_PER_SECOND)
         with self._running_lock:
             self._running += 1
             places = max(1, self._batch_size // self._running)  # a fair share of the decoder steps
         try:
             if resume is not None and not resume.parts:  # one loop (or a resume saved before parts existed)
-                return self._run_loop(model, mel, options, on_window, resume, check)
+                return self._run_loop(model, mel, options, on_window, resume, check, clips)
             if resume is not None:
-                return self._run_parts(model, mel, options, PartedProgress.resumed(resume, on_window), check)
-            parts = plan_parts(mel, mel.shape[-1] - N_FRAMES, places)
+                return self._run_parts(model, mel, options, PartedProgress.resumed(resume, on_window), check, clips)
+            if options.language is None and clips and clips[0][0] > 0:
+                # Whisper's loop would detect it in the first 30 s, which hold no speech.
+                options = dataclasses.replace(options, language=self._language_of(model, mel[:, clips[0][0] :]))
+            parts = plan_parts(mel, content, clips, places)
             if len(parts) == 1:
-                return self._run_loop(model, mel, options, on_window, None, check)
+                return self._run_loop(model, mel, options, on_window, None, check, clips)
             cuts = ", ".join(f"{part.start / FRAMES_PER_SECOND:.1f}" for part in parts[1:])
             log.info("transcribing in %d parts side by side, cut at %s s", len(parts), cuts)
             language = options.language or self._language_of(model, mel)
-            return self._run_parts(model, mel, options, PartedProgress.fresh(parts, language, on_window), check)
+            progress = PartedProgress.fresh(parts, language, on_window)
+            return self._run_parts(model, mel, options, progress, check, clips)
         finally:
             with self._running_lock:
                 self._running -= 1
@@ -187,38 +199,21 @@ class WhisperEngine:
         options: TranscribeOptions,
         progress: PartedProgress,
         check: StepCheck,
+        clips: list[Clip],
     ) -> dict[str, Any]:
-        """Each unfinished part's loop on a thread of its own, all joined before this returns."""
+        """Each unfinished part's loop on a thread of its own (parts.run_parts)."""
         # Every part speaks the job's language: detected once, not per part.
         options = dataclasses.replace(options, language=progress.language)
-        errors: dict[int, BaseException] = {}
 
-        def run(index: int) -> None:
+        def run_part(index: int) -> list[dict[str, Any]]:
             use_torch_threads(1)
-            try:
-                part_audio = part_mel(mel, progress.parts[index])
-                result = self._run_loop(
-                    model, part_audio, options, progress.hook(index), progress.window(index), progress.checked(check)
-                )
-                progress.finish(index, result["segments"])
-            except BaseException as exc:  # re-raised by the job's thread below
-                errors[index] = exc
-                progress.fail()
+            part = progress.parts[index]
+            return self._run_loop(
+                model, part_mel(mel, part), options, progress.hook(index), progress.window(index),
+                progress.checked(check), part_clips(clips, part),
+            )["segments"]  # fmt: skip
 
-        name = threading.current_thread().name
-        threads = [
-            threading.Thread(target=run, args=(index,), name=f"{name}-part{index}")
-            for index in range(len(progress.parts))
-            if not progress.done(index)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:  # the first part's own failure, not a sibling's PartsAborted that followed it
-            ordered = [errors[index] for index in sorted(errors)]
-            raise next((error for error in ordered if not isinstance(error, PartsAborted)), ordered[0])
-        segments = progress.segments()
+        segments = run_parts(progress, run_part)
         return {"text": "".join(segment["text"] for segment in segments), "segments": segments,
                 "language": progress.language}  # fmt: skip
 
@@ -237,9 +232,15 @@ class WhisperEngine:
         on_window: WindowHook,
         resume: Window | None,
         check: StepCheck,
+        clips: list[Clip],
     ) -> dict[str, Any]:
-        """Whisper's transcribe loop over a spectrogram (padded by N_FRAMES), from `resume` if given."""
-        keywords = options.as_dict()
+        """Whisper's transcribe loop over the clips of a spectrogram (padded by N_FRAMES), from `resume` if given."""
+        spans = clips_after(clips, resume.seek if resume else 0)
+        if not spans:  # nothing but a long stretch without speech is left
+            segments = resume.segments if resume else []
+            language = options.language or (resume.language if resume else self._language_of(model, mel))
+            return {"text": "".join(part["text"] for part in segments), "segments": segments, "language": language}
+        keywords = {**options.as_dict(), "clip_timestamps": clip_timestamps(spans, mel.shape[-1] - N_FRAMES)}
         if resume is None:
             return self._run_transcribe(model, mel, keywords, on_window, check, ([], []))
 
@@ -259,7 +260,6 @@ class WhisperEngine:
 
         resumed_options = {
             **keywords,
-            "clip_timestamps": str(resume.seconds),
             "language": resume.language,
             "initial_prompt": text if resume.prompt else None,
         }

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from whisper.audio import FRAMES_PER_SECOND, N_FRAMES
 
+from .speech import Clip
 from .windows import Window, WindowHook
 
 #: No part is shorter than two windows. Each part's last window still costs a whole 30 s encoder
@@ -43,20 +44,71 @@ class PartsAborted(Exception):
     """Another part of the job failed or was stopped; this one stops at its next step too."""
 
 
-def plan_parts(mel: Tensor, content_frames: int, places: int) -> list[Part]:
-    """Cut the audio into at most `places` parts of similar length, each cut at the quietest nearby moment."""
-    count = max(1, min(places, content_frames // MIN_PART_FRAMES))
+def plan_parts(mel: Tensor, content_frames: int, clips: list[Clip], places: int) -> list[Part]:
+    """Cut the audio into at most `places` parts holding similar lengths of its clips (the spans to
+    transcribe), each cut at the quietest moment near its even share."""
+    speech = sum(end - start for start, end in clips)
+    count = max(1, min(places, speech // MIN_PART_FRAMES))
     if count == 1:
         return [Part(0, content_frames)]
     loudness = mel[:, :content_frames].mean(dim=0)[None, None]
     quiet = F.avg_pool1d(loudness, QUIET_FRAMES, stride=1, padding=QUIET_FRAMES // 2, count_include_pad=False)[0, 0]
     bounds = [0]
     for index in range(1, count):
-        target = content_frames * index // count
-        low, high = target - SEARCH_FRAMES, target + SEARCH_FRAMES
+        target = _frame_at(clips, speech * index // count)
+        low, high = max(target - SEARCH_FRAMES, bounds[-1] + 1), min(target + SEARCH_FRAMES, content_frames - 1)
         bounds.append(low + int(torch.argmin(quiet[low:high])))
     bounds.append(content_frames)
     return [Part(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
+
+
+def _frame_at(clips: list[Clip], offset: int) -> int:
+    """The frame `offset` frames into the clips, counting only their frames."""
+    for start, end in clips:
+        if offset < end - start:
+            return start + offset
+        offset -= end - start
+    return clips[-1][1]
+
+
+def part_clips(clips: list[Clip], part: Part) -> list[Clip]:
+    """The clips within the part, relative to its start."""
+    return [
+        (max(start, part.start) - part.start, min(end, part.end) - part.start)
+        for start, end in clips
+        if start < part.end and end > part.start
+    ]
+
+
+def run_parts(progress: PartedProgress, run_part: Callable[[int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run each unfinished part (its segments: `run_part(index)`) on a thread of its own; the job's segments.
+
+    All threads are joined before this returns. If parts fail, the first part's own error is raised,
+    not the PartsAborted its siblings stopped with.
+    """
+    errors: dict[int, BaseException] = {}
+
+    def run(index: int) -> None:
+        try:
+            progress.finish(index, run_part(index))
+        except BaseException as exc:  # re-raised by the calling thread below
+            errors[index] = exc
+            progress.fail()
+
+    name = threading.current_thread().name
+    threads = [
+        threading.Thread(target=run, args=(index,), name=f"{name}-part{index}")
+        for index in range(len(progress.parts))
+        if not progress.done(index)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        ordered = [errors[index] for index in sorted(errors)]
+        raise next((error for error in ordered if not isinstance(error, PartsAborted)), ordered[0])
+    return progress.segments()
 
 
 def part_mel(mel: Tensor, part: Part) -> Tensor:

@@ -1,0 +1,91 @@
+"""Long stretches without speech: found by Silero VAD, skipped by Whisper's loop, kept when in doubt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import FIXTURES, quiet_between, submit, transcripts, wait_for
+from whisper_flask.media import MediaDecoder
+from whisper_flask.speech import (
+    FRAME_SAMPLES,
+    MIN_SKIP_S,
+    SpeechDetector,
+    clip_timestamps,
+    clips_after,
+    clips_between,
+    non_speech_stretches,
+)
+
+#: Detector frames per second (512 samples at 16 kHz).
+RATE = 16000 / FRAME_SAMPLES
+
+
+def probabilities(*spans: tuple[float, float]) -> np.ndarray:
+    """Speech probabilities over (seconds, probability) spans in turn."""
+    return np.concatenate([np.full(round(seconds * RATE), p, np.float32) for seconds, p in spans])
+
+
+@pytest.fixture(scope="module")
+def detector() -> SpeechDetector:
+    """The real detector, loaded from its package."""
+    loaded = SpeechDetector()
+    loaded.load()
+    return loaded
+
+
+@pytest.mark.parametrize(
+    ("spans", "clips"),
+    [
+        ([(10, 0.9), (MIN_SKIP_S - 1, 0.1), (10, 0.9)], [(0, 4900)]),  # too short to pay for a window
+        ([(10, 0.9), (40, 0.1), (10, 0.9)], [(0, 1100), (4900, 6000)]),  # a second kept on each side
+        ([(10, 0.9), (40, 0.4), (10, 0.9)], [(0, 6000)]),  # unsure: kept
+        ([(40, 0.1), (10, 0.9), (40, 0.1)], [(3900, 5100)]),  # at the ends, only the side by speech keeps a margin
+        ([(10, 0.9), (20, 0.1), (0.5, 0.9), (20, 0.1), (10, 0.9)], [(0, 6050)]),  # a word breaks the stretch
+    ],
+)
+def test_only_stretches_of_30_s_heard_as_no_speech_are_skipped(
+    spans: list[tuple[float, float]], clips: list[tuple[int, int]]
+) -> None:
+    heard = probabilities(*spans)
+    frames = len(heard) * FRAME_SAMPLES // 160  # the audio ends in the detector's last frame
+    got = clips_between(non_speech_stretches(heard), frames)
+    assert len(got) == len(clips) and np.allclose(got, clips, atol=4), got  # detector frames are 3.2 frames
+
+
+def test_a_resumed_loop_is_given_what_is_left_of_its_clips() -> None:
+    clips = [(0, 1100), (4900, 6000)]
+    assert clip_timestamps(clips_after(clips, 2000), 6000) == "49.00,60.00"
+    assert clip_timestamps(clips_after(clips, 500), 6000) == "5.00,11.00,49.00,60.00"
+    assert clip_timestamps(clips_after([(0, 6000)], 0), 6000) == "0", "the whole audio: Whisper's default"
+    assert clips_after(clips, 6000) == []
+
+
+def test_the_detector_finds_the_faint_noise_between_real_speech(detector: SpeechDetector, tmp_path: Path) -> None:
+    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
+    frames = audio.samples // 160
+    (first, second) = detector.clips(audio, frames)
+    assert first[0] == 0 and second[1] == frames
+    # The speech is 9.7 s long; the skip keeps a second of margin beside it.
+    assert 1000 < first[1] < 1200 and 4800 < second[0] < 4900
+
+
+def test_the_detector_keeps_real_read_speech_whole(detector: SpeechDetector, tmp_path: Path) -> None:
+    audio = MediaDecoder(tmp_path, 3600).decode(FIXTURES / "lj001-chapter-70s.opus")
+    assert detector.clips(audio, audio.samples // 160) == [(0, audio.samples // 160)]
+
+
+def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
+    make_real_app, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_real_app().test_client()
+    job_id = submit(client, quiet_between(tmp_path / "gap.wav", 40))
+    wait_for(client, job_id, "completed")
+    assert "skipping 3" in caplog.text  # 40 s less a second of margin on each side
+    segments = json.loads(transcripts(client, job_id)["json"])["segments"]
+    assert all(segment["start"] < 10.8 or segment["start"] >= 48.6 for segment in segments)
+    text = " ".join(segment["text"] for segment in segments).lower()
+    assert text.count("printing") == 2, text
