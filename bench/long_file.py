@@ -9,7 +9,9 @@ Workloads, real speech with reference texts (the speech directory's README.md sa
 
 1. long-ljspeech, long-kathleen: each of en/long/*_concat.wav on its own (about 4 minutes each: one
    speaker's consecutive utterances), one file, one job;
-2. utts: 8 different utterances of 5 to 10 s from en/utt/ (the .wav files with a .txt beside them, taken
+2. long-pauses: the Kathleen recording with 60 s of faint noise (-60 dBFS) inserted twice, in the pauses after
+   the utterances ending by 90 s and by 180 s (396 s in all; the reference is the whole text), one job;
+3. utts: 8 different utterances of 5 to 10 s from en/utt/ (the .wav files with a .txt beside them, taken
    in turn from each speaker directory in name order: kathleen, librispeech, ljspeech; 58 s in all), each
    file on its own (not joined), all at once. Five of them (LJ001-0001, 0003 to 0006) are also in the long
    LJSpeech file: en/utt/ has too few other .wav files of that length.
@@ -58,6 +60,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from whisper.normalizers import EnglishTextNormalizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +85,9 @@ UTTERANCES = 8
 UTTERANCE_SECONDS = (5.0, 10.0)
 QUICK_SECONDS = 45.0
 QUICK_UTTERANCES = 2
+#: The long-pauses workload: the second long file with this much faint noise after the utterances
+#: ending by these times (a recording with long quiet stretches, as a meeting or a lecture has).
+PAUSES = ((90.0, 180.0), 60.0)
 BATCH_SIZE = 8
 # whisper.transcribe()'s defaults, which every engine is given in its own terms.
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -129,6 +135,22 @@ def quick_cut(segments_tsv: Path, seconds: float) -> tuple[float, str]:
     return end, " ".join(row["text"] for row in kept)
 
 
+def with_pauses(source: Path, segments_tsv: Path, target: Path, at: Sequence[float], pause_s: float) -> Path:
+    """The recording with `pause_s` of faint noise (-60 dBFS, a quiet room) in the pause after the last
+    utterance ending by each of `at` seconds; nothing of the speech is removed."""
+    with wave.open(str(to_wav16k(source, target))) as audio:
+        samples = np.frombuffer(audio.readframes(audio.getnframes()), np.int16)
+    cuts = [round(quick_cut(segments_tsv, seconds)[0] * 16000) for seconds in at]
+    noise = np.random.default_rng(0).normal(0, 32768 * 10 ** (-60 / 20), round(pause_s * 16000)).astype(np.int16)
+    pieces = [samples[start:end] for start, end in zip([0, *cuts], [*cuts, len(samples)], strict=True)]
+    with wave.open(str(target), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(np.concatenate([piece for cut in pieces for piece in (cut, noise)][:-1]).tobytes())
+    return target
+
+
 def long_workloads(speech: Path, audio_dir: Path, quick: bool) -> list[Workload]:
     """One workload for each long recording, converted (with --quick: cut) into audio_dir."""
     workloads = []
@@ -140,6 +162,12 @@ def long_workloads(speech: Path, audio_dir: Path, quick: bool) -> list[Workload]
         path = to_wav16k(source, audio_dir / f"{stem}.wav", cut)
         name = "long-" + stem.split("_")[0]
         workloads.append(Workload(name, [str(path)], [reference], wav_seconds(path), source.name))
+    if not quick:
+        stem = LONG_FILES[1]
+        source = speech / "en" / "long" / f"{stem}.wav"
+        path = with_pauses(source, source.with_name(f"{stem}.segments.tsv"), audio_dir / "pauses.wav", *PAUSES)
+        reference = source.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        workloads.append(Workload("long-pauses", [str(path)], [reference], wav_seconds(path), f"{source.name}, paused"))
     return workloads
 
 
