@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from tests.helpers import FIXTURES, quiet_between, submit, transcripts, wait_for
 from whisper_flask.media import MediaDecoder
+from whisper_flask.registry import JobCancelled
 from whisper_flask.speech import (
     FRAME_SAMPLES,
     MIN_SKIP_S,
@@ -67,7 +69,7 @@ def test_a_resumed_loop_is_given_what_is_left_of_its_clips() -> None:
 def test_the_detector_finds_the_faint_noise_between_real_speech(detector: SpeechDetector, tmp_path: Path) -> None:
     audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
     frames = audio.samples // 160
-    (first, second) = detector.clips(audio, frames)
+    (first, second) = detector.clips(audio, frames, lambda: None)
     assert first[0] == 0 and second[1] == frames
     # The speech is 9.7 s long; the skip keeps a second of margin beside it.
     assert 1000 < first[1] < 1200 and 4800 < second[0] < 4900
@@ -75,7 +77,7 @@ def test_the_detector_finds_the_faint_noise_between_real_speech(detector: Speech
 
 def test_the_detector_keeps_real_read_speech_whole(detector: SpeechDetector, tmp_path: Path) -> None:
     audio = MediaDecoder(tmp_path, 3600).decode(FIXTURES / "lj001-chapter-70s.opus")
-    assert detector.clips(audio, audio.samples // 160) == [(0, audio.samples // 160)]
+    assert detector.clips(audio, audio.samples // 160, lambda: None) == [(0, audio.samples // 160)]
 
 
 def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
@@ -89,3 +91,25 @@ def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
     assert all(segment["start"] < 10.8 or segment["start"] >= 48.6 for segment in segments)
     text = " ".join(segment["text"] for segment in segments).lower()
     assert text.count("printing") == 2, text
+
+
+def test_recordings_heard_at_once_get_the_clips_each_gets_alone(detector: SpeechDetector, tmp_path: Path) -> None:
+    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
+    alone = detector.clips(audio, audio.samples // 160, lambda: None)
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda _: detector.clips(audio, audio.samples // 160, lambda: None), range(3)))
+    assert together == [alone] * 3
+
+
+def test_a_check_that_raises_stops_the_detector_at_its_next_block(detector: SpeechDetector, tmp_path: Path) -> None:
+    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 300))  # two blocks a stream
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise JobCancelled("gone")
+
+    with pytest.raises(JobCancelled):
+        detector.clips(audio, audio.samples // 160, check)
+    assert len(calls) == 2

@@ -7,7 +7,7 @@ speech in (ARCHITECTURE.md, "The engine"). A stretch the detector is unsure of i
 
 from __future__ import annotations
 
-import threading
+import copy
 import warnings
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 
 from .media import DecodedAudio
+from .windows import StepCheck
 
 #: A span of the spectrogram, [start, end) in frames.
 Clip = tuple[int, int]
@@ -39,11 +40,10 @@ BLOCK_FRAMES = 64
 
 
 class SpeechDetector:
-    """Silero VAD, loaded once; one recording at a time, since the model keeps its state between calls."""
+    """Silero VAD, loaded once; each recording is heard by a copy, since the model keeps its state between calls."""
 
     def __init__(self) -> None:
         self._model: torch.nn.Module | None = None
-        self._lock = threading.Lock()
 
     def load(self) -> None:
         """Load the detector's model, which ships inside the silero-vad package."""
@@ -51,21 +51,26 @@ class SpeechDetector:
             warnings.simplefilter("ignore", DeprecationWarning)
             self._model = silero_vad.load_silero_vad()
 
-    def clips(self, audio: DecodedAudio, content_frames: int) -> list[Clip]:
-        """The spans of the audio to transcribe: all of it less the long stretches without speech."""
+    def clips(self, audio: DecodedAudio, content_frames: int, check: StepCheck) -> list[Clip]:
+        """The spans of the audio to transcribe: all of it less the long stretches without speech.
+
+        `check` runs every 2 s of each stream's audio (a cancel takes effect within about 0.1 s).
+        """
         if self._model is None or audio.samples < MIN_SKIP_S * SAMPLE_RATE:
             return [(0, content_frames)]
-        with self._lock, torch.no_grad():
-            probabilities = self._speech_probabilities(self._model, audio)
+        with torch.no_grad():
+            # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
+            probabilities = self._speech_probabilities(copy.deepcopy(self._model), audio, check)
         return clips_between(non_speech_stretches(probabilities), content_frames)
 
-    def _speech_probabilities(self, model: torch.nn.Module, audio: DecodedAudio) -> np.ndarray:
+    def _speech_probabilities(self, model: torch.nn.Module, audio: DecodedAudio, check: StepCheck) -> np.ndarray:
         frames = -(-audio.samples // FRAME_SAMPLES)
         streams = int(min(STREAMS, max(1, audio.samples // (MIN_STREAM_S * SAMPLE_RATE))))
         length = -(-frames // streams)  # frames per stream
         model.reset_states()  # type: ignore[operator]
         probabilities = np.empty((streams, length), np.float32)
         for first in range(0, length, BLOCK_FRAMES):
+            check()
             count = min(BLOCK_FRAMES, length - first)
             block = np.zeros((streams, count * FRAME_SAMPLES), np.float32)
             for stream in range(streams):
