@@ -155,7 +155,8 @@ class WhisperEngine:
     ) -> dict[str, Any]:
         """Run Whisper's transcribe loop on audio, its windows decoded step by step beside other jobs'.
 
-        A long file runs as parts side by side, as many as the free batch places allow (parts.py).
+        Stretches of 30 s or more without speech are skipped (speech.py). A long file runs as parts
+        side by side, as many as the free batch places allow (parts.py).
         With `resume` (a Window an interrupted run reported), each loop starts where it stood.
         `check` runs before every decoder step: a cancel or a stop takes effect within one step.
         """
