@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,10 @@ from flask.testing import FlaskClient
 from tests.helpers import FakeEngine, base_config, eventually, upload, wait_for, wav_bytes
 from whisper_flask import create_app
 from whisper_flask.options import Task, TranscribeOptions
+from whisper_flask.records import Job, JobStatus
+from whisper_flask.registry import JobCancelled
 from whisper_flask.service import get_service
+from whisper_flask.store import JobStore
 
 
 def test_upload_answers_202_with_the_contracts_body_and_location(client: FlaskClient) -> None:
@@ -330,6 +335,36 @@ def test_cancelling_a_running_job_stops_it_at_the_next_window(
     eventually(lambda: not list(app.config["UPLOAD_DIR"].iterdir()))
     assert len(engine.options) == 1 and client.get(f"/progress/{job_id}").get_json()["status"] == "cancelled"
     assert not list(app.config["TRANSCRIPT_DIR"].glob(f"{job_id}.*"))
+
+
+def test_a_running_job_learns_of_its_cancel_before_the_cancel_is_committed(
+    app: Flask, client: FlaskClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.gate.clear()
+    job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]
+    assert engine.in_window.wait(10)
+    committing, disk = threading.Event(), threading.Event()
+    update = JobStore.update
+
+    def slow_commit(store: JobStore, job: Job) -> None:
+        if job.status is JobStatus.CANCELLED:  # a disk slow to fsync, under the registry's lock
+            committing.set()
+            assert disk.wait(10)
+        update(store, job)
+
+    monkeypatch.setattr(JobStore, "update", slow_commit)
+    deleting = threading.Thread(target=lambda: client.delete(f"/jobs/{job_id}"))
+    deleting.start()
+    try:
+        assert committing.wait(10)
+        with ThreadPoolExecutor(1) as pool:  # what every decoder step and fetched chunk calls
+            check = pool.submit(get_service(app).registry.check_active, job_id)
+            assert isinstance(check.exception(timeout=2), JobCancelled), "the check did not wait for the disk"
+            assert not disk.is_set()
+    finally:
+        disk.set()
+        deleting.join()
+        engine.gate.set()
 
 
 def test_a_crashing_job_fails_and_the_worker_keeps_serving(make_app) -> None:

@@ -200,9 +200,12 @@ class JobRegistry:
 
     def check_active(self, job_id: str) -> None:
         """Raise JobCancelled if the job has left the registry (cancelled)."""
-        with self._lock:
-            if job_id not in self._active:
-                raise JobCancelled(job_id)
+        # Without the lock: every decoder step and every fetched chunk calls this, and the lock is
+        # held across SQLite commits (fsync), so a step could wait on the disk. A dict lookup is
+        # atomic, cancel() removes the job before it commits, and a stale read is corrected by
+        # the next check.
+        if job_id not in self._active:
+            raise JobCancelled(job_id)
 
     def update(self, job_id: str, *, persist: bool = True, **changes: Any) -> Job:
         """Change a running job's fields (stored if `persist`); JobCancelled if it was cancelled."""
