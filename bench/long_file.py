@@ -34,7 +34,7 @@ the pack), English, greedy decoding, whisper.transcribe()'s temperature fallback
   gzip compression-ratio threshold; "no_context" only means not to carry text over from the previous file);
 - the service in this process: all files of a workload submitted at once (MAX_WORKERS = files, or its default
   for a single file), QUANTIZE=--quantize; timed from the first submit to the last job's finished_at, the text
-  read from TRANSCRIPT_DIR/<job_id>.json.
+  read from TRANSCRIPT_DIR/<job_id>.json; then again with SKIP_NON_SPEECH_S=0 (every stretch transcribed).
 
 faster-whisper and whisper.cpp use --threads CPU threads; bare whisper and the service use torch's default.
 Each (engine, workload) runs in a fresh process (bench/isolation.py) after loading its model; the time
@@ -79,7 +79,7 @@ from whisper_flask.service import get_service  # noqa: E402
 from whisper_flask.subprocesses import media_tool  # noqa: E402
 from whisper_flask.writers import transcript_path  # noqa: E402
 
-ENGINES = ("bare", "fw-int8", "fw-batched-int8", "whisper.cpp", "service")
+ENGINES = ("bare", "fw-int8", "fw-batched-int8", "whisper.cpp", "service", "service-no-skip")
 LONG_FILES = ("ljspeech_LJ001-0001_0032_concat", "kathleen_arctic_a0061_a0140_concat")
 UTTERANCES = 8
 UTTERANCE_SECONDS = (5.0, 10.0)
@@ -265,7 +265,7 @@ def transcribe_whisper_cpp(model_path: Path, paths: Sequence[Path], threads: int
 
 
 def serve_all_at_once(
-    work: Path, model: str, paths: Sequence[Path], quantize: str, run_id: str
+    work: Path, model: str, paths: Sequence[Path], quantize: str, run_id: str, skip_non_speech_s: float | None
 ) -> tuple[list[str], float]:
     """Submit every file at once to the service in this process; texts and first submit to last job's end in s."""
     config: dict[str, Any] = {
@@ -278,6 +278,8 @@ def serve_all_at_once(
         "LOG_DIR": work / run_id / "logs",
         "QUANTIZE": quantize,
     }
+    if skip_non_speech_s is not None:
+        config["SKIP_NON_SPEECH_S"] = skip_non_speech_s
     if len(paths) > 1:
         config["MAX_WORKERS"] = len(paths)  # one job: the default, so the engine may use its free batch places
     service = get_service(create_app(config))
@@ -326,9 +328,10 @@ def measure(engine: str, workload: Workload, work: Path, args: argparse.Namespac
         )
     elif engine == "whisper.cpp":
         texts, seconds = transcribe_whisper_cpp(ggml_path(work, args.model), paths, args.threads)
-    elif engine == "service":
-        run_id = f"service-{workload.name}-{time.time_ns()}"
-        texts, seconds = serve_all_at_once(work, args.model, paths, args.quantize, run_id)
+    elif engine in ("service", "service-no-skip"):
+        run_id = f"{engine}-{workload.name}-{time.time_ns()}"
+        skip = 0 if engine == "service-no-skip" else None
+        texts, seconds = serve_all_at_once(work, args.model, paths, args.quantize, run_id, skip)
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return {"seconds": seconds, "texts": texts}
@@ -355,6 +358,7 @@ def engine_name(engine: str, args: argparse.Namespace) -> str:
         "fw-batched-int8": f"faster-whisper batched int8, bs {BATCH_SIZE}",
         "whisper.cpp": f"whisper.cpp f16, {args.threads} threads",
         "service": f"service, at once, QUANTIZE={args.quantize}",
+        "service-no-skip": "the same, SKIP_NON_SPEECH_S=0",
     }[engine]
 
 

@@ -24,6 +24,7 @@ from whisper_flask.config import ConfigError
         ("QUANTIZE", "int4", "WHISPER_FLASK_QUANTIZE must be one of auto, none, int8"),
         ("BATCH_SIZE", 0, "WHISPER_FLASK_BATCH_SIZE must be a positive integer"),
         ("BATCH_WAIT_MS", -1, "WHISPER_FLASK_BATCH_WAIT_MS must be a number .0 or more."),
+        ("SKIP_NON_SPEECH_S", -1, "WHISPER_FLASK_SKIP_NON_SPEECH_S must be a number .0 or more."),
         ("AUTH", "maybe", "WHISPER_FLASK_AUTH must be on or off"),
         ("MAX_JOBS_PER_KEY", 0, "WHISPER_FLASK_MAX_JOBS_PER_KEY must be a positive integer"),
         ("DOWNLOAD_LINK_TTL_S", -1, "WHISPER_FLASK_DOWNLOAD_LINK_TTL_S must be a positive integer"),

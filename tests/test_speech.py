@@ -14,7 +14,6 @@ from whisper_flask.media import MediaDecoder
 from whisper_flask.registry import JobCancelled
 from whisper_flask.speech import (
     FRAME_SAMPLES,
-    MIN_SKIP_S,
     SpeechDetector,
     clip_timestamps,
     clips_after,
@@ -34,7 +33,7 @@ def probabilities(*spans: tuple[float, float]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def detector() -> SpeechDetector:
     """The real detector, loaded from its package."""
-    loaded = SpeechDetector()
+    loaded = SpeechDetector(30)
     loaded.load()
     return loaded
 
@@ -42,7 +41,7 @@ def detector() -> SpeechDetector:
 @pytest.mark.parametrize(
     ("spans", "clips"),
     [
-        ([(10, 0.9), (MIN_SKIP_S - 1, 0.1), (10, 0.9)], [(0, 4900)]),  # too short to pay for a window
+        ([(10, 0.9), (29, 0.1), (10, 0.9)], [(0, 4900)]),  # too short to pay for a window
         ([(10, 0.9), (40, 0.1), (10, 0.9)], [(0, 1100), (4900, 6000)]),  # a second kept on each side
         ([(10, 0.9), (40, 0.4), (10, 0.9)], [(0, 6000)]),  # unsure: kept
         ([(40, 0.1), (10, 0.9), (40, 0.1)], [(3900, 5100)]),  # at the ends, only the side by speech keeps a margin
@@ -54,7 +53,7 @@ def test_only_stretches_of_30_s_heard_as_no_speech_are_skipped(
 ) -> None:
     heard = probabilities(*spans)
     frames = len(heard) * FRAME_SAMPLES // 160  # the audio ends in the detector's last frame
-    got = clips_between(non_speech_stretches(heard), frames)
+    got = clips_between(non_speech_stretches(heard, 30), frames)
     assert len(got) == len(clips) and np.allclose(got, clips, atol=4), got  # detector frames are 3.2 frames
 
 
@@ -73,6 +72,13 @@ def test_the_detector_finds_the_faint_noise_between_real_speech(detector: Speech
     assert first[0] == 0 and second[1] == frames
     # The speech is 9.7 s long; the skip keeps a second of margin beside it.
     assert 1000 < first[1] < 1200 and 4800 < second[0] < 4900
+
+
+def test_with_skipping_off_every_stretch_is_transcribed(tmp_path: Path) -> None:
+    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
+    off = SpeechDetector(0)
+    off.load()
+    assert off.clips(audio, audio.samples // 160, lambda: None) == [(0, audio.samples // 160)]
 
 
 def test_the_detector_keeps_real_read_speech_whole(detector: SpeechDetector, tmp_path: Path) -> None:

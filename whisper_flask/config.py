@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32;
     # "auto": int8 on the CPU for the models measured as accurate with it (quantize.INT8_MODELS).
     "QUANTIZE": "auto",
+    # Stretches at least this long that the voice detector hears no speech in are not transcribed
+    # (ARCHITECTURE.md, "The engine"); 0 transcribes everything.
+    "SKIP_NON_SPEECH_S": 30,
     # Every API route needs a key (README, "API keys"); "off" opens the API to anyone who reaches
     # it, for closed networks only. Each key may have MAX_JOBS_PER_KEY jobs pending or running.
     "AUTH": "on",
@@ -110,6 +113,7 @@ def validate_config(config: dict[str, Any]) -> None:
         ("URL_FETCH_TIMEOUT_S", False),
         ("NOTIFY_RETRY_BASE_S", False),
         ("BATCH_WAIT_MS", True),
+        ("SKIP_NON_SPEECH_S", True),
     ):
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero_ok):

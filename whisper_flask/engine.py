@@ -81,7 +81,7 @@ class WhisperEngine:
         self._running_lock = threading.Lock()
         self._running = 0  # transcribe() calls under way: each job's share of the batch places
         self._batch_size = 1
-        self._speech = SpeechDetector()
+        self._speech: SpeechDetector  # made by start(), which every model call waits for
         self.model_name = ""
         self.error: str | None = None
 
@@ -92,6 +92,7 @@ class WhisperEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._batch_size = config["BATCH_SIZE"]
+        self._speech = SpeechDetector(config["SKIP_NON_SPEECH_S"])
         self._thread = ModelThread(self._batch_size, config["BATCH_WAIT_MS"] / 1000)
         accept_precomputed()
         self._loader = threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True)

@@ -1,8 +1,8 @@
 """Long stretches without speech, found by Silero VAD, which Whisper's loop then skips.
 
 Whisper's loop takes `clip_timestamps`: the spans it transcribes, its windows never crossing one's
-end. The spans are the audio less every stretch of at least MIN_SKIP_S that the detector hears no
-speech in (ARCHITECTURE.md, "The engine"). A stretch the detector is unsure of is kept.
+end. The spans are the audio less every stretch of at least SKIP_NON_SPEECH_S (30 by default) that
+the detector hears no speech in (ARCHITECTURE.md, "The engine"). A stretch it is unsure of is kept.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from .windows import StepCheck
 #: A span of the spectrogram, [start, end) in frames.
 Clip = tuple[int, int]
 
-#: Only stretches this long are skipped. A skip ends the window before it early, and that window
-#: still costs a whole 30 s encoder pass: a skip shorter than a window can cost more than it saves.
-MIN_SKIP_S = 30
 #: Audio kept on each side of a skipped stretch: speech fades in and out under the detector's threshold.
 MARGIN_S = 1
 #: Silero's own threshold for leaving speech (its default: the speech threshold 0.5 less 0.15).
@@ -42,11 +39,16 @@ BLOCK_FRAMES = 64
 class SpeechDetector:
     """Silero VAD, loaded once; each recording is heard by a copy, since the model keeps its state between calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_skip_s: float) -> None:
+        # Shorter stretches are kept: a skip ends the window before it early, and that window
+        # still costs a whole 30 s encoder pass, so a skip shorter than a window can cost more than it saves.
+        self._min_skip_s = min_skip_s  # 0: nothing is skipped
         self._model: torch.nn.Module | None = None
 
     def load(self) -> None:
-        """Load the detector's model, which ships inside the silero-vad package."""
+        """Load the detector's model, which ships inside the silero-vad package (unless nothing is skipped)."""
+        if not self._min_skip_s:
+            return
         with warnings.catch_warnings():  # its loader's own DeprecationWarnings (importlib.resources, torch.jit)
             warnings.simplefilter("ignore", DeprecationWarning)
             self._model = silero_vad.load_silero_vad()
@@ -56,12 +58,12 @@ class SpeechDetector:
 
         `check` runs every 2 s of each stream's audio (a cancel takes effect within about 0.1 s).
         """
-        if self._model is None or audio.samples < MIN_SKIP_S * SAMPLE_RATE:
+        if self._model is None or audio.samples < self._min_skip_s * SAMPLE_RATE:
             return [(0, content_frames)]
         with torch.no_grad():
             # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
             probabilities = self._speech_probabilities(copy.deepcopy(self._model), audio, check)
-        return clips_between(non_speech_stretches(probabilities), content_frames)
+        return clips_between(non_speech_stretches(probabilities, self._min_skip_s), content_frames)
 
     def _speech_probabilities(self, model: torch.nn.Module, audio: DecodedAudio, check: StepCheck) -> np.ndarray:
         frames = -(-audio.samples // FRAME_SAMPLES)
@@ -83,11 +85,11 @@ class SpeechDetector:
         return probabilities.reshape(-1)[:frames]
 
 
-def non_speech_stretches(probabilities: np.ndarray) -> list[Clip]:
-    """Runs of at least MIN_SKIP_S of detector frames under NON_SPEECH, in spectrogram frames."""
+def non_speech_stretches(probabilities: np.ndarray, min_skip_s: float) -> list[Clip]:
+    """Runs of at least `min_skip_s` of detector frames under NON_SPEECH, in spectrogram frames."""
     quiet = np.concatenate([[False], probabilities < NON_SPEECH, [False]])
     edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
-    shortest = MIN_SKIP_S * SAMPLE_RATE / FRAME_SAMPLES
+    shortest = min_skip_s * SAMPLE_RATE / FRAME_SAMPLES
     return [
         (int(start) * FRAME_SAMPLES // HOP_LENGTH, int(end) * FRAME_SAMPLES // HOP_LENGTH)
         for start, end in zip(edges[::2], edges[1::2], strict=True)
