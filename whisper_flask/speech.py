@@ -29,7 +29,9 @@ NON_SPEECH = 0.35
 FRAME_SAMPLES = 512
 #: The audio is read as up to this many streams side by side, none shorter than MIN_STREAM_S: each
 #: detector call costs about the same for 1 or 128 streams. On a 360 s recording (one torch thread)
-#: 128 streams took 0.27 s against 4.3 s for one, and found the same stretches to within 0.03 s.
+#: 128 streams took 0.27 s against 4.3 s for one. Each stream starts without context: 64 streams
+#: heard speech in 46.1 % of the frames against 46.5 % for one, and 128 found the same stretches as 64
+#: to within 0.03 s.
 STREAMS = 128
 MIN_STREAM_S = 2
 #: Detector frames per stream read at once (2 s).
