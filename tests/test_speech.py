@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from whisper.audio import N_FRAMES
 
 from tests.helpers import FIXTURES, quiet_between, submit, transcripts, wait_for
-from whisper_flask.media import MediaDecoder
+from whisper_flask.media import DecodedAudio, MediaDecoder
 from whisper_flask.registry import JobCancelled
+from whisper_flask.spectrogram import log_mel
 from whisper_flask.speech import (
     FRAME_SAMPLES,
     SpeechDetector,
@@ -28,6 +31,13 @@ RATE = 16000 / FRAME_SAMPLES
 def probabilities(*spans: tuple[float, float]) -> np.ndarray:
     """Speech probabilities over (seconds, probability) spans in turn."""
     return np.concatenate([np.full(round(seconds * RATE), p, np.float32) for seconds, p in spans])
+
+
+def decoded(tmp_path: Path, path: Path) -> tuple[DecodedAudio, torch.Tensor]:
+    """The file decoded as the service decodes it, with its spectrogram (unpadded)."""
+    audio = MediaDecoder(tmp_path, 3600).decode(path)
+    mel = log_mel(audio, 80)
+    return audio, mel[:, : mel.shape[-1] - N_FRAMES]
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +76,26 @@ def test_a_resumed_loop_is_given_what_is_left_of_its_clips() -> None:
 
 
 def test_the_detector_finds_the_faint_noise_between_real_speech(detector: SpeechDetector, tmp_path: Path) -> None:
-    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
-    frames = audio.samples // 160
-    (first, second) = detector.clips(audio, frames, lambda: None)
+    audio, mel = decoded(tmp_path, quiet_between(tmp_path / "gap.wav", 40))
+    frames = mel.shape[-1]
+    (first, second) = detector.clips(audio, mel, lambda: None)
     assert first[0] == 0 and second[1] == frames
     # The speech is 9.7 s long; the skip keeps a second of margin beside it.
     assert 1000 < first[1] < 1200 and 4800 < second[0] < 4900
 
 
 def test_with_skipping_off_every_stretch_is_transcribed(tmp_path: Path) -> None:
-    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
+    audio, mel = decoded(tmp_path, quiet_between(tmp_path / "gap.wav", 40))
     off = SpeechDetector(0)
     off.load()
-    assert off.clips(audio, audio.samples // 160, lambda: None) == [(0, audio.samples // 160)]
+    assert off.clips(audio, mel, lambda: None) == [(0, mel.shape[-1])]
 
 
-def test_the_detector_keeps_real_read_speech_whole(detector: SpeechDetector, tmp_path: Path) -> None:
-    audio = MediaDecoder(tmp_path, 3600).decode(FIXTURES / "lj001-chapter-70s.opus")
-    assert detector.clips(audio, audio.samples // 160, lambda: None) == [(0, audio.samples // 160)]
+def test_dense_real_speech_is_kept_whole_without_running_the_detector(detector: SpeechDetector, tmp_path: Path) -> None:
+    audio, mel = decoded(tmp_path, FIXTURES / "lj001-chapter-70s.opus")
+    blocks: list[int] = []  # the detector checks the job once per block it hears
+    assert detector.clips(audio, mel, lambda: blocks.append(1)) == [(0, mel.shape[-1])]
+    assert blocks == [], "no stretch of the spectrogram was quiet long enough to need the detector"
 
 
 def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
@@ -100,15 +112,15 @@ def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
 
 
 def test_recordings_heard_at_once_get_the_clips_each_gets_alone(detector: SpeechDetector, tmp_path: Path) -> None:
-    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 40))
-    alone = detector.clips(audio, audio.samples // 160, lambda: None)
+    audio, mel = decoded(tmp_path, quiet_between(tmp_path / "gap.wav", 40))
+    alone = detector.clips(audio, mel, lambda: None)
     with ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(lambda _: detector.clips(audio, audio.samples // 160, lambda: None), range(3)))
+        together = list(pool.map(lambda _: detector.clips(audio, mel, lambda: None), range(3)))
     assert together == [alone] * 3
 
 
 def test_a_check_that_raises_stops_the_detector_at_its_next_block(detector: SpeechDetector, tmp_path: Path) -> None:
-    audio = MediaDecoder(tmp_path, 3600).decode(quiet_between(tmp_path / "gap.wav", 300))  # two blocks a stream
+    audio, mel = decoded(tmp_path, quiet_between(tmp_path / "gap.wav", 300))  # two blocks a stream
     calls: list[int] = []
 
     def check() -> None:
@@ -117,5 +129,5 @@ def test_a_check_that_raises_stops_the_detector_at_its_next_block(detector: Spee
             raise JobCancelled("gone")
 
     with pytest.raises(JobCancelled):
-        detector.clips(audio, audio.samples // 160, check)
+        detector.clips(audio, mel, check)
     assert len(calls) == 2

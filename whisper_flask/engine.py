@@ -167,7 +167,7 @@ class WhisperEngine:
         use_torch_threads(1)
         mel = log_mel(audio, model.dims.n_mels)  # by chunks: the whole file's STFT would not fit
         content = mel.shape[-1] - N_FRAMES
-        clips = self._speech.clips(audio, content, check)
+        clips = self._speech.clips(audio, mel[:, :content], check)
         if clips != [(0, content)]:
             skipped = content - sum(end - start for start, end in clips)
             log.info("skipping %.1f s without speech", skipped / FRAMES_PER_SECOND)
