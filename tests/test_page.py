@@ -246,6 +246,8 @@ def test_the_page_works_from_the_keyboard_with_visible_focus_at_phone_width(
     page.get_by_role("button", name="Refresh").click()
     expect(page.locator("#jobs-body tr")).to_have_count(1)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    wrap = page.locator(".table-wrap")
+    assert wrap.evaluate("(node) => node.scrollWidth <= node.clientWidth"), "the job table fits without scrolling"
     page.screenshot(path=screenshots / "4-phone.png", full_page=True)
     page.get_by_role("button", name="Forget key").click()  # what the key showed goes with it
     expect(page.get_by_label("Your API key")).to_be_focused()
