@@ -114,6 +114,7 @@ def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
 def test_recordings_heard_at_once_get_the_clips_each_gets_alone(detector: SpeechDetector, tmp_path: Path) -> None:
     audio, mel = decoded(tmp_path, quiet_between(tmp_path / "gap.wav", 40))
     alone = detector.clips(audio, mel, lambda: None)
+    assert len(alone) == 2, "the noise between the two utterances is skipped"
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(lambda _: detector.clips(audio, mel, lambda: None), range(3)))
     assert together == [alone] * 3
