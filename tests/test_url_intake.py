@@ -28,6 +28,7 @@ class AudioSite(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[str] = []
         self.stopping = threading.Event()
+        self.hung_up = threading.Event()  # a client closed a streamed body before its end
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.server_address[1]}{path}"
@@ -95,6 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 self.wfile.flush()
             except OSError:
+                self.server.hung_up.set()
                 return
             time.sleep(pause)
 
@@ -173,15 +175,20 @@ def test_loopback_is_refused_unless_url_allow_names_it(make_app: Callable[..., F
     assert site.requests == [], "nothing was sent to the refused address"
 
 
-def test_cancelling_a_job_stops_its_download(client: Any, site: AudioSite) -> None:
+def test_cancelling_a_job_stops_its_download(make_app: Callable[..., Flask], site: AudioSite) -> None:
+    # A fetch deadline far beyond the test's waits: only the cancel can end this download in time.
+    client = make_app(URL_ALLOW=LOOPBACK_ONLY, URL_FETCH_TIMEOUT_S=600).test_client()
     job_id = client.post("/upload", data={"url": site.url("/slow")}).get_json()["transcription_id"]
-    wait_until(client, job_id, lambda record: record["stage"] == "fetching")
+    partial = client.application.config["UPLOAD_DIR"] / f".incoming-{job_id}"
+    # Cancelled only once the body is being written: earlier, an empty folder would prove nothing.
+    wait_until(client, job_id, lambda record: partial.exists())
     assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
-    uploads = client.application.config["UPLOAD_DIR"]
-    deadline = time.monotonic() + 30  # the job's check stops it at its next chunk (0.2 s); 30 s bounds a loaded VM
-    while list(uploads.iterdir()) and time.monotonic() < deadline:
+    # The job's check stops it at its next chunk (0.2 s); 30 s bounds a loaded VM.
+    assert site.hung_up.wait(30), "the download went on after the cancel"
+    deadline = time.monotonic() + 30
+    while partial.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(uploads.iterdir()) == []
+    assert list(partial.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize(
