@@ -44,10 +44,46 @@ TERMINAL = ("completed", "failed", "cancelled")
 StartGunicorn = Callable[..., tuple[int, "subprocess.Popen[bytes]"]]
 
 
+class Gate:
+    """Holds the fake engine's windows while closed; a test opens it, or lets one window through."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open = True
+        self._passes = 0
+
+    def set(self) -> None:
+        """Open: every window goes through."""
+        with self._changed:
+            self._open = True
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Close: windows wait at the gate."""
+        with self._changed:
+            self._open = False
+
+    def let_one_through(self) -> None:
+        """Let exactly one window pass a closed gate, whether it waits there already or comes later."""
+        with self._changed:
+            self._passes += 1
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Pass the gate within `timeout` s; whether it was passed."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._open or self._passes > 0, timeout):
+                return False
+            if not self._open:
+                self._passes -= 1
+            return True
+
+
 class FakeEngine:
     """Stands in for Whisper in unit tests: one segment per 30-second window.
 
-    Tests close `gate` to hold jobs inside a window and watch `in_window`.
+    Tests close `gate` to hold jobs inside a window and watch `in_window`, set once the window has
+    passed its check and waits at the gate.
     """
 
     def __init__(self, multilingual: bool = True) -> None:
@@ -55,8 +91,7 @@ class FakeEngine:
         self.error: str | None = None
         self.is_multilingual = multilingual
         self.loaded = False
-        self.gate = threading.Event()
-        self.gate.set()
+        self.gate = Gate()
         self.in_window = threading.Event()
         self.options: list[TranscribeOptions] = []
         self.resumed_from: list[Window | None] = []
@@ -85,8 +120,8 @@ class FakeEngine:
         segments = list(resume.segments) if resume else []
         for index in range(len(segments), math.ceil(duration / 30)):
             on_window(Window(index * 3000, list(segments), [], "en"))
-            self.in_window.set()
             check()  # as before each decoder step of a real window
+            self.in_window.set()
             assert self.gate.wait(30), "test left the gate closed"
             if options.initial_prompt == "crash":
                 raise RuntimeError("the fake engine was asked to crash")
