@@ -15,7 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from bench.loopback import free_port, start_gunicorn, stop
-from tests.helpers import FIXTURES, LiveClient, create_key, wait_for, wav_bytes
+from tests.helpers import FIXTURES, LiveClient, create_key, eventually, wait_for, wav_bytes
 from whisper_flask.checkpoints import ensure_checkpoint
 
 ENGLISH = FIXTURES / "lj001-0001.flac"  # "Printing, in the only sense with which we are at present concerned, ..."
@@ -240,6 +240,8 @@ def test_a_client_that_leaves_does_not_lose_the_work(served: dict[str, Any]) -> 
     with pytest.raises(openai.APITimeoutError), LONG.open("rb") as audio:
         client_for(served, "leaver", timeout=3).audio.transcriptions.create(file=audio, model="whisper-1")
     native = LiveClient(served["port"], served["keys"]["leaver"])
+    # The client may give up while the server still probes the upload: the job comes a moment later.
+    eventually(lambda: len(jobs_of(served, "leaver")) == 1, timeout=30)
     (job,) = jobs_of(served, "leaver")
     assert wait_for(native, job["transcription_id"], timeout=300)["status"] == "completed"
     text = native.get(f"/download/{job['transcription_id']}.txt").get_data(as_text=True)
