@@ -92,7 +92,9 @@ def test_short_job_finishes_within_two_windows_of_a_long_ones_parts(
 ) -> None:
     short = speech(tmp_path / "short.wav", 10, ["fox.wav", "report.wav"])
     long = speech(tmp_path / "long.wav", 300, list(SPOKEN))
-    client = make_real_app(MAX_WORKERS=2).test_client()
+    # Two batch places make two long parts: past its first window, each part has several left,
+    # so the long job is still running while the short one is decoded and heard.
+    client = make_real_app(MAX_WORKERS=2, BATCH_SIZE=2).test_client()
     long_id = submit(client, long)
     while client.get(f"/progress/{long_id}").get_json()["processed_seconds"] == 0:
         time.sleep(0.05)  # the long job is transcribing, past its first window

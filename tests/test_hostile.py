@@ -377,7 +377,8 @@ def test_a_crash_charges_only_the_job_that_ran_alone_into_it(
     for attempt in (1, 2):  # the poison now runs alone, and each crash is its own
         wait_until(client, poison, lambda r, a=attempt: r["status"] == "in_progress" and r["attempts"] == a
                    and r["stage"] == "transcribing")  # fmt: skip
-        assert client.get(f"/jobs/{bystander}").get_json()["status"] == "pending", "nothing runs beside a suspect"
+        # Both are suspects after the first crash, and either may run first: never side by side.
+        assert client.get(f"/jobs/{bystander}").get_json()["status"] != "in_progress", "nothing runs beside a suspect"
         os.kill(worker_pid(server.pid), signal.SIGKILL)
     failed = wait_for(client, poison)
     assert (failed["status"], failed["error_code"], failed["attempts"]) == ("failed", "interrupted", 2)
