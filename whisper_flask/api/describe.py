@@ -155,14 +155,21 @@ def openapi_document(server: str) -> dict[str, Any]:
                 "Queue audio (a file part, a raw body, or a URL to fetch); 202 at once",
                 {"202": _ok("the new job", _json(job)), **_errors(400, 401, 413, 429, 503, 507)},
                 parameters=upload_query,
-                requestBody={"required": True, "content": {"multipart/form-data": {"schema": upload_form},
-                             "application/json": {"schema": url_body}, **{t: raw_body for t in RAW_TYPES}}},
-            ),  # fmt: skip
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {"schema": upload_form},
+                        "application/json": {"schema": url_body},
+                        **{t: raw_body for t in RAW_TYPES},
+                    },
+                },
+            ),
             "options": _operation("The upload's fields and their values", described, security=[]),
         },
         "/progress/{job_id}": {
             "get": _operation(
-                "A job's status and progress", {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
+                "A job's status and progress",
+                {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
                 parameters=[job_id],
             )
         },
@@ -170,25 +177,37 @@ def openapi_document(server: str) -> dict[str, Any]:
             "get": _operation(
                 "The transcript, by key or by the signed link from a response",
                 {"200": _ok("the transcript file"), **_errors(401, 403, 404, 409, 410)},
-                parameters=[job_id, {**_path("fmt", "the format"), "schema": {"type": "string", "enum": list(FORMATS)}},
-                            _query("expires", {"type": "string"}), _query("signature", {"type": "string"})],
-            )  # fmt: skip
+                parameters=[
+                    job_id,
+                    {**_path("fmt", "the format"), "schema": {"type": "string", "enum": list(FORMATS)}},
+                    _query("expires", {"type": "string"}),
+                    _query("signature", {"type": "string"}),
+                ],
+            )
         },
         "/jobs": {
             "get": _operation(
                 "The key's jobs, newest first (an admin key's: everyone's)",
                 {"200": _ok("a page of jobs", _json({"type": "object"})), **_errors(400, 401)},
-                parameters=[_query("status", {"type": "string", "enum": [s.value for s in JobStatus]}),
-                            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                            _query("offset", {"type": "integer", "minimum": 0})],
-            ),  # fmt: skip
+                parameters=[
+                    _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                    _query("offset", {"type": "integer", "minimum": 0}),
+                ],
+            ),
             "options": _operation("The job list's query parameters", described, security=[]),
         },
         "/jobs/{job_id}": {
-            "get": _operation("A job's whole record, with its notifications", {"200": _ok("the job", _json(job)),
-                              **_errors(401, 404, 410)}, parameters=[job_id]),  # fmt: skip
-            "delete": _operation("Cancel a job and delete its files", {"200": _ok("the job", _json(job)),
-                                 **_errors(401, 404, 410)}, parameters=[job_id]),  # fmt: skip
+            "get": _operation(
+                "A job's whole record, with its notifications",
+                {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
+                parameters=[job_id],
+            ),
+            "delete": _operation(
+                "Cancel a job and delete its files",
+                {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
+                parameters=[job_id],
+            ),
             "options": _operation("What may be done to a job", described, security=[], parameters=[job_id]),
         },
         "/queue": {"get": _operation("Pending and running jobs, the limits", {"200": _ok("counts"), **_errors(401)})},
@@ -196,16 +215,19 @@ def openapi_document(server: str) -> dict[str, Any]:
             "post": _operation(
                 "The language of the first 30 s of a file",
                 {"200": _ok("the top languages"), **_errors(400, 401, 413, 503)},
-                requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
-                    "type": "object", "properties": {"file": FILE}}}}},
-            )  # fmt: skip
+                requestBody={
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {"file": FILE}}}},
+                },
+            )
         },
         "/webhook-secret": {
             "get": _operation("The secret that signs this key's webhooks", {"200": _ok("the secret"), **_errors(401)})
         },
         "/healthz": {"get": _operation("Liveness", {"200": _ok("alive")}, security=[])},
-        "/readyz": {"get": _operation("Readiness: the model is loaded", {"200": _ok("ready"), **_errors(503)},
-                                      security=[])},  # fmt: skip
+        "/readyz": {
+            "get": _operation("Readiness: the model is loaded", {"200": _ok("ready"), **_errors(503)}, security=[])
+        },
         "/openapi.json": {"get": _operation("This description", {"200": _ok("OpenAPI 3.1")}, security=[])},
         "/v1/audio/transcriptions": {"post": openai_audio},
         "/v1/audio/translations": {"post": openai_audio},
@@ -213,8 +235,11 @@ def openapi_document(server: str) -> dict[str, Any]:
             "get": _operation("The models, in OpenAI's shape", {"200": _ok("a list"), **_errors(401, openai=True)})
         },
         "/v1/models/{model_id}": {
-            "get": _operation("One model", {"200": _ok("the model"), **_errors(401, 404, openai=True)},
-                              parameters=[_path("model_id", "whisper-1 or the loaded model's name")])  # fmt: skip
+            "get": _operation(
+                "One model",
+                {"200": _ok("the model"), **_errors(401, 404, openai=True)},
+                parameters=[_path("model_id", "whisper-1 or the loaded model's name")],
+            )
         },
     }
     return {
@@ -229,16 +254,28 @@ def openapi_document(server: str) -> dict[str, Any]:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
             "schemas": {
-                "Error": {"type": "object", "required": ["error", "code"],
-                          "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "code"],
+                    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+                },
                 "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}},
-                "Job": {"type": "object", "required": ["transcription_id", "status"], "properties": {
-                    "transcription_id": {"type": "string"},
-                    "status": {"type": "string", "enum": [s.value for s in JobStatus]},
-                    "progress": {"type": "number"}, "stage": {"type": "string"},
-                    "duration": {"type": ["number", "null"]}, "queue_position": {"type": ["integer", "null"]},
-                    "download_url": {"type": "string"}, "formats": {"type": "object"},
-                    "error": {"type": ["string", "null"]}, "error_code": {"type": ["string", "null"]}}},
-            },  # fmt: skip
+                "Job": {
+                    "type": "object",
+                    "required": ["transcription_id", "status"],
+                    "properties": {
+                        "transcription_id": {"type": "string"},
+                        "status": {"type": "string", "enum": [s.value for s in JobStatus]},
+                        "progress": {"type": "number"},
+                        "stage": {"type": "string"},
+                        "duration": {"type": ["number", "null"]},
+                        "queue_position": {"type": ["integer", "null"]},
+                        "download_url": {"type": "string"},
+                        "formats": {"type": "object"},
+                        "error": {"type": ["string", "null"]},
+                        "error_code": {"type": ["string", "null"]},
+                    },
+                },
+            },
         },
     }
