@@ -17,7 +17,7 @@ import uuid
 import wave
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import pytest
@@ -25,9 +25,8 @@ from flask.testing import FlaskClient
 
 from whisper_flask.exceptions import ModelLoading
 from whisper_flask.keys import KeyStore
-from whisper_flask.media import DecodedAudio
+from whisper_flask.media import DecodedAudio, MediaDecoder
 from whisper_flask.options import TranscribeOptions
-from whisper_flask.subprocesses import media_tool
 from whisper_flask.windows import Window
 from whisper_flask.writers import FORMATS
 
@@ -169,12 +168,17 @@ def wav_bytes(seconds: float, amplitude: float = 0.1) -> bytes:
     t = np.arange(int(seconds * 16000)) / 16000
     samples = (amplitude * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
     buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
+    write_wav(buffer, samples)
+    return buffer.getvalue()
+
+
+def write_wav(target: Path | IO[bytes], samples: np.ndarray) -> None:
+    """Write int16 samples as a 16 kHz mono WAV."""
+    with wave.open(str(target) if isinstance(target, Path) else target, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(16000)
         out.writeframes(samples.tobytes())
-    return buffer.getvalue()
 
 
 def speech(path: Path, seconds: float, names: list[str]) -> Path:
@@ -186,28 +190,16 @@ def speech(path: Path, seconds: float, names: list[str]) -> Path:
             with wave.open(str(FIXTURES / name)) as source:
                 chunks += [np.frombuffer(source.readframes(source.getnframes()), np.int16), pause]
             total += len(chunks[-2]) + len(pause)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes(np.concatenate(chunks)[: int(seconds * 16000)].tobytes())
+    write_wav(path, np.concatenate(chunks)[: int(seconds * 16000)])
     return path
 
 
 def quiet_between(path: Path, quiet_s: float) -> Path:
     """A WAV: real speech (lj001-0001.flac, 9.7 s), `quiet_s` of faint noise (-60 dBFS), the speech again."""
-    decoded = subprocess.run(
-        [media_tool("ffmpeg"), "-v", "error", "-i", str(FIXTURES / "lj001-0001.flac"),
-         "-ac", "1", "-ar", "16000", "-f", "s16le", "-"],
-        check=True, capture_output=True,
-    ).stdout  # fmt: skip
-    spoken = np.frombuffer(decoded, np.int16)
+    with MediaDecoder(path.parent, 60).decode(FIXTURES / "lj001-0001.flac") as decoded:
+        spoken = decoded.read(0, decoded.samples)
     noise = np.random.default_rng(0).normal(0, 32768 * 10 ** (-60 / 20), int(quiet_s * 16000)).astype(np.int16)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes(np.concatenate([spoken, noise, spoken]).tobytes())
+    write_wav(path, np.concatenate([spoken, noise, spoken]))
     return path
 
 
