@@ -166,9 +166,8 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
 def wav_bytes(seconds: float, amplitude: float = 0.1) -> bytes:
     """A 16 kHz mono WAV of a 440 Hz tone (or silence with amplitude 0)."""
     t = np.arange(int(seconds * 16000)) / 16000
-    samples = (amplitude * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
     buffer = io.BytesIO()
-    write_wav(buffer, samples)
+    write_wav(buffer, (amplitude * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16))
     return buffer.getvalue()
 
 
@@ -198,9 +197,13 @@ def quiet_between(path: Path, quiet_s: float) -> Path:
     """A WAV: real speech (lj001-0001.flac, 9.7 s), `quiet_s` of faint noise (-60 dBFS), the speech again."""
     with MediaDecoder(path.parent, 60).decode(FIXTURES / "lj001-0001.flac") as decoded:
         spoken = decoded.read(0, decoded.samples)
-    noise = np.random.default_rng(0).normal(0, 32768 * 10 ** (-60 / 20), int(quiet_s * 16000)).astype(np.int16)
-    write_wav(path, np.concatenate([spoken, noise, spoken]))
+    write_wav(path, np.concatenate([spoken, noise(quiet_s), spoken]))
     return path
+
+
+def noise(seconds: float, dbfs: float = -60) -> np.ndarray:
+    """Int16 samples of white noise at `dbfs` (-60: a quiet room), the same on every call."""
+    return np.random.default_rng(0).normal(0, 32768 * 10 ** (dbfs / 20), int(seconds * 16000)).astype(np.int16)
 
 
 # -- a client for real servers, shaped like Flask's test client -------------------------------

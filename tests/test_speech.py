@@ -11,7 +11,17 @@ import pytest
 import torch
 from whisper.audio import N_FRAMES
 
-from tests.helpers import FIXTURES, quiet_between, submit, transcripts, wait_for
+from tests.helpers import (
+    FIXTURES,
+    noise,
+    quiet_between,
+    submit,
+    transcripts,
+    wait_for,
+    windows_per_step,
+    write_wav,
+)
+from whisper_flask.checkpoints import ensure_checkpoint
 from whisper_flask.media import DecodedAudio, MediaDecoder
 from whisper_flask.registry import JobCancelled
 from whisper_flask.spectrogram import log_mel
@@ -109,6 +119,19 @@ def test_the_model_skips_the_quiet_stretch_and_hears_the_speech_on_both_sides(
     assert all(segment["start"] < 10.8 or segment["start"] >= 48.6 for segment in segments)
     text = " ".join(segment["text"] for segment in segments).lower()
     assert text.count("printing") == 2, text
+
+
+def test_a_recording_without_speech_completes_empty_without_the_model_running(
+    make_real_app, model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_wav(tmp_path / "hum.wav", np.concatenate([noise(5, dbfs=-20), noise(40)]))  # loud, then quiet
+    ensure_checkpoint("base", model_dir, allow_download=False)  # multilingual: it could detect a language
+    client = make_real_app(MODEL="base").test_client()
+    record = wait_for(client, submit(client, tmp_path / "hum.wav"))
+    assert (record["status"], record["language"]) == ("completed", None), "no language is guessed from noise"
+    assert json.loads(transcripts(client, record["transcription_id"])["json"])["segments"] == []
+    assert "skipping 45.0 s" in caplog.text
+    assert windows_per_step(caplog) == [], "the model decoded no window"
 
 
 def test_recordings_heard_at_once_get_the_clips_each_gets_alone(detector: SpeechDetector, tmp_path: Path) -> None:

@@ -215,9 +215,7 @@ class WhisperEngine:
                 progress.checked(check), part_clips(clips, part),
             )["segments"]  # fmt: skip
 
-        segments = run_parts(progress, run_part)
-        return {"text": "".join(segment["text"] for segment in segments), "segments": segments,
-                "language": progress.language}  # fmt: skip
+        return _result(run_parts(progress, run_part), progress.language)
 
     def _language_of(self, model: whisper.Whisper, mel: torch.Tensor) -> str:
         """The language of the first 30 s, as Whisper's loop would detect it there."""
@@ -239,9 +237,10 @@ class WhisperEngine:
         """Whisper's transcribe loop over the clips of a spectrogram (padded by N_FRAMES), from `resume` if given."""
         spans = clips_after(clips, resume.seek if resume else 0)
         if not spans:  # nothing but a long stretch without speech is left
-            segments = resume.segments if resume else []
-            language = options.language or (resume.language if resume else self._language_of(model, mel))
-            return {"text": "".join(part["text"] for part in segments), "segments": segments, "language": language}
+            # No language is detected on audio heard as no speech: as for silent audio (pipeline.py).
+            if resume is None:
+                return _result([], options.language)
+            return _result(resume.segments, options.language or resume.language)
         keywords = {**options.as_dict(), "clip_timestamps": clip_timestamps(spans, mel.shape[-1] - N_FRAMES)}
         if resume is None:
             return self._run_transcribe(model, mel, keywords, on_window, check, ([], []))
@@ -294,6 +293,11 @@ class WhisperEngine:
         return self._thread.run(
             lambda: _language_probabilities(model, log_mel(audio, model.dims.n_mels, first_samples=N_SAMPLES))
         )
+
+
+def _result(segments: list[dict[str, Any]], language: str | None) -> dict[str, Any]:
+    """A transcribe() result made of segments already decoded."""
+    return {"text": "".join(segment["text"] for segment in segments), "segments": segments, "language": language}
 
 
 def _language_probabilities(model: whisper.Whisper, mel: torch.Tensor) -> dict[str, float]:
