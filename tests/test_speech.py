@@ -28,6 +28,7 @@ from whisper_flask.spectrogram import log_mel
 from whisper_flask.speech import (
     FRAME_SAMPLES,
     SpeechDetector,
+    _has_quiet_stretch,
     clip_timestamps,
     clips_after,
     clips_between,
@@ -99,6 +100,13 @@ def test_with_skipping_off_every_stretch_is_transcribed(tmp_path: Path) -> None:
     off = SpeechDetector(0)
     off.load()
     assert off.clips(audio, mel, lambda: None) == [(0, mel.shape[-1])]
+
+
+def test_the_quiet_check_takes_recordings_longer_than_torchs_quantile_does() -> None:
+    mel = torch.zeros(1, 2**24 + 1)  # 46.6 hours of frames: torch.quantile refuses so many
+    mel[:, :4000] = -1.0  # 40 s 40 dB under the rest
+    assert _has_quiet_stretch(mel, 30)
+    assert not _has_quiet_stretch(mel, 41)
 
 
 def test_dense_real_speech_is_kept_whole_without_running_the_detector(detector: SpeechDetector, tmp_path: Path) -> None:

@@ -99,9 +99,10 @@ def _has_quiet_stretch(mel: Tensor, min_skip_s: float) -> bool:
     """Whether the level stays QUIET_DB under the loudest 1 % of frames for `min_skip_s` somewhere."""
     if mel.shape[-1] < min_skip_s * FRAMES_PER_SECOND:
         return False
-    level = mel.mean(dim=0)  # Whisper's log-mel is log10(power) / 4 + 1: one unit is 40 dB
-    quiet = level < torch.quantile(level, 0.99) - QUIET_DB / 40
-    return any(end - start >= min_skip_s * FRAMES_PER_SECOND for start, end in _runs(quiet.numpy()))
+    level = mel.mean(dim=0).numpy()  # Whisper's log-mel is log10(power) / 4 + 1: one unit is 40 dB
+    # numpy's quantile, not torch's: torch refuses more than 2**24 values (46 hours of frames).
+    quiet = level < np.quantile(level, 0.99) - QUIET_DB / 40
+    return any(end - start >= min_skip_s * FRAMES_PER_SECOND for start, end in _runs(quiet))
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
