@@ -127,7 +127,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from whisper_flask.checkpoints import ensure_checkpoint
+    from whisper_flask.engine.checkpoints import ensure_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")

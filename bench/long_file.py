@@ -71,13 +71,13 @@ from bench.isolation import measure_apart, report  # noqa: E402
 from bench.overhead import transcribe_bare  # noqa: E402
 from bench.peers import ct2_model_dir, transcribe_faster_whisper, word_error_rate  # noqa: E402
 from whisper_flask import create_app  # noqa: E402
-from whisper_flask.access import UNRESTRICTED  # noqa: E402
-from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
-from whisper_flask.options import TranscribeOptions  # noqa: E402
-from whisper_flask.records import Job, Submission  # noqa: E402
-from whisper_flask.service import get_service  # noqa: E402
-from whisper_flask.subprocesses import media_tool  # noqa: E402
-from whisper_flask.writers import transcript_path  # noqa: E402
+from whisper_flask.access.control import UNRESTRICTED  # noqa: E402
+from whisper_flask.audio.subprocesses import media_tool  # noqa: E402
+from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.engine.options import TranscribeOptions  # noqa: E402
+from whisper_flask.extension import get_service  # noqa: E402
+from whisper_flask.jobs.records import Job, Submission  # noqa: E402
+from whisper_flask.jobs.writers import transcript_path  # noqa: E402
 
 ENGINES = ("bare", "fw-int8", "fw-batched-int8", "whisper.cpp", "service", "service-no-skip")
 LONG_FILES = ("ljspeech_LJ001-0001_0032_concat", "kathleen_arctic_a0061_a0140_concat")

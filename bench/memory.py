@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 from bench.isolation import measure_apart, report  # noqa: E402
 from bench.peers import joined_speech, speech_passages  # noqa: E402
 from whisper_flask import create_app  # noqa: E402
-from whisper_flask.access import UNRESTRICTED  # noqa: E402
-from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
-from whisper_flask.options import TranscribeOptions  # noqa: E402
-from whisper_flask.records import Submission  # noqa: E402
-from whisper_flask.service import get_service  # noqa: E402
-from whisper_flask.subprocesses import media_tool  # noqa: E402
+from whisper_flask.access.control import UNRESTRICTED  # noqa: E402
+from whisper_flask.audio.subprocesses import media_tool  # noqa: E402
+from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.engine.options import TranscribeOptions  # noqa: E402
+from whisper_flask.extension import get_service  # noqa: E402
+from whisper_flask.jobs.records import Submission  # noqa: E402
 
 
 def rss_mb(field: str) -> float:

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from bench.isolation import measure_apart, report  # noqa: E402
 from bench.peers import joined_speech, speech_passages  # noqa: E402
 from whisper_flask import create_app  # noqa: E402
-from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
-from whisper_flask.service import get_service  # noqa: E402
+from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.extension import get_service  # noqa: E402
 
 #: Jobs in the concurrency measure, each its own rotation of the passages.
 FILES = 4

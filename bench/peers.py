@@ -17,8 +17,8 @@ from pathlib import Path
 
 from whisper.normalizers import EnglishTextNormalizer
 
-from whisper_flask.checkpoints import installed_pack
-from whisper_flask.subprocesses import media_tool
+from whisper_flask.audio.subprocesses import media_tool
+from whisper_flask.engine.checkpoints import installed_pack
 
 # Plain English prose with numbers spelled out, so that the reference needs no normalising of digits.
 # About 130 words each: some 45 s at espeak-ng's 160 words per minute.

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loopback import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
 from bench.peers import joined_speech, speech_passages  # noqa: E402
-from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
-from whisper_flask.keys import KeyStore  # noqa: E402
+from whisper_flask.access.keys import KeyStore  # noqa: E402
+from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 
 
 def poll(port: int, path: str, count: int, key: str) -> list[float]:

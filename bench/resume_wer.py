@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import edit_distance_rate, joined_speech, speech_passages  # noqa: E402
-from whisper_flask.config import DEFAULTS  # noqa: E402
-from whisper_flask.engine import WhisperEngine  # noqa: E402
-from whisper_flask.media import MediaDecoder  # noqa: E402
-from whisper_flask.options import TranscribeOptions  # noqa: E402
-from whisper_flask.windows import Window  # noqa: E402
+from whisper_flask.audio.media import MediaDecoder  # noqa: E402
+from whisper_flask.engine.engine import WhisperEngine  # noqa: E402
+from whisper_flask.engine.options import TranscribeOptions  # noqa: E402
+from whisper_flask.engine.windows import Window  # noqa: E402
+from whisper_flask.settings import DEFAULTS  # noqa: E402
 
 
 class Stop(Exception):

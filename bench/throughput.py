@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.isolation import measure_apart, report  # noqa: E402
 from bench.overhead import serve, transcribe_bare  # noqa: E402
 from bench.peers import ct2_model_dir, speech_passages, transcribe_faster_whisper, word_error_rate  # noqa: E402
-from whisper_flask.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 
 RUNS = ("bare", "service-none", "service-int8", "faster-whisper-float32", "faster-whisper-int8")
 NAMES = {

@@ -29,7 +29,7 @@ def post_worker_init(worker: Any) -> None:
     """Start the job service in the worker as it boots: load the model, resume what a stop left."""
     from flask import Flask
 
-    from whisper_flask.service import get_service
+    from whisper_flask.extension import get_service
 
     if isinstance(worker.wsgi, Flask):  # not gunicorn's error app, when wsgi.py failed to load
         service = get_service(worker.wsgi)
@@ -57,7 +57,7 @@ def worker_exit(server: Any, worker: Any) -> None:
     """Stop the job service in the worker, before the interpreter's exit drains the pool."""
     from flask import Flask
 
-    from whisper_flask.service import get_service
+    from whisper_flask.extension import get_service
 
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask):

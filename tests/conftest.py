@@ -14,8 +14,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import FakeEngine, StartGunicorn, base_config, create_key, keyed_client_class
 from whisper_flask import create_app
-from whisper_flask.checkpoints import ensure_checkpoint
-from whisper_flask.service import get_service
+from whisper_flask.engine.checkpoints import ensure_checkpoint
+from whisper_flask.extension import get_service
 
 
 def started(app: Flask) -> Flask:

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
+from whisper_flask.access.keys import KeyStore
+from whisper_flask.audio.media import DecodedAudio, MediaDecoder
+from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
-from whisper_flask.keys import KeyStore
-from whisper_flask.media import DecodedAudio, MediaDecoder
-from whisper_flask.options import TranscribeOptions
-from whisper_flask.windows import Window
-from whisper_flask.writers import FORMATS
+from whisper_flask.jobs.writers import FORMATS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: Words each espeak-ng fixture says that tiny.en reliably hears.

@@ -28,7 +28,7 @@ from tests.helpers import (
     wav_bytes,
 )
 from whisper_flask import create_app
-from whisper_flask.service import get_service
+from whisper_flask.extension import get_service
 
 KEYS = ("none", "wrong", "revoked", "other", "own", "admin")
 

@@ -14,11 +14,11 @@ from flask.testing import FlaskClient
 
 from tests.helpers import FakeEngine, base_config, eventually, upload, wait_for, wav_bytes
 from whisper_flask import create_app
-from whisper_flask.options import Task, TranscribeOptions
-from whisper_flask.records import Job, JobStatus
-from whisper_flask.registry import JobCancelled
-from whisper_flask.service import get_service
-from whisper_flask.store import JobStore
+from whisper_flask.engine.options import Task, TranscribeOptions
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import Job, JobStatus
+from whisper_flask.jobs.registry import JobCancelled
+from whisper_flask.jobs.store import JobStore
 
 
 def test_upload_answers_202_with_the_contracts_body_and_location(client: FlaskClient) -> None:

@@ -14,8 +14,8 @@ import whisper
 from whisper.decoding import DecodingResult
 
 from tests.helpers import FIXTURES, SPOKEN, windows_per_step
-from whisper_flask.batching import ModelThread, whisper_projection
-from whisper_flask.quantize import Int8Linear, quantize_int8
+from whisper_flask.engine.batching import ModelThread, whisper_projection
+from whisper_flask.engine.quantize import Int8Linear, quantize_int8
 
 OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
 
@@ -74,7 +74,7 @@ def decode_at_once(
 @pytest.fixture
 def widest_steps(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], int]]:
     """The most windows that shared a decoder step, as the model thread logged them."""
-    with caplog.at_level(logging.DEBUG, logger="whisper_flask.decoding"):
+    with caplog.at_level(logging.DEBUG, logger="whisper_flask.engine.decoding"):
         yield lambda: max(windows_per_step(caplog))
 
 

@@ -11,8 +11,8 @@ import torch
 import whisper
 from flask.testing import FlaskCliRunner
 
-from whisper_flask import checkpoints
-from whisper_flask.checkpoints import CheckpointError, ModelPack, ct2_to_whisper, ensure_checkpoint, read_ct2
+from whisper_flask.engine import checkpoints
+from whisper_flask.engine.checkpoints import CheckpointError, ModelPack, ct2_to_whisper, ensure_checkpoint, read_ct2
 
 
 def ct2_blob(variables: dict[str, np.ndarray], aliases: dict[str, str]) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import FakeEngine, base_config
 from whisper_flask import create_app
-from whisper_flask.config import ConfigError
+from whisper_flask.settings import ConfigError
 
 
 @pytest.mark.parametrize(

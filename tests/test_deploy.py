@@ -16,7 +16,7 @@ import pytest
 
 from bench.loopback import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, speech, wait_for
-from whisper_flask.config import DEFAULTS
+from whisper_flask.settings import DEFAULTS
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
 

@@ -25,15 +25,15 @@ from tests.helpers import (
     wav_bytes,
     windows_per_step,
 )
-from whisper_flask.subprocesses import media_tool
-from whisper_flask.writers import FORMATS
+from whisper_flask.audio.subprocesses import media_tool
+from whisper_flask.jobs.writers import FORMATS
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_spoken_words_come_back_in_every_format(
     make_real_app: Callable[..., Flask], quantize: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="whisper_flask.engine"):
+    with caplog.at_level(logging.INFO, logger="whisper_flask.engine.engine"):
         client = make_real_app(QUANTIZE=quantize).test_client()
     assert f"(quantize: {quantize})" in caplog.text
     job_id = submit(client, FIXTURES / "fox.wav")
@@ -66,7 +66,7 @@ def test_concurrent_jobs_give_the_transcripts_of_jobs_run_alone(
         alone.append(transcripts(one_by_one, job_id))
 
     at_once = make_real_app(MAX_WORKERS=len(files), QUANTIZE=quantize).test_client()
-    with caplog.at_level(logging.DEBUG, logger="whisper_flask.decoding"):
+    with caplog.at_level(logging.DEBUG, logger="whisper_flask.engine.decoding"):
         ids = [submit(at_once, path, **fields) for path, fields in zip(files, options, strict=True)]
         jobs = [wait_for(at_once, job_id, timeout=240) for job_id in ids]
     assert max(windows_per_step(caplog)) > 1, "the windows were never decoded together"

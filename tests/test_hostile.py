@@ -35,11 +35,11 @@ from tests.helpers import (
     wav_bytes,
     worker_pid,
 )
-from whisper_flask import media
+from whisper_flask.audio import media
+from whisper_flask.audio.media import MediaDecoder
+from whisper_flask.audio.subprocesses import media_tool, run_bounded
 from whisper_flask.exceptions import AudioDecodeError, DecodeTimeout
-from whisper_flask.media import MediaDecoder
-from whisper_flask.service import get_service
-from whisper_flask.subprocesses import media_tool, run_bounded
+from whisper_flask.extension import get_service
 
 
 def header_wav(sample_rate: int, data_bytes: int) -> bytes:
@@ -214,7 +214,7 @@ def test_a_stopped_tool_takes_its_whole_process_group_with_it(tmp_path: Path) ->
 
 def test_a_killed_service_leaves_no_tool_running(tmp_path: Path) -> None:
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys; from whisper_flask.subprocesses import run_bounded; "
+        [sys.executable, "-c", "import os, sys; from whisper_flask.audio.subprocesses import run_bounded; "
          f"run_bounded(['sh', '-c', 'echo $$ > {tmp_path}/tool; exec sleep 300'], "
          "open(os.devnull, 'wb'), 300, lambda: None)"],
         cwd=Path(__file__).parent.parent,

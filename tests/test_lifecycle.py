@@ -25,11 +25,11 @@ from tests.helpers import (
     wav_bytes,
 )
 from whisper_flask import create_app
+from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import WhisperIncompatible
-from whisper_flask.options import TranscribeOptions
-from whisper_flask.records import Job, JobStage, JobStatus
-from whisper_flask.service import get_service
-from whisper_flask.store import JobStore
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import Job, JobStage, JobStatus
+from whisper_flask.jobs.store import JobStore
 
 
 def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, JobStage, int]]) -> None:

@@ -19,8 +19,8 @@ from flask import Flask
 
 from bench.loopback import free_port
 from tests.helpers import FIXTURES, eventually, upload, wait_for
-from whisper_flask.access import UNRESTRICTED
-from whisper_flask.service import get_service
+from whisper_flask.access.control import UNRESTRICTED
+from whisper_flask.extension import get_service
 
 FAST_RETRIES = {"URL_ALLOW": "127.0.0.1/32", "NOTIFY_RETRY_BASE_S": 0.2, "NOTIFY_MAX_ATTEMPTS": 5}
 

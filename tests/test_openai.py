@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 
 from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, eventually, wait_for, wav_bytes
-from whisper_flask.checkpoints import ensure_checkpoint
+from whisper_flask.engine.checkpoints import ensure_checkpoint
 
 ENGLISH = FIXTURES / "lj001-0001.flac"  # "Printing, in the only sense with which we are at present concerned, ..."
 ENGLISH_WORDS = {"printing", "sense", "present", "concerned", "arts", "crafts", "exhibition"}

@@ -15,7 +15,7 @@ from playwright.sync_api import Locator, Page, expect
 
 from bench.loopback import free_port, render_nginx, start_gunicorn, start_nginx, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, submit, upload
-from whisper_flask.checkpoints import ensure_checkpoint
+from whisper_flask.engine.checkpoints import ensure_checkpoint
 
 KEYS = ("main", "errors", "keyboard", "subpath", "pager", "busy")
 MAX_JOBS_PER_KEY = 3

@@ -12,10 +12,10 @@ import torch
 from whisper.audio import N_FRAMES
 
 from tests.helpers import SPOKEN, speech, submit, wait_for
-from whisper_flask.parts import MIN_PART_FRAMES, Part, PartedProgress, part_clips, plan_parts, run_parts
-from whisper_flask.resume import load_resume, save_resume
-from whisper_flask.service import get_service
-from whisper_flask.windows import Window
+from whisper_flask.engine.parts import MIN_PART_FRAMES, Part, PartedProgress, part_clips, plan_parts, run_parts
+from whisper_flask.engine.windows import Window
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.resume import load_resume, save_resume
 
 
 def loud_mel(frames: int, quiet_at: tuple[int, ...] = ()) -> torch.Tensor:

@@ -21,11 +21,10 @@ from tests.helpers import (
     windows_per_step,
     write_wav,
 )
-from whisper_flask.checkpoints import ensure_checkpoint
-from whisper_flask.media import DecodedAudio, MediaDecoder
-from whisper_flask.registry import JobCancelled
-from whisper_flask.spectrogram import log_mel
-from whisper_flask.speech import (
+from whisper_flask.audio.media import DecodedAudio, MediaDecoder
+from whisper_flask.engine.checkpoints import ensure_checkpoint
+from whisper_flask.engine.spectrogram import log_mel
+from whisper_flask.engine.speech import (
     FRAME_SAMPLES,
     SpeechDetector,
     _has_quiet_stretch,
@@ -34,6 +33,7 @@ from whisper_flask.speech import (
     clips_between,
     non_speech_stretches,
 )
+from whisper_flask.jobs.registry import JobCancelled
 
 #: Detector frames per second (512 samples at 16 kHz).
 RATE = 16000 / FRAME_SAMPLES

@@ -9,7 +9,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from whisper_flask.engine.engine import Engine
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine | None = None) -> Flask:
@@ -18,16 +18,16 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     `engine` replaces the Whisper engine (tests pass a fake). Nothing runs yet: the service starts
     with the server (deploy/gunicorn.conf.py) or at the first request.
     """
-    from . import config as defaults
-    from .api import describe, health, jobs, openai_audio, page, transcription
-    from .api.uploads import UploadRequest
-    from .cli import keys_cli, models_cli
-    from .engine import WhisperEngine
-    from .errors import register_error_handlers
-    from .internals import check_whisper_internals
-    from .logs import configure_logging
-    from .service import TranscriptionService
-    from .subprocesses import media_tool
+    from whisper_flask import settings as defaults
+    from whisper_flask.api import describe, health, jobs, openai_audio, page, transcription
+    from whisper_flask.api.errors import register_error_handlers
+    from whisper_flask.api.uploads import UploadRequest
+    from whisper_flask.audio.subprocesses import media_tool
+    from whisper_flask.cli import keys_cli, models_cli
+    from whisper_flask.engine.engine import WhisperEngine
+    from whisper_flask.engine.internals import check_whisper_internals
+    from whisper_flask.logs import configure_logging
+    from whisper_flask.service.face import TranscriptionService
 
     check_whisper_internals()
     media_tool("ffmpeg"), media_tool("ffprobe")  # refuse to start without them, not at the first upload

@@ -6,9 +6,9 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .checkpoints import CheckpointError, ensure_checkpoint, installed_models
-from .exceptions import ApiKeyError
-from .service import get_service
+from whisper_flask.engine.checkpoints import CheckpointError, ensure_checkpoint, installed_models
+from whisper_flask.exceptions import ApiKeyError
+from whisper_flask.extension import get_service
 
 models_cli = AppGroup("models", help="Provision Whisper checkpoints into MODEL_DIR.")
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from flask import url_for
 
-from ..records import JobStatus, JobView
-from ..service import get_service
-from ..writers import FORMATS
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import JobStatus, JobView
+from whisper_flask.jobs.writers import FORMATS
 
 
 def download_url(job_id: str, fmt: str) -> str:

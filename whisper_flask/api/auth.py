@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, g, request
 
-from ..access import Principal
-from ..service import get_service
+from whisper_flask.access.control import Principal
+from whisper_flask.extension import get_service
 
 #: The route a signed link opens without a key (its view checks the signature instead).
 SIGNED_ENDPOINT = "transcription.download_transcript"

@@ -13,11 +13,11 @@ import flask_swagger_ui
 from flask import Blueprint, Response, jsonify, render_template, request, send_from_directory
 from whisper.tokenizer import LANGUAGES
 
-from ..notifications import SIGNATURE_HEADER
-from ..options import FIELDS
-from ..records import JobStatus
-from ..service import get_service
-from ..writers import FORMATS
+from whisper_flask.engine.options import FIELDS
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import JobStatus
+from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.notify.notifier import SIGNATURE_HEADER
 
 bp = Blueprint("describe", __name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from ..service import get_service
+from whisper_flask.extension import get_service
 
 bp = Blueprint("health", __name__)
 

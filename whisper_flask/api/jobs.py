@@ -6,12 +6,12 @@ import dataclasses
 
 from flask import Blueprint, Response, jsonify, request
 
-from ..errors import ApiError
-from ..notifications import SIGNATURE_HEADER
-from ..records import JobStatus, JobView
-from ..service import get_service
-from . import job_record
-from .auth import principal, require_key
+from whisper_flask.api import job_record
+from whisper_flask.api.auth import principal, require_key
+from whisper_flask.api.errors import ApiError
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import JobStatus, JobView
+from whisper_flask.notify.notifier import SIGNATURE_HEADER
 
 bp = Blueprint("jobs", __name__)
 require_key(bp)

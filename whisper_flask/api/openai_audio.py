@@ -16,15 +16,16 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
 from whisper.tokenizer import LANGUAGES
 
-from ..access import Principal
-from ..errors import OPENAI_PREFIX, ApiError, openai_error
-from ..exceptions import JobFailed, NoTranscript, ServiceError
-from ..options import Task, TranscribeOptions, parse_flag, parse_options
-from ..records import Job, JobStatus, Submission
-from ..service import TranscriptionService, get_service
-from ..writers import FORMATS
-from .auth import principal, require_key
-from .uploads import client_filename, keep_upload, receive_upload
+from whisper_flask.access.control import Principal
+from whisper_flask.api.auth import principal, require_key
+from whisper_flask.api.errors import OPENAI_PREFIX, ApiError, openai_error
+from whisper_flask.api.uploads import client_filename, keep_upload, receive_upload
+from whisper_flask.engine.options import Task, TranscribeOptions, parse_flag, parse_options
+from whisper_flask.exceptions import JobFailed, NoTranscript, ServiceError
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import Job, JobStatus, Submission
+from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.service.face import TranscriptionService
 
 bp = Blueprint("openai", __name__, url_prefix=OPENAI_PREFIX)
 require_key(bp)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, render_template
 from whisper.tokenizer import LANGUAGES
 
-from ..service import get_service
-from ..writers import FORMATS
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.writers import FORMATS
 
 bp = Blueprint("page", __name__)
 

@@ -6,15 +6,15 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 
-from ..fetch import check_url, url_filename
-from ..notifications import parse_targets
-from ..options import parse_options
-from ..records import Submission
-from ..service import get_service
-from ..writers import FORMATS
-from . import download_url, progress_body
-from .auth import principal, require_key
-from .uploads import RAW_BODY_TYPES, client_filename, keep_upload, receive_upload, requested_url
+from whisper_flask.api import download_url, progress_body
+from whisper_flask.api.auth import principal, require_key
+from whisper_flask.api.uploads import RAW_BODY_TYPES, client_filename, keep_upload, receive_upload, requested_url
+from whisper_flask.audio.fetch import check_url, url_filename
+from whisper_flask.engine.options import parse_options
+from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import Submission
+from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.notify.notifier import parse_targets
 
 bp = Blueprint("transcription", __name__)
 require_key(bp)

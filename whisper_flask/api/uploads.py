@@ -16,9 +16,9 @@ from typing import IO
 from flask import Request, current_app, request
 from werkzeug.datastructures import FileStorage
 
-from ..errors import ApiError
-from ..exceptions import StorageFull
-from ..retention import INCOMING_PREFIX
+from whisper_flask.api.errors import ApiError
+from whisper_flask.exceptions import StorageFull
+from whisper_flask.jobs.retention import INCOMING_PREFIX
 
 #: Control characters (C0, DEL, C1), line and paragraph separators, and bidi embeddings,
 #: overrides, isolates and marks: they forge log lines, break headers or disguise a name.

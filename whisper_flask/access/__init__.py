@@ -1,0 +1,1 @@
+"""Who may do what: API keys, the failed-key throttle, signed download links."""

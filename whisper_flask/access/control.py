@@ -1,0 +1,168 @@
+"""Who may do what: API keys, the failed-attempt throttle, and signed download links.
+
+Every API route needs a key (ARCHITECTURE.md, "Access"); a key sees only its own jobs, an admin
+key all of them. A signed link opens one transcript without a key until it expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from whisper_flask.access.keys import KeyStore
+from whisper_flask.exceptions import LinkExpired, LinkRefused, MissingKey, TooManyFailures, Unauthenticated
+from whisper_flask.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: The key `ensure_first_key` makes on a first start.
+FIRST_KEY_NAME = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: a key's name, or None (auth off, or a signed link), and whether it is admin."""
+
+    name: str | None
+    admin: bool
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether this principal may see and manage a job of `owner`."""
+        return self.admin or (self.name is not None and owner == self.name)
+
+
+#: Everyone, when WHISPER_FLASK_AUTH=off; the holder of a valid signed link, for that link.
+UNRESTRICTED = Principal(None, admin=True)
+
+
+class FailureThrottle:
+    """At most `limit` wrong keys per address per minute; past it, that address waits."""
+
+    WINDOW_S = 60.0
+    #: Addresses remembered at most (one entry is a few hundred bytes); the oldest go first.
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._failures: dict[str, deque[float]] = {}
+
+    def check(self, address: str) -> None:
+        """Raise TooManyFailures while `address` is over its limit."""
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent(address, now)
+            if len(recent) >= self._limit:
+                wait = math.ceil(recent[0] + self.WINDOW_S - now)
+                raise TooManyFailures(f"too many failed attempts; retry in {wait} s", retry_after=max(1, wait))
+
+    def fail(self, address: str) -> None:
+        """Count a wrong key from `address`."""
+        now = time.monotonic()
+        with self._lock:
+            self._recent(address, now).append(now)
+            if len(self._failures) > self.MAX_ADDRESSES:
+                del self._failures[next(iter(self._failures))]
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        # Caller holds the lock.
+        recent = self._failures.setdefault(address, deque())
+        while recent and recent[0] <= now - self.WINDOW_S:
+            recent.popleft()
+        return recent
+
+
+class LinkSigner:
+    """HMAC-SHA256 over (job id, format, expiry) with a secret kept in the data directory."""
+
+    def __init__(self, secret_path: Path, ttl_s: int) -> None:
+        self._secret = _secret(secret_path)
+        self._ttl_s = ttl_s
+
+    def sign(self, job_id: str, fmt: str) -> dict[str, str]:
+        """The query parameters that open this transcript for TTL seconds from now."""
+        expires = str(int(time.time()) + self._ttl_s)
+        return {"expires": expires, "signature": self._signature(job_id, fmt, expires)}
+
+    def verify(self, job_id: str, fmt: str, expires: str, signature: str) -> None:
+        """Return if the link is genuine and unexpired; else LinkRefused or LinkExpired."""
+        if not expires.isdigit() or len(expires) > 12:
+            raise LinkRefused("the link's expiry is malformed")
+        if not hmac.compare_digest(self._signature(job_id, fmt, expires), signature):
+            raise LinkRefused("the link's signature does not match: it was changed or is not ours")
+        if int(expires) < time.time():
+            raise LinkExpired("the link has expired; ask for a new one with your API key")
+
+    def webhook_secret(self, owner: str | None) -> str:
+        """The secret that signs the webhooks of one key's jobs: another key's receiver cannot forge them."""
+        return hmac.new(self._secret, f"webhook\n{owner or ''}".encode(), hashlib.sha256).hexdigest()
+
+    def _signature(self, job_id: str, fmt: str, expires: str) -> str:
+        return hmac.new(self._secret, f"{job_id}\n{fmt}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def _secret(path: Path) -> bytes:
+    """The signing secret, made once (32 random bytes, readable by the service's user only)."""
+    try:
+        with atomic_write(path, "wb", replace=False) as file:
+            file.write(secrets.token_bytes(32))
+    except FileExistsError:  # made by an earlier start, or by another worker just now
+        pass
+    return path.read_bytes()
+
+
+class AccessControl:
+    """Authenticates requests by API key, with a per-address throttle on failures."""
+
+    def __init__(self, keys: KeyStore, throttle: FailureThrottle, signer: LinkSigner, *, enabled: bool) -> None:
+        self.keys = keys
+        self.signer = signer
+        self.enabled = enabled
+        self._throttle = throttle
+
+    def authenticate(self, secret: str | None, address: str) -> Principal:
+        """The principal of a request's key; Unauthenticated or TooManyFailures otherwise."""
+        if not self.enabled:
+            return UNRESTRICTED
+        self._throttle.check(address)  # before the lookup: a blocked address learns nothing
+        key = self.keys.authenticate(secret) if secret else None
+        if key is None:
+            self._throttle.fail(address)
+            if not secret:
+                raise MissingKey("send an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+            raise Unauthenticated("the API key is not valid")
+        return Principal(key.name, key.admin)
+
+    def announce(self) -> None:
+        """At start: warn that the API is open, or make the first admin key and show it in the log once."""
+        if not self.enabled:
+            log.warning("WHISPER_FLASK_AUTH=off: the API is open to anyone who can reach it")
+            return
+        secret = self.ensure_first_key()
+        if secret is not None:
+            # Shown once, as Jupyter shows its token: only its hash is kept.
+            log.warning(
+                "\n%s\nNo API key existed, so an admin key was made. It is shown only this once:\n\n    %s\n\n"
+                "Send it as 'Authorization: Bearer <key>'. More keys: flask --app whisper_flask keys create\n%s",
+                "=" * 78,
+                secret,
+                "=" * 78,
+            )
+
+    def ensure_first_key(self) -> str | None:
+        """With auth on and no active key, make an admin key and return its secret (else None)."""
+        if not self.enabled or self.keys.any_active():
+            return None
+        name, number = FIRST_KEY_NAME, 1
+        while name in {key.name for key in self.keys.keys()}:
+            number += 1
+            name = f"{FIRST_KEY_NAME}-{number}"
+        return self.keys.create(name, admin=True)

@@ -1,0 +1,1 @@
+"""Audio in: probing, decoding and fetching with ffmpeg, ffprobe and checked URLs."""

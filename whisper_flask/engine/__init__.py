@@ -1,0 +1,1 @@
+"""The model: loading, each job's transcribe loop, the one model thread."""

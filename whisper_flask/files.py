@@ -1,0 +1,40 @@
+"""The one way the service writes a file that readers must never see half-written (ARCHITECTURE.md, "Durability")."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Literal
+
+
+@contextlib.contextmanager
+def atomic_write(
+    target: Path, mode: Literal["w", "wb"] = "w", *, permissions: int = 0o600, replace: bool = True
+) -> Iterator[IO[Any]]:
+    """A hidden file beside `target`, renamed onto it once written and fsynced; removed if the block fails.
+
+    With `replace=False` an existing `target` wins (FileExistsError): of two processes creating the
+    same file at once, exactly one succeeds, and both then read the same content.
+    """
+    encoding = "utf-8" if mode == "w" else None
+    file = tempfile.NamedTemporaryFile(
+        mode, encoding=encoding, dir=target.parent, prefix=f".{target.name}.", delete=False
+    )
+    try:
+        with file:
+            os.chmod(file.name, permissions)
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        if replace:
+            os.replace(file.name, target)
+        else:
+            os.link(file.name, target)  # fails if target exists, unlike a rename
+            os.unlink(file.name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(file.name)
+        raise

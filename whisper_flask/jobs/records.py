@@ -1,0 +1,145 @@
+"""The job record and its states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from whisper_flask.engine.options import TranscribeOptions
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life; the last three are terminal."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job will never run again."""
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobStage(str, Enum):
+    """What a job is doing now (finer than status)."""
+
+    QUEUED = "queued"
+    FETCHING = "fetching"
+    DECODING_AUDIO = "decoding_audio"
+    TRANSCRIBING = "transcribing"
+    WRITING = "writing"
+    DONE = "done"
+
+
+def iso(moment: datetime) -> str:
+    """A UTC time as the ISO 8601 text stored and served (sortable as text)."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def utcnow() -> str:
+    """The current time as an ISO 8601 UTC timestamp."""
+    return iso(datetime.now(timezone.utc))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One transcription job, as stored and as served; changed only by replacing it (dataclasses.replace)."""
+
+    id: str
+    filename: str
+    upload_name: str  # made by the server; for a URL job, where its audio goes once fetched
+    options: TranscribeOptions
+    model: str
+    created_at: str = field(default_factory=utcnow)
+    status: JobStatus = JobStatus.PENDING
+    stage: JobStage = JobStage.QUEUED
+    progress: float = 0.0
+    duration: float | None = None
+    processed_seconds: float = 0.0
+    eta_seconds: float | None = None
+    language: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    expired_at: str | None = None
+    owner: str | None = None  # the name of the API key that submitted it; None with WHISPER_FLASK_AUTH=off
+    # It was running beside others when the process died, so it runs alone until it ends
+    # (registry.recover says why).
+    isolated: bool = False
+    source_url: str | None = None  # the audio is fetched from here when the job runs
+    # Told when the job ends (notifications.py): a webhook, an address, and the base of the links.
+    callback_url: str | None = None
+    notify_email: str | None = None
+    link_base: str | None = None
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class NotifyTargets:
+    """Whom to tell when a job ends, and the base URL its links start with."""
+
+    callback_url: str | None = None
+    email: str | None = None
+    link_base: str | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request for a job: its file name and options, the key's name, the client's address, whom to tell."""
+
+    filename: str
+    options: TranscribeOptions
+    owner: str | None
+    client: str | None = None
+    notify: NotifyTargets = field(default_factory=NotifyTargets)
+
+    def job(self, job_id: str, model: str, **fields: Any) -> Job:
+        """The new pending job this request asks for."""
+        return Job(id=job_id, filename=self.filename, options=self.options, model=model, owner=self.owner,
+                   callback_url=self.notify.callback_url, notify_email=self.notify.email,
+                   link_base=self.notify.link_base, **fields)  # fmt: skip
+
+
+class NotificationKind(str, Enum):
+    """How an ended job is announced."""
+
+    WEBHOOK = "webhook"
+    EMAIL = "email"
+
+
+class DeliveryState(str, Enum):
+    """Where a notification is: waiting for (another) attempt, delivered, or given up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One announcement of an ended job, kept in the outbox until delivered or given up."""
+
+    id: int
+    job_id: str
+    kind: NotificationKind
+    target: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: str
+    last_error: str | None
+    delivered_at: str | None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as one answer shows it: its record and its queue position, read under the same lock."""
+
+    job: Job
+    queue_position: int | None = None  # 1 for the next pending job to start; None unless pending

@@ -1,0 +1,281 @@
+"""The registry of active jobs: their live records, the queue's capacity and order, under one lock.
+
+Pending and running jobs live here and in the store; ended ones only in the store. Every change is
+written to the store under the lock, so the stored record never goes back in time, and every
+answer (a JobView) is read under it, so its record and queue position belong to one moment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from whisper_flask.exceptions import JobNotFound, QueueFull, ShuttingDown, TooManyJobs
+from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, utcnow
+from whisper_flask.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+#: A job charged with this many crashes of the process fails instead of running again.
+MAX_ATTEMPTS = 2
+
+
+class JobCancelled(Exception):
+    """The job left the registry (cancelled) while its pipeline ran; it stops at its next decoder step."""
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """How many jobs wait and run, and how many may."""
+
+    pending: int
+    in_progress: int
+    capacity: int
+
+
+class JobRegistry:
+    """Pending and running jobs, changed and read under one lock."""
+
+    def __init__(self, store: JobStore, capacity: int, per_owner: int) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a job ended or left: an isolated one may start
+        self._active: dict[str, Job] = {}
+        self._store = store
+        self._capacity = capacity
+        self._per_owner = per_owner
+        self._open = False
+
+    @property
+    def accepting(self) -> bool:
+        """True between open() and close(): new jobs are taken and pending ones may start."""
+        return self._open
+
+    def open(self) -> None:
+        """Start taking jobs."""
+        with self._lock:
+            self._open = True
+
+    def close(self) -> None:
+        """Stop taking jobs and starting pending ones; running ones stop at their next decoder step."""
+        with self._lock:
+            self._open = False
+            self._changed.notify_all()
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def check_capacity(self, owner: str | None) -> None:
+        """Raise ShuttingDown, QueueFull or TooManyJobs (for `owner`'s share) if no job can be accepted now."""
+        with self._lock:
+            self._refuse_if_full(owner)
+
+    def _refuse_if_full(self, owner: str | None) -> None:
+        # Caller holds the lock.
+        if not self._open:
+            raise ShuttingDown("the service is not accepting jobs")
+        if len(self._active) >= self._capacity:
+            raise QueueFull(
+                f"{len(self._active)} jobs are queued or running, the limit is {self._capacity}; retry later",
+                retry_after=_retry_after(self._active.values()),
+            )
+        if owner is None:
+            return
+        mine = [job for job in self._active.values() if job.owner == owner]
+        if len(mine) >= self._per_owner:
+            raise TooManyJobs(
+                f"this key has {len(mine)} jobs queued or running, the limit per key is {self._per_owner}",
+                retry_after=_retry_after(mine),
+            )
+
+    def add(self, job: Job) -> JobView:
+        """Record a new job durably and make it pending; raise if the queue is full or closed."""
+        with self._lock:
+            self._refuse_if_full(job.owner)  # again: another upload may have taken the last place meanwhile
+            job = dataclasses.replace(job, seq=self._store.insert(job))
+            self._active[job.id] = job
+            return self._view(job)
+
+    def recover(self) -> tuple[list[str], list[Job]]:
+        """Queue again the jobs a dead process left unfinished, oldest first: (their ids, the jobs failed instead).
+
+        The crash is charged (an attempt kept) only to a job that alone could have caused it. A job
+        still fetching or decoding is innocent: it has run no model step, and ffprobe and ffmpeg run in
+        processes of their own. Jobs past
+        that stage share the model thread's steps and the memory, so when several were there none
+        can be blamed: none is charged, and each runs isolated (alone) until it ends. A poison file
+        then crashes the process alone, is charged, and fails after MAX_ATTEMPTS; nothing else
+        ever pays for it.
+        """
+        queued, failed = [], []
+        with self._lock:
+            unfinished = self._store.unfinished()
+            suspects = {job.id for job in unfinished if job.status is JobStatus.IN_PROGRESS
+                        and job.stage not in (JobStage.FETCHING, JobStage.DECODING_AUDIO)}  # fmt: skip
+            for job in unfinished:
+                if job.status is JobStatus.IN_PROGRESS:
+                    charged = suspects == {job.id}
+                    if charged and job.attempts >= MAX_ATTEMPTS:
+                        message = f"the service stopped during this job {job.attempts} times; not retrying"
+                        failed.append(_ended(job, JobStatus.FAILED, "interrupted", message))
+                        self._store.update(failed[-1])
+                        log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
+                        continue
+                    job = dataclasses.replace(
+                        _pending(job),
+                        attempts=job.attempts if charged else job.attempts - 1,
+                        isolated=job.isolated or job.id in suspects,
+                    )
+                    self._store.update(job)
+                self._active[job.id] = job
+                queued.append(job.id)
+                log.info("job %s queued again after restart (attempts %d)", job.id, job.attempts)
+        return queued, failed
+
+    # -- queries --------------------------------------------------------------------------
+
+    def view(self, job_id: str) -> JobView:
+        """The job and its queue position, as of one moment; JobNotFound if unknown."""
+        with self._lock:
+            job = self._active.get(job_id)
+            if job is not None:
+                return self._view(job)
+        stored = self._store.get(job_id)
+        if stored is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return JobView(stored)
+
+    def views(self, status: JobStatus | None, owner: str | None, limit: int, offset: int) -> list[JobView]:
+        """Jobs newest first (of one owner only, unless None), the active ones with their live state."""
+        stored = self._store.list_jobs(status, owner, limit, offset)
+        with self._lock:
+            return [self._view(self._active.get(job.id, job)) for job in stored]
+
+    def counts(self) -> QueueCounts:
+        """Pending and running jobs now, and the capacity."""
+        with self._lock:
+            statuses = [job.status for job in self._active.values()]
+        return QueueCounts(statuses.count(JobStatus.PENDING), statuses.count(JobStatus.IN_PROGRESS), self._capacity)
+
+    def _view(self, job: Job) -> JobView:
+        # Caller holds the lock.
+        if job.status is not JobStatus.PENDING or job.id not in self._active:
+            return JobView(job)
+        ahead = sum(1 for other in self._active.values() if other.status is JobStatus.PENDING and other.seq < job.seq)
+        return JobView(job, ahead + 1)
+
+    # -- a job's life ---------------------------------------------------------------------
+
+    def start(self, job_id: str) -> Job | None:
+        """Mark a pending job as running (one more attempt); None if it was cancelled or the registry closed.
+
+        An isolated job waits until nothing else runs, and nothing starts beside it.
+        """
+        with self._lock:
+            while True:
+                job = self._active.get(job_id)
+                if job is None or job.status is not JobStatus.PENDING or not self._open:
+                    return None  # cancelled while queued, or stopping: it stays pending in the store
+                running = [other for other in self._active.values() if other.status is JobStatus.IN_PROGRESS]
+                if not running or not (job.isolated or any(other.isolated for other in running)):
+                    break
+                self._changed.wait()
+            job = dataclasses.replace(
+                job,
+                status=JobStatus.IN_PROGRESS,
+                stage=JobStage.DECODING_AUDIO,
+                started_at=utcnow(),
+                attempts=job.attempts + 1,
+            )
+            return self._put(job, persist=True)
+
+    def wait_until_ended(self, job_id: str, timeout: float | None) -> bool:
+        """Wait at most `timeout` s for the job to end or the registry to close; whether the job ended."""
+        with self._lock:
+            self._changed.wait_for(lambda: job_id not in self._active or not self._open, timeout)
+            return job_id not in self._active
+
+    def check_active(self, job_id: str) -> None:
+        """Raise JobCancelled if the job has left the registry (cancelled)."""
+        # Without the lock: every decoder step and every fetched chunk calls this, and the lock is
+        # held across SQLite commits (fsync), so a step could wait on the disk. A dict lookup is
+        # atomic, cancel() removes the job before it commits, and a stale read is corrected by
+        # the next check.
+        if job_id not in self._active:
+            raise JobCancelled(job_id)
+
+    def update(self, job_id: str, *, persist: bool = True, **changes: Any) -> Job:
+        """Change a running job's fields (stored if `persist`); JobCancelled if it was cancelled."""
+        with self._lock:
+            job = self._active.get(job_id)
+            if job is None:
+                raise JobCancelled(job_id)
+            return self._put(dataclasses.replace(job, **changes), persist)
+
+    def finish(self, job_id: str, status: JobStatus, code: str | None = None, message: str | None = None) -> None:
+        """End a running job; a job cancelled meanwhile keeps that final state."""
+        with self._lock:
+            job = self._active.pop(job_id, None)
+            if job is not None:
+                self._store.update(_ended(job, status, code, message))
+            self._changed.notify_all()
+        if job is None:
+            return
+        if status is JobStatus.COMPLETED:
+            log.info("job %s completed", job_id)
+        else:
+            log.warning("job %s %s: %s", job_id, status.value, message)
+
+    def put_back(self, job_id: str) -> None:
+        """Return a job stopped by a graceful shutdown to pending; the stop costs it no attempt."""
+        with self._lock:
+            job = self._active.get(job_id)
+            if job is None:
+                return
+            self._put(dataclasses.replace(_pending(job), attempts=job.attempts - 1), persist=True)
+            self._changed.notify_all()
+        log.info("job %s back to pending for the next start", job_id)
+
+    def cancel(self, job_id: str) -> tuple[Job, bool]:
+        """Cancel a pending or running job: (its final record, whether it was pending). Ended jobs are unchanged."""
+        with self._lock:
+            job = self._active.pop(job_id, None)
+            if job is not None:
+                cancelled = dataclasses.replace(job, status=JobStatus.CANCELLED, finished_at=utcnow(), eta_seconds=None)
+                self._store.update(cancelled)
+            self._changed.notify_all()
+        if job is None:
+            return self.view(job_id).job, False
+        log.info("job %s cancelled", job_id)
+        return cancelled, job.status is JobStatus.PENDING
+
+    def _put(self, job: Job, persist: bool) -> Job:
+        # Caller holds the lock.
+        self._active[job.id] = job
+        if persist:
+            self._store.update(job)
+        return job
+
+
+def _retry_after(jobs: Iterable[Job]) -> int:
+    """Seconds until the soonest of these jobs should end (30 when none has an estimate yet)."""
+    etas = [job.eta_seconds for job in jobs if job.eta_seconds is not None]
+    return max(1, min(600, math.ceil(min(etas)))) if etas else 30
+
+
+def _pending(job: Job) -> Job:
+    return dataclasses.replace(
+        job, status=JobStatus.PENDING, stage=JobStage.QUEUED, progress=0.0, processed_seconds=0.0, eta_seconds=None
+    )
+
+
+def _ended(job: Job, status: JobStatus, code: str | None, message: str | None) -> Job:
+    job = dataclasses.replace(
+        job, status=status, finished_at=utcnow(), eta_seconds=None, error_code=code, error=message
+    )
+    if status is JobStatus.COMPLETED:
+        job = dataclasses.replace(job, stage=JobStage.DONE, progress=100.0, processed_seconds=job.duration or 0.0)
+    return job

@@ -1,0 +1,33 @@
+"""A running job's resume state: where its transcription stands, saved at every window.
+
+After a crash or a graceful stop the job restarts at its last saved window instead of at 0
+(ARCHITECTURE.md, "Durability").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from whisper_flask.engine.windows import Window
+from whisper_flask.files import atomic_write
+
+
+def resume_path(directory: Path, job_id: str) -> Path:
+    """Where an unfinished job's resume state lives."""
+    return directory / f"{job_id}.resume.json"
+
+
+def save_resume(directory: Path, job_id: str, window: Window) -> None:
+    """Record where an unfinished job's transcription stands, atomically (temp file, fsync, rename)."""
+    with atomic_write(resume_path(directory, job_id)) as file:
+        json.dump(dataclasses.asdict(window), file)
+
+
+def load_resume(directory: Path, job_id: str) -> Window | None:
+    """Where an interrupted job stood, if it got past its first window."""
+    try:
+        return Window(**json.loads(resume_path(directory, job_id).read_text()))
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,34 @@
+"""Transcripts in every format, written with whisper.utils' writers, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from whisper.utils import get_writer
+
+from whisper_flask.files import atomic_write
+
+#: Download format -> MIME type (werkzeug appends "; charset=utf-8" to the text/ ones).
+FORMATS = {
+    "txt": "text/plain",
+    "srt": "application/x-subrip",
+    "vtt": "text/vtt",
+    "json": "application/json",
+    "tsv": "text/tab-separated-values",
+}
+
+
+def transcript_path(directory: Path, job_id: str, fmt: str) -> Path:
+    """Where a job's transcript in one format lives (job_id and fmt are validated by callers)."""
+    return directory / f"{job_id}.{fmt}"
+
+
+def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> None:
+    """Write every format, then rename them all into place: no reader sees half a file."""
+    # The renames run as the stack unwinds, after the last format is written; a failure removes them all.
+    with contextlib.ExitStack() as stack:
+        for fmt in FORMATS:
+            file = stack.enter_context(atomic_write(transcript_path(directory, job_id, fmt)))
+            get_writer(fmt, str(directory)).write_result(result, file=file, options={})

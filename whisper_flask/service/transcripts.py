@@ -1,0 +1,55 @@
+"""Reading a job's transcript: by key or by signed link, whole or as far as its finished windows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from whisper_flask.access.control import UNRESTRICTED, LinkSigner, Principal
+from whisper_flask.exceptions import NoTranscript, TranscriptMissing, TranscriptNotReady, UnknownFormat
+from whisper_flask.jobs.records import Job, JobStatus, JobView
+from whisper_flask.jobs.resume import load_resume
+from whisper_flask.jobs.writers import FORMATS, transcript_path
+
+
+class TranscriptReader:
+    """Finds transcripts of the jobs a principal may see; paths come from job ids and known formats only."""
+
+    def __init__(self, view: Callable[[str, Principal], JobView], signer: LinkSigner, transcript_dir: Path) -> None:
+        self._view = view
+        self._signer = signer
+        self._transcript_dir = transcript_dir
+
+    def path(self, job_id: str, fmt: str, principal: Principal) -> tuple[Job, Path]:
+        """A completed job and the path of its transcript in `fmt`."""
+        job = self._view(job_id, principal).job
+        if fmt not in FORMATS:
+            raise UnknownFormat(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        if not job.status.terminal:
+            raise TranscriptNotReady("the transcript is not ready yet", job.status.value, job.progress)
+        if job.status is not JobStatus.COMPLETED:
+            raise NoTranscript(f"the job is {job.status.value}; it has no transcript", job.status.value)
+        # Built from the registry's id and a known format, never from the URL's text.
+        path = transcript_path(self._transcript_dir, job.id, fmt)
+        if not path.is_file():
+            raise TranscriptMissing("the transcript file is gone")
+        return job, path
+
+    def path_by_link(self, job_id: str, fmt: str, expires: str, signature: str) -> tuple[Job, Path]:
+        """A transcript opened by a signed link instead of a key; LinkRefused or LinkExpired if it is not valid."""
+        self._signer.verify(job_id, fmt, expires, signature)
+        return self.path(job_id, fmt, UNRESTRICTED)
+
+    def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
+        """The segments of a running job's finished windows (its resume state); empty before its first."""
+        job = self._view(job_id, principal).job
+        window = load_resume(self._transcript_dir, job.id)
+        return window.segments if window else []
+
+    def result(self, job_id: str, principal: Principal) -> dict[str, Any]:
+        """A completed job's whole result: text, segments and language, as Whisper gave them."""
+        _, path = self.path(job_id, "json", principal)
+        result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return result
