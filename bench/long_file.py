@@ -285,11 +285,11 @@ def serve_all_at_once(
     service = get_service(create_app(config))
     service.start()
     try:
-        service.engine.wait_until_ready(300)  # type: ignore[attr-defined]
+        service.parts.engine.wait_until_ready(300)  # type: ignore[attr-defined]
         names = []
         for i, path in enumerate(paths):
             names.append(f"bench-{i}.upload")
-            os.link(path, service.upload_dir / names[-1])  # as a finished upload: the file itself, no copy
+            os.link(path, service.settings.UPLOAD_DIR / names[-1])  # as a finished upload: the file itself, no copy
         options = TranscribeOptions(language="en")
         started = datetime.now(timezone.utc)
         ids = [
@@ -300,14 +300,16 @@ def serve_all_at_once(
         while len(jobs) < len(ids):
             time.sleep(0.2)  # in-process reads of the registry: no HTTP, next to no CPU
             for job_id in ids:
-                job = service.registry.view(job_id).job
+                job = service.parts.registry.view(job_id).job
                 if job.status.value in ("completed", "failed", "cancelled"):
                     if job.status.value != "completed":
                         raise RuntimeError(f"job {job_id} {job.status.value}: {job.error}")
                     jobs[job_id] = job
         ended = max(datetime.fromisoformat(str(job.finished_at)) for job in jobs.values())
         texts = [
-            json.loads(transcript_path(service.transcript_dir, job_id, "json").read_text(encoding="utf-8"))["text"]
+            json.loads(transcript_path(service.settings.TRANSCRIPT_DIR, job_id, "json").read_text(encoding="utf-8"))[
+                "text"
+            ]
             for job_id in ids
         ]
     finally:

@@ -69,18 +69,18 @@ def measure_service(work: Path, model_name: str, audio: Path, jobs: int) -> dict
                       "LOG_DIR": work / "logs", "MAX_WORKERS": jobs, "MAX_QUEUED_JOBS": jobs})  # fmt: skip
     service = get_service(app)
     service.start()
-    service.engine.wait_until_ready(300)  # type: ignore[attr-defined]
+    service.parts.engine.wait_until_ready(300)  # type: ignore[attr-defined]
     base = reset_peak()
     started = time.monotonic()
     ids = []
     for n in range(jobs):
         name = f"long-{n}.upload"
-        os.link(audio, service.upload_dir / name)  # as a finished upload: the file itself, no copy
+        os.link(audio, service.settings.UPLOAD_DIR / name)  # as a finished upload: the file itself, no copy
         ids.append(service.submit(name, Submission("long.wav", TranscribeOptions(), UNRESTRICTED.name)).job.id)
     waiting = set(ids)
     while waiting:
         for job_id in list(waiting):
-            job = service.registry.view(job_id).job
+            job = service.parts.registry.view(job_id).job
             assert job.status.value in ("pending", "in_progress"), job
             if job.processed_seconds > 0:
                 service.cancel(job_id, UNRESTRICTED)

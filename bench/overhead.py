@@ -52,9 +52,9 @@ def make_client(work: Path, model: str, model_dir: Path, workers: int, **config:
         }
     )
     service = get_service(app)
-    key = service.access.keys.create("bench", admin=True)
+    key = service.parts.keys.create("bench", admin=True)
     service.start()
-    service.engine.wait_until_ready(300)  # type: ignore[attr-defined]
+    service.parts.engine.wait_until_ready(300)  # type: ignore[attr-defined]
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
     return client

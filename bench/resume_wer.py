@@ -23,7 +23,7 @@ from whisper_flask.audio.media import MediaDecoder  # noqa: E402
 from whisper_flask.engine.engine import WhisperEngine  # noqa: E402
 from whisper_flask.engine.options import TranscribeOptions  # noqa: E402
 from whisper_flask.engine.windows import Window  # noqa: E402
-from whisper_flask.settings import DEFAULTS  # noqa: E402
+from whisper_flask.settings import Settings  # noqa: E402
 
 
 class Stop(Exception):
@@ -39,12 +39,14 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="whisper-resume-"))
     engine = WhisperEngine()
-    engine.start(
-        {**DEFAULTS, "MODEL": args.model, "MODEL_DIR": work / "models", "DEVICE": "cpu", "MODEL_DOWNLOAD": False}
-    )
+    settings = Settings.load(
+        {"MODEL": args.model, "MODEL_DIR": work / "models", "DEVICE": "cpu", "MODEL_DOWNLOAD": False,
+         "UPLOAD_DIR": work / "uploads", "TRANSCRIPT_DIR": work / "transcripts", "LOG_DIR": work / "logs"}
+    )  # fmt: skip
+    engine.start(settings)
     engine.wait_until_ready(300)
     passages = [path for path, _ in speech_passages(work / "passages", 5, 45)]
-    audio = MediaDecoder(work, DEFAULTS["MAX_AUDIO_HOURS"] * 3600).decode(
+    audio = MediaDecoder(work, settings.MAX_AUDIO_HOURS * 3600).decode(
         joined_speech(work / "speech.wav", args.seconds, passages)
     )
     options = TranscribeOptions()

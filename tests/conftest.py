@@ -21,8 +21,8 @@ from whisper_flask.extension import get_service
 def started(app: Flask) -> Flask:
     """Start the app's service with a new user key, which its test clients send."""
     service = get_service(app)
-    name = f"user-{len(service.access.keys.keys())}"  # apps of one test share their job database
-    app.test_client_class = keyed_client_class(service.access.keys.create(name, admin=False))
+    name = f"user-{len(service.parts.keys.keys())}"  # apps of one test share their job database
+    app.test_client_class = keyed_client_class(service.parts.keys.create(name, admin=False))
     service.start()
     return app
 
@@ -80,7 +80,7 @@ def make_real_app(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Fla
     def make(**config: Any) -> Flask:
         app = create_app({**base_config(tmp_path), "MODEL_DIR": model_dir, **config})
         apps.append(app)
-        get_service(started(app)).engine.wait_until_ready(120)  # type: ignore[attr-defined]
+        get_service(started(app)).parts.engine.wait_until_ready(120)  # type: ignore[attr-defined]
         return app
 
     yield make

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 import wave
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -29,6 +29,7 @@ from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
 from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: Words each espeak-ng fixture says that tiny.en reliably hears.
@@ -99,7 +100,7 @@ class FakeEngine:
     def ready(self) -> bool:
         return self.loaded
 
-    def start(self, config: Mapping[str, Any]) -> None:
+    def start(self, settings: Settings) -> None:
         self.loaded = True
 
     def stop(self) -> None:

@@ -118,7 +118,7 @@ def keyed() -> Callable[..., Any]:
     """Makes a new key on an app and returns a test client that sends it."""
 
     def client_for(app: Flask, name: str, admin: bool = False) -> Any:
-        app.test_client_class = keyed_client_class(get_service(app).access.keys.create(name, admin=admin))
+        app.test_client_class = keyed_client_class(get_service(app).parts.keys.create(name, admin=admin))
         return app.test_client()
 
     return client_for
@@ -132,7 +132,7 @@ def test_a_revoked_key_stops_at_once_and_its_jobs_stay_for_admins(
     engine.gate.clear()
     running, waiting = submit(bob), submit(bob)
     assert engine.in_window.wait(10)
-    get_service(app).access.keys.revoke("bob")
+    get_service(app).parts.keys.revoke("bob")
     response = bob.get(f"/progress/{waiting}")
     assert (response.status_code, response.get_json()["code"]) == (401, "invalid_api_key")
     records = {job["transcription_id"]: job for job in admin.get("/jobs").get_json()["jobs"]}
@@ -221,7 +221,7 @@ def test_auth_off_opens_the_api_and_warns_at_every_start(
     try:
         assert app.test_client().get("/queue").status_code == 200
         assert "WHISPER_FLASK_AUTH=off: the API is open" in caplog.text
-        assert not get_service(app).access.keys.keys(), "no key is made when auth is off"
+        assert not get_service(app).parts.keys.keys(), "no key is made when auth is off"
     finally:
         get_service(app).stop()
 

@@ -18,7 +18,7 @@ from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobCancelled
-from whisper_flask.jobs.store import JobStore
+from whisper_flask.jobs.store import SqliteJobStore
 
 
 def test_upload_answers_202_with_the_contracts_body_and_location(client: FlaskClient) -> None:
@@ -344,21 +344,21 @@ def test_a_running_job_learns_of_its_cancel_before_the_cancel_is_committed(
     job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]
     assert engine.in_window.wait(10)
     committing, disk = threading.Event(), threading.Event()
-    update = JobStore.update
+    update = SqliteJobStore.update
 
-    def slow_commit(store: JobStore, job: Job) -> None:
+    def slow_commit(store: SqliteJobStore, job: Job) -> None:
         if job.status is JobStatus.CANCELLED:  # a disk slow to fsync, under the registry's lock
             committing.set()
             assert disk.wait(10)
         update(store, job)
 
-    monkeypatch.setattr(JobStore, "update", slow_commit)
+    monkeypatch.setattr(SqliteJobStore, "update", slow_commit)
     deleting = threading.Thread(target=lambda: client.delete(f"/jobs/{job_id}"))
     deleting.start()
     try:
         assert committing.wait(10)
         with ThreadPoolExecutor(1) as pool:  # what every decoder step and fetched chunk calls
-            check = pool.submit(get_service(app).registry.check_active, job_id)
+            check = pool.submit(get_service(app).parts.registry.check_active, job_id)
             assert isinstance(check.exception(timeout=2), JobCancelled), "the check did not wait for the disk"
             assert not disk.is_set()
     finally:

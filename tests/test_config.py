@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import FakeEngine, base_config
 from whisper_flask import create_app
-from whisper_flask.settings import ConfigError
+from whisper_flask.settings import ConfigError, Settings, settings_table
 
 
 @pytest.mark.parametrize(
@@ -47,3 +48,32 @@ def test_reasons_fit_on_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         create_app({**base_config(tmp_path), "MODEL": "nope"}, engine=FakeEngine())
     assert "\n" not in str(info.value)
+
+
+def test_the_readme_lists_every_setting_as_declared() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert settings_table() in readme, "regenerate the README's table: python -m whisper_flask.settings"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("AUTH", "off", False),
+        ("AUTH", False, False),
+        ("AUTH", "on", True),
+        ("URL_ALLOW", "10.0.0.0/8, 127.0.0.1", (ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32"))),
+        ("URL_ALLOW", "", ()),
+        ("BATCH_WAIT_MS", 0, 0),
+    ],
+)
+def test_settings_take_the_forms_the_environment_gives(
+    tmp_path: Path, setting: str, value: object, expected: object
+) -> None:
+    settings = Settings.load({**base_config(tmp_path), setting: value})
+    assert getattr(settings, setting) == expected
+
+
+def test_relative_directories_become_absolute_and_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.load({**base_config(tmp_path), "UPLOAD_DIR": "audio/in"})
+    assert settings.UPLOAD_DIR == tmp_path / "audio" / "in" and settings.UPLOAD_DIR.is_dir()

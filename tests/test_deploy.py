@@ -16,7 +16,7 @@ import pytest
 
 from bench.loopback import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, speech, wait_for
-from whisper_flask.settings import DEFAULTS
+from whisper_flask.settings import Settings
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
 
@@ -33,13 +33,13 @@ def test_nginx_accepts_the_shipped_site(tmp_path: Path, subpath: bool) -> None:
 def test_nginx_body_limit_equals_the_apps_upload_limit(snippet: str) -> None:
     locations = (DEPLOY / "nginx" / snippet).read_text()
     limits = re.findall(r"client_max_body_size (\d+)m;", locations)
-    assert limits and {int(limit) for limit in limits} == {DEFAULTS["MAX_UPLOAD_MB"]}
-    assert f"WHISPER_FLASK_MAX_UPLOAD_MB={DEFAULTS['MAX_UPLOAD_MB']}" in (DEPLOY / "install.sh").read_text()
+    assert limits and {int(limit) for limit in limits} == {Settings.MAX_UPLOAD_MB}
+    assert f"WHISPER_FLASK_MAX_UPLOAD_MB={Settings.MAX_UPLOAD_MB}" in (DEPLOY / "install.sh").read_text()
 
 
 def test_nginx_413_names_the_apps_upload_limit() -> None:
     locations = (DEPLOY / "nginx" / "whisper-flask-locations.conf").read_text()
-    assert f"the {DEFAULTS['MAX_UPLOAD_MB']} MB limit" in locations
+    assert f"the {Settings.MAX_UPLOAD_MB} MB limit" in locations
 
 
 def test_nginx_serves_no_directory() -> None:

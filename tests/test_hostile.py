@@ -159,7 +159,7 @@ def test_stopping_the_service_kills_the_decoder_and_keeps_the_job_pending(
     eventually(lambda: len(slow_ffmpeg.pids()) == 1)
     get_service(app).stop()
     assert not running(slow_ffmpeg.pids()[0])
-    assert get_service(app).registry.view(job_id).job.status.value == "pending"
+    assert get_service(app).parts.registry.view(job_id).job.status.value == "pending"
 
 
 def test_a_decode_past_its_time_limit_fails_the_job_and_frees_the_worker(
@@ -303,7 +303,7 @@ def test_a_failed_decode_shows_no_server_path(
     assert engine.in_window.wait(10)
     job_id = submit(client, wav_bytes(5))
     # The stored upload turns into garbage after its probe (as a job stored by an older version).
-    upload_name = get_service(app).registry.view(job_id).job.upload_name
+    upload_name = get_service(app).parts.registry.view(job_id).job.upload_name
     (tmp_path / "uploads" / upload_name).write_bytes(b"garbage " * 100)
     engine.gate.set()
     failed = wait_for(client, job_id)
@@ -359,7 +359,7 @@ def test_stale_partial_uploads_go_at_start_and_at_each_sweep(make_app: Callable[
     app = make_app()
     assert not stale.exists() and streaming.exists(), "an upload still streaming is kept"
     os.utime(streaming, (time.time() - 3600, time.time() - 3600))
-    get_service(app).retention.sweep()
+    get_service(app).parts.retention.sweep()
     assert not streaming.exists()
 
 

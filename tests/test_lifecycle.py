@@ -29,14 +29,14 @@ from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import WhisperIncompatible
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
-from whisper_flask.jobs.store import JobStore
+from whisper_flask.jobs.store import SqliteJobStore
 
 
 def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, JobStage, int]]) -> None:
     """Leave jobs in the store as a killed process would, each with an upload on disk."""
     (tmp_path / "transcripts").mkdir()
     (tmp_path / "uploads").mkdir()
-    store = JobStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "transcripts" / "jobs.sqlite3")
     for job_id, status, stage, attempts in jobs:
         (tmp_path / "uploads" / f"{job_id}.upload").write_bytes(wav_bytes(2))
         job = Job(

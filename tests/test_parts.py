@@ -97,18 +97,18 @@ def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcrip
     alone = submit(first.test_client(), audio)
     wait_for(first.test_client(), alone, "completed", timeout=300)
     assert "transcribing in 2 parts side by side" in caplog.text
-    expected = (get_service(first).transcript_dir / f"{alone}.txt").read_text()
+    expected = (get_service(first).settings.TRANSCRIPT_DIR / f"{alone}.txt").read_text()
 
     interrupted = submit(first.test_client(), audio)
     service = get_service(first)
     deadline = time.monotonic() + 300
     # Both parts past their first window: the state to resume has two loops in it.
-    while not ((window := load_resume(service.transcript_dir, interrupted)) and all(
+    while not ((window := load_resume(service.settings.TRANSCRIPT_DIR, interrupted)) and all(
             part["window"]["seek"] for part in window.parts)):  # fmt: skip
         assert time.monotonic() < deadline
         time.sleep(0.05)
     service.stop()
-    assert service.registry.view(interrupted).job.status.value == "pending"
+    assert service.parts.registry.view(interrupted).job.status.value == "pending"
 
     restarted = get_service(make_real_app(MAX_WORKERS=1))
     while not restarted.registry.view(interrupted).job.status.terminal:

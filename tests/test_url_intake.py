@@ -14,7 +14,8 @@ import pytest
 from flask import Flask
 
 from tests.helpers import FIXTURES, wait_for, wait_until
-from whisper_flask.audio.fetch import parse_networks, refusal
+from whisper_flask.audio.fetch import refusal
+from whisper_flask.settings import parse_networks
 
 LOOPBACK_ONLY = "127.0.0.1/32"  # 127.0.0.2 stays refused: the private target of a redirect
 

@@ -13,12 +13,11 @@ if TYPE_CHECKING:
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine | None = None) -> Flask:
-    """Build the app: defaults, then WHISPER_FLASK_* variables, then test_config; validated.
+    """Build the app: WHISPER_FLASK_* variables, then test_config, over the defaults; validated into Settings.
 
     `engine` replaces the Whisper engine (tests pass a fake). Nothing runs yet: the service starts
     with the server (deploy/gunicorn.conf.py) or at the first request.
     """
-    from whisper_flask import settings as defaults
     from whisper_flask.api import describe, health, jobs, openai_audio, page, transcription
     from whisper_flask.api.errors import register_error_handlers
     from whisper_flask.api.uploads import UploadRequest
@@ -28,17 +27,18 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     from whisper_flask.engine.internals import check_whisper_internals
     from whisper_flask.logs import configure_logging
     from whisper_flask.service.face import TranscriptionService
+    from whisper_flask.settings import Settings
 
     check_whisper_internals()
     media_tool("ffmpeg"), media_tool("ffprobe")  # refuse to start without them, not at the first upload
     app = Flask(__name__)
-    app.config.from_mapping(defaults.DEFAULTS)
     app.config.from_prefixed_env("WHISPER_FLASK")
     app.config.from_mapping(test_config or {})
-    defaults.validate_config(app.config)
-    configure_logging(app.config["LOG_DIR"], app.name)
+    settings = Settings.load(app.config)
+    app.config.update(settings.to_config())  # Flask reads MAX_CONTENT_LENGTH; everything else reads `settings`
+    configure_logging(settings.LOG_DIR, app.name)
 
-    if proxies := app.config["PROXY_FIX"]:
+    if proxies := settings.PROXY_FIX:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies, x_prefix=proxies
         )
@@ -50,5 +50,5 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     app.cli.add_command(models_cli)
     app.cli.add_command(keys_cli)
 
-    TranscriptionService().init_app(app, engine or WhisperEngine())
+    TranscriptionService().init_app(app, settings, engine or WhisperEngine())
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
 from whisper_flask.engine.checkpoints import CheckpointError, ensure_checkpoint, installed_models
@@ -16,7 +15,7 @@ models_cli = AppGroup("models", help="Provision Whisper checkpoints into MODEL_D
 @models_cli.command("list")
 def list_models() -> None:
     """Each model name and whether it is ready, convertible from a pack, or download-only."""
-    model_dir = current_app.config["MODEL_DIR"]
+    model_dir = get_service().settings.MODEL_DIR
     click.echo(f"MODEL_DIR: {model_dir}")
     for name, state in installed_models(model_dir):
         click.echo(f"{name:<20} {state}")
@@ -26,12 +25,12 @@ def list_models() -> None:
 @click.argument("name", required=False)
 def fetch_model(name: str | None) -> None:
     """Download or convert NAME (default: the configured model) into MODEL_DIR."""
-    config = current_app.config
+    settings = get_service().settings
     try:
-        path = ensure_checkpoint(name or config["MODEL"], config["MODEL_DIR"], config["MODEL_DOWNLOAD"])
+        path = ensure_checkpoint(name or settings.MODEL, settings.MODEL_DIR, settings.MODEL_DOWNLOAD)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{name or config['MODEL']}: {path}")
+    click.echo(f"{name or settings.MODEL}: {path}")
 
 
 keys_cli = AppGroup("keys", help="Manage API keys (README, API keys). A key is shown once, when it is made.")
@@ -43,7 +42,7 @@ keys_cli = AppGroup("keys", help="Manage API keys (README, API keys). A key is s
 def create_key(name: str, admin: bool) -> None:
     """Make a key and print it; only its hash is kept, so copy it now."""
     try:
-        secret = get_service().access.keys.create(name, admin=admin)
+        secret = get_service().create_key(name, admin=admin)
     except ApiKeyError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(secret)
@@ -52,7 +51,7 @@ def create_key(name: str, admin: bool) -> None:
 @keys_cli.command("init")
 def init_key() -> None:
     """Make and print an admin key if no active key exists (the installer's first key); else print nothing."""
-    secret = get_service().access.ensure_first_key()
+    secret = get_service().ensure_first_key()
     if secret is not None:
         click.echo(secret)
 
@@ -63,7 +62,7 @@ def list_keys() -> None:
     service = get_service()
     jobs = service.jobs_per_key()
     click.echo(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<30} {'LAST USED':<30} {'JOBS':>6}  REVOKED")
-    for key in service.access.keys.keys():
+    for key in service.keys():
         role = "admin" if key.admin else "user"
         click.echo(
             f"{key.name:<24} {role:<6} {key.created_at:<30} {key.last_used_at or '-':<30} "
@@ -76,7 +75,7 @@ def list_keys() -> None:
 def revoke_key(name: str) -> None:
     """Stop a key from working, at once; its jobs stay (admins still see them)."""
     try:
-        get_service().access.keys.revoke(name)
+        get_service().revoke_key(name)
     except ApiKeyError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"revoked {name}")

@@ -1,160 +1,216 @@
-"""Configuration defaults and start-up validation (ARCHITECTURE.md, "Configuration")."""
+"""Every setting a deployment may change, declared once: type, default, bounds and one line of doc.
+
+`Settings.load(mapping)` reads WHISPER_FLASK_<NAME> values (as Flask's `from_prefixed_env` parsed them,
+or test_config's), checks each against its declaration and returns one frozen Settings; a bad value
+stops the start with a one-line ConfigError. The README's configuration table is `settings_table()`
+(a test keeps the two equal). A frozen dataclass, not pydantic-settings: Flask already reads the
+environment, the checks are few, and nothing else in the service needs pydantic.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import sys
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import whisper
 
-from whisper_flask.audio.fetch import parse_networks
-
-#: Every setting a deployment may change; WHISPER_FLASK_<NAME> overrides each one.
-DEFAULTS: dict[str, Any] = {
-    "MODEL": "base",
-    "MODEL_DIR": "~/.cache/whisper",
-    "MODEL_DOWNLOAD": True,
-    "DEVICE": "auto",
-    "UPLOAD_DIR": "uploads",
-    "TRANSCRIPT_DIR": "transcriptions",
-    "MAX_WORKERS": 2,
-    "MAX_QUEUED_JOBS": 100,
-    "MAX_UPLOAD_MB": 1024,
-    "LOG_DIR": "logs",
-    "KEEP_UPLOADS": False,
-    # Number of reverse proxies in front (nginx: 1) whose X-Forwarded-* headers to trust.
-    # Leave 0 unless gunicorn is reachable only through them.
-    "PROXY_FIX": 0,
-    # A finished job's files and record are deleted RETENTION_DAYS after it ended; its id
-    # then answers 410 for EXPIRED_KEEP_DAYS more, then 404. The sweep runs every SWEEP_INTERVAL_S.
-    "RETENTION_DAYS": 7,
-    "EXPIRED_KEEP_DAYS": 30,
-    "SWEEP_INTERVAL_S": 600,
-    # Windows of concurrent jobs decode together, up to BATCH_SIZE per decoder step; a step waits
-    # at most BATCH_WAIT_MS for a decoding window's next tokens. Only with MAX_WORKERS > 1.
-    "BATCH_SIZE": 8,
-    "BATCH_WAIT_MS": 50,
-    # "int8": int8 weights and activations in Linear layers (CPU only); "none": Whisper's fp32;
-    # "auto": int8 on the CPU for the models measured as accurate with it (quantize.INT8_MODELS).
-    "QUANTIZE": "auto",
-    # Stretches at least this long that the voice detector hears no speech in are not transcribed
-    # (ARCHITECTURE.md, "The engine"); 0 transcribes everything.
-    "SKIP_NON_SPEECH_S": 30,
-    # Every API route needs a key (README, "API keys"); "off" opens the API to anyone who reaches
-    # it, for closed networks only. Each key may have MAX_JOBS_PER_KEY jobs pending or running.
-    "AUTH": "on",
-    "MAX_JOBS_PER_KEY": 20,
-    # Wrong keys from one address per minute before it must wait.
-    "AUTH_FAILURES_PER_MINUTE": 10,
-    # How long a signed download link in a response stays valid.
-    "DOWNLOAD_LINK_TTL_S": 86400,
-    # Longer audio is refused when probed: a job's spectrogram takes 230 MB per two hours.
-    "MAX_AUDIO_HOURS": 12,
-    # POST /detect-language requests running at once (each holds an HTTP thread); more get 503.
-    "MAX_DETECTIONS": 2,
-    # /v1/audio requests waiting for their jobs at once (each holds an HTTP thread until its job
-    # ends); more get 503. Keep it below gunicorn's threads (WHISPER_FLASK_HTTP_THREADS, 16).
-    "MAX_WAITING_REQUESTS": 8,
-    # Audio from a URL: only public addresses unless URL_ALLOW names networks ("10.0.0.0/8,
-    # 127.0.0.1"); at most MAX_UPLOAD_MB, within URL_FETCH_TIMEOUT_S.
-    "URL_ALLOW": "",
-    "URL_FETCH_TIMEOUT_S": 600,
-    # Links in webhooks and e-mails start with PUBLIC_URL ("https://speech.example.com");
-    # empty: with the address the job was submitted to.
-    "PUBLIC_URL": "",
-    # E-mail when a job ends (the `email` field) needs SMTP_HOST; SMTP_SECURITY is starttls,
-    # tls or none; set the password as WHISPER_FLASK_SMTP_PASSWORD in the environment.
-    "SMTP_HOST": "",
-    "SMTP_PORT": 587,
-    "SMTP_SECURITY": "starttls",
-    "SMTP_USER": "",
-    "SMTP_PASSWORD": "",
-    "SMTP_FROM": "whisper-flask@localhost",
-    # A failed webhook or e-mail is tried again after NOTIFY_RETRY_BASE_S, doubling up to an
-    # hour, NOTIFY_MAX_ATTEMPTS times in all (12: about five hours).
-    "NOTIFY_RETRY_BASE_S": 30,
-    "NOTIFY_MAX_ATTEMPTS": 12,
-}
-
-DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("auto", "none", "int8", "bf16")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PREFIX = "WHISPER_FLASK_"
 
 
 class ConfigError(ValueError):
     """A setting that the service cannot start with; the message names it."""
 
 
-def validate_config(config: dict[str, Any]) -> None:
-    """Normalise paths and limits in place, or raise ConfigError with a one-line reason."""
-    limits = (
-        ("MAX_WORKERS", 1),
-        ("MAX_QUEUED_JOBS", 1),
-        ("MAX_UPLOAD_MB", 1),
-        ("PROXY_FIX", 0),
-        ("BATCH_SIZE", 1),
-        ("MAX_JOBS_PER_KEY", 1),
-        ("AUTH_FAILURES_PER_MINUTE", 1),
-        ("DOWNLOAD_LINK_TTL_S", 1),
-        ("MAX_DETECTIONS", 1),
-        ("MAX_WAITING_REQUESTS", 1),
-        ("SMTP_PORT", 1),
-        ("NOTIFY_MAX_ATTEMPTS", 1),
+def _setting(
+    default: Any, doc: str, *, low: float = 0, above: bool = False, choices: tuple[str, ...] = (), shown: str = ""
+) -> Any:
+    """A field of Settings: its default, its README line, its lowest number (or above it), or its allowed words."""
+    meta = {"doc": doc, "low": low, "above": above, "choices": choices, "shown": shown}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings, validated; WHISPER_FLASK_<NAME> overrides each (README, "Configuration")."""
+
+    MODEL: str = _setting("base", "Whisper model name (`tiny`, `tiny.en`, `base`, ...) or a path to a `.pt` checkpoint")
+    MODEL_DIR: Path = _setting(Path("~/.cache/whisper"), "where checkpoints are kept")
+    MODEL_DOWNLOAD: bool = _setting(True, "try OpenAI's CDN before the offline packs")
+    DEVICE: str = _setting("auto", "`cpu`, `cuda` or `auto`", choices=("auto", "cpu", "cuda"))
+    UPLOAD_DIR: Path = _setting(Path("uploads"), "uploaded audio (relative paths are from the working directory)")
+    TRANSCRIPT_DIR: Path = _setting(Path("transcriptions"), "transcripts and the job database `jobs.sqlite3`")
+    MAX_WORKERS: int = _setting(
+        2,
+        "jobs transcribing at once; their windows are decoded together, so raise it (up to `BATCH_SIZE`) for"
+        " throughput if memory allows (a job holds its spectrogram: a 2-hour file measured about 300 MB, see"
+        " Performance)",
+        low=1,
     )
-    for name, low in limits:
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            kind = "a positive integer" if low else "a whole number (0 or more)"
-            raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
-    for name, zero_ok in (
-        ("RETENTION_DAYS", False),
-        ("EXPIRED_KEEP_DAYS", False),
-        ("SWEEP_INTERVAL_S", False),
-        ("MAX_AUDIO_HOURS", False),
-        ("URL_FETCH_TIMEOUT_S", False),
-        ("NOTIFY_RETRY_BASE_S", False),
-        ("BATCH_WAIT_MS", True),
-        ("SKIP_NON_SPEECH_S", True),
-    ):
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero_ok):
-            kind = "a number (0 or more)" if zero_ok else "a positive number"
-            raise ConfigError(f"WHISPER_FLASK_{name} must be {kind}, got {value!r}")
-    for name in ("MODEL_DOWNLOAD", "KEEP_UPLOADS"):
-        if not isinstance(config[name], bool):
-            raise ConfigError(f"WHISPER_FLASK_{name} must be true or false, got {config[name]!r}")
-    if config["QUANTIZE"] not in QUANTIZATIONS:
-        raise ConfigError(
-            f"WHISPER_FLASK_QUANTIZE must be one of {', '.join(QUANTIZATIONS)}, got {config['QUANTIZE']!r}"
+    BATCH_SIZE: int = _setting(8, "most windows in one decoder step; more wait, in order, for a place", low=1)
+    BATCH_WAIT_MS: float = _setting(
+        50,
+        "longest a decoder step waits for a window's next tokens (they come within a millisecond unless its"
+        " thread stalls)",
+        low=0,
+    )
+    SKIP_NON_SPEECH_S: float = _setting(
+        30,
+        "stretches at least this long in which Silero VAD hears no speech are not transcribed (faster, and Whisper"
+        " writes no text into them); `0` transcribes everything",
+        low=0,
+    )
+    QUANTIZE: str = _setting(
+        "auto",
+        "`int8`: int8 Linear layers on the CPU (faster, see Performance); `bf16`: bf16 matmuls on the CPU (fast only"
+        " with AMX); `none`: Whisper's fp32 (fp16 on CUDA); `auto`: bf16 where the CPU has AMX, else int8 for the"
+        " models where it was measured as accurate (`base`), else none",
+        choices=("auto", "none", "int8", "bf16"),
+    )
+    MAX_QUEUED_JOBS: int = _setting(100, "pending + running; beyond it uploads get 503 with `Retry-After`", low=1)
+    MAX_UPLOAD_MB: int = _setting(1024, "larger bodies get 413", low=1)
+    MAX_AUDIO_HOURS: float = _setting(
+        12, "longer audio is refused when probed (400 `audio_too_long`)", low=0, above=True
+    )
+    MAX_DETECTIONS: int = _setting(
+        2, "`POST /detect-language` requests at once; more get 503 `busy` with `Retry-After`", low=1
+    )
+    MAX_WAITING_REQUESTS: int = _setting(
+        8,
+        "`/v1/audio` requests waiting for their jobs at once (each holds an HTTP thread: keep it below"
+        " `WHISPER_FLASK_HTTP_THREADS`); more get 503 `busy`",
+        low=1,
+    )
+    LOG_DIR: Path = _setting(Path("logs"), "rotating log `whisper_flask.log` (also on stderr)")
+    KEEP_UPLOADS: bool = _setting(False, "keep the audio after its job ends")
+    RETENTION_DAYS: float = _setting(
+        7, "transcripts and records are deleted this long after the job ended", low=0, above=True
+    )
+    EXPIRED_KEEP_DAYS: float = _setting(30, "an expired id answers 410 this long, then 404", low=0, above=True)
+    SWEEP_INTERVAL_S: float = _setting(600, "how often the retention sweep runs", low=0, above=True)
+    AUTH: bool = _setting(
+        True, "`off` serves the API without keys (closed networks only; warned at every start)", shown="`on`"
+    )
+    MAX_JOBS_PER_KEY: int = _setting(
+        20, "pending + running jobs one key may have; beyond it 429 with `Retry-After`", low=1
+    )
+    AUTH_FAILURES_PER_MINUTE: int = _setting(10, "wrong keys one address may send per minute before it waits", low=1)
+    DOWNLOAD_LINK_TTL_S: int = _setting(86400, "how long a signed download link stays valid", low=1)
+    PROXY_FIX: int = _setting(
+        0,
+        "reverse proxies in front whose `X-Forwarded-*` headers to trust (the systemd unit sets 1 for nginx);"
+        " leave 0 unless gunicorn is reachable only through them",
+        low=0,
+    )
+    URL_ALLOW: tuple[IPNetwork, ...] = _setting(
+        (),
+        "networks URL intake and webhooks may reach although not public, e.g. `10.0.0.0/8,127.0.0.1`",
+        shown="(empty)",
+    )
+    URL_FETCH_TIMEOUT_S: float = _setting(600, "longest download of a job's URL", low=0, above=True)
+    PUBLIC_URL: str = _setting(
+        "",
+        "how clients reach the service (`https://speech.example.org`): the start of links in webhooks and"
+        " e-mails; empty: the address each upload was sent to",
+        shown="(empty)",
+    )
+    SMTP_HOST: str = _setting("", "the mail server for `email` notifications; without it an `email` field is refused",
+                              shown="(empty)")  # fmt: skip
+    SMTP_PORT: int = _setting(587, "the mail server's port", low=1)
+    SMTP_SECURITY: str = _setting("starttls", "`starttls`, `tls` or `none`", choices=("starttls", "tls", "none"))
+    SMTP_USER: str = _setting("", "the mail server's user name", shown="(empty)")
+    SMTP_PASSWORD: str = _setting("", "the mail server's password (set it in the environment)", shown="(empty)")
+    SMTP_FROM: str = _setting("whisper-flask@localhost", "the sender of notification e-mails")
+    NOTIFY_RETRY_BASE_S: float = _setting(
+        30, "first wait after a failed webhook or e-mail; it doubles up to an hour", low=0, above=True
+    )
+    NOTIFY_MAX_ATTEMPTS: int = _setting(12, "attempts before a notification is given up (`failed`)", low=1)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
+        return self.MAX_UPLOAD_MB * 1024 * 1024
+
+    @classmethod
+    def load(cls, config: Mapping[str, Any]) -> Settings:
+        """The settings in `config` (names without the prefix; missing ones take their defaults), checked."""
+        values = {}
+        for spec in dataclasses.fields(cls):
+            value = config.get(spec.name, spec.default)
+            values[spec.name] = _check(spec, value)
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as Flask config keys (plus MAX_CONTENT_LENGTH, which Flask itself enforces)."""
+        return {**{spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)},
+                "MAX_CONTENT_LENGTH": self.max_upload_bytes}  # fmt: skip
+
+
+def _check(spec: dataclasses.Field[Any], value: Any) -> Any:
+    """`value` as the setting `spec` declares it, or ConfigError naming the variable and the value."""
+    name, kind, meta = spec.name, _TYPES[spec.name], spec.metadata
+    if name == "MODEL":
+        return _model(str(value))
+    if name == "URL_ALLOW":
+        return _networks(value)
+    if name == "AUTH":  # from_prefixed_env reads "false" as False but "off" as text: both mean off
+        value = {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
+    if kind is bool:
+        if not isinstance(value, bool):
+            words = "on or off" if name == "AUTH" else "true or false"
+            raise ConfigError(f"{PREFIX}{name} must be {words}, got {value!r}")
+        return value
+    if kind is Path:
+        return _writable_dir(name, value)
+    if meta["choices"]:
+        if value not in meta["choices"]:
+            raise ConfigError(f"{PREFIX}{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        return value
+    if kind is int or kind is float:
+        low, above = meta["low"], meta["above"]
+        number = (
+            isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
         )
-    # from_prefixed_env reads "false" as False and "off" as text: both mean off.
-    auth = {True: "on", False: "off"}.get(config["AUTH"], config["AUTH"])
-    if auth not in ("on", "off"):
-        raise ConfigError(f"WHISPER_FLASK_AUTH must be on or off, got {config['AUTH']!r}")
-    config["AUTH"] = auth
-    if config["SMTP_SECURITY"] not in ("starttls", "tls", "none"):
-        raise ConfigError(f"WHISPER_FLASK_SMTP_SECURITY must be starttls, tls or none, got {config['SMTP_SECURITY']!r}")
-    if config["DEVICE"] not in DEVICES:
-        raise ConfigError(f"WHISPER_FLASK_DEVICE must be one of {', '.join(DEVICES)}, got {config['DEVICE']!r}")
+        if not number or value < low or (above and value == low):
+            raise ConfigError(f"{PREFIX}{name} must be {_number_words(kind, low, above)}, got {value!r}")
+        return value
+    return str(value)
 
-    model = str(config["MODEL"])
-    if model not in whisper.available_models():
-        path = Path(model).expanduser()
-        if path.suffix != ".pt" or not path.is_file():
-            raise ConfigError(
-                f"WHISPER_FLASK_MODEL {model!r} is neither a Whisper model name "
-                f"({', '.join(whisper.available_models())}) nor an existing .pt checkpoint"
-            )
-        model = str(path.resolve())
-    config["MODEL"] = model
 
-    for name in ("MODEL_DIR", "UPLOAD_DIR", "TRANSCRIPT_DIR", "LOG_DIR"):
-        config[name] = _writable_dir(name, config[name])
-    config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_MB"] * 1024 * 1024
-    allow = config["URL_ALLOW"]
+def _number_words(kind: type, low: float, above: bool) -> str:
+    if kind is int:
+        return "a positive integer" if low >= 1 else "a whole number (0 or more)"
+    return "a positive number" if above else "a number (0 or more)"
+
+
+def _model(model: str) -> str:
+    if model in whisper.available_models():
+        return model
+    path = Path(model).expanduser()
+    if path.suffix != ".pt" or not path.is_file():
+        raise ConfigError(
+            f"{PREFIX}MODEL {model!r} is neither a Whisper model name "
+            f"({', '.join(whisper.available_models())}) nor an existing .pt checkpoint"
+        )
+    return str(path.resolve())
+
+
+def parse_networks(items: Iterable[Any]) -> tuple[IPNetwork, ...]:
+    """Networks from their text (a bare address is a network of one); ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
     try:
-        config["URL_ALLOW"] = parse_networks(allow.split(",") if isinstance(allow, str) else allow)
+        return parse_networks(value.split(",") if isinstance(value, str) else value)
     except (ValueError, TypeError):
-        raise ConfigError(f"WHISPER_FLASK_URL_ALLOW must list IP networks or addresses, got {allow!r}") from None
+        raise ConfigError(f"{PREFIX}URL_ALLOW must list IP networks or addresses, got {value!r}") from None
 
 
 def _writable_dir(name: str, value: Any) -> Path:
@@ -166,5 +222,26 @@ def _writable_dir(name: str, value: Any) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"WHISPER_FLASK_{name} {str(path)!r} is not a writable directory: {exc.strerror}") from None
+        raise ConfigError(f"{PREFIX}{name} {str(path)!r} is not a writable directory: {exc.strerror}") from None
     return path
+
+
+def settings_table() -> str:
+    """The README's configuration table, one row per setting, from the declarations above."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for spec in dataclasses.fields(Settings):
+        default = spec.metadata["shown"] or f"`{_shown(spec.default)}`"
+        rows.append(f"| `{PREFIX}{spec.name}` | {default} | {spec.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_table())

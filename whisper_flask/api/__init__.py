@@ -13,7 +13,7 @@ from whisper_flask.jobs.writers import FORMATS
 
 def download_url(job_id: str, fmt: str) -> str:
     """A signed link to the transcript, usable without a key until it expires."""
-    signed = get_service().access.signer.sign(job_id, fmt)
+    signed = get_service().sign_link(job_id, fmt)
     return url_for(
         "transcription.download_transcript",
         job_id=job_id,

@@ -22,7 +22,7 @@ def presented_key() -> str | None:
 def _authenticate() -> None:
     if request.endpoint == SIGNED_ENDPOINT and "signature" in request.args:
         return
-    g.principal = get_service().access.authenticate(presented_key(), request.remote_addr or "")
+    g.principal = get_service().authenticate(presented_key(), request.remote_addr or "")
 
 
 def require_key(bp: Blueprint) -> None:

@@ -33,7 +33,7 @@ NOTIFY_FIELDS = {
 
 def _option_fields() -> dict[str, Any]:
     """Each option field's schema, with the values the loaded model takes."""
-    multilingual = get_service().engine.is_multilingual
+    multilingual = get_service().is_multilingual
     fields = {name: dict(field.schema) for name, field in FIELDS.items()}
     fields["language"]["enum"] = sorted(LANGUAGES) if multilingual else ["en"]
     fields["task"]["enum"] = fields["task"]["enum"] if multilingual else ["transcribe"]

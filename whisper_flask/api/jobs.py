@@ -41,7 +41,7 @@ def get_webhook_secret() -> Response:
     """The secret that signs this key's webhooks, and how the signature is made."""
     return jsonify(
         {
-            "secret": get_service().access.signer.webhook_secret(principal().name),
+            "secret": get_service().webhook_secret(principal()),
             "header": SIGNATURE_HEADER,
             "signature": "t=<unix time>,v1=<hex HMAC-SHA256(secret, '<unix time>.' + raw body)>",
         }

@@ -74,7 +74,7 @@ def _answer(task: Task) -> Response:
     service = get_service()
     who = principal()
     service.check_capacity(who)  # before the body is read, as on /upload
-    service.waits.take()  # each request holds an HTTP thread until its job ends
+    give_back = service.hold_wait_slot()  # each request holds an HTTP thread until its job ends
     try:
         file = receive_upload()
         form = request.form
@@ -88,7 +88,7 @@ def _answer(task: Task) -> Response:
         if stream and fmt not in ("json", "text"):
             raise ApiError(400, "invalid_value", "stream=true sends text events; use response_format json or text",
                            field="stream")  # fmt: skip
-        options = _options(form, task, "word" in granularities, service.engine.is_multilingual)
+        options = _options(form, task, "word" in granularities, service.is_multilingual)
         submission = Submission(client_filename(file.filename), options, who.name, request.remote_addr)
         job = service.submit(keep_upload(file), submission).job
         if stream:
@@ -99,9 +99,9 @@ def _answer(task: Task) -> Response:
             response = _final(service, service.wait(job.id, who), fmt, granularities)
         response.headers["X-Job-Id"] = job.id  # a client that gives up can still fetch the job
     except BaseException:
-        service.waits.give()
+        give_back()
         raise
-    response.call_on_close(service.waits.give)
+    response.call_on_close(give_back)
     return response
 
 
@@ -135,9 +135,9 @@ def _options(form: MultiDict[str, str], task: Task, words: bool, multilingual: b
 def _final(service: TranscriptionService, job: Job, fmt: str, granularities: list[str]) -> Response:
     _raise_unless_completed(job)
     if fmt in ("srt", "vtt"):
-        _, path = service.transcripts.path(job.id, fmt, principal())
+        _, path = service.transcript(job.id, fmt, principal())
         return Response(path.read_text(encoding="utf-8"), mimetype=FORMATS[fmt])
-    result = service.transcripts.result(job.id, principal())
+    result = service.result(job.id, principal())
     text = result["text"].strip()
     if fmt == "text":
         return Response(text + "\n", mimetype="text/plain")
@@ -184,7 +184,7 @@ def _events(service: TranscriptionService, job_id: str, who: Principal) -> Itera
             # The resume state holds every finished segment: read it only when a window has ended.
             if job.processed_seconds > read_at:
                 read_at = job.processed_seconds
-                for segment in service.transcripts.segments_so_far(job_id, who)[sent:]:
+                for segment in service.segments_so_far(job_id, who)[sent:]:
                     sent += 1
                     last_sent = time.monotonic()
                     yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
@@ -193,7 +193,7 @@ def _events(service: TranscriptionService, job_id: str, who: Principal) -> Itera
                 yield ": keep-alive\n\n"
             job = service.wait(job_id, who, STREAM_POLL_S)
         _raise_unless_completed(job)
-        result = service.transcripts.result(job_id, who)
+        result = service.result(job_id, who)
         for segment in result["segments"][sent:]:
             yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
         yield _event({"type": "transcript.text.done", "text": result["text"].strip()})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, render_template
+from flask import Blueprint, Response, render_template
 from whisper.tokenizer import LANGUAGES
 
 from whisper_flask.extension import get_service
@@ -33,9 +33,9 @@ def index() -> str:
     return render_template(
         "index.html",
         languages=languages,
-        multilingual=get_service().engine.is_multilingual,
+        multilingual=get_service().is_multilingual,
         formats=list(FORMATS),
-        max_upload_mb=current_app.config["MAX_UPLOAD_MB"],
+        max_upload_mb=get_service().settings.MAX_UPLOAD_MB,
     )
 
 

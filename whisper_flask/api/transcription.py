@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
+from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from whisper_flask.api import download_url, progress_body
 from whisper_flask.api.auth import principal, require_key
@@ -28,12 +28,12 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
     source = requested_url()
     file = receive_upload() if source is None else None
     fields = [request.form if source is None else source[1], request.args]
-    options = parse_options(fields, service.engine.is_multilingual)
+    options = parse_options(fields, service.is_multilingual)
     # Links in webhooks and e-mails start with PUBLIC_URL, else with the address this request came to.
-    base = current_app.config["PUBLIC_URL"] or request.url_root
+    base = service.settings.PUBLIC_URL or request.url_root
     # From the body where it can carry them: a token in a query string would land in access logs.
     raw_body = request.mimetype.startswith(RAW_BODY_TYPES)
-    notify = parse_targets(fields[1:] if raw_body else fields[:1], base, service.notifier.sends_email)
+    notify = parse_targets(fields[1:] if raw_body else fields[:1], base, service.sends_email)
     if file is not None:
         submission = Submission(client_filename(file.filename), options, principal().name, request.remote_addr, notify)
         view = service.submit(keep_upload(file), submission)
@@ -60,9 +60,9 @@ def download_transcript(job_id: str, fmt: str) -> Response:
     service = get_service()
     if "signature" in request.args:
         expires, signature = request.args.get("expires", ""), request.args["signature"]
-        job, path = service.transcripts.path_by_link(job_id, fmt, expires, signature)
+        job, path = service.transcript_by_link(job_id, fmt, expires, signature)
     else:
-        job, path = service.transcripts.path(job_id, fmt, principal())
+        job, path = service.transcript(job_id, fmt, principal())
     stem = Path(client_filename(job.filename)).stem or "transcript"  # also records stored before names were cleaned
     return send_file(path, mimetype=FORMATS[fmt], as_attachment=True, download_name=f"{stem}.{fmt}")
 

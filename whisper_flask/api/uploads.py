@@ -13,11 +13,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import IO
 
-from flask import Request, current_app, request
+from flask import Request, request
 from werkzeug.datastructures import FileStorage
 
 from whisper_flask.api.errors import ApiError
 from whisper_flask.exceptions import StorageFull
+from whisper_flask.extension import get_service
 from whisper_flask.jobs.retention import INCOMING_PREFIX
 
 #: Control characters (C0, DEL, C1), line and paragraph separators, and bidi embeddings,
@@ -47,7 +48,7 @@ class UploadRequest(Request):
 
 def incoming_file() -> IO[bytes]:
     """An unnamed file in UPLOAD_DIR (O_TMPFILE): a killed process leaves no partial upload behind."""
-    directory = current_app.config["UPLOAD_DIR"]
+    directory = get_service().settings.UPLOAD_DIR
     try:
         # Not tempfile.TemporaryFile: it adds O_EXCL, which forbids keep_upload from linking it.
         return open(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), "w+b")
@@ -136,7 +137,7 @@ def keep_upload(file: FileStorage) -> str:
     # calls linkat only when given a directory fd (plain link() would fail with EXDEV).
     fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.link(str(file.stream.fileno()), current_app.config["UPLOAD_DIR"] / name, src_dir_fd=fds)
+        os.link(str(file.stream.fileno()), get_service().settings.UPLOAD_DIR / name, src_dir_fd=fds)
     finally:
         os.close(fds)
     return name

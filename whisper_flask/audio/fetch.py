@@ -13,15 +13,15 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from whisper_flask.exceptions import AddressRefused, FetchFailed, InvalidOption
+from whisper_flask.settings import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_URL_CHARS = 2048
 MAX_REDIRECTS = 5
@@ -63,12 +63,7 @@ def url_filename(url: str) -> str:
     return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 
-def parse_networks(items: Iterable[str]) -> list[IPNetwork]:
-    """URL_ALLOW's entries as networks (a bare address is a network of one); ValueError names a bad one."""
-    return [ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip()]
-
-
-def refusal(address: IPAddress, allowed: list[IPNetwork]) -> str | None:
+def refusal(address: IPAddress, allowed: Sequence[IPNetwork]) -> str | None:
     """Why the service may not connect to `address`, or None if it may."""
     if any(address in network for network in allowed):
         return None
@@ -105,7 +100,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 class UrlFetcher:
     """Fetches one URL to a file; every hop is resolved once and connected to the address it checked."""
 
-    def __init__(self, allowed: list[IPNetwork], limits: FetchLimits) -> None:
+    def __init__(self, allowed: Sequence[IPNetwork], limits: FetchLimits) -> None:
         self._allowed = allowed
         self._limits = limits
 
@@ -158,7 +153,7 @@ class UrlFetcher:
 
 def open_checked(
     url: str,
-    allowed: list[IPNetwork],
+    allowed: Sequence[IPNetwork],
     limits: FetchLimits,
     deadline: float,
     method: str = "GET",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +38,7 @@ from whisper_flask.engine.spectrogram import LogMel, accept_precomputed, log_mel
 from whisper_flask.engine.speech import Clip, SpeechDetector, clip_timestamps, clips_after
 from whisper_flask.engine.windows import StepCheck, Window, WindowHook
 from whisper_flask.exceptions import ModelLoading, ModelUnavailable
+from whisper_flask.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Engine(Protocol):
     @property
     def is_multilingual(self) -> bool: ...
 
-    def start(self, config: Mapping[str, Any]) -> None: ...
+    def start(self, settings: Settings) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -85,17 +85,17 @@ class WhisperEngine:
         self.model_name = ""
         self.error: str | None = None
 
-    def start(self, config: Mapping[str, Any]) -> None:
+    def start(self, settings: Settings) -> None:
         """Resolve and load the model on a background thread; /readyz turns 200 when done."""
-        self.model_name = config["MODEL"]
-        device = config["DEVICE"]
+        self.model_name = settings.MODEL
+        device = settings.DEVICE
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._batch_size = config["BATCH_SIZE"]
-        self._speech = SpeechDetector(config["SKIP_NON_SPEECH_S"])
-        self._thread = ModelThread(self._batch_size, config["BATCH_WAIT_MS"] / 1000)
+        self._batch_size = settings.BATCH_SIZE
+        self._speech = SpeechDetector(settings.SKIP_NON_SPEECH_S)
+        self._thread = ModelThread(self._batch_size, settings.BATCH_WAIT_MS / 1000)
         accept_precomputed()
-        self._loader = threading.Thread(target=self._load, args=(config, device), name="whisper-load", daemon=True)
+        self._loader = threading.Thread(target=self._load, args=(settings, device), name="whisper-load", daemon=True)
         self._loader.start()
 
     def stop(self) -> None:
@@ -103,15 +103,15 @@ class WhisperEngine:
         self._loader.join()
         self._thread.stop()
 
-    def _load(self, config: Mapping[str, Any], device: str) -> None:
+    def _load(self, settings: Settings, device: str) -> None:
         model = self.model_name
         try:
-            path = ensure_checkpoint(model, config["MODEL_DIR"], config["MODEL_DOWNLOAD"])
+            path = ensure_checkpoint(model, settings.MODEL_DIR, settings.MODEL_DOWNLOAD)
             loaded = whisper.load_model(str(path), device=device)
             if model in whisper._ALIGNMENT_HEADS:
                 # load_model(path) cannot know the name, so it would use generic heads.
                 loaded.set_alignment_heads(whisper._ALIGNMENT_HEADS[model])
-            quantize = choose_precision(config["QUANTIZE"], device, model)
+            quantize = choose_precision(settings.QUANTIZE, device, model)
             project = whisper_projection(loaded)
             if quantize == "int8":
                 project = quantize_int8(loaded)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from whisper_flask.exceptions import JobNotFound, QueueFull, ShuttingDown, TooManyJobs
+from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, utcnow
-from whisper_flask.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStatus, iso
 from whisper_flask.jobs.resume import resume_path
-from whisper_flask.jobs.store import JobStore
 from whisper_flask.jobs.writers import FORMATS, transcript_path
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Durable job records in SQLite (WAL), one row per job; the seam for PostgreSQL later."""
+"""Durable job records in SQLite (WAL), one row per job: the one-process JobStore (jobs/ports.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-class JobStore:
+class SqliteJobStore:
     """Commits every write before returning; safe to share between threads."""
 
     def __init__(self, path: Path) -> None:

@@ -16,18 +16,18 @@ import smtplib
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import make_msgid
-from typing import Any
 from urllib.parse import urlencode
 
 from whisper_flask.access.control import LinkSigner
-from whisper_flask.audio.fetch import FetchLimits, IPNetwork, check_url, open_checked
+from whisper_flask.audio.fetch import FetchLimits, check_url, open_checked
 from whisper_flask.exceptions import AddressRefused, FetchFailed, InvalidOption
+from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import (
     DeliveryState,
     Job,
@@ -38,8 +38,8 @@ from whisper_flask.jobs.records import (
     iso,
     utcnow,
 )
-from whisper_flask.jobs.store import JobStore
 from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.settings import IPNetwork, Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,12 @@ def parse_targets(sources: list[Mapping[str, str]], link_base: str, email_enable
     return NotifyTargets(callback_url, email, link_base.rstrip("/"))
 
 
-def smtp_settings(config: Mapping[str, Any]) -> SmtpSettings | None:
-    """The SMTP settings from the app's config; None when SMTP_HOST is empty (no e-mail)."""
-    if not config["SMTP_HOST"]:
+def smtp_settings(settings: Settings) -> SmtpSettings | None:
+    """The SMTP settings; None when SMTP_HOST is empty (no e-mail)."""
+    if not settings.SMTP_HOST:
         return None
-    return SmtpSettings(
-        config["SMTP_HOST"],
-        config["SMTP_PORT"],
-        config["SMTP_SECURITY"],
-        config["SMTP_USER"],
-        config["SMTP_PASSWORD"],
-        config["SMTP_FROM"],
-    )
+    return SmtpSettings(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_SECURITY, settings.SMTP_USER,
+                        settings.SMTP_PASSWORD, settings.SMTP_FROM)  # fmt: skip
 
 
 def download_links(signer: LinkSigner, job: Job) -> dict[str, str]:
@@ -137,7 +131,7 @@ class Notifier:
     def __init__(
         self,
         store: JobStore,
-        allowed: list[IPNetwork],
+        allowed: Sequence[IPNetwork],
         retry: RetryPolicy,
         smtp: SmtpSettings | None,
         webhook_secret: Callable[[str | None], str],

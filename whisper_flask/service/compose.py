@@ -1,0 +1,95 @@
+"""The composition root: every part of the service, built from Settings in one place (ARCHITECTURE.md, "Rooms")."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import timedelta
+
+from whisper_flask.access.control import AccessControl, FailureThrottle, LinkSigner
+from whisper_flask.access.keys import KeyStore
+from whisper_flask.audio.fetch import FetchLimits, UrlFetcher
+from whisper_flask.audio.media import MediaDecoder
+from whisper_flask.engine.engine import Engine
+from whisper_flask.jobs.pipeline import JobPipeline
+from whisper_flask.jobs.ports import JobRunner, JobStore
+from whisper_flask.jobs.registry import JobRegistry
+from whisper_flask.jobs.retention import Retention
+from whisper_flask.jobs.runner import PoolRunner
+from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.notify.notifier import Notifier, RetryPolicy, download_links, smtp_settings
+from whisper_flask.service.owned import OwnedJobs
+from whisper_flask.service.slots import RequestSlots
+from whisper_flask.service.transcripts import TranscriptReader
+from whisper_flask.settings import Settings
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the service is made of; only the face (face.py) and its lifecycle touch these."""
+
+    settings: Settings
+    engine: Engine
+    store: JobStore
+    registry: JobRegistry
+    runner: JobRunner
+    pipeline: JobPipeline
+    access: AccessControl
+    keys: KeyStore
+    signer: LinkSigner
+    retention: Retention
+    media: MediaDecoder
+    notifier: Notifier
+    owned: OwnedJobs
+    transcripts: TranscriptReader
+    detections: RequestSlots
+    waits: RequestSlots
+
+
+def build_parts(settings: Settings, engine: Engine) -> Parts:
+    """Open the store and build every part; nothing runs until the lifecycle starts it."""
+    database = settings.TRANSCRIPT_DIR / "jobs.sqlite3"
+    store = SqliteJobStore(database)
+    registry = JobRegistry(store, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY)
+    keys = KeyStore(database)
+    signer = LinkSigner(settings.TRANSCRIPT_DIR / "link-secret", settings.DOWNLOAD_LINK_TTL_S)
+    access = AccessControl(keys, FailureThrottle(settings.AUTH_FAILURES_PER_MINUTE), signer, enabled=settings.AUTH)
+    retention = Retention(
+        store,
+        settings.UPLOAD_DIR,
+        settings.TRANSCRIPT_DIR,
+        keep_uploads=settings.KEEP_UPLOADS,
+        keep_for=timedelta(days=settings.RETENTION_DAYS),
+        expired_keep=timedelta(days=settings.EXPIRED_KEEP_DAYS),
+        sweep_interval_s=settings.SWEEP_INTERVAL_S,
+    )
+    media = MediaDecoder(settings.UPLOAD_DIR, settings.MAX_AUDIO_HOURS * 3600)
+    notifier = Notifier(
+        store,
+        settings.URL_ALLOW,
+        RetryPolicy(settings.NOTIFY_RETRY_BASE_S, settings.NOTIFY_MAX_ATTEMPTS),
+        smtp_settings(settings),
+        signer.webhook_secret,
+        functools.partial(download_links, signer),
+    )
+    fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
+    pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings.UPLOAD_DIR, settings.TRANSCRIPT_DIR)
+    owned = OwnedJobs(registry)
+    return Parts(
+        settings=settings,
+        engine=engine,
+        store=store,
+        registry=registry,
+        runner=PoolRunner(settings.MAX_WORKERS),
+        pipeline=pipeline,
+        access=access,
+        keys=keys,
+        signer=signer,
+        retention=retention,
+        media=media,
+        notifier=notifier,
+        owned=owned,
+        transcripts=TranscriptReader(owned.view, signer, settings.TRANSCRIPT_DIR),
+        detections=RequestSlots(settings.MAX_DETECTIONS, "language detections"),
+        waits=RequestSlots(settings.MAX_WAITING_REQUESTS, "requests waiting for their transcripts"),
+    )

@@ -1,0 +1,72 @@
+"""Starting and stopping the service's parts, in order, once (ARCHITECTURE.md, "Lifecycle")."""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+from whisper_flask.exceptions import ShuttingDown
+from whisper_flask.service.compose import Parts
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Lifecycle:
+    """Owns the order in which parts start and stop; a stopped service never starts again."""
+
+    def __init__(self, parts: Parts) -> None:
+        self._parts = parts
+        self._lock = threading.Lock()
+        self._state = _State.NEW
+
+    @property
+    def stopped(self) -> bool:
+        """True once stop() has run."""
+        return self._state is _State.STOPPED
+
+    def start(self) -> None:
+        """Load the model, start the runner and the sweeper, and queue again what a stop left; once."""
+        if self._state is not _State.NEW:  # read without the lock: it only ever moves forward
+            return
+        parts = self._parts
+        with self._lock:
+            if self._state is not _State.NEW:
+                return
+            parts.access.announce()
+            parts.engine.start(parts.settings)
+            parts.runner.start(parts.pipeline.run)
+            parts.registry.open()
+            queued, failed = parts.registry.recover()
+            for job in failed:
+                parts.retention.release(job)
+            for job_id in queued:
+                parts.runner.submit(job_id)
+            parts.retention.start()
+            parts.notifier.start()
+            self._state = _State.RUNNING
+
+    def ensure_started(self) -> None:
+        """Start on first use; ShuttingDown once stopped."""
+        if self._state is _State.STOPPED:
+            raise ShuttingDown("the service has stopped")
+        self.start()
+
+    def stop(self) -> None:
+        """Stop taking work; running jobs stop at their next decoder step and go back to pending; close the store."""
+        parts = self._parts
+        with self._lock:
+            if self._state is _State.STOPPED:
+                return
+            parts.registry.close()
+            parts.runner.stop()
+            if self._state is _State.RUNNING:
+                parts.notifier.stop()
+                parts.retention.stop()
+                parts.engine.stop()
+            parts.store.close()
+            parts.keys.close()
+            self._state = _State.STOPPED

@@ -1,0 +1,37 @@
+"""Jobs as one principal may see them: its own (an admin: all), never another key's (ARCHITECTURE.md, "Access")."""
+
+from __future__ import annotations
+
+import re
+
+from whisper_flask.access.control import Principal
+from whisper_flask.exceptions import JobExpired, JobNotFound
+from whisper_flask.jobs.records import JobStatus, JobView
+from whisper_flask.jobs.registry import JobRegistry
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class OwnedJobs:
+    """Looks jobs up for a principal; an unknown, malformed or foreign id all answer JobNotFound alike."""
+
+    def __init__(self, registry: JobRegistry) -> None:
+        self._registry = registry
+
+    def view(self, job_id: str, principal: Principal) -> JobView:
+        """The job as of one moment; JobNotFound for an unknown or malformed id, JobExpired once swept.
+
+        Another key's job is JobNotFound too, with the same message: no key learns which ids exist.
+        """
+        if not _JOB_ID.fullmatch(job_id):  # checked before any lookup
+            raise JobNotFound(f"no job with id {job_id!r}")
+        view = self._registry.view(job_id)
+        if not principal.owns(view.job.owner):
+            raise JobNotFound(f"no job with id {job_id!r}")
+        if view.job.expired_at:
+            raise JobExpired(f"job {job_id} expired at {view.job.expired_at}; its files were deleted")
+        return view
+
+    def views(self, status: JobStatus | None, limit: int, offset: int, principal: Principal) -> list[JobView]:
+        """The principal's jobs (an admin's: all) newest first, filtered by status."""
+        return self._registry.views(status, None if principal.admin else principal.name, limit, offset)
