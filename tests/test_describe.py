@@ -18,7 +18,7 @@ from schemathesis.checks import not_a_server_error
 
 from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import LiveClient, create_key
-from whisper_flask.engine.options import FIELDS, parse_options
+from whisper_flask.api.fields import FIELDS, parse_options
 from whisper_flask.exceptions import InvalidOption
 
 #: Served, but not part of the API: the page, its files, the documentation page.

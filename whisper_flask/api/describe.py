@@ -13,7 +13,7 @@ import flask_swagger_ui
 from flask import Blueprint, Response, jsonify, render_template, request, send_from_directory
 from whisper.tokenizer import LANGUAGES
 
-from whisper_flask.engine.options import FIELDS
+from whisper_flask.api.fields import FIELDS
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import JobStatus
 from whisper_flask.jobs.writers import FORMATS

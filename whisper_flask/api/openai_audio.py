@@ -19,8 +19,9 @@ from whisper.tokenizer import LANGUAGES
 from whisper_flask.access.control import Principal
 from whisper_flask.api.auth import principal, require_key
 from whisper_flask.api.errors import OPENAI_PREFIX, ApiError, openai_error
+from whisper_flask.api.fields import parse_flag, parse_options
 from whisper_flask.api.uploads import client_filename, keep_upload, receive_upload
-from whisper_flask.engine.options import Task, TranscribeOptions, parse_flag, parse_options
+from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.exceptions import JobFailed, NoTranscript, ServiceError
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus, Submission

@@ -8,9 +8,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file,
 
 from whisper_flask.api import download_url, progress_body
 from whisper_flask.api.auth import principal, require_key
+from whisper_flask.api.fields import parse_options
 from whisper_flask.api.uploads import RAW_BODY_TYPES, client_filename, keep_upload, receive_upload, requested_url
 from whisper_flask.audio.fetch import check_url, url_filename
-from whisper_flask.engine.options import parse_options
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Submission
 from whisper_flask.jobs.writers import FORMATS
