@@ -33,6 +33,8 @@ require_key(bp)
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 GRANULARITIES = ("segment", "word")
+#: The option fields (api/fields.py) that OpenAI's form shares with /upload; describe.py documents them.
+OPTION_FIELDS = ("language", "prompt", "temperature")
 #: OpenAI's segment fields, in its order; Whisper's segments carry them all.
 SEGMENT_FIELDS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
                   "compression_ratio", "no_speech_prob")  # fmt: skip
@@ -126,7 +128,7 @@ def _granularities(form: MultiDict[str, str]) -> list[str]:
 
 
 def _options(form: MultiDict[str, str], task: Task, words: bool, multilingual: bool) -> TranscribeOptions:
-    fields = {name: form[name] for name in ("language", "prompt", "temperature") if name in form}
+    fields = {name: form[name] for name in OPTION_FIELDS if name in form}
     fields["task"] = task.value
     if words:
         fields["word_timestamps"] = "true"

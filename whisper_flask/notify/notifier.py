@@ -49,6 +49,8 @@ POLL_S = 1.0
 STOP_TIMEOUT_S = 60.0
 WEBHOOK_LIMITS = FetchLimits(max_bytes=0, total_s=30.0, connect_s=10.0, idle_s=20.0)
 MAX_EMAIL_CHARS = 254
+#: The request fields that ask to be told when a job ends; api/describe.py documents these.
+TARGET_FIELDS = ("callback_url", "email")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class DeliveryFailed(Exception):
 
 def parse_targets(sources: list[Mapping[str, str]], link_base: str, email_enabled: bool) -> NotifyTargets:
     """`callback_url` and `email` from form fields, JSON or the query; InvalidOption names a bad one."""
-    fields = {name: next((s[name] for s in sources if s.get(name)), None) for name in ("callback_url", "email")}
+    fields = {name: next((s[name] for s in sources if s.get(name)), None) for name in TARGET_FIELDS}
     callback_url, email = fields["callback_url"], fields["email"]
     if callback_url is not None:
         check_url(callback_url, field="callback_url")
