@@ -451,3 +451,13 @@ def test_forwarded_client_address_is_trusted_only_with_proxy_fix(make_app, caplo
     )
     assert response.status_code == 202
     assert logged in caplog.text
+
+
+def test_signed_links_carry_the_prefix_a_trusted_proxy_names(make_app) -> None:
+    client = make_app(PROXY_FIX=1).test_client()
+    headers = {"X-Forwarded-Prefix": "/stt"}
+    response = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")}, headers=headers)
+    link = response.get_json()["download_url"]
+    assert link.startswith(f"/stt/download/{response.get_json()['transcription_id']}.txt?expires="), link
+    wait_for(client, response.get_json()["transcription_id"], "completed")
+    assert client.get(link.removeprefix("/stt")).status_code == 200

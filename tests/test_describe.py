@@ -18,7 +18,7 @@ from playwright.sync_api import Page, expect
 from schemathesis.checks import not_a_server_error
 
 from bench.loopback import free_port, start_gunicorn, stop
-from tests.helpers import LiveClient, create_key, wav_bytes
+from tests.helpers import LiveClient, create_key, wait_for, wav_bytes
 from whisper_flask.api.fields import FIELDS, parse_options
 from whisper_flask.exceptions import InvalidOption
 
@@ -89,6 +89,17 @@ def test_the_openai_form_takes_exactly_the_described_values(client: FlaskClient)
     granularity = properties["timestamp_granularities[]"]["items"]["enum"]
     assert status(response_format="verbose_json", **{"timestamp_granularities[]": granularity[-1]}) == 200
     assert status(response_format="verbose_json", **{"timestamp_granularities[]": "sentence"}) == 400
+
+
+def test_the_job_schema_describes_every_field_of_a_served_job(client: FlaskClient) -> None:
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["Job"]
+    job_id = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "tone.wav")}).get_json()[
+        "transcription_id"
+    ]
+    wait_for(client, job_id, "completed")
+    completed = client.get(f"/progress/{job_id}").get_json()
+    assert set(completed) <= set(schema["properties"])
+    assert set(completed["formats"]) == set(schema["properties"]["formats"]["properties"])
 
 
 def test_options_list_each_fields_values_without_a_key(make_app: Any, engine: Any) -> None:

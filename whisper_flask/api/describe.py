@@ -19,6 +19,7 @@ from whisper_flask.api.openai_audio import GRANULARITIES, OPTION_FIELDS, RESPONS
 from whisper_flask.api.uploads import RAW_BODY_TYPES
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import JobStage, JobStatus
+from whisper_flask.jobs.serialize import DOWNLOAD_PATH
 from whisper_flask.jobs.writers import FORMATS
 from whisper_flask.notify.notifier import SIGNATURE_HEADER, TARGET_FIELDS
 
@@ -178,7 +179,7 @@ def openapi_document(server: str) -> dict[str, Any]:
                 parameters=[job_id],
             )
         },
-        "/download/{job_id}.{fmt}": {
+        DOWNLOAD_PATH: {
             "get": _operation(
                 "The transcript, by key or by the signed link from a response",
                 {"200": _ok("the transcript file"), **_errors(401, 403, 404, 409, 410)},
@@ -269,7 +270,14 @@ def openapi_document(server: str) -> dict[str, Any]:
                         "status": STATUS,
                         "progress": {"type": "number"},
                         "stage": {"type": "string", "enum": [stage.value for stage in JobStage]},
+                        "filename": {"type": "string"},
                         "duration": {"type": ["number", "null"]},
+                        "processed_seconds": {"type": "number"},
+                        "eta_seconds": {"type": ["number", "null"]},
+                        "language": {"type": ["string", "null"]},
+                        "options": {"type": "object"},
+                        "created_at": {"type": "string"},
+                        "finished_at": {"type": ["string", "null"]},
                         "queue_position": {"type": ["integer", "null"]},
                         "download_url": {"type": "string"},
                         "formats": {"type": "object", "properties": {fmt: {"type": "string"} for fmt in FORMATS}},

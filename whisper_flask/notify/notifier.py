@@ -23,7 +23,6 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Any
-from urllib.parse import urlencode
 
 from whisper_flask.access.control import LinkSigner
 from whisper_flask.audio.fetch import FetchLimits, IPNetwork, check_url, open_checked
@@ -32,12 +31,14 @@ from whisper_flask.jobs.records import (
     DeliveryState,
     Job,
     JobStatus,
+    JobView,
     Notification,
     NotificationKind,
     NotifyTargets,
     iso,
     utcnow,
 )
+from whisper_flask.jobs.serialize import job_body, transcript_link
 from whisper_flask.jobs.store import JobStore
 from whisper_flask.jobs.writers import FORMATS
 
@@ -123,8 +124,8 @@ def download_links(signer: LinkSigner, job: Job) -> dict[str, str]:
     """A completed job's signed transcript links, absolute, in every format; none for other jobs."""
     if job.status is not JobStatus.COMPLETED or not job.link_base:
         return {}
-    # The route of api/transcription.download_transcript; a test follows these links.
-    return {fmt: f"{job.link_base}/download/{job.id}.{fmt}?{urlencode(signer.sign(job.id, fmt))}" for fmt in FORMATS}
+    # A test follows these links to the transcript.
+    return {fmt: job.link_base + transcript_link(job.id, fmt, signer.sign(job.id, fmt)) for fmt in FORMATS}
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -215,12 +216,13 @@ class Notifier:
         self._store.record_attempt(outcome)
 
     def _post(self, notification: Notification, job: Job) -> None:
+        links = self._links(job)
         body = json.dumps(
             {
                 "event": f"job.{job.status.value}",
                 "delivery_id": notification.id,
-                "job": _summary(job),
-                "links": self._links(job),
+                "job": job_body(JobView(job), links),  # the job as /progress shows it
+                "links": links,
             }
         ).encode()
         timestamp = int(time.time())
@@ -263,21 +265,6 @@ class Notifier:
                 server.send_message(message)
         except (smtplib.SMTPException, OSError) as exc:
             raise DeliveryFailed(f"the mail server refused or could not be reached: {exc}") from None
-
-
-def _summary(job: Job) -> dict[str, object]:
-    return {
-        "transcription_id": job.id,
-        "status": job.status.value,
-        "filename": job.filename,
-        "duration": job.duration,
-        "language": job.language,
-        "options": job.options.as_dict(),
-        "error": job.error,
-        "error_code": job.error_code,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-    }
 
 
 def _mail_text(job: Job, links: dict[str, str]) -> str:
