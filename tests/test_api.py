@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import sqlite3
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -15,7 +17,9 @@ from flask.testing import FlaskClient
 from tests.helpers import FakeEngine, base_config, eventually, upload, wait_for, wav_bytes
 from whisper_flask import create_app
 from whisper_flask.engine.options import Task, TranscribeOptions
+from whisper_flask.exceptions import JobStopped
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.pipeline import JobInterrupted
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobCancelled
 from whisper_flask.jobs.store import JobStore
@@ -334,6 +338,41 @@ def test_cancelling_a_running_job_stops_it_at_the_next_window(
     # The job's thread lets go of its audio when it stops, at its next window.
     eventually(lambda: not list(app.config["UPLOAD_DIR"].iterdir()))
     assert len(engine.options) == 1 and client.get(f"/progress/{job_id}").get_json()["status"] == "cancelled"
+    assert not list(app.config["TRANSCRIPT_DIR"].glob(f"{job_id}.*"))
+
+
+def test_a_cancel_passes_through_an_except_exception_in_the_transcribe_loop(
+    app: Flask, client: FlaskClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert issubclass(JobCancelled, JobStopped) and issubclass(JobInterrupted, JobStopped)
+    transcribe = engine.transcribe
+    windows: list[Any] = []
+    swallowed: list[Exception] = []
+
+    def careless(hook: Callable[..., None]) -> Callable[..., None]:
+        def call(*args: Any) -> None:
+            try:
+                hook(*args)
+            except Exception as exc:  # what a broad handler in library code would do to a stop
+                swallowed.append(exc)
+
+        return call
+
+    def careless_transcribe(audio: Any, options: Any, on_window: Any, resume: Any, check: Any) -> Any:
+        def counted(window: Any) -> None:
+            windows.append(window)
+            on_window(window)
+
+        return transcribe(audio, options, careless(counted), resume, careless(check))
+
+    monkeypatch.setattr(engine, "transcribe", careless_transcribe)
+    engine.gate.clear()
+    job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]  # four windows
+    assert engine.in_window.wait(10)
+    assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
+    engine.gate.set()
+    eventually(lambda: not list(app.config["UPLOAD_DIR"].iterdir()))
+    assert swallowed == [] and len(windows) == 2, "the loop went on after the cancel"
     assert not list(app.config["TRANSCRIPT_DIR"].glob(f"{job_id}.*"))
 
 
