@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import sqlite3
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -15,7 +17,9 @@ from flask.testing import FlaskClient
 from tests.helpers import FakeEngine, base_config, eventually, upload, wait_for, wav_bytes
 from whisper_flask import create_app
 from whisper_flask.engine.options import Task, TranscribeOptions
+from whisper_flask.exceptions import JobStopped
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.pipeline import JobInterrupted
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobCancelled
 from whisper_flask.jobs.store import SqliteJobStore
@@ -337,6 +341,41 @@ def test_cancelling_a_running_job_stops_it_at_the_next_window(
     assert not list(app.config["TRANSCRIPT_DIR"].glob(f"{job_id}.*"))
 
 
+def test_a_cancel_passes_through_an_except_exception_in_the_transcribe_loop(
+    app: Flask, client: FlaskClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert issubclass(JobCancelled, JobStopped) and issubclass(JobInterrupted, JobStopped)
+    transcribe = engine.transcribe
+    windows: list[Any] = []
+    swallowed: list[Exception] = []
+
+    def careless(hook: Callable[..., None]) -> Callable[..., None]:
+        def call(*args: Any) -> None:
+            try:
+                hook(*args)
+            except Exception as exc:  # what a broad handler in library code would do to a stop
+                swallowed.append(exc)
+
+        return call
+
+    def careless_transcribe(audio: Any, options: Any, on_window: Any, resume: Any, check: Any) -> Any:
+        def counted(window: Any) -> None:
+            windows.append(window)
+            on_window(window)
+
+        return transcribe(audio, options, careless(counted), resume, careless(check))
+
+    monkeypatch.setattr(engine, "transcribe", careless_transcribe)
+    engine.gate.clear()
+    job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]  # four windows
+    assert engine.in_window.wait(10)
+    assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
+    engine.gate.set()
+    eventually(lambda: not list(app.config["UPLOAD_DIR"].iterdir()))
+    assert swallowed == [] and len(windows) == 2, "the loop went on after the cancel"
+    assert not list(app.config["TRANSCRIPT_DIR"].glob(f"{job_id}.*"))
+
+
 def test_a_running_job_learns_of_its_cancel_before_the_cancel_is_committed(
     app: Flask, client: FlaskClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -451,3 +490,13 @@ def test_forwarded_client_address_is_trusted_only_with_proxy_fix(make_app, caplo
     )
     assert response.status_code == 202
     assert logged in caplog.text
+
+
+def test_signed_links_carry_the_prefix_a_trusted_proxy_names(make_app) -> None:
+    client = make_app(PROXY_FIX=1).test_client()
+    headers = {"X-Forwarded-Prefix": "/stt"}
+    response = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")}, headers=headers)
+    link = response.get_json()["download_url"]
+    assert link.startswith(f"/stt/download/{response.get_json()['transcription_id']}.txt?expires="), link
+    wait_for(client, response.get_json()["transcription_id"], "completed")
+    assert client.get(link.removeprefix("/stt")).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,8 @@ from playwright.sync_api import Page, expect
 from schemathesis.checks import not_a_server_error
 
 from bench.loopback import free_port, start_gunicorn, stop
-from tests.helpers import LiveClient, create_key
-from whisper_flask.engine.options import FIELDS, parse_options
+from tests.helpers import LiveClient, create_key, wait_for, wav_bytes
+from whisper_flask.api.fields import FIELDS, parse_options
 from whisper_flask.exceptions import InvalidOption
 
 #: Served, but not part of the API: the page, its files, the documentation page.
@@ -58,6 +59,47 @@ def test_a_described_range_is_the_range_the_parser_accepts(name: str) -> None:
         parse_options([{name: str(bound)}], multilingual=True)
     with pytest.raises(InvalidOption):
         parse_options([{name: str(schema["maximum"] + 1)}], multilingual=True)
+
+
+@pytest.mark.parametrize("name", ["limit", "offset"])
+def test_a_described_paging_range_is_the_range_the_job_list_accepts(client: FlaskClient, name: str) -> None:
+    schema = client.options("/jobs").get_json()["query"][name]
+    parameters = client.get("/openapi.json").get_json()["paths"]["/jobs"]["get"]["parameters"]
+    assert next(p["schema"] for p in parameters if p["name"] == name) == schema
+    for value in (schema["minimum"], schema["maximum"]):
+        assert client.get(f"/jobs?{name}={value}").status_code == 200
+    for value in (schema["minimum"] - 1, schema["maximum"] + 1):
+        assert client.get(f"/jobs?{name}={value}").status_code == 400
+
+
+def test_the_openai_form_takes_exactly_the_described_values(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    form = document["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    properties = form["schema"]["properties"]
+
+    def status(**fields: str) -> int:
+        data = {"file": (io.BytesIO(wav_bytes(1)), "tone.wav"), "model": "whisper-1", **fields}
+        return client.post("/v1/audio/transcriptions", data=data).status_code
+
+    for fmt in properties["response_format"]["enum"]:
+        assert status(response_format=fmt) == 200, fmt
+    assert status(response_format="xml") == 400
+    assert properties["temperature"] == FIELDS["temperature"].schema  # the parser /upload uses
+    assert status(temperature=str(properties["temperature"]["maximum"] + 0.5)) == 400
+    granularity = properties["timestamp_granularities[]"]["items"]["enum"]
+    assert status(response_format="verbose_json", **{"timestamp_granularities[]": granularity[-1]}) == 200
+    assert status(response_format="verbose_json", **{"timestamp_granularities[]": "sentence"}) == 400
+
+
+def test_the_job_schema_describes_every_field_of_a_served_job(client: FlaskClient) -> None:
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["Job"]
+    job_id = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "tone.wav")}).get_json()[
+        "transcription_id"
+    ]
+    wait_for(client, job_id, "completed")
+    completed = client.get(f"/progress/{job_id}").get_json()
+    assert set(completed) <= set(schema["properties"])
+    assert set(completed["formats"]) == set(schema["properties"]["formats"]["properties"])
 
 
 def test_options_list_each_fields_values_without_a_key(make_app: Any, engine: Any) -> None:

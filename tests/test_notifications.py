@@ -21,7 +21,11 @@ from bench.loopback import free_port
 from tests.helpers import FIXTURES, eventually, upload, wait_for
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.serialize import transcript_link
 
+#: The job fields a webhook carried before its job became the /progress shape (jobs/serialize.py).
+WEBHOOK_JOB_FIELDS = {"transcription_id", "status", "filename", "duration", "language", "options", "error",
+                      "error_code", "created_at", "finished_at"}  # fmt: skip
 FAST_RETRIES = {"URL_ALLOW": "127.0.0.1/32", "NOTIFY_RETRY_BASE_S": 0.2, "NOTIFY_MAX_ATTEMPTS": 5}
 
 
@@ -112,8 +116,18 @@ def test_a_webhook_that_fails_twice_is_delivered_the_third_time_signed_for_its_k
         job_id,
         "fox.wav",
     )
+    assert WEBHOOK_JOB_FIELDS <= set(payload["job"])
+    assert (payload["job"]["error"], payload["job"]["formats"]) == (None, payload["links"])
     link = urlsplit(payload["links"]["txt"])
     assert client.get(f"{link.path}?{link.query}").status_code == 200, "the signed link opens the transcript"
+    progress = client.get(f"/progress/{job_id}").get_json()
+    assert set(progress) == set(payload["job"]), "a webhook's job is the job /progress shows"
+
+
+def test_a_transcript_link_is_the_route_that_serves_transcripts(app: Flask) -> None:
+    path = urlsplit(transcript_link("0" * 32, "srt", {"expires": "1", "signature": "x"})).path
+    endpoint, arguments = app.url_map.bind("localhost").match(path)
+    assert (endpoint, arguments) == ("transcription.download_transcript", {"job_id": "0" * 32, "fmt": "srt"})
 
 
 def test_a_restart_between_attempts_still_delivers_the_webhook(
@@ -157,6 +171,7 @@ def test_cancelled_jobs_are_announced_too(
     engine.gate.set()
     payload = json.loads(hook.calls[0][1])
     assert (payload["event"], payload["links"]) == ("job.cancelled", {})
+    assert WEBHOOK_JOB_FIELDS <= set(payload["job"]) and "formats" not in payload["job"]
 
 
 @pytest.mark.parametrize("address", ["@", "@b", "<a@b>", "a@b@c", "a@[", "a", "a@b\r\nBcc: c@d"])

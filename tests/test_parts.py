@@ -15,6 +15,7 @@ from tests.helpers import SPOKEN, speech, submit, wait_for
 from whisper_flask.engine.parts import MIN_PART_FRAMES, Part, PartedProgress, part_clips, plan_parts, run_parts
 from whisper_flask.engine.windows import Window
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.registry import JobCancelled
 from whisper_flask.jobs.resume import load_resume, save_resume
 
 
@@ -141,3 +142,30 @@ def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_wi
         run_parts(progress, run_part)
     assert windows_after_failure == [1, 1], "each other part stops at its first step after the failure"
     assert threading.active_count() == before, "every part's thread has ended"
+
+
+def test_a_cancel_stops_every_part_through_an_except_exception_in_their_loops() -> None:
+    progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000)], "en", lambda window: None)
+    cancelled = threading.Event()
+    steps = [0, 0]
+
+    def check() -> None:
+        if cancelled.is_set():
+            raise JobCancelled("the job")
+
+    def run_part(index: int) -> list[dict[str, Any]]:
+        step_check = progress.checked(check)
+        for _ in range(500):  # decoder steps
+            try:
+                step_check()
+            except Exception:  # what a broad handler in library code would do to a stop
+                continue
+            steps[index] += 1
+            if steps[index] == 3:
+                cancelled.set()
+            time.sleep(0.001)
+        return []
+
+    with pytest.raises(JobCancelled):
+        run_parts(progress, run_part)
+    assert max(steps) < 50, "a part went on after the cancel"

@@ -17,6 +17,15 @@ def scrub_paths(message: str) -> str:
     return _PATH.sub("<path>", message)
 
 
+class JobStopped(BaseException):
+    """A running job was told to stop (cancelled, the service stopping); its pipeline handles each kind.
+
+    Raised from a job's check, deep inside code the service does not own (Whisper's loop, a part's
+    thread, a subprocess poll). A BaseException, as rq's stop conditions are, so that no
+    `except Exception` on the way can swallow it: a stop always reaches the pipeline.
+    """
+
+
 class ServiceError(Exception):
     """A condition the service reports on purpose; `code` names it for machines."""
 

@@ -13,22 +13,30 @@ import flask_swagger_ui
 from flask import Blueprint, Response, jsonify, render_template, request, send_from_directory
 from whisper.tokenizer import LANGUAGES
 
-from whisper_flask.engine.options import FIELDS
+from whisper_flask.api.fields import FIELDS
+from whisper_flask.api.jobs import PAGING
+from whisper_flask.api.openai_audio import GRANULARITIES, OPTION_FIELDS, RESPONSE_FORMATS
+from whisper_flask.api.uploads import RAW_BODY_TYPES
 from whisper_flask.extension import get_service
-from whisper_flask.jobs.records import JobStatus
+from whisper_flask.jobs.records import JobStage, JobStatus
+from whisper_flask.jobs.serialize import DOWNLOAD_PATH
 from whisper_flask.jobs.writers import FORMATS
-from whisper_flask.notify.notifier import SIGNATURE_HEADER
+from whisper_flask.notify.notifier import SIGNATURE_HEADER, TARGET_FIELDS
 
 bp = Blueprint("describe", __name__)
 
 #: Swagger UI's files as its pinned package ships them (Apache-2.0): served from here, never a CDN.
 SWAGGER_UI = Path(flask_swagger_ui.__file__).parent / "dist"
-RAW_TYPES = ("audio/*", "video/*", "application/octet-stream")
+#: The raw-body types uploads.py accepts, as media ranges ("audio/" -> "audio/*").
+RAW_TYPES = tuple(f"{kind}*" if kind.endswith("/") else kind for kind in RAW_BODY_TYPES)
 FILE = {"type": "string", "contentMediaType": "application/octet-stream"}
-NOTIFY_FIELDS = {
-    "callback_url": {"type": "string", "description": f"gets a JSON POST signed in {SIGNATURE_HEADER} at the end"},
-    "email": {"type": "string", "description": "sent the links when the job ends (needs SMTP_HOST)"},
+_NOTIFY_HELP = {
+    "callback_url": f"gets a JSON POST signed in {SIGNATURE_HEADER} at the end",
+    "email": "sent the links when the job ends (needs SMTP_HOST)",
 }
+#: A field the notifier parses but nobody described fails here, at import.
+NOTIFY_FIELDS = {name: {"type": "string", "description": _NOTIFY_HELP[name]} for name in TARGET_FIELDS}
+STATUS = {"type": "string", "enum": [status.value for status in JobStatus]}
 
 
 def _option_fields() -> dict[str, Any]:
@@ -38,6 +46,11 @@ def _option_fields() -> dict[str, Any]:
     fields["language"]["enum"] = sorted(LANGUAGES) if multilingual else ["en"]
     fields["task"]["enum"] = fields["task"]["enum"] if multilingual else ["transcribe"]
     return fields
+
+
+def _jobs_query() -> dict[str, Any]:
+    """The job list's query parameters, from the declarations api/jobs.py parses them with."""
+    return {"status": STATUS, **{name: query.schema for name, query in PAGING.items()}}
 
 
 @bp.route("/upload", methods=["OPTIONS"])
@@ -56,12 +69,7 @@ def describe_upload() -> Response:
 @bp.route("/jobs", methods=["OPTIONS"])
 def describe_jobs() -> Response:
     """The job list's query parameters and their values."""
-    query = {
-        "status": {"type": "string", "enum": [status.value for status in JobStatus]},
-        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
-        "offset": {"type": "integer", "minimum": 0, "default": 0},
-    }
-    return jsonify({"methods": ["GET"], "query": query})
+    return jsonify({"methods": ["GET"], "query": _jobs_query()})
 
 
 @bp.route("/jobs/<job_id>", methods=["OPTIONS"])
@@ -135,11 +143,9 @@ def openapi_document(server: str) -> dict[str, Any]:
         "properties": {
             "file": FILE,
             "model": {"type": "string", "examples": ["whisper-1"]},
-            "language": {"type": "string"},
-            "prompt": {"type": "string"},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-            "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
-            "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
+            **{name: options[name] for name in OPTION_FIELDS},
+            "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS)},
+            "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": list(GRANULARITIES)}},
             "stream": {"type": "boolean"},
         },
     }
@@ -173,7 +179,7 @@ def openapi_document(server: str) -> dict[str, Any]:
                 parameters=[job_id],
             )
         },
-        "/download/{job_id}.{fmt}": {
+        DOWNLOAD_PATH: {
             "get": _operation(
                 "The transcript, by key or by the signed link from a response",
                 {"200": _ok("the transcript file"), **_errors(401, 403, 404, 409, 410)},
@@ -189,11 +195,7 @@ def openapi_document(server: str) -> dict[str, Any]:
             "get": _operation(
                 "The key's jobs, newest first (an admin key's: everyone's)",
                 {"200": _ok("a page of jobs", _json({"type": "object"})), **_errors(400, 401)},
-                parameters=[
-                    _query("status", {"type": "string", "enum": [s.value for s in JobStatus]}),
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                    _query("offset", {"type": "integer", "minimum": 0}),
-                ],
+                parameters=[_query(name, schema) for name, schema in _jobs_query().items()],
             ),
             "options": _operation("The job list's query parameters", described, security=[]),
         },
@@ -265,13 +267,20 @@ def openapi_document(server: str) -> dict[str, Any]:
                     "required": ["transcription_id", "status"],
                     "properties": {
                         "transcription_id": {"type": "string"},
-                        "status": {"type": "string", "enum": [s.value for s in JobStatus]},
+                        "status": STATUS,
                         "progress": {"type": "number"},
-                        "stage": {"type": "string"},
+                        "stage": {"type": "string", "enum": [stage.value for stage in JobStage]},
+                        "filename": {"type": "string"},
                         "duration": {"type": ["number", "null"]},
+                        "processed_seconds": {"type": "number"},
+                        "eta_seconds": {"type": ["number", "null"]},
+                        "language": {"type": ["string", "null"]},
+                        "options": {"type": "object"},
+                        "created_at": {"type": "string"},
+                        "finished_at": {"type": ["string", "null"]},
                         "queue_position": {"type": ["integer", "null"]},
                         "download_url": {"type": "string"},
-                        "formats": {"type": "object"},
+                        "formats": {"type": "object", "properties": {fmt: {"type": "string"} for fmt in FORMATS}},
                         "error": {"type": ["string", "null"]},
                         "error_code": {"type": ["string", "null"]},
                     },

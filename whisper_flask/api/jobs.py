@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -17,10 +19,29 @@ bp = Blueprint("jobs", __name__)
 require_key(bp)
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name, str(default))
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # "²".isdigit() is True
-        raise ApiError(400, "invalid_query", f"{name} must be an integer from {low} to {high}", field=name)
+@dataclass(frozen=True)
+class IntQuery:
+    """An integer query parameter: its default and the range the parser accepts."""
+
+    default: int
+    low: int
+    high: int
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """Its JSON Schema, as OPTIONS and the OpenAPI document describe it."""
+        return {"type": "integer", "minimum": self.low, "maximum": self.high, "default": self.default}
+
+
+#: The job list's paging parameters; describe.py documents these ranges.
+PAGING = {"limit": IntQuery(50, 1, 1000), "offset": IntQuery(0, 0, 10**9)}
+
+
+def _int_arg(name: str) -> int:
+    query = PAGING[name]
+    raw = request.args.get(name, str(query.default))
+    if not (raw.isascii() and raw.isdigit()) or not query.low <= int(raw) <= query.high:  # "²".isdigit() is True
+        raise ApiError(400, "invalid_query", f"{name} must be an integer from {query.low} to {query.high}", field=name)
     return int(raw)
 
 
@@ -55,8 +76,8 @@ def list_jobs() -> Response:
     statuses = [status.value for status in JobStatus]
     if raw_status is not None and raw_status not in statuses:
         raise ApiError(400, "invalid_query", f"status must be one of {', '.join(statuses)}", field="status")
-    limit = _int_arg("limit", 50, 1, 1000)
-    offset = _int_arg("offset", 0, 0, 10**9)
+    limit = _int_arg("limit")
+    offset = _int_arg("offset")
     views = get_service().views(JobStatus(raw_status) if raw_status else None, limit, offset, principal())
     return jsonify({"jobs": [job_record(view) for view in views], "limit": limit, "offset": offset})
 

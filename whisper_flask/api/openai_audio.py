@@ -19,8 +19,9 @@ from whisper.tokenizer import LANGUAGES
 from whisper_flask.access.control import Principal
 from whisper_flask.api.auth import principal, require_key
 from whisper_flask.api.errors import OPENAI_PREFIX, ApiError, openai_error
+from whisper_flask.api.fields import parse_flag, parse_options
 from whisper_flask.api.uploads import client_filename, keep_upload, receive_upload
-from whisper_flask.engine.options import Task, TranscribeOptions, parse_flag, parse_options
+from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.exceptions import JobFailed, NoTranscript, ServiceError
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus, Submission
@@ -32,6 +33,8 @@ require_key(bp)
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 GRANULARITIES = ("segment", "word")
+#: The option fields (api/fields.py) that OpenAI's form shares with /upload; describe.py documents them.
+OPTION_FIELDS = ("language", "prompt", "temperature")
 #: OpenAI's segment fields, in its order; Whisper's segments carry them all.
 SEGMENT_FIELDS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
                   "compression_ratio", "no_speech_prob")  # fmt: skip
@@ -125,7 +128,7 @@ def _granularities(form: MultiDict[str, str]) -> list[str]:
 
 
 def _options(form: MultiDict[str, str], task: Task, words: bool, multilingual: bool) -> TranscribeOptions:
-    fields = {name: form[name] for name in ("language", "prompt", "temperature") if name in form}
+    fields = {name: form[name] for name in OPTION_FIELDS if name in form}
     fields["task"] = task.value
     if words:
         fields["word_timestamps"] = "true"

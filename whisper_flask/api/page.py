@@ -5,10 +5,15 @@ from __future__ import annotations
 from flask import Blueprint, Response, render_template
 from whisper.tokenizer import LANGUAGES
 
+from whisper_flask.engine.options import Task
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.writers import FORMATS
 
 bp = Blueprint("page", __name__)
+
+#: The page's words for each task; a Task without one fails here, at import.
+_TASK_LABELS = {Task.TRANSCRIBE: "Transcribe", Task.TRANSLATE: "Translate to English"}
+TASKS = [(task.value, _TASK_LABELS[task]) for task in Task]
 
 #: Scripts and styles come only from this origin's files, so a file name or transcript that slips
 #: into the page as markup still cannot run; the page talks only to its own origin.
@@ -35,6 +40,7 @@ def index() -> str:
         languages=languages,
         multilingual=get_service().is_multilingual,
         formats=list(FORMATS),
+        tasks=TASKS,
         max_upload_mb=get_service().settings.MAX_UPLOAD_MB,
     )
 

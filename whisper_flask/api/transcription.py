@@ -8,11 +8,12 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from whisper_flask.api import download_url, progress_body
 from whisper_flask.api.auth import principal, require_key
+from whisper_flask.api.fields import parse_options
 from whisper_flask.api.uploads import RAW_BODY_TYPES, client_filename, keep_upload, receive_upload, requested_url
 from whisper_flask.audio.fetch import check_url, url_filename
-from whisper_flask.engine.options import parse_options
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Submission
+from whisper_flask.jobs.serialize import DOWNLOAD_RULE
 from whisper_flask.jobs.writers import FORMATS
 from whisper_flask.notify.notifier import parse_targets
 
@@ -54,7 +55,7 @@ def get_progress(job_id: str) -> Response:
     return jsonify(progress_body(get_service().view(job_id, principal())))
 
 
-@bp.get("/download/<job_id>.<fmt>")
+@bp.get(DOWNLOAD_RULE)  # the links jobs/serialize.transcript_link builds
 def download_transcript(job_id: str, fmt: str) -> Response:
     """The transcript file in one format, as an attachment named after the upload; by key or by signed link."""
     service = get_service()

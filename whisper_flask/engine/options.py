@@ -1,20 +1,12 @@
-"""The transcription options a client may send, validated into one frozen TranscribeOptions."""
+"""What a job asks of the engine: one frozen TranscribeOptions (api/fields.py parses a client's fields into it)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
-from whisper_flask.exceptions import InvalidOption
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-MAX_PROMPT_CHARS = 2000
 
 
 class Task(str, Enum):
@@ -48,87 +40,3 @@ class TranscribeOptions:
         """The options as_dict() gave (read back from the job store)."""
         task = data.get("task")
         return cls(**{**data, "task": Task(task) if task else None})
-
-
-def _language(value: str, multilingual: bool) -> str:
-    code = value.strip().lower()
-    code = code if code in LANGUAGES else TO_LANGUAGE_CODE.get(code, "")
-    if not code:
-        raise InvalidOption(
-            "language", f"unknown language {value!r}; use a code such as 'en' or a name such as 'German'"
-        )
-    if not multilingual and code != "en":
-        raise InvalidOption("language", "the loaded model is English-only")
-    return code
-
-
-def _task(value: str, multilingual: bool) -> Task:
-    if value not in ("transcribe", "translate"):
-        raise InvalidOption("task", "must be 'transcribe' or 'translate'")
-    if value == "translate" and not multilingual:
-        raise InvalidOption("task", "the loaded model is English-only and cannot translate")
-    return Task(value)
-
-
-def _prompt(value: str, multilingual: bool) -> str:
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InvalidOption("prompt", f"at most {MAX_PROMPT_CHARS} characters")
-    return value
-
-
-def parse_flag(field: str, value: str) -> bool:
-    """A true/false form field (1/0, yes/no, on/off too); InvalidOption otherwise."""
-    if value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    raise InvalidOption(field, "must be true or false")
-
-
-@dataclass(frozen=True)
-class FormField:
-    """One option a client may send: the TranscribeOptions field it sets, its parser, its JSON Schema."""
-
-    option: str
-    parse: Callable[[str, bool], Any]
-    schema: dict[str, Any]
-
-
-def _boolean(field: str) -> FormField:
-    return FormField(field, lambda value, multilingual: parse_flag(field, value), {"type": "boolean"})
-
-
-def _number(field: str, low: float, high: float, kind: type[int] | type[float]) -> FormField:
-    def parse(value: str, multilingual: bool) -> Any:
-        try:
-            number = kind(value)
-        except ValueError:
-            number = None
-        if number is None or not low <= number <= high:
-            raise InvalidOption(field, f"must be {'an integer' if kind is int else 'a number'} from {low} to {high}")
-        return number
-
-    schema = {"type": "integer" if kind is int else "number", "minimum": low, "maximum": high}
-    return FormField(field, parse, schema)
-
-
-_PROMPT = FormField("initial_prompt", _prompt, {"type": "string", "maxLength": MAX_PROMPT_CHARS})
-
-#: The options a client may send, by form, JSON or query field name; OpenAPI and OPTIONS describe these.
-FIELDS: dict[str, FormField] = {
-    "language": FormField("language", _language, {"type": "string", "description": "a code ('de') or a name"}),
-    "task": FormField("task", _task, {"type": "string", "enum": [task.value for task in Task]}),
-    "prompt": _PROMPT,
-    "initial_prompt": _PROMPT,
-    "word_timestamps": _boolean("word_timestamps"),
-    "temperature": _number("temperature", 0.0, 1.0, float),
-    "beam_size": _number("beam_size", 1, 10, int),
-}
-
-
-def parse_options(sources: list[Mapping[str, str]], multilingual: bool) -> TranscribeOptions:
-    """Options from form fields and query parameters (the first source that has a field wins)."""
-    options: dict[str, Any] = {}
-    for name, field in FIELDS.items():
-        value = next((source[name] for source in sources if source.get(name, "") != ""), None)
-        if value is not None and field.option not in options:
-            options[field.option] = field.parse(value, multilingual)
-    return TranscribeOptions(**options)

@@ -21,6 +21,7 @@ from whisper.audio import FRAMES_PER_SECOND, N_FRAMES
 
 from whisper_flask.engine.speech import Clip
 from whisper_flask.engine.windows import Window, WindowHook
+from whisper_flask.exceptions import JobStopped
 
 #: No part is shorter than two windows. Each part's last window still costs a whole 30 s encoder
 #: pass: on a 232 s recording (base, int8, 2 cores) 3 parts took 12.3 s and 7 parts 16.9 s,
@@ -40,8 +41,8 @@ class Part:
     end: int
 
 
-class PartsAborted(Exception):
-    """Another part of the job failed or was stopped; this one stops at its next step too."""
+class PartsAborted(JobStopped):
+    """Another part of the job failed or was stopped; this one stops at its next step too (never leaves run_parts)."""
 
 
 def plan_parts(mel: Tensor, content_frames: int, clips: list[Clip], places: int) -> list[Part]:

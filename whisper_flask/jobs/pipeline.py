@@ -16,7 +16,7 @@ from whisper_flask.audio.fetch import UrlFetcher
 from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.windows import Window
-from whisper_flask.exceptions import ServiceError, WriteFailed, scrub_paths
+from whisper_flask.exceptions import JobStopped, ServiceError, WriteFailed, scrub_paths
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
 from whisper_flask.jobs.registry import JobCancelled, JobRegistry
 from whisper_flask.jobs.resume import load_resume, save_resume
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PERSIST_INTERVAL_S = 1.0
 
 
-class JobInterrupted(Exception):
+class JobInterrupted(JobStopped):
     """The service is stopping; the job goes back to pending and resumes at this window."""
 
 
@@ -68,6 +68,7 @@ class JobPipeline:
             except OSError as exc:
                 raise WriteFailed(exc) from exc
             self._registry.finish(job_id, JobStatus.COMPLETED)
+        # Stops are JobStopped, a BaseException: only these two handlers see them, never the ones below.
         except JobCancelled:
             pass  # the registry recorded it; its files go below
         except JobInterrupted:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from whisper_flask.exceptions import JobNotFound, QueueFull, ShuttingDown, TooManyJobs
+from whisper_flask.exceptions import JobNotFound, JobStopped, QueueFull, ShuttingDown, TooManyJobs
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, utcnow
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
 
 
-class JobCancelled(Exception):
+class JobCancelled(JobStopped):
     """The job left the registry (cancelled) while its pipeline ran; it stops at its next decoder step."""
 
 

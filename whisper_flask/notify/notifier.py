@@ -22,7 +22,6 @@ from datetime import datetime, timedelta, timezone
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import make_msgid
-from urllib.parse import urlencode
 
 from whisper_flask.access.control import LinkSigner
 from whisper_flask.audio.fetch import FetchLimits, check_url, open_checked
@@ -32,12 +31,14 @@ from whisper_flask.jobs.records import (
     DeliveryState,
     Job,
     JobStatus,
+    JobView,
     Notification,
     NotificationKind,
     NotifyTargets,
     iso,
     utcnow,
 )
+from whisper_flask.jobs.serialize import job_body, transcript_link
 from whisper_flask.jobs.writers import FORMATS
 from whisper_flask.settings import IPNetwork, Settings
 
@@ -49,6 +50,8 @@ POLL_S = 1.0
 STOP_TIMEOUT_S = 60.0
 WEBHOOK_LIMITS = FetchLimits(max_bytes=0, total_s=30.0, connect_s=10.0, idle_s=20.0)
 MAX_EMAIL_CHARS = 254
+#: The request fields that ask to be told when a job ends; api/describe.py documents these.
+TARGET_FIELDS = ("callback_url", "email")
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class DeliveryFailed(Exception):
 
 def parse_targets(sources: list[Mapping[str, str]], link_base: str, email_enabled: bool) -> NotifyTargets:
     """`callback_url` and `email` from form fields, JSON or the query; InvalidOption names a bad one."""
-    fields = {name: next((s[name] for s in sources if s.get(name)), None) for name in ("callback_url", "email")}
+    fields = {name: next((s[name] for s in sources if s.get(name)), None) for name in TARGET_FIELDS}
     callback_url, email = fields["callback_url"], fields["email"]
     if callback_url is not None:
         check_url(callback_url, field="callback_url")
@@ -115,8 +118,8 @@ def download_links(signer: LinkSigner, job: Job) -> dict[str, str]:
     """A completed job's signed transcript links, absolute, in every format; none for other jobs."""
     if job.status is not JobStatus.COMPLETED or not job.link_base:
         return {}
-    # The route of api/transcription.download_transcript; a test follows these links.
-    return {fmt: f"{job.link_base}/download/{job.id}.{fmt}?{urlencode(signer.sign(job.id, fmt))}" for fmt in FORMATS}
+    # A test follows these links to the transcript.
+    return {fmt: job.link_base + transcript_link(job.id, fmt, signer.sign(job.id, fmt)) for fmt in FORMATS}
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -207,12 +210,13 @@ class Notifier:
         self._store.record_attempt(outcome)
 
     def _post(self, notification: Notification, job: Job) -> None:
+        links = self._links(job)
         body = json.dumps(
             {
                 "event": f"job.{job.status.value}",
                 "delivery_id": notification.id,
-                "job": _summary(job),
-                "links": self._links(job),
+                "job": job_body(JobView(job), links),  # the job as /progress shows it
+                "links": links,
             }
         ).encode()
         timestamp = int(time.time())
@@ -255,21 +259,6 @@ class Notifier:
                 server.send_message(message)
         except (smtplib.SMTPException, OSError) as exc:
             raise DeliveryFailed(f"the mail server refused or could not be reached: {exc}") from None
-
-
-def _summary(job: Job) -> dict[str, object]:
-    return {
-        "transcription_id": job.id,
-        "status": job.status.value,
-        "filename": job.filename,
-        "duration": job.duration,
-        "language": job.language,
-        "options": job.options.as_dict(),
-        "error": job.error,
-        "error_code": job.error_code,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-    }
 
 
 def _mail_text(job: Job, links: dict[str, str]) -> str:
