@@ -17,8 +17,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from flask import Flask
 
-from bench.loopback import free_port
 from tests.helpers import FIXTURES, eventually, upload, wait_for
+from tests.servers import free_port
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.extension import get_service
 
@@ -193,6 +193,7 @@ class Mailbox:
         return "250 OK"
 
 
+@pytest.mark.slow  # a real SMTP server (aiosmtpd), and retries a second apart
 def test_an_email_goes_out_once_the_mail_server_is_up_with_the_transcript_links(
     make_app: Callable[..., Flask],
 ) -> None:
