@@ -61,7 +61,8 @@ def receiver() -> Iterator[Callable[[list[int]], Receiver]]:
 
     def start(statuses: list[int]) -> Receiver:
         server = Receiver(statuses)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         started.append(server)
         return server
 

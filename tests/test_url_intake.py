@@ -105,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
 def site() -> Iterator[AudioSite]:
     """The web server, stopped after the test."""
     server = AudioSite()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
     server.stopping.set()
