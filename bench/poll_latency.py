@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loopback import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
 from bench.peers import joined_speech, speech_passages  # noqa: E402
+from tests.servers import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
 from whisper_flask.access.keys import KeyStore  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 

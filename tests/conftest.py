@@ -1,7 +1,12 @@
+"""Fixtures shared by the tests, and the markers that say what each test needs.
+
+A test is marked for what it needs from the fixtures it uses, and `slow` follows from those marks:
+`pytest -m "not slow"` runs only the tests on the fake engine, in seconds, while editing.
+"""
+
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +16,33 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from bench.loopback import free_port, start_gunicorn, stop
-from tests.helpers import FakeEngine, StartGunicorn, base_config, create_key, keyed_client_class
+from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class
+from tests.servers import Servers
 from whisper_flask import create_app
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.extension import get_service
+
+#: What a test needs, known from the fixtures it uses directly or through other fixtures.
+NEEDED_BY_FIXTURE = {
+    "model_dir": "model",  # the real tiny.en (or base): make_real_app, the servers, models loaded by hand
+    "servers": "gunicorn",
+    "module_servers": "gunicorn",
+    "browser": "browser",
+}
+#: Needs that make a test slow: a real model to load, a server process to start, a browser to drive.
+SLOW_NEEDS = ("model", "gunicorn", "nginx", "browser")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with what its fixtures need, and `slow` when it needs any of SLOW_NEEDS."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, need in NEEDED_BY_FIXTURE.items():
+            if fixture in fixtures and not item.get_closest_marker(need):
+                item.add_marker(need)
+        if not item.get_closest_marker("slow") and any(item.get_closest_marker(need) for need in SLOW_NEEDS):
+            item.add_marker("slow")
 
 
 def started(app: Flask) -> Flask:
@@ -95,18 +122,23 @@ def api_key(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def gunicorn(tmp_path: Path, model_dir: Path, api_key: str) -> Iterator[StartGunicorn]:
-    """Real gunicorn with deploy/gunicorn.conf.py and tiny.en; every start is stopped after the test."""
-    port = free_port()
-    processes: list[subprocess.Popen[bytes]] = []
+def servers(tmp_path: Path, model_dir: Path) -> Iterator[Servers]:
+    """Real gunicorn (and nginx) with the shipped deploy/ files and tiny.en on the test's directories.
 
-    def start(**settings: str) -> tuple[int, subprocess.Popen[bytes]]:
-        processes.append(start_gunicorn(tmp_path, model_dir, port, **settings))
-        return port, processes[-1]
+    Every server started is stopped after the test. Tests that want a key made before the first start,
+    as the installer does, also ask for `api_key`.
+    """
+    with Servers(tmp_path, model_dir) as started_servers:
+        yield started_servers
 
-    yield start
-    for process in processes:
-        stop(process)
+
+@pytest.fixture(scope="module")
+def module_servers(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Servers]:
+    """As `servers`, for a module's tests to share: one start of the model for many requests; stopped after them."""
+    with Servers(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), model_dir) as started_servers:
+        yield started_servers
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import http.client
 import io
 import json
 import math
-import subprocess
 import threading
 import time
 import uuid
@@ -40,8 +39,6 @@ SPOKEN = {
     "garden.wav": ["yellow flowers", "garden"],
 }
 TERMINAL = ("completed", "failed", "cancelled")
-#: The `gunicorn` fixture: starts real gunicorn (again, after a stop) on the test's directories; (port, process).
-StartGunicorn = Callable[..., tuple[int, "subprocess.Popen[bytes]"]]
 
 
 class Gate:
@@ -377,11 +374,11 @@ def _ppid(proc: Path) -> int | None:
         return None
 
 
-def eventually(condition: Callable[[], bool], timeout: float = 60) -> None:
-    """Wait until condition() holds; fail the test if it does not within timeout."""
+def eventually(condition: Callable[[], bool], timeout: float = 60, message: str = "the condition never held") -> None:
+    """Wait until condition() holds; fail the test with `message` if it does not within timeout."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
+        assert time.monotonic() < deadline, f"{message} (waited {timeout} s)"
         time.sleep(0.05)
 
 

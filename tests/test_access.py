@@ -6,7 +6,7 @@ import io
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
-from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import (
     FIXTURES,
     FakeEngine,
@@ -27,6 +26,7 @@ from tests.helpers import (
     wait_for,
     wav_bytes,
 )
+from tests.servers import Servers
 from whisper_flask import create_app
 from whisper_flask.extension import get_service
 
@@ -34,14 +34,13 @@ KEYS = ("none", "wrong", "revoked", "other", "own", "admin")
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[dict[str, Any]]:
+def served(module_servers: Servers, model_dir: Path) -> dict[str, Any]:
     """Real gunicorn on tiny.en with keys of every kind, and one completed job of 'own'."""
-    work = tmp_path_factory.mktemp("access")
+    work = module_servers.work
     keys = {name: create_key(work, name, admin=name == "admin") for name in ("own", "other", "admin", "revoked")}
     keys["wrong"] = "wf_" + "x" * 43
     keys["none"] = ""
-    port = free_port()
-    server = start_gunicorn(work, model_dir, port, AUTH_FAILURES_PER_MINUTE="1000")
+    port, _ = module_servers.gunicorn(AUTH_FAILURES_PER_MINUTE="1000")
     # Revoked through the CLI while the server runs, as an operator would.
     cli = create_app({**base_config(work), "MODEL_DIR": model_dir})
     assert cli.test_cli_runner().invoke(args=["keys", "revoke", "revoked"]).exit_code == 0
@@ -49,8 +48,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     own = LiveClient(port, keys["own"])
     job_id = submit(own, FIXTURES / "fox.wav")
     assert wait_for(own, job_id)["status"] == "completed"
-    yield {"port": port, "keys": keys, "job": job_id, "work": work}
-    stop(server)
+    return {"port": port, "keys": keys, "job": job_id, "work": work}
 
 
 #: route -> (method, path with {job}, status for a key that may, status for another user's key)

@@ -402,7 +402,8 @@ def test_a_running_job_learns_of_its_cancel_before_the_cancel_is_committed(
             assert not disk.is_set()
     finally:
         disk.set()
-        deleting.join()
+        deleting.join(30)
+        assert not deleting.is_alive(), "the cancel's request did not end within 30 s"
         engine.gate.set()
 
 

@@ -66,7 +66,8 @@ def decode_at_once(
     for job in threads:
         job.start()
     for job in threads:
-        job.join()
+        job.join(300)  # a window of tiny.en takes seconds, even on a loaded machine
+    assert not any(job.is_alive() for job in threads), "a window was still decoding after 300 s"
     assert all(result is not None for result in results)
     return results  # type: ignore[return-value]
 
@@ -162,7 +163,7 @@ def test_a_reservation_keeps_every_other_thread_off_the_model(
     finally:
         thread.release()
     assert other_ran.wait(30)
-    other.join()
+    other.join(30)
 
 
 def test_int8_linear_rows_do_not_depend_on_each_other() -> None:

@@ -106,6 +106,7 @@ def test_models_list_shows_where_each_model_comes_from(runner: FlaskCliRunner) -
     assert "large-v3" in result.output and "download only" in result.output
 
 
+@pytest.mark.model  # converts base and loads it: no fixture of the real model says so
 def test_models_fetch_converts_the_base_pack_once(runner: FlaskCliRunner, tmp_path: Path) -> None:
     result = runner.invoke(args=["models", "fetch", "base"])
     target = tmp_path / "models" / "base.pt"

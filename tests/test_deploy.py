@@ -7,20 +7,20 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import openai
 import pytest
 
-from bench.loopback import DEPLOY, ROOT, curl, free_port, render_nginx, start_gunicorn, start_nginx, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, speech, wait_for
+from tests.servers import DEPLOY, ROOT, Servers, curl, free_port, render_nginx
 from whisper_flask.settings import Settings
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
 
 
+@pytest.mark.nginx
 @pytest.mark.parametrize("subpath", [False, True])
 def test_nginx_accepts_the_shipped_site(tmp_path: Path, subpath: bool) -> None:
     conf = render_nginx(tmp_path, upstream=8000, http=free_port(), https=free_port(), subpath=subpath)
@@ -49,20 +49,18 @@ def test_nginx_serves_no_directory() -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, model_dir: Path, api_key: str) -> Iterator[LiveClient]:
-    """gunicorn behind nginx, both limiting uploads to 2 MB; yields a client of nginx with an admin key."""
-    upstream, http = free_port(), free_port()
-    app = start_gunicorn(tmp_path, model_dir, upstream, MAX_UPLOAD_MB="2", PROXY_FIX="1")
-    proxy = start_nginx(render_nginx(tmp_path, upstream, http, free_port(), max_body_mb=2), http)
-    yield LiveClient(http, api_key)
-    stop(proxy)
-    stop(app)
+def stack(servers: Servers, api_key: str) -> LiveClient:
+    """gunicorn behind nginx, both limiting uploads to 2 MB; a client of nginx with an admin key."""
+    servers.gunicorn(MAX_UPLOAD_MB="2", PROXY_FIX="1")
+    http, _ = servers.nginx(max_body_mb=2)
+    return LiveClient(http, api_key)
 
 
 def base_url(client: LiveClient) -> str:
     return f"http://127.0.0.1:{client.port}"
 
 
+@pytest.mark.nginx
 def test_upload_poll_and_download_through_nginx_with_keys(stack: LiveClient, tmp_path: Path) -> None:
     audio = speech(tmp_path / "meeting.wav", 45, ["train.wav", "garden.wav"])
     assert audio.stat().st_size > 1024 * 1024, "the upload must exceed nginx's in-memory body buffer"
@@ -87,6 +85,7 @@ def test_upload_poll_and_download_through_nginx_with_keys(stack: LiveClient, tmp
     assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+@pytest.mark.nginx
 def test_a_raw_body_upload_through_nginx_is_transcribed(stack: LiveClient) -> None:
     status, body = curl(
         "-H", f"X-API-Key: {stack.key}", "-H", "Content-Type: audio/flac",
@@ -98,6 +97,7 @@ def test_a_raw_body_upload_through_nginx_is_transcribed(stack: LiveClient) -> No
     assert b"printing" in stack.get(f"/download/{job_id}.txt").get_data().lower()
 
 
+@pytest.mark.nginx
 def test_oversized_upload_gets_413_json_from_nginx(stack: LiveClient, tmp_path: Path) -> None:
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (3 * 1024 * 1024))
@@ -106,6 +106,7 @@ def test_oversized_upload_gets_413_json_from_nginx(stack: LiveClient, tmp_path: 
     assert json.loads(body)["code"] == "too_large"
 
 
+@pytest.mark.nginx
 def test_openai_stream_passes_nginx_window_by_window(stack: LiveClient) -> None:
     client = openai.OpenAI(base_url=f"{base_url(stack)}/v1", api_key=stack.key, max_retries=0)
     with (FIXTURES / "lj001-chapter-70s.opus").open("rb") as audio:
@@ -119,6 +120,7 @@ def test_openai_stream_passes_nginx_window_by_window(stack: LiveClient) -> None:
     assert first_at < datetime.fromisoformat(job["finished_at"]).timestamp(), "nginx held the events back"
 
 
+@pytest.mark.nginx
 def test_openai_client_reads_nginx_413_in_openai_envelope(stack: LiveClient) -> None:
     client = openai.OpenAI(base_url=f"{base_url(stack)}/v1", api_key=stack.key, max_retries=0)
     with pytest.raises(openai.APIStatusError) as error:
@@ -126,6 +128,7 @@ def test_openai_client_reads_nginx_413_in_openai_envelope(stack: LiveClient) -> 
     assert (error.value.status_code, error.value.code, error.value.type) == (413, "too_large", "invalid_request_error")
 
 
+@pytest.mark.nginx
 def test_upload_flood_gets_429_json_and_polling_is_not_limited(stack: LiveClient) -> None:
     # Requests without a file part: each is refused by the app at once, so only the limit is at work.
     key, base = ("-H", f"X-API-Key: {stack.key}"), base_url(stack)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from playwright.sync_api import Page, expect
 from schemathesis.checks import not_a_server_error
 
-from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import LiveClient, create_key, wait_for, wav_bytes
+from tests.servers import Servers
 from whisper_flask.api.fields import FIELDS, parse_options
 from whisper_flask.exceptions import InvalidOption
 
@@ -114,17 +113,13 @@ def test_options_list_each_fields_values_without_a_key(make_app: Any, engine: An
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[dict[str, Any]]:
+def served(module_servers: Servers) -> dict[str, Any]:
     """Real gunicorn on tiny.en; wrong keys are not throttled here, so every generated request is answered."""
-    work = tmp_path_factory.mktemp("describe")
-    key = create_key(work, "fuzzer")
-    port = free_port()
-    server = start_gunicorn(work, model_dir, port, AUTH_FAILURES_PER_MINUTE="1000000", MAX_JOBS_PER_KEY="1000")
-    yield {"url": f"http://127.0.0.1:{port}", "key": key}
-    stop(server)
+    key = create_key(module_servers.work, "fuzzer")
+    port, _ = module_servers.gunicorn(AUTH_FAILURES_PER_MINUTE="1000000", MAX_JOBS_PER_KEY="1000")
+    return {"url": f"http://127.0.0.1:{port}", "key": key}
 
 
-@pytest.mark.slow
 def test_the_docs_page_renders_the_description_from_this_server_alone(
     page: Page, served: dict[str, Any], screenshots: Path
 ) -> None:
@@ -174,7 +169,6 @@ def fuzz(operation: Any, served: dict[str, Any], failures: list[str]) -> int:
     return sent
 
 
-@pytest.mark.slow
 def test_no_generated_request_gets_a_server_error(served: dict[str, Any]) -> None:
     schema = schemathesis.openapi.from_url(f"{served['url']}/openapi.json", timeout=10)
     failures: list[str] = []

@@ -18,6 +18,7 @@ from tests.helpers import (
     FIXTURES,
     SPOKEN,
     assert_same_json_transcript,
+    eventually,
     speech,
     submit,
     transcripts,
@@ -96,8 +97,11 @@ def test_short_job_finishes_within_two_windows_of_a_long_ones_parts(
     # so the long job is still running while the short one is decoded and heard.
     client = make_real_app(MAX_WORKERS=2, BATCH_SIZE=2).test_client()
     long_id = submit(client, long)
-    while client.get(f"/progress/{long_id}").get_json()["processed_seconds"] == 0:
-        time.sleep(0.05)  # the long job is transcribing, past its first window
+    eventually(  # the long job is transcribing, past its first window
+        lambda: client.get(f"/progress/{long_id}").get_json()["processed_seconds"] > 0,
+        timeout=300,
+        message=f"the long job {long_id} never got past its first window",
+    )
 
     long_before = client.get(f"/progress/{long_id}").get_json()["processed_seconds"]
     wait_for(client, submit(client, short), "completed", timeout=300)
@@ -116,7 +120,9 @@ def test_progress_follows_the_decoder_window_by_window(make_real_app, tmp_path: 
     client = make_real_app().test_client()
     job_id = submit(client, speech(tmp_path / "ninety.wav", 90, list(SPOKEN)))
     seen = []
+    deadline = time.monotonic() + 300
     while (body := client.get(f"/progress/{job_id}").get_json())["status"] != "completed":
+        assert time.monotonic() < deadline, f"job {job_id} did not complete within 300 s: {body}"
         if body["status"] == "in_progress" and body["stage"] == "transcribing":
             seen.append(body["processed_seconds"])
         time.sleep(0.02)

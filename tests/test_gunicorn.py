@@ -12,12 +12,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from bench.loopback import curl, free_port, start_gunicorn, stop
 from tests.helpers import (
     FIXTURES,
     SPOKEN,
     LiveClient,
-    StartGunicorn,
     assert_same_json_transcript,
     eventually,
     speech,
@@ -27,10 +25,11 @@ from tests.helpers import (
     wait_for,
     wait_until,
 )
+from tests.servers import Servers, curl
 
 
-def test_curl_walkthrough_upload_poll_download(gunicorn: StartGunicorn, tmp_path: Path, api_key: str) -> None:
-    port, _ = gunicorn(MAX_WORKERS="1")
+def test_curl_walkthrough_upload_poll_download(servers: Servers, tmp_path: Path, api_key: str) -> None:
+    port, _ = servers.gunicorn(MAX_WORKERS="1")
     base = f"http://127.0.0.1:{port}"
     key = ("-H", f"Authorization: Bearer {api_key}")
     status, body = curl(*key, "-F", f"file=@{FIXTURES / 'report.wav'}", f"{base}/upload")
@@ -54,28 +53,25 @@ def test_curl_walkthrough_upload_poll_download(gunicorn: StartGunicorn, tmp_path
     assert (status, json.loads(body)["code"]) == (401, "missing_api_key")
 
 
-def test_first_start_prints_an_admin_key_once(tmp_path: Path, model_dir: Path) -> None:
-    port = free_port()
-    server = start_gunicorn(tmp_path, model_dir, port)
-    try:
-        logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
-        keys = re.findall(r"^    (wf_\S+)$", logged, re.MULTILINE)
-        assert len(keys) == 1 and "It is shown only this once" in logged
-        printed = "".join(path.read_text() for path in tmp_path.glob("gunicorn-*.log"))
-        assert keys[0] in printed, "the key goes to the console too"
-        client = LiveClient(port, keys[0])
-        assert wait_for(client, submit(client, FIXTURES / "fox.wav"))["status"] == "completed"
-    finally:
-        stop(server)
-    stop(start_gunicorn(tmp_path, model_dir, port))
+def test_first_start_prints_an_admin_key_once(servers: Servers, tmp_path: Path) -> None:
+    port, server = servers.gunicorn()
+    logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
+    keys = re.findall(r"^    (wf_\S+)$", logged, re.MULTILINE)
+    assert len(keys) == 1 and "It is shown only this once" in logged
+    printed = "".join(path.read_text() for path in tmp_path.glob("gunicorn-*.log"))
+    assert keys[0] in printed, "the key goes to the console too"
+    client = LiveClient(port, keys[0])
+    assert wait_for(client, submit(client, FIXTURES / "fox.wav"))["status"] == "completed"
+    servers.stop(server)
+    servers.stop(servers.gunicorn().process)
     logged = (tmp_path / "logs" / "whisper_flask.log").read_text()
     assert len(re.findall(r"^    (wf_\S+)$", logged, re.MULTILINE)) == 1, "a key exists now: none is made again"
 
 
 def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(
-    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+    servers: Servers, tmp_path: Path, api_key: str
 ) -> None:
-    port, arbiter = gunicorn(MAX_WORKERS="1")
+    port, arbiter = servers.gunicorn(MAX_WORKERS="1")
     client = LiveClient(port, api_key)
     audio = speech(tmp_path / "long.wav", 120, list(SPOKEN))
     running = submit(client, audio)
@@ -85,7 +81,7 @@ def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(
     arbiter.send_signal(signal.SIGTERM)  # as systemd stops the service
     assert arbiter.wait(timeout=90) == 0
 
-    gunicorn(MAX_WORKERS="1")
+    servers.gunicorn(MAX_WORKERS="1")
     record = client.get(f"/jobs/{running}").get_json()
     assert record["status"] in ("pending", "in_progress") and record["attempts"] <= 1
     assert wait_for(client, running)["status"] == "completed"
@@ -102,9 +98,9 @@ def test_sigterm_puts_the_running_job_back_and_a_restart_finishes_it(
 
 
 def test_sigterm_answers_a_waiting_openai_request_and_still_puts_its_job_back(
-    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+    servers: Servers, tmp_path: Path, api_key: str
 ) -> None:
-    port, arbiter = gunicorn(MAX_WORKERS="1")
+    port, arbiter = servers.gunicorn(MAX_WORKERS="1")
     client = LiveClient(port, api_key)
     audio = speech(tmp_path / "long.wav", 120, list(SPOKEN))
     answers: list[openai.APIError] = []
@@ -129,6 +125,6 @@ def test_sigterm_answers_a_waiting_openai_request_and_still_puts_its_job_back(
     waiting.join(10)
     assert [(getattr(answer, "status_code", None), answer.code) for answer in answers] == [(503, "shutting_down")]
 
-    gunicorn(MAX_WORKERS="1")
+    servers.gunicorn(MAX_WORKERS="1")
     assert wait_for(client, job_id)["status"] == "completed"
     assert client.get(f"/jobs/{job_id}").get_json()["attempts"] == 1, "a graceful stop costs no attempt"

@@ -25,7 +25,6 @@ from tests.helpers import (
     SPOKEN,
     FakeEngine,
     LiveClient,
-    StartGunicorn,
     eventually,
     speech,
     submit,
@@ -35,6 +34,7 @@ from tests.helpers import (
     wav_bytes,
     worker_pid,
 )
+from tests.servers import Servers
 from whisper_flask.audio import media
 from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.audio.subprocesses import media_tool, run_bounded
@@ -222,7 +222,7 @@ def test_a_killed_service_leaves_no_tool_running(tmp_path: Path) -> None:
     eventually(lambda: (tmp_path / "tool").exists() and (tmp_path / "tool").read_text().strip() != "")
     tool = int((tmp_path / "tool").read_text())
     owner.send_signal(signal.SIGKILL)  # as the OOM killer would: no handler runs
-    owner.wait()
+    owner.wait(timeout=30)
     eventually(lambda: not running(tool), timeout=5)
 
 
@@ -230,7 +230,7 @@ def test_a_killed_service_leaves_no_tool_running(tmp_path: Path) -> None:
 
 
 def test_ten_hours_of_silence_in_a_small_file_stays_within_memory(
-    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
+    servers: Servers, tmp_path: Path, api_key: str
 ) -> None:
     silence = tmp_path / "ten-hours.flac"
     subprocess.run(
@@ -239,7 +239,7 @@ def test_ten_hours_of_silence_in_a_small_file_stays_within_memory(
         check=True,
     )  # fmt: skip
     assert silence.stat().st_size < 10_000_000
-    port, server = gunicorn()  # returns once the model is loaded
+    port, server = servers.gunicorn()  # returns once the model is loaded
     client = LiveClient(port, api_key)
     worker = worker_pid(server.pid)
     before = peak_rss_mb(worker)
@@ -315,8 +315,8 @@ def test_a_failed_decode_shows_no_server_path(
 # -- nothing left behind ----------------------------------------------------------------------
 
 
-def test_an_upload_killed_mid_stream_leaves_no_file(gunicorn: StartGunicorn, tmp_path: Path, api_key: str) -> None:
-    port, server = gunicorn()
+def test_an_upload_killed_mid_stream_leaves_no_file(servers: Servers, tmp_path: Path, api_key: str) -> None:
+    port, server = servers.gunicorn()
     head = (
         f"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\nContent-Length: 40000000\r\n"
         "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
@@ -326,14 +326,12 @@ def test_an_upload_killed_mid_stream_leaves_no_file(gunicorn: StartGunicorn, tmp
         connection.sendall(head.encode() + wav_bytes(2) + b"\0" * 10_000_000)
         time.sleep(0.5)
         os.killpg(server.pid, signal.SIGKILL)  # power loss mid-upload
-        server.wait()
+        server.wait(timeout=30)
     assert [p.name for p in (tmp_path / "uploads").iterdir()] == []
 
 
-def test_an_endless_chunked_raw_body_stops_at_the_upload_limit(
-    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
-) -> None:
-    port, _ = gunicorn(MAX_UPLOAD_MB="1")
+def test_an_endless_chunked_raw_body_stops_at_the_upload_limit(servers: Servers, tmp_path: Path, api_key: str) -> None:
+    port, _ = servers.gunicorn(MAX_UPLOAD_MB="1")
     head = (
         f"POST /upload?filename=endless.wav HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n"
         "Content-Type: audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -363,11 +361,9 @@ def test_stale_partial_uploads_go_at_start_and_at_each_sweep(make_app: Callable[
     assert not streaming.exists()
 
 
-def test_a_crash_charges_only_the_job_that_ran_alone_into_it(
-    gunicorn: StartGunicorn, tmp_path: Path, api_key: str
-) -> None:
+def test_a_crash_charges_only_the_job_that_ran_alone_into_it(servers: Servers, tmp_path: Path, api_key: str) -> None:
     """The probe's row: a bystander beside a poison job was charged too."""
-    port, server = gunicorn(MAX_WORKERS="2")
+    port, server = servers.gunicorn(MAX_WORKERS="2")
     client = LiveClient(port, api_key)
     long_speech = speech(tmp_path / "long.wav", 90, list(SPOKEN))
     poison, bystander = submit(client, long_speech), submit(client, long_speech)

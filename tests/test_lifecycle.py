@@ -7,7 +7,6 @@ import io
 import itertools
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -126,10 +125,12 @@ def test_graceful_stop_puts_the_running_job_back_without_counting_an_attempt(
     assert engine.in_window.wait(10)
     stopping = threading.Thread(target=get_service(app).stop)
     stopping.start()
-    while client.post("/upload", data={}).status_code != 503:  # 400 no_file until it stops taking work
-        time.sleep(0.01)
+    eventually(  # 400 no_file until it stops taking work
+        lambda: client.post("/upload", data={}).status_code == 503, timeout=30, message="the service kept taking work"
+    )
     engine.gate.set()  # the running window finishes; the next one sees the stop
-    stopping.join()
+    stopping.join(30)
+    assert not stopping.is_alive(), "the service did not stop within 30 s"
     db = sqlite3.connect(tmp_path / "transcripts" / "jobs.sqlite3")
     rows = db.execute("SELECT id, status, attempts FROM jobs ORDER BY seq").fetchall()
     assert rows == [(ids[0], "pending", 0), (ids[1], "pending", 0)]

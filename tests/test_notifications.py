@@ -17,8 +17,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from flask import Flask
 
-from bench.loopback import free_port
 from tests.helpers import FIXTURES, eventually, upload, wait_for
+from tests.servers import free_port
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.serialize import transcript_link
@@ -65,7 +65,8 @@ def receiver() -> Iterator[Callable[[list[int]], Receiver]]:
 
     def start(statuses: list[int]) -> Receiver:
         server = Receiver(statuses)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         started.append(server)
         return server
 
@@ -208,6 +209,7 @@ class Mailbox:
         return "250 OK"
 
 
+@pytest.mark.slow  # a real SMTP server (aiosmtpd), and retries a second apart
 def test_an_email_goes_out_once_the_mail_server_is_up_with_the_transcript_links(
     make_app: Callable[..., Flask],
 ) -> None:

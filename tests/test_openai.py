@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +12,8 @@ import openai
 import pytest
 from flask.testing import FlaskClient
 
-from bench.loopback import free_port, start_gunicorn, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, eventually, wait_for, wav_bytes
+from tests.servers import Servers
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 
 ENGLISH = FIXTURES / "lj001-0001.flac"  # "Printing, in the only sense with which we are at present concerned, ..."
@@ -28,22 +26,14 @@ MAX_WAITING_REQUESTS = 2
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[dict[str, Any]]:
+def served(module_servers: Servers, model_dir: Path) -> dict[str, Any]:
     """Real gunicorn on the multilingual base model, with one key per test that needs its own jobs."""
-    work = tmp_path_factory.mktemp("openai")
     ensure_checkpoint("base", model_dir, allow_download=False)
-    keys = {name: create_key(work, name) for name in KEYS}
-    port = free_port()
-    server = start_gunicorn(
-        work,
-        model_dir,
-        port,
-        MODEL="base",
-        MAX_JOBS_PER_KEY=str(MAX_JOBS_PER_KEY),
-        MAX_WAITING_REQUESTS=str(MAX_WAITING_REQUESTS),
+    keys = {name: create_key(module_servers.work, name) for name in KEYS}
+    port, _ = module_servers.gunicorn(
+        MODEL="base", MAX_JOBS_PER_KEY=str(MAX_JOBS_PER_KEY), MAX_WAITING_REQUESTS=str(MAX_WAITING_REQUESTS)
     )
-    yield {"port": port, "keys": keys}
-    stop(server)
+    return {"port": port, "keys": keys}
 
 
 def client_for(served: dict[str, Any], key: str = "user", **options: Any) -> openai.OpenAI:
@@ -221,10 +211,9 @@ def test_waiting_requests_past_the_bound_get_503_and_cancelled_jobs_end_their_st
     threads = [threading.Thread(target=stream_long) for _ in range(MAX_WAITING_REQUESTS)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 60
-    while len(jobs_of(served, "busy")) < MAX_WAITING_REQUESTS:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(
+        lambda: len(jobs_of(served, "busy")) >= MAX_WAITING_REQUESTS, 60, "the waiting requests' jobs never appeared"
+    )
     with pytest.raises(openai.InternalServerError) as error, ENGLISH.open("rb") as audio:
         client_for(served, "busy").audio.transcriptions.create(file=audio, model="whisper-1")
     assert (error.value.status_code, error.value.code) == (503, "busy")
@@ -233,6 +222,7 @@ def test_waiting_requests_past_the_bound_get_503_and_cancelled_jobs_end_their_st
         native.delete(f"/jobs/{job['transcription_id']}")
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a stream did not end within 60 s of its cancel"
     assert [getattr(outcome, "code", None) for outcome in outcomes] == ["no_transcript"] * MAX_WAITING_REQUESTS
 
 

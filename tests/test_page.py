@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,8 @@ import pytest
 from flask.testing import FlaskClient
 from playwright.sync_api import Locator, Page, expect
 
-from bench.loopback import free_port, render_nginx, start_gunicorn, start_nginx, stop
 from tests.helpers import FIXTURES, LiveClient, create_key, submit, upload
+from tests.servers import Servers
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 
 KEYS = ("main", "errors", "keyboard", "subpath", "pager", "busy")
@@ -63,22 +62,15 @@ def test_language_and_task_are_offered_only_by_a_multilingual_model(
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[dict[str, Any]]:
+def site(module_servers: Servers, model_dir: Path) -> dict[str, Any]:
     """gunicorn on `base` behind the shipped nginx site, which also serves the app under /speech/."""
-    work = tmp_path_factory.mktemp("page")
+    work = module_servers.work
     ensure_checkpoint("base", model_dir, allow_download=False)
     keys = {name: create_key(work, name) for name in KEYS}
-    upstream, http = free_port(), free_port()
-    app = start_gunicorn(
-        work,
-        model_dir,
-        upstream,
-        MODEL="base",
-        PROXY_FIX="1",
-        MAX_UPLOAD_MB=str(MAX_UPLOAD_MB),
-        MAX_JOBS_PER_KEY=str(MAX_JOBS_PER_KEY),
+    upstream, _ = module_servers.gunicorn(
+        MODEL="base", PROXY_FIX="1", MAX_UPLOAD_MB=str(MAX_UPLOAD_MB), MAX_JOBS_PER_KEY=str(MAX_JOBS_PER_KEY)
     )
-    proxy = start_nginx(render_nginx(work, upstream, http, free_port(), max_body_mb=MAX_UPLOAD_MB, subpath=True), http)
+    http, _ = module_servers.nginx(max_body_mb=MAX_UPLOAD_MB, subpath=True)
     long_recording = work / "chapter-280s.opus"  # long enough to cancel while it runs
     subprocess.run(
         ["ffmpeg", "-v", "error", "-stream_loop", "3", "-i", str(FIXTURES / "lj001-chapter-70s.opus"),
@@ -86,9 +78,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[
         check=True,
     )  # fmt: skip
     # Tests prepare jobs on gunicorn's port: through nginx they would meet its upload rate limit.
-    yield {"url": f"http://127.0.0.1:{http}", "upstream": upstream, "keys": keys, "long": long_recording}
-    stop(proxy)
-    stop(app)
+    return {"url": f"http://127.0.0.1:{http}", "upstream": upstream, "keys": keys, "long": long_recording}
 
 
 def open_with_key(page: Page, url: str, key: str) -> None:
@@ -123,7 +113,7 @@ def card(page: Page, name: str) -> Locator:
     return page.locator(".card").filter(has=page.locator(".name", has_text=name))
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_a_wrong_key_is_refused_in_plain_words_and_the_right_one_opens_the_page(
     page: Page, site: dict[str, Any]
 ) -> None:
@@ -139,7 +129,7 @@ def test_a_wrong_key_is_refused_in_plain_words_and_the_right_one_opens_the_page(
     assert page.context.cookies() == []
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_a_dropped_recording_reaches_100_percent_and_its_transcript_is_downloaded_shown_and_copied(
     page: Page, site: dict[str, Any], screenshots: Path
 ) -> None:
@@ -182,7 +172,7 @@ def test_a_dropped_recording_reaches_100_percent_and_its_transcript_is_downloade
     assert options == [{"language": "en", "word_timestamps": True}] * 2
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_bad_files_get_their_reasons_beside_them_and_a_hostile_name_stays_text(
     page: Page, site: dict[str, Any]
 ) -> None:
@@ -208,7 +198,7 @@ def test_bad_files_get_their_reasons_beside_them_and_a_hostile_name_stays_text(
     assert page.locator("img").count() == 0  # the `page` fixture also fails on any dialog (alert)
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_a_key_at_its_job_limit_is_told_to_wait_beside_the_refused_file(page: Page, site: dict[str, Any]) -> None:
     open_with_key(page, site["url"], site["keys"]["busy"])
     client = LiveClient(site["upstream"], site["keys"]["busy"])
@@ -223,7 +213,7 @@ def test_a_key_at_its_job_limit_is_told_to_wait_beside_the_refused_file(page: Pa
             client.delete(f"/jobs/{job}")
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_the_page_works_from_the_keyboard_with_visible_focus_at_phone_width(
     page: Page, site: dict[str, Any], screenshots: Path
 ) -> None:
@@ -255,7 +245,7 @@ def test_the_page_works_from_the_keyboard_with_visible_focus_at_phone_width(
     expect(page.locator("#jobs-body tr")).to_have_count(0)
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_the_page_works_under_a_sub_path_behind_nginx(page: Page, site: dict[str, Any]) -> None:
     open_with_key(page, f"{site['url']}/speech", site["keys"]["subpath"])
     assert page.url == f"{site['url']}/speech/"
@@ -270,7 +260,7 @@ def test_the_page_works_under_a_sub_path_behind_nginx(page: Page, site: dict[str
     assert "printing" in Path(download.value.path()).read_text().lower()
 
 
-@pytest.mark.slow
+@pytest.mark.nginx
 def test_the_job_list_pages_through_a_keys_jobs_newest_first(page: Page, site: dict[str, Any]) -> None:
     client = LiveClient(site["upstream"], site["keys"]["pager"])
     for number in range(11):

@@ -106,14 +106,14 @@ def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcrip
     # Both parts past their first window: the state to resume has two loops in it.
     while not ((window := load_resume(service.settings.TRANSCRIPT_DIR, interrupted)) and all(
             part["window"]["seek"] for part in window.parts)):  # fmt: skip
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"job {interrupted}'s parts never both got past their first window"
         time.sleep(0.05)
     service.stop()
     assert service.parts.registry.view(interrupted).job.status.value == "pending"
 
     restarted = get_service(make_real_app(MAX_WORKERS=1))
     while not restarted.registry.view(interrupted).job.status.terminal:
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"job {interrupted} did not finish after the restart"
         time.sleep(0.1)
     assert f"job {interrupted} resumes at" in caplog.text
     assert (restarted.transcript_dir / f"{interrupted}.txt").read_text() == expected

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from tests.helpers import FIXTURES, wait_for, wait_until
+from tests.helpers import FIXTURES, eventually, wait_for, wait_until
 from whisper_flask.audio.fetch import refusal
 from whisper_flask.settings import parse_networks
 
@@ -106,7 +106,8 @@ class _Handler(BaseHTTPRequestHandler):
 def site() -> Iterator[AudioSite]:
     """The web server, stopped after the test."""
     server = AudioSite()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
     server.stopping.set()
@@ -186,9 +187,7 @@ def test_cancelling_a_job_stops_its_download(make_app: Callable[..., Flask], sit
     assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
     # The job's check stops it at its next chunk (0.2 s); 30 s bounds a loaded VM.
     assert site.hung_up.wait(30), "the download went on after the cancel"
-    deadline = time.monotonic() + 30
-    while partial.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: not partial.exists(), timeout=30, message="the partial download was not deleted")
     assert list(partial.parent.iterdir()) == []
 
 

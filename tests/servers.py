@@ -1,4 +1,8 @@
-"""Real gunicorn and nginx on free loopback ports, serving the shipped deploy/ files; for tests and benchmarks."""
+"""Real gunicorn and nginx on free loopback ports, serving the shipped deploy/ files; for tests and benchmarks.
+
+Tests start servers through `Servers` (the `servers` and `module_servers` fixtures), which stops every
+process it started; bench/ scripts use the functions below directly.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -136,4 +142,56 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     """Kill a server and every process it started (a killed master would leave its workers running)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process.wait(timeout=30)  # SIGKILL cannot be caught: only a process stuck in the kernel outlives this
+
+
+class Started(NamedTuple):
+    """A server that answers on `port`; unpacks as (port, process)."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+
+class Servers:
+    """Starts real gunicorn (and nginx in front of it) serving files in `work`; stops every one it started.
+
+    gunicorn always gets the same port: a restarted server comes back where its clients look for it,
+    as under systemd.
+    """
+
+    def __init__(self, work: Path, model_dir: Path) -> None:
+        self.work = work
+        self.model_dir = model_dir
+        self.port = free_port()
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    def gunicorn(self, **settings: str) -> Started:
+        """gunicorn with deploy/gunicorn.conf.py and WHISPER_FLASK_<name>=value settings, once /readyz is 200."""
+        self._processes.append(start_gunicorn(self.work, self.model_dir, self.port, **settings))
+        return Started(self.port, self._processes[-1])
+
+    def nginx(self, max_body_mb: int | None = None, subpath: bool = False) -> Started:
+        """The shipped nginx site in front of this gunicorn, on a port of its own, once it proxies /healthz."""
+        http = free_port()
+        conf = render_nginx(self.work, self.port, http, free_port(), max_body_mb=max_body_mb, subpath=subpath)
+        self._processes.append(start_nginx(conf, http))
+        return Started(http, self._processes[-1])
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        """Stop one server now, as `close` would (and not again: its pid may belong to another process by then)."""
+        self._processes.remove(process)
+        stop(process)
+
+    def close(self) -> None:
+        """Stop every server started, newest first (nginx before the gunicorn behind it)."""
+        for process in reversed(self._processes):
+            stop(process)
+        self._processes.clear()
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
