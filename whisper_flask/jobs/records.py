@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -71,7 +72,7 @@ class Job:
     expired_at: str | None = None
     owner: str | None = None  # the name of the API key that submitted it; None with WHISPER_FLASK_AUTH=off
     # It was running beside others when the process died, so it runs alone until it ends
-    # (registry.recover says why).
+    # (crash_rule.py says why).
     isolated: bool = False
     source_url: str | None = None  # the audio is fetched from here when the job runs
     # Told when the job ends (notifications.py): a webhook, an address, and the base of the links.
@@ -79,6 +80,23 @@ class Job:
     notify_email: str | None = None
     link_base: str | None = None
     seq: int = 0
+
+
+def pending_again(job: Job) -> Job:
+    """The job queued again (after a stop or a crash): pending, its stage and progress reset."""
+    return dataclasses.replace(
+        job, status=JobStatus.PENDING, stage=JobStage.QUEUED, progress=0.0, processed_seconds=0.0, eta_seconds=None
+    )
+
+
+def ended(job: Job, status: JobStatus, code: str | None, message: str | None) -> Job:
+    """The job ended with `status` (and an error code and message, if any); a completed one is done at 100 %."""
+    job = dataclasses.replace(
+        job, status=status, finished_at=utcnow(), eta_seconds=None, error_code=code, error=message
+    )
+    if status is JobStatus.COMPLETED:
+        job = dataclasses.replace(job, stage=JobStage.DONE, progress=100.0, processed_seconds=job.duration or 0.0)
+    return job
 
 
 @dataclass(frozen=True)

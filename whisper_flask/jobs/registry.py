@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from whisper_flask.exceptions import JobNotFound, JobStopped, QueueFull, ShuttingDown, TooManyJobs
+from whisper_flask.exceptions import JobNotFound, JobStopped, ShuttingDown
+from whisper_flask.jobs.admission import QueueLimits
+from whisper_flask.jobs.crash_rule import after_crash, may_start, suspects
 from whisper_flask.jobs.ports import JobStore
-from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, utcnow
+from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, ended, pending_again, utcnow
 
 log = logging.getLogger(__name__)
-
-#: A job charged with this many crashes of the process fails instead of running again.
-MAX_ATTEMPTS = 2
 
 
 class JobCancelled(JobStopped):
@@ -46,8 +43,7 @@ class JobRegistry:
         self._changed = threading.Condition(self._lock)  # a job ended or left: an isolated one may start
         self._active: dict[str, Job] = {}
         self._store = store
-        self._capacity = capacity
-        self._per_owner = per_owner
+        self._limits = QueueLimits(capacity, per_owner)
         self._open = False
 
     @property
@@ -77,19 +73,7 @@ class JobRegistry:
         # Caller holds the lock.
         if not self._open:
             raise ShuttingDown("the service is not accepting jobs")
-        if len(self._active) >= self._capacity:
-            raise QueueFull(
-                f"{len(self._active)} jobs are queued or running, the limit is {self._capacity}; retry later",
-                retry_after=_retry_after(self._active.values()),
-            )
-        if owner is None:
-            return
-        mine = [job for job in self._active.values() if job.owner == owner]
-        if len(mine) >= self._per_owner:
-            raise TooManyJobs(
-                f"this key has {len(mine)} jobs queued or running, the limit per key is {self._per_owner}",
-                retry_after=_retry_after(mine),
-            )
+        self._limits.refuse_if_full(self._active.values(), owner)
 
     def add(self, job: Job) -> JobView:
         """Record a new job durably and make it pending; raise if the queue is full or closed."""
@@ -102,34 +86,20 @@ class JobRegistry:
     def recover(self) -> tuple[list[str], list[Job]]:
         """Queue again the jobs a dead process left unfinished, oldest first: (their ids, the jobs failed instead).
 
-        The crash is charged (an attempt kept) only to a job that alone could have caused it. A job
-        still fetching or decoding is innocent: it has run no model step, and ffprobe and ffmpeg run in
-        processes of their own. Jobs past
-        that stage share the model thread's steps and the memory, so when several were there none
-        can be blamed: none is charged, and each runs isolated (alone) until it ends. A poison file
-        then crashes the process alone, is charged, and fails after MAX_ATTEMPTS; nothing else
-        ever pays for it.
+        Which of them is charged for the crash, fails, or runs isolated is the crash rule (crash_rule.py).
         """
         queued, failed = [], []
         with self._lock:
             unfinished = self._store.unfinished()
-            suspects = {job.id for job in unfinished if job.status is JobStatus.IN_PROGRESS
-                        and job.stage not in (JobStage.FETCHING, JobStage.DECODING_AUDIO)}  # fmt: skip
+            suspected = suspects(unfinished)
             for job in unfinished:
                 if job.status is JobStatus.IN_PROGRESS:
-                    charged = suspects == {job.id}
-                    if charged and job.attempts >= MAX_ATTEMPTS:
-                        message = f"the service stopped during this job {job.attempts} times; not retrying"
-                        failed.append(_ended(job, JobStatus.FAILED, "interrupted", message))
-                        self._store.update(failed[-1])
+                    job = after_crash(job, suspected)
+                    self._store.update(job)
+                    if job.status is JobStatus.FAILED:
+                        failed.append(job)
                         log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
                         continue
-                    job = dataclasses.replace(
-                        _pending(job),
-                        attempts=job.attempts if charged else job.attempts - 1,
-                        isolated=job.isolated or job.id in suspects,
-                    )
-                    self._store.update(job)
                 self._active[job.id] = job
                 queued.append(job.id)
                 log.info("job %s queued again after restart (attempts %d)", job.id, job.attempts)
@@ -158,7 +128,9 @@ class JobRegistry:
         """Pending and running jobs now, and the capacity."""
         with self._lock:
             statuses = [job.status for job in self._active.values()]
-        return QueueCounts(statuses.count(JobStatus.PENDING), statuses.count(JobStatus.IN_PROGRESS), self._capacity)
+        return QueueCounts(
+            statuses.count(JobStatus.PENDING), statuses.count(JobStatus.IN_PROGRESS), self._limits.capacity
+        )
 
     def _view(self, job: Job) -> JobView:
         # Caller holds the lock.
@@ -179,8 +151,7 @@ class JobRegistry:
                 job = self._active.get(job_id)
                 if job is None or job.status is not JobStatus.PENDING or not self._open:
                     return None  # cancelled while queued, or stopping: it stays pending in the store
-                running = [other for other in self._active.values() if other.status is JobStatus.IN_PROGRESS]
-                if not running or not (job.isolated or any(other.isolated for other in running)):
+                if may_start(job, self._active.values()):  # an isolated job runs alone (crash_rule.py)
                     break
                 self._changed.wait()
             job = dataclasses.replace(
@@ -220,7 +191,7 @@ class JobRegistry:
         with self._lock:
             job = self._active.pop(job_id, None)
             if job is not None:
-                self._store.update(_ended(job, status, code, message))
+                self._store.update(ended(job, status, code, message))
             self._changed.notify_all()
         if job is None:
             return
@@ -235,7 +206,7 @@ class JobRegistry:
             job = self._active.get(job_id)
             if job is None:
                 return
-            self._put(dataclasses.replace(_pending(job), attempts=job.attempts - 1), persist=True)
+            self._put(dataclasses.replace(pending_again(job), attempts=job.attempts - 1), persist=True)
             self._changed.notify_all()
         log.info("job %s back to pending for the next start", job_id)
 
@@ -258,24 +229,3 @@ class JobRegistry:
         if persist:
             self._store.update(job)
         return job
-
-
-def _retry_after(jobs: Iterable[Job]) -> int:
-    """Seconds until the soonest of these jobs should end (30 when none has an estimate yet)."""
-    etas = [job.eta_seconds for job in jobs if job.eta_seconds is not None]
-    return max(1, min(600, math.ceil(min(etas)))) if etas else 30
-
-
-def _pending(job: Job) -> Job:
-    return dataclasses.replace(
-        job, status=JobStatus.PENDING, stage=JobStage.QUEUED, progress=0.0, processed_seconds=0.0, eta_seconds=None
-    )
-
-
-def _ended(job: Job, status: JobStatus, code: str | None, message: str | None) -> Job:
-    job = dataclasses.replace(
-        job, status=status, finished_at=utcnow(), eta_seconds=None, error_code=code, error=message
-    )
-    if status is JobStatus.COMPLETED:
-        job = dataclasses.replace(job, stage=JobStage.DONE, progress=100.0, processed_seconds=job.duration or 0.0)
-    return job
