@@ -1,4 +1,7 @@
-"""HTTP API blueprints and the JSON shapes they share; each body is built from one JobView (jobs/serialize.py)."""
+"""HTTP: blueprints, request parsing, the JSON shapes of jobs (jobs/serialize.py), errors and the page.
+
+The top layer: may import every package below, but calls only the service's face (ARCHITECTURE.md, "Layers").
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,4 @@
-"""Audio in: probing, decoding and fetching with ffmpeg, ffprobe and checked URLs."""
+"""Audio in: probing and decoding with ffprobe and ffmpeg, fetching URLs with every address checked.
+
+May import only the shared modules (exceptions, settings, files).
+"""

@@ -18,9 +18,11 @@ from whisper_flask.jobs.retention import Retention
 from whisper_flask.jobs.runner import PoolRunner
 from whisper_flask.jobs.store import SqliteJobStore
 from whisper_flask.notify.notifier import Notifier, RetryPolicy, download_links, smtp_settings
+from whisper_flask.service.detection import LanguageDetection
 from whisper_flask.service.owned import OwnedJobs
 from whisper_flask.service.slots import RequestSlots
 from whisper_flask.service.transcripts import TranscriptReader
+from whisper_flask.service.waits import JobWaits
 from whisper_flask.settings import Settings
 
 
@@ -42,8 +44,8 @@ class Parts:
     notifier: Notifier
     owned: OwnedJobs
     transcripts: TranscriptReader
-    detections: RequestSlots
-    waits: RequestSlots
+    detection: LanguageDetection
+    waits: JobWaits
 
 
 def build_parts(settings: Settings, engine: Engine) -> Parts:
@@ -90,6 +92,10 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
         notifier=notifier,
         owned=owned,
         transcripts=TranscriptReader(owned.view, signer, settings.TRANSCRIPT_DIR),
-        detections=RequestSlots(settings.MAX_DETECTIONS, "language detections"),
-        waits=RequestSlots(settings.MAX_WAITING_REQUESTS, "requests waiting for their transcripts"),
+        detection=LanguageDetection(
+            engine, media, registry, RequestSlots(settings.MAX_DETECTIONS, "language detections")
+        ),
+        waits=JobWaits(
+            registry, owned, RequestSlots(settings.MAX_WAITING_REQUESTS, "requests waiting for their transcripts")
+        ),
     )

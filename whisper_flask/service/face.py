@@ -8,8 +8,6 @@ no caller reaches them.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from urllib.parse import urlsplit
 from whisper_flask.access.control import Principal
 from whisper_flask.access.keys import ApiKey
 from whisper_flask.engine.engine import Engine
-from whisper_flask.exceptions import ModelLoading, ModelNotFound, ModelUnavailable, NotMultilingual, ShuttingDown
+from whisper_flask.exceptions import ModelLoading, ModelNotFound, ModelUnavailable
 from whisper_flask.jobs.records import Job, JobStatus, JobView, Notification, Submission
 from whisper_flask.service.compose import Parts, build_parts
 from whisper_flask.service.lifecycle import Lifecycle
@@ -33,8 +31,6 @@ log = logging.getLogger(__name__)
 
 #: The key of the service in `app.extensions`.
 EXTENSION = "whisper_flask"
-#: How often a request waiting for a job looks whether the server is stopping (drain()).
-DRAIN_POLL_S = 1.0
 #: Other names requests may use for the loaded model: OpenAI's clients send "whisper-1".
 MODEL_ALIASES = ("whisper-1",)
 
@@ -51,9 +47,6 @@ class QueueStats:
 
 class TranscriptionService:
     """Accepts jobs, runs them through the engine, and answers for their state; created unbound, then init_app."""
-
-    def __init__(self) -> None:
-        self._draining = threading.Event()
 
     def init_app(self, app: Flask, settings: Settings, engine: Engine) -> None:
         """Build the parts from `settings` (the store opens); nothing runs until start()."""
@@ -84,8 +77,7 @@ class TranscriptionService:
 
     def drain(self) -> None:
         """The server is stopping: requests waiting for jobs answer now (ShuttingDown); jobs run on until stop()."""
-        # Called from a signal handler: an Event, no lock. Waits look at it at least every second.
-        self._draining.set()
+        self._parts.waits.drain()
 
     # -- access ---------------------------------------------------------------------------
 
@@ -192,21 +184,11 @@ class TranscriptionService:
 
     def wait(self, job_id: str, principal: Principal, timeout: float | None = None) -> Job:
         """The job once it has ended, or as it stands after `timeout` s; ShuttingDown if the service stops first."""
-        self.view(job_id, principal)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = DRAIN_POLL_S if deadline is None else min(DRAIN_POLL_S, deadline - time.monotonic())
-            if self._registry.wait_until_ended(job_id, max(0.0, left)):
-                return self.view(job_id, principal).job
-            if self._draining.is_set() or not self._registry.accepting:
-                raise ShuttingDown(f"the service is stopping; job {job_id} resumes after the restart")
-            if deadline is not None and time.monotonic() >= deadline:
-                return self.view(job_id, principal).job
+        return self._parts.waits.wait(job_id, principal, timeout)
 
     def hold_wait_slot(self) -> Callable[[], None]:
         """Take one of MAX_WAITING_REQUESTS places (Busy if none is free); call what it returns to give it back."""
-        self._parts.waits.take()
-        return self._parts.waits.give
+        return self._parts.waits.hold_slot()
 
     # -- transcripts ----------------------------------------------------------------------
 
@@ -249,17 +231,4 @@ class TranscriptionService:
 
     def detect_language(self, upload_name: str) -> dict[str, float]:
         """Language probabilities of the first 30 s of a stored upload, which is then deleted; bounded in number."""
-        path = self.settings.UPLOAD_DIR / upload_name
-        try:
-            if not self._engine.is_multilingual:
-                raise NotMultilingual(f"the loaded model {self._engine.model_name} is English-only")
-            with self._parts.detections.held():
-                info = self._media.probe(path, self._check_running)
-                with self._media.decode(path, self._check_running, info.duration, first_seconds=30) as audio:
-                    return self._engine.detect_language(audio)
-        finally:
-            path.unlink(missing_ok=True)
-
-    def _check_running(self) -> None:
-        if not self._registry.accepting:
-            raise ShuttingDown("the service is stopping")
+        return self._parts.detection.detect(self.settings.UPLOAD_DIR / upload_name)
