@@ -112,11 +112,11 @@ def test_a_long_job_runs_in_parts_and_a_resume_gives_the_uninterrupted_transcrip
     assert service.parts.registry.view(interrupted).job.status.value == "pending"
 
     restarted = get_service(make_real_app(MAX_WORKERS=1))
-    while not restarted.registry.view(interrupted).job.status.terminal:
+    while not restarted.parts.registry.view(interrupted).job.status.terminal:
         assert time.monotonic() < deadline, f"job {interrupted} did not finish after the restart"
         time.sleep(0.1)
     assert f"job {interrupted} resumes at" in caplog.text
-    assert (restarted.transcript_dir / f"{interrupted}.txt").read_text() == expected
+    assert (restarted.settings.TRANSCRIPT_DIR / f"{interrupted}.txt").read_text() == expected
 
 
 def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_with_its_error() -> None:
