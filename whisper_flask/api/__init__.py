@@ -1,6 +1,7 @@
 """HTTP: blueprints, request parsing, the JSON shapes of jobs (jobs/serialize.py), errors and the page.
 
-The top layer: may import every package below, but calls only the service's face (ARCHITECTURE.md, "Layers").
+The top layer: reaches stateful parts only through the service's face; from the packages below it
+imports records, constants and pure parsers (ARCHITECTURE.md, "Rooms").
 """
 
 from __future__ import annotations
