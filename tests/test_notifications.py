@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,9 +25,12 @@ from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed_c
 from tests.servers import free_port
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
+from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import TooManyNotifications
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.records import Job, JobStatus, ended, utcnow
 from whisper_flask.jobs.serialize import transcript_link
+from whisper_flask.jobs.store import SqliteJobStore
 from whisper_flask.notify.quota import NotifyQuota
 from whisper_flask.settings import ConfigError
 
@@ -267,7 +271,9 @@ def test_links_start_with_public_url_whatever_host_the_upload_was_sent_to(
     data = {"file": (io.BytesIO((FIXTURES / "fox.wav").read_bytes()), "fox.wav"), "callback_url": hook.url}
     response = client.post("/upload", data=data, headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"})
     job_id = response.get_json()["transcription_id"]
+    assert "evil" not in response.get_data(as_text=True) + str(response.headers), "the 202's links are relative"
     delivery(client, job_id, "delivered")
+    assert "evil" not in client.get(f"/progress/{job_id}", headers={"Host": "evil.example"}).get_data(as_text=True)
     payload = json.loads(hook.calls[0][1])
     assert payload["links"] and all(
         link.startswith(f"https://speech.example.org/speech/download/{job_id}.") for link in payload["links"].values()
@@ -443,9 +449,26 @@ def test_a_key_s_slow_receivers_do_not_delay_another_key_s_webhook(
 
 
 def test_stopping_the_service_joins_every_notifier_thread(make_app: Callable[..., Flask]) -> None:
+    before = set(threading.enumerate())
     app = make_app(PUBLIC_URL=PUBLIC_URL)
-    assert len([t for t in threading.enumerate() if t.name.startswith("whisper-notifier")]) == 1 + 4
+    notifiers = [t for t in threading.enumerate() if t not in before and t.name.startswith("whisper-notifier")]
+    assert len(notifiers) == 1 + 4, "a dispatcher and NOTIFY_CONCURRENCY senders"
     started = time.monotonic()
     get_service(app).stop()
     assert time.monotonic() - started < 5
-    assert not [t for t in threading.enumerate() if t.name.startswith("whisper-notifier")]
+    assert not [t for t in notifiers if t.is_alive()]
+
+
+def test_the_outbox_offers_each_key_s_soonest_notification_so_no_backlog_hides_another_key(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        for owner, count in (("a", 60), ("b", 1)):  # a's backlog is older than b's one webhook
+            for _ in range(count):
+                job = Job(id=uuid.uuid4().hex, filename="x.wav", upload_name="x.wav", options=TranscribeOptions(),
+                          model="fake", owner=owner, callback_url="https://hooks.example.org/x")  # fmt: skip
+                store.insert(job)
+                store.update(ended(job, JobStatus.COMPLETED, None, None))
+        due = store.due_notifications(utcnow(), limit=50)
+        assert [(n.owner, n.kind.value) for n in due] == [("a", "webhook"), ("b", "webhook")]
+    finally:
+        store.close()
