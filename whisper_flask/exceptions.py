@@ -222,6 +222,16 @@ class TooManyJobs(ServiceError):
         self.retry_after = retry_after
 
 
+class TooManyNotifications(ServiceError):
+    """This key asked for NOTIFY_PER_KEY_PER_HOUR webhooks and e-mails within the hour; retry after `retry_after` s."""
+
+    code = "too_many_notifications"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class LinkRefused(ServiceError):
     """A signed download link that is malformed or tampered with."""
 

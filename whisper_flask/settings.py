@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import whisper
 
@@ -116,8 +117,8 @@ class Settings:
     URL_FETCH_TIMEOUT_S: float = _setting(600, "longest download of a job's URL", low=0, above=True)
     PUBLIC_URL: str = _setting(
         "",
-        "how clients reach the service (`https://speech.example.org`): the start of links in webhooks and"
-        " e-mails; empty: the address each upload was sent to",
+        "how clients reach the service (`https://speech.example.org`, a sub-path allowed): the start of links in"
+        " webhooks and e-mails; empty: `callback_url` and `email` are refused",
         shown="(empty)",
     )
     SMTP_HOST: str = _setting("", "the mail server for `email` notifications; without it an `email` field is refused",
@@ -131,6 +132,15 @@ class Settings:
         30, "first wait after a failed webhook or e-mail; it doubles up to an hour", low=0, above=True
     )
     NOTIFY_MAX_ATTEMPTS: int = _setting(12, "attempts before a notification is given up (`failed`)", low=1)
+    NOTIFY_PER_KEY_PER_HOUR: int = _setting(
+        60,
+        "webhooks and e-mails one key may ask for in any hour (counted as its jobs are accepted); beyond it 429"
+        " `too_many_notifications` with `Retry-After`",
+        low=1,
+    )
+    NOTIFY_CONCURRENCY: int = _setting(
+        4, "webhooks and e-mails sent at once, at most one per key at a time, keys served in turn", low=1
+    )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -159,6 +169,8 @@ def _check(spec: dataclasses.Field[Any], value: Any) -> Any:
         return _model(str(value))
     if name == "URL_ALLOW":
         return _networks(value)
+    if name == "PUBLIC_URL":
+        return _public_url(value)
     if name == "AUTH":  # from_prefixed_env reads "false" as False but "off" as text: both mean off
         value = {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
     if kind is bool:
@@ -211,6 +223,25 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
         return parse_networks(value.split(",") if isinstance(value, str) else value)
     except (ValueError, TypeError):
         raise ConfigError(f"{PREFIX}URL_ALLOW must list IP networks or addresses, got {value!r}") from None
+
+
+def _public_url(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        return ""
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError on a port that is not a number
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a bad port or IPv6 literal
+        valid = False
+    # Links are this text plus a path and a signed query: a user, a query or a fragment would break them.
+    if not valid or "@" in text or "?" in text or "#" in text or any(not c.isprintable() or c.isspace() for c in text):
+        raise ConfigError(
+            f"{PREFIX}PUBLIC_URL must be an absolute http(s) URL without user, query or fragment"
+            f" (https://speech.example.org), got {value!r}"
+        )
+    return text.rstrip("/")
 
 
 def _writable_dir(name: str, value: Any) -> Path:

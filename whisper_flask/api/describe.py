@@ -21,7 +21,8 @@ from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import JobStage, JobStatus
 from whisper_flask.jobs.serialize import DOWNLOAD_PATH
 from whisper_flask.jobs.writers import FORMATS
-from whisper_flask.notify.notifier import SIGNATURE_HEADER, TARGET_FIELDS
+from whisper_flask.notify.messages import SIGNATURE_HEADER
+from whisper_flask.notify.targets import TARGET_FIELDS
 
 bp = Blueprint("describe", __name__)
 

@@ -32,6 +32,7 @@ from whisper_flask.exceptions import (
     StorageFull,
     TooManyFailures,
     TooManyJobs,
+    TooManyNotifications,
     TranscriptMissing,
     TranscriptNotReady,
     Unauthenticated,
@@ -56,6 +57,7 @@ _STATUS: dict[type[ServiceError], int] = {
     NotMultilingual: 422,
     TooManyFailures: 429,
     TooManyJobs: 429,
+    TooManyNotifications: 429,
     QueueFull: 503,
     ShuttingDown: 503,
     ModelLoading: 503,
@@ -129,7 +131,7 @@ def _service_errors(base: type[ServiceError]) -> list[type[ServiceError]]:
 
 
 def _headers(error: ServiceError) -> dict[str, str]:
-    if isinstance(error, QueueFull | TooManyJobs | TooManyFailures):
+    if isinstance(error, QueueFull | TooManyJobs | TooManyFailures | TooManyNotifications):
         return {"Retry-After": str(error.retry_after)}
     if isinstance(error, Unauthenticated):
         return {"WWW-Authenticate": 'Bearer realm="whisper_flask"'}

@@ -13,7 +13,7 @@ from whisper_flask.api.auth import principal, require_key
 from whisper_flask.api.errors import ApiError
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import JobStatus, JobView
-from whisper_flask.notify.notifier import SIGNATURE_HEADER
+from whisper_flask.notify.messages import SIGNATURE_HEADER
 
 bp = Blueprint("jobs", __name__)
 require_key(bp)

@@ -15,7 +15,7 @@ from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Submission
 from whisper_flask.jobs.serialize import DOWNLOAD_RULE
 from whisper_flask.jobs.writers import FORMATS
-from whisper_flask.notify.notifier import parse_targets
+from whisper_flask.notify.targets import parse_targets
 
 bp = Blueprint("transcription", __name__)
 require_key(bp)
@@ -30,11 +30,10 @@ def upload_audio() -> tuple[Response, int, dict[str, str]]:
     file = receive_upload() if source is None else None
     fields = [request.form if source is None else source[1], request.args]
     options = parse_options(fields, service.is_multilingual)
-    # Links in webhooks and e-mails start with PUBLIC_URL, else with the address this request came to.
-    base = service.settings.PUBLIC_URL or request.url_root
-    # From the body where it can carry them: a token in a query string would land in access logs.
+    # From the body where it can carry them: a token in a query string would land in access logs. Their links
+    # start with PUBLIC_URL only, never with this request's Host, which the client chooses.
     raw_body = request.mimetype.startswith(RAW_BODY_TYPES)
-    notify = parse_targets(fields[1:] if raw_body else fields[:1], base, service.sends_email)
+    notify = parse_targets(fields[1:] if raw_body else fields[:1], service.settings.PUBLIC_URL, service.sends_email)
     if file is not None:
         submission = Submission(client_filename(file.filename), options, principal().name, request.remote_addr, notify)
         view = service.submit(keep_upload(file), submission)

@@ -43,7 +43,7 @@ class JobStore(Protocol):
         """Delete the records of jobs that expired before cutoff; return how many."""
 
     def due_notifications(self, now: str, limit: int) -> list[Notification]:
-        """Notifications waiting for an attempt whose time has come, soonest first."""
+        """Each key's soonest notification whose time has come (with its `owner`), soonest first."""
 
     def notifications(self, job_id: str) -> list[Notification]:
         """A job's notifications, webhook first."""

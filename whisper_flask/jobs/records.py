@@ -75,9 +75,11 @@ class Job:
     # (crash_rule.py says why).
     isolated: bool = False
     source_url: str | None = None  # the audio is fetched from here when the job runs
-    # Told when the job ends (notifications.py): a webhook, an address, and the base of the links.
+    # Told when the job ends (notify/): a webhook and an address.
     callback_url: str | None = None
     notify_email: str | None = None
+    # No longer written: links start with the PUBLIC_URL of the moment they are sent, never with a request's
+    # Host. Kept because rows of older databases carry it.
     link_base: str | None = None
     seq: int = 0
 
@@ -101,11 +103,15 @@ def ended(job: Job, status: JobStatus, code: str | None, message: str | None) ->
 
 @dataclass(frozen=True)
 class NotifyTargets:
-    """Whom to tell when a job ends, and the base URL its links start with."""
+    """Whom to tell when a job ends."""
 
     callback_url: str | None = None
     email: str | None = None
-    link_base: str | None = None
+
+    @property
+    def count(self) -> int:
+        """How many notifications the job will send (each counts against NOTIFY_PER_KEY_PER_HOUR)."""
+        return (self.callback_url is not None) + (self.email is not None)
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,7 @@ class Submission:
     def job(self, job_id: str, model: str, **fields: Any) -> Job:
         """The new pending job this request asks for."""
         return Job(id=job_id, filename=self.filename, options=self.options, model=model, owner=self.owner,
-                   callback_url=self.notify.callback_url, notify_email=self.notify.email,
-                   link_base=self.notify.link_base, **fields)  # fmt: skip
+                   callback_url=self.notify.callback_url, notify_email=self.notify.email, **fields)  # fmt: skip
 
 
 class NotificationKind(str, Enum):
@@ -153,6 +158,7 @@ class Notification:
     next_attempt_at: str
     last_error: str | None
     delivered_at: str | None
+    owner: str | None = None  # the key of its job, as JobStore.due_notifications reads it (None elsewhere)
 
 
 @dataclass(frozen=True)

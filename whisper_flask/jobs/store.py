@@ -86,10 +86,14 @@ class SqliteJobStore:
                 raise
 
     def due_notifications(self, now: str, limit: int) -> list[Notification]:
-        """Notifications waiting for an attempt whose time has come, soonest first."""
+        """Each key's soonest notification whose time has come (with its `owner`), soonest first."""
         with self._lock:
+            # One row per key, so that one key's backlog never hides another key's notification.
             rows = self._db.execute(
-                "SELECT * FROM notifications WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+                "SELECT id, job_id, kind, target, state, attempts, next_attempt_at, last_error, delivered_at, owner"
+                " FROM (SELECT n.*, j.owner, ROW_NUMBER() OVER (PARTITION BY j.owner ORDER BY n.next_attempt_at,"
+                " n.id) AS place FROM notifications n LEFT JOIN jobs j ON j.id = n.job_id"
+                " WHERE n.state = ? AND n.next_attempt_at <= ?) WHERE place = 1 ORDER BY next_attempt_at LIMIT ?",
                 (DeliveryState.PENDING.value, now, limit),
             ).fetchall()
         return [_notification(row) for row in rows]

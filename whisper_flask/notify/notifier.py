@@ -3,67 +3,40 @@
 The outbox is a table in the job database: a job's notifications are stored in the same
 transaction that ends it (store.JobStore.update), so they survive any crash, and the Notifier
 delivers them at least once, retrying with exponential backoff (ARCHITECTURE.md, "Notifications").
+
+Attempts run on NOTIFY_CONCURRENCY sender threads, at most one per key at a time, and a free sender
+goes to the key served longest ago. One attempt may take 30 s; so a key whose receivers are slow
+holds one sender, never all of them, and another key's notification waits for no more than the
+first sender to free up when every sender is busy with a different key. Per key rather than per
+target host: a key can name any number of hosts, and many keys may share one receiving service.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
-import json
+import itertools
 import logging
-import smtplib
-import ssl
+import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import make_msgid
 
-from whisper_flask.access.control import LinkSigner
-from whisper_flask.audio.fetch import FetchLimits, check_url, open_checked
-from whisper_flask.exceptions import AddressRefused, FetchFailed, InvalidOption
 from whisper_flask.jobs.ports import JobStore
-from whisper_flask.jobs.records import (
-    DeliveryState,
-    Job,
-    JobStatus,
-    JobView,
-    Notification,
-    NotificationKind,
-    NotifyTargets,
-    iso,
-    utcnow,
-)
-from whisper_flask.jobs.serialize import job_body, transcript_link
-from whisper_flask.jobs.writers import FORMATS
-from whisper_flask.settings import IPNetwork, Settings
+from whisper_flask.jobs.records import DeliveryState, Job, Notification, NotificationKind, iso, utcnow
+from whisper_flask.notify import messages
+from whisper_flask.notify.delivery import DeliveryFailed, SmtpSettings, post, send
+from whisper_flask.notify.quota import NotifyQuota
+from whisper_flask.settings import IPNetwork
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Whisper-Flask-Signature"
 MAX_DELAY_S = 3600.0
 POLL_S = 1.0
-STOP_TIMEOUT_S = 60.0
-WEBHOOK_LIMITS = FetchLimits(max_bytes=0, total_s=30.0, connect_s=10.0, idle_s=20.0)
-MAX_EMAIL_CHARS = 254
-#: The request fields that ask to be told when a job ends; api/describe.py documents these.
-TARGET_FIELDS = ("callback_url", "email")
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    """How to send e-mail; security is "starttls", "tls" (SMTPS) or "none"."""
-
-    host: str
-    port: int
-    security: str
-    user: str
-    password: str
-    sender: str
+STOP_TIMEOUT_S = 60.0  # an attempt is bounded (30 s for a webhook, SMTP's timeout for an e-mail)
+DUE_LIMIT = 1000  # keys looked at per round: each key's soonest notification only
 
 
 @dataclass(frozen=True)
@@ -78,58 +51,8 @@ class RetryPolicy:
         return min(self.base_s * 2 ** min(attempts - 1, 32), MAX_DELAY_S)
 
 
-class DeliveryFailed(Exception):
-    """One attempt failed; `final` when no later attempt could succeed."""
-
-    def __init__(self, message: str, final: bool = False) -> None:
-        super().__init__(message)
-        self.final = final
-
-
-def parse_targets(sources: list[Mapping[str, str]], link_base: str, email_enabled: bool) -> NotifyTargets:
-    """`callback_url` and `email` from form fields, JSON or the query; InvalidOption names a bad one."""
-    fields = {name: next((s[name] for s in sources if s.get(name)), None) for name in TARGET_FIELDS}
-    callback_url, email = fields["callback_url"], fields["email"]
-    if callback_url is not None:
-        check_url(callback_url, field="callback_url")
-    if email is not None:
-        if not email_enabled:
-            raise InvalidOption("email", "this server sends no e-mail (its SMTP_HOST is not set)")
-        try:
-            address = Address(addr_spec=email)
-        except Exception:  # email's parser raises HeaderParseError, AttributeError, ... on odd input
-            address = None
-        if address is None or not address.domain or len(email) > MAX_EMAIL_CHARS:
-            raise InvalidOption("email", "not an e-mail address")
-    if callback_url is None and email is None:
-        return NotifyTargets()
-    return NotifyTargets(callback_url, email, link_base.rstrip("/"))
-
-
-def smtp_settings(settings: Settings) -> SmtpSettings | None:
-    """The SMTP settings; None when SMTP_HOST is empty (no e-mail)."""
-    if not settings.SMTP_HOST:
-        return None
-    return SmtpSettings(settings.SMTP_HOST, settings.SMTP_PORT, settings.SMTP_SECURITY, settings.SMTP_USER,
-                        settings.SMTP_PASSWORD, settings.SMTP_FROM)  # fmt: skip
-
-
-def download_links(signer: LinkSigner, job: Job) -> dict[str, str]:
-    """A completed job's signed transcript links, absolute, in every format; none for other jobs."""
-    if job.status is not JobStatus.COMPLETED or not job.link_base:
-        return {}
-    # A test follows these links to the transcript.
-    return {fmt: job.link_base + transcript_link(job.id, fmt, signer.sign(job.id, fmt)) for fmt in FORMATS}
-
-
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The signature header's value: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
-
-
 class Notifier:
-    """Delivers due notifications on its own thread, which it starts and stops."""
+    """Delivers due notifications: a dispatcher hands them to sender threads; it starts and stops them all."""
 
     def __init__(
         self,
@@ -139,6 +62,9 @@ class Notifier:
         smtp: SmtpSettings | None,
         webhook_secret: Callable[[str | None], str],
         links: Callable[[Job], dict[str, str]],
+        *,
+        concurrency: int = 4,
+        per_key_per_hour: int = 60,
     ) -> None:
         self._store = store
         self._allowed = allowed
@@ -146,40 +72,93 @@ class Notifier:
         self._smtp = smtp
         self._webhook_secret = webhook_secret
         self._links = links
+        self._concurrency = concurrency
+        self._quota = NotifyQuota(per_key_per_hour)
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._handed: queue.SimpleQueue[Notification | None] = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        # Notifications handed to a sender and not yet recorded, with their keys. Only the dispatcher adds
+        # to it, and a sender removes its notification after recording the attempt, so no notification is
+        # ever handed twice at once.
+        self._in_flight: dict[int, str | None] = {}
+        self._freed = False
+        self._served: dict[str | None, int] = {}  # when each key with due notifications was last handed one
+        self._turns = itertools.count(1)
 
     @property
     def sends_email(self) -> bool:
         """Whether SMTP is configured, so that jobs may ask for an e-mail."""
         return self._smtp is not None
 
+    def reserve(self, owner: str | None, count: int) -> AbstractContextManager[None]:
+        """Count `count` notifications against the key's hour (TooManyNotifications); undone if the block fails."""
+        return self._quota.reserve(owner, count)
+
     def start(self) -> None:
         """Start delivering; notifications left by an earlier run go first."""
-        self._thread = threading.Thread(target=self._run, name="whisper-notifier", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._dispatch, name="whisper-notifier", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._send, name=f"whisper-notifier-{n}", daemon=True)
+            for n in range(self._concurrency)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Stop after the attempt in hand; what is left is delivered after the next start."""
+        """Stop after the attempts in hand; what is left is delivered after the next start."""
         self._stopping.set()
-        if self._thread is not None:
-            # An attempt is bounded (a webhook by WEBHOOK_LIMITS.total_s, SMTP by its timeout).
-            self._thread.join(timeout=STOP_TIMEOUT_S)
+        with self._changed:
+            self._changed.notify_all()
+        for _ in range(self._concurrency):
+            self._handed.put(None)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def deliver_due(self) -> None:
-        """Make one attempt at every notification whose time has come."""
-        for notification in self._store.due_notifications(utcnow(), limit=50):
-            if self._stopping.is_set():
-                return
-            self._attempt(notification)
+    def deliver_due(self) -> int:
+        """Hand each free sender a due notification of a key not being served, least recently served first."""
+        with self._changed:
+            free = self._concurrency - len(self._in_flight)
+            busy = set(self._in_flight.values())
+        if free <= 0:
+            return 0
+        due = [n for n in self._store.due_notifications(utcnow(), DUE_LIMIT) if n.owner not in busy]
+        with self._changed:
+            # Keys with nothing due are forgotten: the table stays as small as the keys that compete.
+            self._served = {n.owner: self._served.get(n.owner, 0) for n in due} | {
+                owner: self._served.get(owner, 0) for owner in busy
+            }
+            chosen = sorted(due, key=lambda n: self._served[n.owner])[:free]  # stable: soonest first among equals
+            for notification in chosen:
+                self._in_flight[notification.id] = notification.owner
+                self._served[notification.owner] = next(self._turns)
+        for notification in chosen:
+            self._handed.put(notification)
+        return len(chosen)
 
-    def _run(self) -> None:
+    def _dispatch(self) -> None:
         while not self._stopping.is_set():
             try:
                 self.deliver_due()
             except Exception:  # the store may be closing; the next round tries again
                 log.exception("notification delivery failed")
-            self._stopping.wait(POLL_S)
+            with self._changed:  # until a sender is free again, or the next round
+                self._changed.wait_for(lambda: self._freed or self._stopping.is_set(), timeout=POLL_S)
+                self._freed = False
+
+    def _send(self) -> None:
+        while (notification := self._handed.get()) is not None:
+            try:
+                if not self._stopping.is_set():  # else it stays pending in the outbox for the next start
+                    self._attempt(notification)
+            except Exception:  # the store may be closing; the notification is still due there
+                log.exception("notification %d: the attempt could not be recorded", notification.id)
+            finally:
+                with self._changed:
+                    del self._in_flight[notification.id]
+                    self._freed = True
+                    self._changed.notify_all()
 
     def _attempt(self, notification: Notification) -> None:
         job = self._store.get(notification.job_id)
@@ -188,9 +167,13 @@ class Notifier:
             if job is None:
                 raise DeliveryFailed("the job no longer exists", final=True)
             if notification.kind is NotificationKind.WEBHOOK:
-                self._post(notification, job)
+                secret = self._webhook_secret(job.owner)
+                body, headers = messages.webhook(notification, job, self._links(job), secret, int(time.time()))
+                post(notification.target, body, headers, self._allowed)
             else:
-                self._mail(notification, job)
+                if self._smtp is None:
+                    raise DeliveryFailed("this server has no SMTP_HOST any more", final=True)
+                send(self._smtp, messages.mail(self._smtp.sender, notification, job, self._links(job)))
         except Exception as exc:  # whatever failed, this attempt is recorded: the queue must move on
             final = (isinstance(exc, DeliveryFailed) and exc.final) or attempts >= self._retry.max_attempts
             later = datetime.now(timezone.utc) + timedelta(seconds=self._retry.delay(attempts))
@@ -208,66 +191,3 @@ class Notifier:
             )
             log.info("job %s: %s delivered", notification.job_id, notification.kind.value)
         self._store.record_attempt(outcome)
-
-    def _post(self, notification: Notification, job: Job) -> None:
-        links = self._links(job)
-        body = json.dumps(
-            {
-                "event": f"job.{job.status.value}",
-                "delivery_id": notification.id,
-                "job": job_body(JobView(job), links),  # the job as /progress shows it
-                "links": links,
-            }
-        ).encode()
-        timestamp = int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(self._webhook_secret(job.owner), timestamp, body),
-            "X-Whisper-Flask-Delivery": str(notification.id),
-        }
-        deadline = time.monotonic() + WEBHOOK_LIMITS.total_s
-        try:
-            connection, response = open_checked(
-                notification.target, self._allowed, WEBHOOK_LIMITS, deadline, "POST", body, headers
-            )
-        except AddressRefused as exc:
-            raise DeliveryFailed(str(exc), final=True) from None
-        except FetchFailed as exc:
-            raise DeliveryFailed(str(exc)) from None
-        status, reason = response.status, response.reason
-        connection.finish()
-        if not 200 <= status < 300:  # a redirect is not followed: the receiver must answer itself
-            raise DeliveryFailed(f"the receiver answered {status} {reason}")
-
-    def _mail(self, notification: Notification, job: Job) -> None:
-        if self._smtp is None:
-            raise DeliveryFailed("this server has no SMTP_HOST any more", final=True)
-        smtp = self._smtp
-        message = EmailMessage()
-        message["From"] = smtp.sender
-        message["To"] = notification.target
-        message["Subject"] = f"Transcription {job.status.value}: {job.filename}"
-        message["Message-ID"] = make_msgid(domain=smtp.sender.rpartition("@")[2] or None)
-        message.set_content(_mail_text(job, self._links(job)))
-        try:
-            client = smtplib.SMTP_SSL if smtp.security == "tls" else smtplib.SMTP
-            with client(smtp.host, smtp.port, timeout=30) as server:
-                if smtp.security == "starttls":
-                    server.starttls(context=ssl.create_default_context())
-                if smtp.user:
-                    server.login(smtp.user, smtp.password)
-                server.send_message(message)
-        except (smtplib.SMTPException, OSError) as exc:
-            raise DeliveryFailed(f"the mail server refused or could not be reached: {exc}") from None
-
-
-def _mail_text(job: Job, links: dict[str, str]) -> str:
-    lines = [f"The transcription of {job.filename} is {job.status.value}.", ""]
-    if job.error:
-        lines += [f"Reason: {job.error}", ""]
-    if links:
-        lines += ["Download it (the links work without a key until they expire):"]
-        lines += [f"  {fmt}: {url}" for fmt, url in links.items()]
-        lines.append("")
-    lines.append(f"Job id: {job.id}")
-    return "\n".join(lines) + "\n"

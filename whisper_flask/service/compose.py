@@ -17,7 +17,9 @@ from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.retention import Retention
 from whisper_flask.jobs.runner import PoolRunner
 from whisper_flask.jobs.store import SqliteJobStore
-from whisper_flask.notify.notifier import Notifier, RetryPolicy, download_links, smtp_settings
+from whisper_flask.notify.delivery import smtp_settings
+from whisper_flask.notify.messages import download_links
+from whisper_flask.notify.notifier import Notifier, RetryPolicy
 from whisper_flask.service.detection import LanguageDetection
 from whisper_flask.service.owned import OwnedJobs
 from whisper_flask.service.slots import RequestSlots
@@ -72,7 +74,9 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
         RetryPolicy(settings.NOTIFY_RETRY_BASE_S, settings.NOTIFY_MAX_ATTEMPTS),
         smtp_settings(settings),
         signer.webhook_secret,
-        functools.partial(download_links, signer),
+        functools.partial(download_links, signer, settings.PUBLIC_URL),
+        concurrency=settings.NOTIFY_CONCURRENCY,
+        per_key_per_hour=settings.NOTIFY_PER_KEY_PER_HOUR,
     )
     fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
     pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings.UPLOAD_DIR, settings.TRANSCRIPT_DIR)

@@ -137,7 +137,8 @@ class TranscriptionService:
             job = request.job(
                 uuid.uuid4().hex, self._engine.model_name, upload_name=upload_name, duration=info.duration
             )
-            view = self._registry.add(job)
+            with self._parts.notifier.reserve(request.owner, request.notify.count):
+                view = self._registry.add(job)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -149,7 +150,8 @@ class TranscriptionService:
         """Queue a new job whose audio the pipeline fetches from `url` when it runs."""
         job_id = uuid.uuid4().hex
         job = request.job(job_id, self._engine.model_name, upload_name=f"{job_id}.upload", source_url=url)
-        view = self._registry.add(job)
+        with self._parts.notifier.reserve(request.owner, request.notify.count):  # TooManyNotifications
+            view = self._registry.add(job)
         # Only the host is logged: a URL's path and query may carry a token.
         log.info("job %s pending: %s from %s (a URL on %s)", job_id, request.filename, request.client,
                  urlsplit(url).hostname)  # fmt: skip
