@@ -80,6 +80,9 @@ WHISPER_FLASK_MAX_WORKERS=2
 WHISPER_FLASK_MAX_QUEUED_JOBS=100
 # Keep equal to client_max_body_size in /etc/nginx/snippets/whisper-flask-locations.conf.
 WHISPER_FLASK_MAX_UPLOAD_MB=1024
+# How clients reach the service; links in webhooks and e-mails start with it, and both are
+# refused while it is unset.
+#WHISPER_FLASK_PUBLIC_URL=https://speech.example.org
 ENV
   chmod 0640 "$ETC/env"
   chgrp "$SERVICE" "$ETC/env"
