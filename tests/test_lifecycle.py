@@ -66,7 +66,7 @@ def restarted(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., Flas
         get_service(app).stop()
 
 
-@pytest.mark.parametrize("innocent_stage", [JobStage.FETCHING, JobStage.DECODING_AUDIO])
+@pytest.mark.parametrize("innocent_stage", [JobStage.FETCHING, JobStage.DECODING_AUDIO, JobStage.WAITING_FOR_STORAGE])
 def test_a_crash_is_charged_to_the_one_job_past_decoding_which_fails_at_the_limit(
     tmp_path: Path, restarted: Callable[..., FlaskClient], innocent_stage: JobStage
 ) -> None:

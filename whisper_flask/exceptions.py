@@ -125,7 +125,7 @@ class JobFailed(ServiceError):
 
 
 class StorageFull(ServiceError):
-    """An upload could not be stored (disk full, read-only directory)."""
+    """The disk takes no more: an upload, the job database or a transcript (full, over quota, read-only uploads)."""
 
     code = "storage_full"
 

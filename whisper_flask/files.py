@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
+
+#: The errors of a filesystem with no room left for this user: out of space, or over its quota.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: OSError) -> bool:
+    """Whether a failed write means the disk is full (it works again once space returns), not a refusal."""
+    return error.errno in _FULL
 
 
 @contextlib.contextmanager

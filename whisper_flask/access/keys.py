@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import sqlite3
 import threading
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from whisper_flask.exceptions import ApiKeyError
 from whisper_flask.jobs.records import utcnow
-from whisper_flask.jobs.store import connect
+from whisper_flask.jobs.store import connect, storage_errors
+
+log = logging.getLogger(__name__)
 
 #: Prefix of every key, so that secret scanners and people recognise one.
 KEY_PREFIX = "wf_"
@@ -46,6 +49,7 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self._last_used_failing = False  # logged once per outage, not per request
         self._db = connect(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS api_keys (name TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE,"
@@ -58,7 +62,7 @@ class KeyStore:
             raise ApiKeyError("a key name is 1 to 64 letters, digits, '-', '_' or '.'")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)  # 256 bits
         try:
-            with self._lock:
+            with self._lock, storage_errors():
                 self._db.execute(
                     "INSERT INTO api_keys (name, digest, admin, created_at) VALUES (?, ?, ?, ?)",
                     (name, _digest(secret), int(admin), utcnow()),
@@ -69,7 +73,7 @@ class KeyStore:
 
     def revoke(self, name: str) -> None:
         """Stop a key from working, at once; its record and its jobs stay."""
-        with self._lock:
+        with self._lock, storage_errors():
             cursor = self._db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (utcnow(), name)
             )
@@ -97,8 +101,22 @@ class KeyStore:
             key = _key(row)
             now = datetime.now(timezone.utc)
             if key.last_used_at is None or now - datetime.fromisoformat(key.last_used_at) >= LAST_USED_RESOLUTION:
-                self._db.execute("UPDATE api_keys SET last_used_at = ? WHERE name = ?", (utcnow(), key.name))
+                self._note_use(key.name)
         return key
+
+    def _note_use(self, name: str) -> None:
+        # Caller holds the lock. Bookkeeping, best effort: a full disk (or any refusal) must not
+        # refuse the request it was made for, and is logged once until a write succeeds again.
+        try:
+            self._db.execute("UPDATE api_keys SET last_used_at = ? WHERE name = ?", (utcnow(), name))
+        except sqlite3.Error as exc:
+            if not self._last_used_failing:
+                log.warning("could not record when API keys were last used (%s); requests go on", exc)
+            self._last_used_failing = True
+        else:
+            if self._last_used_failing:
+                log.info("recording when API keys were last used again")
+            self._last_used_failing = False
 
     def close(self) -> None:
         """Close the connection."""

@@ -2,10 +2,12 @@
 
 The crash is charged (an attempt kept) only to a job that alone could have caused it. A job
 still fetching or decoding is innocent: it has run no model step, and ffprobe and ffmpeg run in
-processes of their own. Jobs past that stage share the model thread's steps and the memory, so
-when several were there none can be blamed: none is charged, and each runs isolated (alone) until
-it ends. A poison file then crashes the process alone, is charged, and fails after MAX_ATTEMPTS;
-nothing else ever pays for it. The registry applies the rule under its lock (registry.recover).
+processes of their own; so is one waiting for disk space (its stage stored while the store still
+took writes), which runs no model step while it waits. Jobs past decoding share the model
+thread's steps and the memory, so when several were there none can be blamed: none is charged,
+and each runs isolated (alone) until it ends. A poison file then crashes the process alone, is
+charged, and fails after MAX_ATTEMPTS; nothing else ever pays for it. The registry applies the
+rule under its lock (registry.recover).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from whisper_flask.jobs.records import Job, JobStage, JobStatus, ended, pending_
 
 #: A job charged with this many crashes of the process fails instead of running again.
 MAX_ATTEMPTS = 2
+#: Stages in which a job runs no model step, so it cannot have crashed the process.
+INNOCENT_STAGES = (JobStage.FETCHING, JobStage.DECODING_AUDIO, JobStage.WAITING_FOR_STORAGE)
 
 
 def suspects(unfinished: Iterable[Job]) -> set[str]:
-    """The ids of the jobs that could have crashed the process: running, and past fetching and decoding."""
+    """The ids of the jobs that could have crashed the process: running, and in none of the INNOCENT_STAGES."""
     return {job.id for job in unfinished if job.status is JobStatus.IN_PROGRESS
-            and job.stage not in (JobStage.FETCHING, JobStage.DECODING_AUDIO)}  # fmt: skip
+            and job.stage not in INNOCENT_STAGES}  # fmt: skip
 
 
 def after_crash(job: Job, suspected: set[str]) -> Job:

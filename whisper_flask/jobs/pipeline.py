@@ -10,13 +10,13 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from whisper_flask.audio.fetch import UrlFetcher
 from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.windows import Window
-from whisper_flask.exceptions import JobStopped, ServiceError, WriteFailed, scrub_paths
+from whisper_flask.exceptions import JobStopped, ServiceError, StorageFull, scrub_paths
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
 from whisper_flask.jobs.registry import JobCancelled, JobRegistry
 from whisper_flask.jobs.resume import load_resume, save_resume
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 #: Progress reaches the store at most this often per job; state changes always do.
 PERSIST_INTERVAL_S = 1.0
+#: A step the full disk refused is tried again after this long, the wait doubling up to STORAGE_RETRY_MAX_S.
+STORAGE_RETRY_FIRST_S = 0.25
+STORAGE_RETRY_MAX_S = 10.0
+
+T = TypeVar("T")
 
 
 class JobInterrupted(JobStopped):
@@ -55,32 +60,86 @@ class JobPipeline:
         self._transcript_dir = transcript_dir
 
     def run(self, job_id: str) -> None:
-        """Run one pending job to its end (or back to pending if the service stops meanwhile)."""
-        job = self._registry.start(job_id)
+        """Run one pending job to its end (or back to pending if the service stops meanwhile).
+
+        A full disk never fails a job: each refused write waits for space (`_until_stored`), so the
+        work done is kept and the job completes once space returns (ARCHITECTURE.md, "Durability").
+        """
+        try:
+            job = self._until_stored(job_id, lambda: self._registry.start(job_id), show=False)
+        except JobStopped:
+            return  # cancelled, or the service stopping, before the full disk let it start: it never ran
         if job is None:
             return
         log.info("job %s in_progress (attempt %d)", job_id, job.attempts)
         try:
             result = self._transcribe(job)
             self._advance(job_id, JobStage.WRITING, language=result.get("language"))
-            try:
-                write_transcripts(result, self._transcript_dir, job_id)
-            except OSError as exc:
-                raise WriteFailed(exc) from exc
-            self._registry.finish(job_id, JobStatus.COMPLETED)
+            # StorageFull waits for space; WriteFailed (a read-only directory, say) fails the job.
+            self._until_stored(job_id, lambda: write_transcripts(result, self._transcript_dir, job_id))
+            self._until_stored(job_id, lambda: self._registry.finish(job_id, JobStatus.COMPLETED))
         # Stops are JobStopped, a BaseException: only these two handlers see them, never the ones below.
         except JobCancelled:
             pass  # the registry recorded it; its files go below
         except JobInterrupted:
-            self._registry.put_back(job_id)
+            self._put_back(job_id)
         except ServiceError as exc:  # invalid audio, the model unavailable, a failed write: the job's reason
-            self._registry.finish(job_id, JobStatus.FAILED, exc.code, str(exc))
+            self._fail(job_id, exc.code, str(exc))
         except Exception as exc:  # a worker thread must survive any job, and the job must end
             log.exception("job %s crashed", job_id)
-            message = f"{type(exc).__name__}: {scrub_paths(str(exc))}"
-            self._registry.finish(job_id, JobStatus.FAILED, "transcription_failed", message)
+            self._fail(job_id, "transcription_failed", f"{type(exc).__name__}: {scrub_paths(str(exc))}")
         finally:
             self._release(job_id)
+
+    def _fail(self, job_id: str, code: str, message: str) -> None:
+        """Record the job's failure, waiting for disk space if need be."""
+        try:
+            self._until_stored(job_id, lambda: self._registry.finish(job_id, JobStatus.FAILED, code, message))
+        except JobCancelled:
+            pass
+        except JobInterrupted:  # still full at the stop: the store keeps it running, and a restart runs it again
+            log.warning("job %s failed (%s) but could not be recorded before the service stopped", job_id, code)
+
+    def _put_back(self, job_id: str) -> None:
+        try:
+            self._registry.put_back(job_id)
+        except StorageFull as exc:  # the store keeps it running: the next start queues it again (crash_rule.py)
+            log.warning("job %s could not be put back to pending: %s", job_id, exc)
+
+    def _until_stored(self, job_id: str, step: Callable[[], T], *, show: bool = True) -> T:
+        """Run `step`; while the disk is full (StorageFull) try again, with a bounded backoff, until it is stored.
+
+        Meanwhile the job shows the stage `waiting_for_storage` (if `show`). JobInterrupted if the
+        service stops first, JobCancelled if the job is cancelled: the stored record is then the last
+        one the disk took, and nothing in memory went ahead of it (the registry writes first).
+        """
+        delay, waiting = STORAGE_RETRY_FIRST_S, False
+        while True:
+            try:
+                done = step()
+            except StorageFull as exc:
+                if not waiting:
+                    log.warning("job %s waits for disk space: %s", job_id, exc)
+                    if show:
+                        self._show_waiting(job_id)
+                    waiting = True
+            else:
+                if waiting:
+                    log.info("job %s goes on: the disk took its write", job_id)
+                return done
+            if self._registry.wait_until_ended(job_id, delay):  # woken early by a cancel or the stop
+                raise JobCancelled(job_id)
+            if not self._registry.accepting:
+                raise JobInterrupted(job_id)
+            delay = min(2 * delay, STORAGE_RETRY_MAX_S)
+
+    def _show_waiting(self, job_id: str) -> None:
+        # Stored while the store still takes writes (only the transcript files were refused), so a
+        # restart knows the job ran no model step and does not charge it (crash_rule.py).
+        try:
+            self._registry.update(job_id, stage=JobStage.WAITING_FOR_STORAGE)
+        except StorageFull:
+            self._registry.update(job_id, persist=False, stage=JobStage.WAITING_FOR_STORAGE)
 
     def _transcribe(self, job: Job) -> dict[str, Any]:
         def check() -> None:  # polled while ffmpeg runs, and before every decoder step
@@ -121,7 +180,7 @@ class JobPipeline:
     def _advance(self, job_id: str, stage: JobStage, **changes: Any) -> None:
         if not self._registry.accepting:
             raise JobInterrupted(job_id)
-        self._registry.update(job_id, stage=stage, **changes)
+        self._until_stored(job_id, lambda: self._registry.update(job_id, stage=stage, **changes))
         log.info("job %s %s", job_id, stage.value)
 
     def _release(self, job_id: str) -> None:
@@ -142,6 +201,7 @@ class _Progress:
         self._persisted = 0.0
         self._processed = 0.0
         self._resumable_seek = 0  # the furthest window saved for a resume
+        self._resume_refused = False  # the disk was full at the last save (logged once)
 
     def on_window(self, window: Window) -> None:
         """Record the decoder's position; save the resume state; raise to stop the job here."""
@@ -161,12 +221,24 @@ class _Progress:
         # segments. A cancelled job's file goes with its other files when the pipeline ends.
         if window.seek > self._resumable_seek:
             self._resumable_seek = window.seek
-            try:
-                save_resume(self._transcript_dir, self._job_id, window)
-            except OSError as exc:
-                # The transcript could not be written either: fail now, not after the whole file.
-                raise WriteFailed(exc) from exc
-        self._registry.update(self._job_id, persist=persist, **changes)  # JobCancelled stops the job here
+            self._save_resume(window)  # WriteFailed: the transcript could not be written either, fail now
+        try:
+            self._registry.update(self._job_id, persist=persist, **changes)  # JobCancelled stops the job here
+        except StorageFull:
+            # Progress may run ahead of its stored record, as between persists; the status never does.
+            self._registry.update(self._job_id, persist=False, **changes)
         # Checked after saving: a stopped job resumes at exactly this window.
         if not self._registry.accepting:
             raise JobInterrupted(self._job_id)
+
+    def _save_resume(self, window: Window) -> None:
+        try:
+            save_resume(self._transcript_dir, self._job_id, window)
+        except StorageFull as exc:
+            # Only a crash needs it, and a later window's state holds this one's: transcribing goes
+            # on, and the job waits for space when it writes its transcript.
+            if not self._resume_refused:
+                log.warning("job %s: resume state not saved: %s", self._job_id, exc)
+            self._resume_refused = True
+        else:
+            self._resume_refused = False

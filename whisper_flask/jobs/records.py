@@ -34,6 +34,7 @@ class JobStage(str, Enum):
     DECODING_AUDIO = "decoding_audio"
     TRANSCRIBING = "transcribing"
     WRITING = "writing"
+    WAITING_FOR_STORAGE = "waiting_for_storage"  # the disk is full; the job goes on once space returns
     DONE = "done"
 
 

@@ -3,6 +3,8 @@
 Pending and running jobs live here and in the store; ended ones only in the store. Every change is
 written to the store under the lock, so the stored record never goes back in time, and every
 answer (a JobView) is read under it, so its record and queue position belong to one moment.
+Each change is written first and made in memory only once the store has it: a write the store
+refuses (StorageFull on a full disk) raises and leaves the job as stored, never half-changed.
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ class JobRegistry:
         """Raise JobCancelled if the job has left the registry (cancelled)."""
         # Without the lock: every decoder step and every fetched chunk calls this, and the lock is
         # held across SQLite commits (fsync), so a step could wait on the disk. A dict lookup is
-        # atomic, cancel() removes the job before it commits, and a stale read is corrected by
-        # the next check.
+        # atomic, cancel() removes the job as soon as it has committed, and a stale read is
+        # corrected by the next check.
         if job_id not in self._active:
             raise JobCancelled(job_id)
 
@@ -187,11 +189,15 @@ class JobRegistry:
             return self._put(dataclasses.replace(job, **changes), persist)
 
     def finish(self, job_id: str, status: JobStatus, code: str | None = None, message: str | None = None) -> None:
-        """End a running job; a job cancelled meanwhile keeps that final state."""
+        """End a running job; a job cancelled meanwhile keeps that final state.
+
+        StorageFull if the store refuses the end: the job then stays active, as stored, to be finished again.
+        """
         with self._lock:
-            job = self._active.pop(job_id, None)
+            job = self._active.get(job_id)
             if job is not None:
                 self._store.update(ended(job, status, code, message))
+                del self._active[job_id]
             self._changed.notify_all()
         if job is None:
             return
@@ -213,10 +219,11 @@ class JobRegistry:
     def cancel(self, job_id: str) -> tuple[Job, bool]:
         """Cancel a pending or running job: (its final record, whether it was pending). Ended jobs are unchanged."""
         with self._lock:
-            job = self._active.pop(job_id, None)
+            job = self._active.get(job_id)
             if job is not None:
                 cancelled = dataclasses.replace(job, status=JobStatus.CANCELLED, finished_at=utcnow(), eta_seconds=None)
-                self._store.update(cancelled)
+                self._store.update(cancelled)  # StorageFull leaves the job as it was
+                del self._active[job_id]
             self._changed.notify_all()
         if job is None:
             return self.view(job_id).job, False
@@ -224,8 +231,8 @@ class JobRegistry:
         return cancelled, job.status is JobStatus.PENDING
 
     def _put(self, job: Job, persist: bool) -> Job:
-        # Caller holds the lock.
-        self._active[job.id] = job
+        # Caller holds the lock. Stored first: if the store refuses, memory keeps what the store has.
         if persist:
             self._store.update(job)
+        self._active[job.id] = job
         return job

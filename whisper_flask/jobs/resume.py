@@ -12,6 +12,7 @@ from pathlib import Path
 
 from whisper_flask.engine.windows import Window
 from whisper_flask.files import atomic_write
+from whisper_flask.jobs.writers import transcript_writes
 
 
 def resume_path(directory: Path, job_id: str) -> Path:
@@ -20,8 +21,8 @@ def resume_path(directory: Path, job_id: str) -> Path:
 
 
 def save_resume(directory: Path, job_id: str, window: Window) -> None:
-    """Record where an unfinished job's transcription stands, atomically (temp file, fsync, rename)."""
-    with atomic_write(resume_path(directory, job_id)) as file:
+    """Record where an unfinished job's transcription stands, atomically; StorageFull or WriteFailed if refused."""
+    with transcript_writes(), atomic_write(resume_path(directory, job_id)) as file:
         json.dump(dataclasses.asdict(window), file)
 
 

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.exceptions import StorageFull
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
+#: SQLite's primary result codes for a disk that takes no more, SQLITE_FULL and SQLITE_IOERR (the
+#: extended codes keep them in their low byte; typeshed lacks the module's constants).
+_STORAGE_CODES = (13, 10)
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """SQLite refusing a write for want of space (SQLITE_FULL) or by an I/O error raises StorageFull; others pass."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in _STORAGE_CODES:
+            raise StorageFull(f"the job database cannot be written: {exc}") from exc
+        raise
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -32,6 +49,10 @@ class SqliteJobStore:
         # One connection, serialised by a lock: writes are tiny, and one writer
         # is what SQLite allows anyway, so no "database is locked" retries.
         self._lock = threading.Lock()
+        with storage_errors():
+            self._create(path)
+
+    def _create(self, path: Path) -> None:
         self._db = connect(path)
         self._db.execute(
             f"CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, {', '.join(_FIELDS)},"
@@ -51,9 +72,15 @@ class SqliteJobStore:
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_at)")
 
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        # The connection alone, and a full disk as StorageFull (507, and the pipeline waits for space).
+        with self._lock, storage_errors():
+            yield
+
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
-        with self._lock:
+        with self._using():
             cursor = self._db.execute(
                 f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
                 _values(job),
@@ -62,7 +89,7 @@ class SqliteJobStore:
 
     def update(self, job: Job) -> None:
         """Replace a job's stored record with this one; an ended job's notifications join the outbox with it."""
-        with self._lock:
+        with self._using():
             # One transaction: no crash can leave an ended job without its notifications.
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -87,7 +114,7 @@ class SqliteJobStore:
 
     def due_notifications(self, now: str, limit: int) -> list[Notification]:
         """Each key's soonest notification whose time has come (with its `owner`), soonest first."""
-        with self._lock:
+        with self._using():
             # One row per key, so that one key's backlog never hides another key's notification.
             rows = self._db.execute(
                 "SELECT id, job_id, kind, target, state, attempts, next_attempt_at, last_error, delivered_at, owner"
@@ -100,13 +127,13 @@ class SqliteJobStore:
 
     def notifications(self, job_id: str) -> list[Notification]:
         """A job's notifications, webhook first."""
-        with self._lock:
+        with self._using():
             rows = self._db.execute("SELECT * FROM notifications WHERE job_id = ? ORDER BY kind DESC", (job_id,))
             return [_notification(row) for row in rows.fetchall()]
 
     def record_attempt(self, notification: Notification) -> None:
         """Store a notification's state after an attempt."""
-        with self._lock:
+        with self._using():
             self._db.execute(
                 "UPDATE notifications SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
                 " delivered_at = ? WHERE id = ?",
@@ -116,7 +143,7 @@ class SqliteJobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
-        with self._lock:
+        with self._using():
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
@@ -130,7 +157,7 @@ class SqliteJobStore:
             conditions.append("owner = ?")
             args.append(owner)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        with self._lock:
+        with self._using():
             rows = self._db.execute(
                 f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
             ).fetchall()
@@ -138,13 +165,13 @@ class SqliteJobStore:
 
     def jobs_per_owner(self) -> dict[str | None, int]:
         """How many jobs each key has on record."""
-        with self._lock:
+        with self._using():
             rows = self._db.execute("SELECT owner, COUNT(*) FROM jobs GROUP BY owner").fetchall()
         return {row[0]: row[1] for row in rows}
 
     def unfinished(self) -> list[Job]:
         """Jobs left pending or in progress, oldest first."""
-        with self._lock:
+        with self._using():
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
                 (JobStatus.PENDING.value, JobStatus.IN_PROGRESS.value),
@@ -153,7 +180,7 @@ class SqliteJobStore:
 
     def finished_before(self, cutoff: str) -> list[Job]:
         """Jobs that ended before cutoff and have not expired yet."""
-        with self._lock:
+        with self._using():
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND finished_at < ? AND expired_at IS NULL",
                 (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value, cutoff),
@@ -162,19 +189,19 @@ class SqliteJobStore:
 
     def mark_expired(self, job_id: str, moment: str) -> None:
         """Record that an ended job's files were deleted at `moment`."""
-        with self._lock:
+        with self._using():
             self._db.execute("UPDATE jobs SET expired_at = ? WHERE id = ?", (moment, job_id))
 
     def forget_expired_before(self, cutoff: str) -> int:
         """Delete the records of jobs that expired before cutoff; return how many."""
-        with self._lock:
+        with self._using():
             forgotten = self._db.execute("DELETE FROM jobs WHERE expired_at < ?", (cutoff,)).rowcount
             self._db.execute("DELETE FROM notifications WHERE job_id NOT IN (SELECT id FROM jobs)")
             return forgotten
 
     def close(self) -> None:
         """Close the connection."""
-        with self._lock:
+        with self._using():
             self._db.close()
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from whisper.utils import get_writer
 
-from whisper_flask.files import atomic_write
+from whisper_flask.exceptions import StorageFull, WriteFailed
+from whisper_flask.files import atomic_write, disk_full
 
 #: Download format -> MIME type (werkzeug appends "; charset=utf-8" to the text/ ones).
 FORMATS = {
@@ -25,10 +27,24 @@ def transcript_path(directory: Path, job_id: str, fmt: str) -> Path:
     return directory / f"{job_id}.{fmt}"
 
 
+@contextlib.contextmanager
+def transcript_writes() -> Iterator[None]:
+    """A refused write in TRANSCRIPT_DIR raises StorageFull if the disk is full (space may return), else WriteFailed."""
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc):
+            raise StorageFull(f"the transcript directory is full: {exc.strerror}") from exc
+        raise WriteFailed(exc) from exc
+
+
 def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> None:
-    """Write every format, then rename them all into place: no reader sees half a file."""
+    """Write every format, then rename them all into place: no reader sees half a file.
+
+    StorageFull or WriteFailed if the directory refuses (transcript_writes).
+    """
     # The renames run as the stack unwinds, after the last format is written; a failure removes them all.
-    with contextlib.ExitStack() as stack:
+    with transcript_writes(), contextlib.ExitStack() as stack:
         for fmt in FORMATS:
             file = stack.enter_context(atomic_write(transcript_path(directory, job_id, fmt)))
             get_writer(fmt, str(directory)).write_result(result, file=file, options={})

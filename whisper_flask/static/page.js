@@ -13,6 +13,7 @@
     decoding_audio: "Decoding audio",
     transcribing: "Transcribing",
     writing: "Writing the transcript",
+    waiting_for_storage: "Waiting for disk space",
     done: "Done",
   };
   const STATUSES = { completed: "Done", failed: "Failed", cancelled: "Cancelled", pending: "Queued", in_progress: "Working" };
