@@ -26,11 +26,12 @@ from tests.servers import free_port
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.engine.options import TranscribeOptions
-from whisper_flask.exceptions import TooManyNotifications
+from whisper_flask.exceptions import StorageFull, TooManyNotifications
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus, ended, utcnow
 from whisper_flask.jobs.serialize import transcript_link
 from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.notify.notifier import POLL_S
 from whisper_flask.notify.quota import NotifyQuota
 from whisper_flask.settings import ConfigError
 
@@ -472,3 +473,19 @@ def test_the_outbox_offers_each_key_s_soonest_notification_so_no_backlog_hides_a
         assert [(n.owner, n.kind.value) for n in due] == [("a", "webhook"), ("b", "webhook")]
     finally:
         store.close()
+
+
+def test_a_webhook_whose_attempt_cannot_be_recorded_is_not_sent_again_at_every_round(
+    make_app: Callable[..., Flask], receiver: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = receiver([])
+    client = make_app(**FAST_RETRIES).test_client()
+
+    def disk_full(store: SqliteJobStore, notification: Any) -> None:
+        raise StorageFull("database or disk is full")
+
+    monkeypatch.setattr(SqliteJobStore, "record_attempt", disk_full)
+    submit(client, FIXTURES / "fox.wav", callback_url=hook.url)
+    eventually(lambda: len(hook.calls) == 1, timeout=30, message="the webhook was never sent")
+    time.sleep(3 * POLL_S)  # three dispatcher rounds, each of which would have sent it again
+    assert len(hook.calls) == 1

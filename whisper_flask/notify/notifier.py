@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from whisper_flask.exceptions import StorageFull
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import DeliveryState, Job, Notification, NotificationKind, iso, utcnow
 from whisper_flask.notify import messages
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MAX_DELAY_S = 3600.0
 POLL_S = 1.0
+#: How long an attempt that could not be recorded (a full disk) waits before it is made again.
+RECORD_RETRY_S = 60.0
 STOP_TIMEOUT_S = 60.0  # an attempt is bounded (30 s for a webhook, SMTP's timeout for an e-mail)
 DUE_LIMIT = 1000  # keys looked at per round: each key's soonest notification only
 
@@ -84,6 +87,9 @@ class Notifier:
         self._in_flight: dict[int, str | None] = {}
         self._freed = False
         self._served: dict[str | None, int] = {}  # when each key with due notifications was last handed one
+        # Attempts made but not recorded (the store's disk is full): not handed again before this time, so a
+        # full disk repeats a webhook once every RECORD_RETRY_S instead of at every round.
+        self._unrecorded: dict[int, float] = {}
         self._turns = itertools.count(1)
 
     @property
@@ -123,7 +129,12 @@ class Notifier:
             busy = set(self._in_flight.values())
         if free <= 0:
             return 0
-        due = [n for n in self._store.due_notifications(utcnow(), DUE_LIMIT) if n.owner not in busy]
+        now = time.monotonic()
+        due = [
+            n
+            for n in self._store.due_notifications(utcnow(), DUE_LIMIT)
+            if n.owner not in busy and self._unrecorded.get(n.id, 0.0) <= now
+        ]
         with self._changed:
             # Keys with nothing due are forgotten: the table stays as small as the keys that compete.
             self._served = {n.owner: self._served.get(n.owner, 0) for n in due} | {
@@ -152,6 +163,10 @@ class Notifier:
             try:
                 if not self._stopping.is_set():  # else it stays pending in the outbox for the next start
                     self._attempt(notification)
+                self._unrecorded.pop(notification.id, None)
+            except StorageFull:
+                self._unrecorded[notification.id] = time.monotonic() + RECORD_RETRY_S
+                log.warning("notification %d: the attempt could not be recorded (storage full)", notification.id)
             except Exception:  # the store may be closing; the notification is still due there
                 log.exception("notification %d: the attempt could not be recorded", notification.id)
             finally:
