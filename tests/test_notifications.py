@@ -486,6 +486,6 @@ def test_a_webhook_whose_attempt_cannot_be_recorded_is_not_sent_again_at_every_r
 
     monkeypatch.setattr(SqliteJobStore, "record_attempt", disk_full)
     submit(client, FIXTURES / "fox.wav", callback_url=hook.url)
-    eventually(lambda: len(hook.calls) == 1, timeout=30, message="the webhook was never sent")
+    eventually(lambda: len(hook.calls) >= 1, timeout=30, message="the webhook was never sent")
     time.sleep(3 * POLL_S)  # three dispatcher rounds, each of which would have sent it again
     assert len(hook.calls) == 1
