@@ -54,11 +54,15 @@ class JobPipeline:
         self._upload_dir = upload_dir
         self._transcript_dir = transcript_dir
 
-    def run(self, job_id: str) -> None:
-        """Run one pending job to its end (or back to pending if the service stops meanwhile)."""
-        job = self._registry.start(job_id)
+    def run(self, ticket: str) -> None:
+        """Run the pending job whose turn it is to its end (or back to pending if the service stops meanwhile).
+
+        `ticket` is the id of the job whose arrival made this run; the registry chooses which job starts.
+        """
+        job = self._registry.start_next()
         if job is None:
             return
+        job_id = job.id
         log.info("job %s in_progress (attempt %d)", job_id, job.attempts)
         try:
             result = self._transcribe(job)
