@@ -32,9 +32,31 @@ def post_worker_init(worker: Any) -> None:
     from whisper_flask.extension import get_service
 
     if isinstance(worker.wsgi, Flask):  # not gunicorn's error app, when wsgi.py failed to load
+        worker.wsgi.wsgi_app = close_when_the_app_says(worker.wsgi.wsgi_app)  # type: ignore[method-assign]
         service = get_service(worker.wsgi)
         service.start()
         stop_waiting_on_sigterm(worker, service.drain)
+
+
+def close_when_the_app_says(app: Any) -> Any:
+    """Close the connection after a response whose app said `Connection: close` (gunicorn drops that header).
+
+    The app says so when it answers before reading the whole body (whisper_flask/api/body.py): the
+    rest of the body is still on the connection, and gunicorn would otherwise announce keep-alive,
+    drain 64 KiB and then close it under a client that sends its next request there.
+    """
+
+    def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if any(name.lower() == "connection" and value.lower() == "close" for name, value in headers):
+                # gunicorn's start_response is its Response's method; force_close() makes it send
+                # `Connection: close` and close the connection after this response.
+                getattr(getattr(start_response, "__self__", None), "force_close", lambda: None)()
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wrapped
 
 
 def stop_waiting_on_sigterm(worker: Any, drain: Any) -> None:

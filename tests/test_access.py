@@ -150,7 +150,7 @@ def test_each_key_has_a_fair_share_of_the_queue(
     assert (refused.status_code, refused.get_json()["code"]) == (429, "too_many_jobs")
     assert int(refused.headers["Retry-After"]) >= 1
     accepted = upload(bob).get_json()
-    assert accepted["queue_position"] == 2, "queue positions are global: one of alice's jobs waits ahead"
+    assert accepted["queue_position"] == 1, "round-robin: bob's first job starts before alice's second"
 
 
 def test_wrong_keys_from_one_address_are_slowed_down(make_app: Callable[..., Flask], keyed: Callable[..., Any]) -> None:

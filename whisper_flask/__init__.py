@@ -19,6 +19,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     with the server (deploy/gunicorn.conf.py) or at the first request.
     """
     from whisper_flask.api import describe, health, jobs, openai_audio, page, transcription
+    from whisper_flask.api.body import BodyGuard
     from whisper_flask.api.errors import register_error_handlers
     from whisper_flask.api.uploads import UploadRequest
     from whisper_flask.audio.subprocesses import media_tool
@@ -38,6 +39,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     app.config.update(settings.to_config())  # Flask reads MAX_CONTENT_LENGTH; everything else reads `settings`
     configure_logging(settings.LOG_DIR, app.name)
 
+    app.wsgi_app = BodyGuard(app.wsgi_app, settings.BODY_TIMEOUT_S)  # type: ignore[method-assign]
     if proxies := settings.PROXY_FIX:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies, x_prefix=proxies

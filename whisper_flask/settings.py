@@ -76,6 +76,13 @@ class Settings:
     )
     MAX_QUEUED_JOBS: int = _setting(100, "pending + running; beyond it uploads get 503 with `Retry-After`", low=1)
     MAX_UPLOAD_MB: int = _setting(1024, "larger bodies get 413", low=1)
+    BODY_TIMEOUT_S: float = _setting(
+        60,
+        "a request body must arrive within this, plus 1 s per 16 KiB received; slower ones get 408"
+        " `body_timeout` and the connection closes",
+        low=0,
+        above=True,
+    )
     MAX_AUDIO_HOURS: float = _setting(
         12, "longer audio is refused when probed (400 `audio_too_long`)", low=0, above=True
     )

@@ -77,9 +77,10 @@ def _answer(task: Task) -> Response:
     service = get_service()
     who = principal()
     service.check_capacity(who)  # before the body is read, as on /upload
+    # The slot only once the body is here: a slow sender must not hold a place it is not waiting in.
+    file = receive_upload()
     give_back = service.hold_wait_slot()  # each request holds an HTTP thread until its job ends
     try:
-        file = receive_upload()
         form = request.form
         service.resolve_model(form.get("model") or _missing("model"))
         fmt = _one_of(form, "response_format", RESPONSE_FORMATS, "json")

@@ -93,7 +93,11 @@ def _file_part() -> FileStorage:
 def _raw_body() -> FileStorage:
     # request.stream stops at Content-Length, or at MAX_CONTENT_LENGTH (413) for a chunked body.
     stream = incoming_file()
-    shutil.copyfileobj(request.stream, stream, RAW_CHUNK_BYTES)
+    try:
+        shutil.copyfileobj(request.stream, stream, RAW_CHUNK_BYTES)
+    except BaseException:  # a body past its time (408) or a full disk: the unnamed file goes now
+        stream.close()
+        raise
     return FileStorage(stream, filename=request.args.get("filename") or "audio", content_type=request.mimetype)
 
 

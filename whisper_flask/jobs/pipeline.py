@@ -59,18 +59,22 @@ class JobPipeline:
         self._upload_dir = upload_dir
         self._transcript_dir = transcript_dir
 
-    def run(self, job_id: str) -> None:
-        """Run one pending job to its end (or back to pending if the service stops meanwhile).
+    def run(self, ticket: str) -> None:
+        """Run the pending job whose turn it is to its end (or back to pending if the service stops meanwhile).
 
+        `ticket` is the id of the job whose arrival made this run; the registry chooses which job starts.
         A full disk never fails a job: each refused write waits for space (`_until_stored`), so the
         work done is kept and the job completes once space returns (ARCHITECTURE.md, "Durability").
         """
         try:
-            job = self._until_stored(job_id, lambda: self._registry.start(job_id), show=False)
+            # Not ended by the ticket's job ending: another run may have started it, and this run then
+            # owes the start to the job that run's ticket was for.
+            job = self._until_stored(ticket, self._registry.start_next, show=False, cancellable=False)
         except JobStopped:
-            return  # cancelled, or the service stopping, before the full disk let it start: it never ran
+            return  # the service stopping before the full disk let a job start: it stays pending
         if job is None:
             return
+        job_id = job.id
         log.info("job %s in_progress (attempt %d)", job_id, job.attempts)
         try:
             result = self._transcribe(job)
@@ -106,7 +110,7 @@ class JobPipeline:
         except StorageFull as exc:  # the store keeps it running: the next start queues it again (crash_rule.py)
             log.warning("job %s could not be put back to pending: %s", job_id, exc)
 
-    def _until_stored(self, job_id: str, step: Callable[[], T], *, show: bool = True) -> T:
+    def _until_stored(self, job_id: str, step: Callable[[], T], *, show: bool = True, cancellable: bool = True) -> T:
         """Run `step`; while the disk is full (StorageFull) try again, with a bounded backoff, until it is stored.
 
         Meanwhile the job shows the stage `waiting_for_storage` (if `show`). JobInterrupted if the
@@ -127,7 +131,9 @@ class JobPipeline:
                 if waiting:
                     log.info("job %s goes on: the disk took its write", job_id)
                 return done
-            if self._registry.wait_until_ended(job_id, delay):  # woken early by a cancel or the stop
+            if not cancellable:
+                time.sleep(delay)
+            elif self._registry.wait_until_ended(job_id, delay):  # woken early by a cancel or the stop
                 raise JobCancelled(job_id)
             if not self._registry.accepting:
                 raise JobInterrupted(job_id)

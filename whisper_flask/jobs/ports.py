@@ -56,13 +56,18 @@ class JobStore(Protocol):
 
 
 class JobRunner(Protocol):
-    """Where an accepted job is handed to be run; `run(job_id)` takes it from pending to its end."""
+    """Where accepted jobs are handed to run: one ticket per job, run by `run(ticket)` when a worker is free.
+
+    The ticket is the id of the job whose arrival it stands for, but `run` starts the pending job
+    whose turn it is, as the registry chooses at that moment (round-robin over keys, rotation.py);
+    so the runner's own queue order never decides which job runs.
+    """
 
     def start(self, run: Callable[[str], None]) -> None:
-        """Begin taking jobs; each handed job is run by calling `run` with its id."""
+        """Begin taking tickets; each is run by calling `run` with it, once a worker is free."""
 
     def submit(self, job_id: str) -> None:
-        """Hand over a pending job (already durable); after stop() it waits for the next start."""
+        """Hand over a ticket for a pending job (already durable); after stop() it waits for the next start."""
 
     def stop(self) -> None:
         """Stop taking jobs and wait for the running ones to return."""

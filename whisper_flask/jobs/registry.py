@@ -10,6 +10,7 @@ refuses (StorageFull on a full disk) raises and leaves the job as stored, never 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from whisper_flask.jobs.admission import QueueLimits
 from whisper_flask.jobs.crash_rule import after_crash, may_start, suspects
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, ended, pending_again, utcnow
+from whisper_flask.jobs.rotation import start_order
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ class JobRegistry:
 
     def __init__(self, store: JobStore, capacity: int, per_owner: int) -> None:
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a job ended or left: an isolated one may start
+        self._changed = threading.Condition(self._lock)  # a job came, ended or left: the next one may start
         self._active: dict[str, Job] = {}
+        self._starts = itertools.count()
+        self._last_start: dict[str | None, int] = {}  # each key's turn in the rotation (rotation.py)
         self._store = store
         self._limits = QueueLimits(capacity, per_owner)
         self._open = False
@@ -83,6 +87,7 @@ class JobRegistry:
             self._refuse_if_full(job.owner)  # again: another upload may have taken the last place meanwhile
             job = dataclasses.replace(job, seq=self._store.insert(job))
             self._active[job.id] = job
+            self._changed.notify_all()  # it may come before a job that waits to start isolated
             return self._view(job)
 
     def recover(self) -> tuple[list[str], list[Job]]:
@@ -124,7 +129,8 @@ class JobRegistry:
         """Jobs newest first (of one owner only, unless None), the active ones with their live state."""
         stored = self._store.list_jobs(status, owner, limit, offset)
         with self._lock:
-            return [self._view(self._active.get(job.id, job)) for job in stored]
+            positions = self._positions()
+            return [self._view(self._active.get(job.id, job), positions) for job in stored]
 
     def counts(self) -> QueueCounts:
         """Pending and running jobs now, and the capacity."""
@@ -134,25 +140,37 @@ class JobRegistry:
             statuses.count(JobStatus.PENDING), statuses.count(JobStatus.IN_PROGRESS), self._limits.capacity
         )
 
-    def _view(self, job: Job) -> JobView:
+    def _view(self, job: Job, positions: dict[str, int] | None = None) -> JobView:
         # Caller holds the lock.
         if job.status is not JobStatus.PENDING or job.id not in self._active:
             return JobView(job)
-        ahead = sum(1 for other in self._active.values() if other.status is JobStatus.PENDING and other.seq < job.seq)
-        return JobView(job, ahead + 1)
+        return JobView(job, (self._positions() if positions is None else positions)[job.id])
+
+    def _start_order(self) -> list[Job]:
+        # Caller holds the lock.
+        pending = (job for job in self._active.values() if job.status is JobStatus.PENDING)
+        return start_order(pending, self._last_start)
+
+    def _positions(self) -> dict[str, int]:
+        # Caller holds the lock. A pending job's queue position is its place in the order in which jobs start.
+        return {job.id: position for position, job in enumerate(self._start_order(), 1)}
 
     # -- a job's life ---------------------------------------------------------------------
 
-    def start(self, job_id: str) -> Job | None:
-        """Mark a pending job as running (one more attempt); None if it was cancelled or the registry closed.
+    def start_next(self) -> Job | None:
+        """Mark the pending job whose turn it is as running (one more attempt); None if none is pending or closed.
 
-        An isolated job waits until nothing else runs, and nothing starts beside it.
+        Jobs start in their queue order (rotation.py): round-robin over keys. An isolated job waits
+        until nothing else runs, nothing starts beside it, and the jobs after it wait their turn.
         """
         with self._lock:
             while True:
-                job = self._active.get(job_id)
-                if job is None or job.status is not JobStatus.PENDING or not self._open:
-                    return None  # cancelled while queued, or stopping: it stays pending in the store
+                if not self._open:
+                    return None  # stopping: pending jobs stay pending in the store
+                order = self._start_order()
+                if not order:
+                    return None  # its job was cancelled while queued, or another thread started it
+                job = order[0]
                 if may_start(job, self._active.values()):  # an isolated job runs alone (crash_rule.py)
                     break
                 self._changed.wait()
@@ -163,7 +181,9 @@ class JobRegistry:
                 started_at=utcnow(),
                 attempts=job.attempts + 1,
             )
-            return self._put(job, persist=True)
+            job = self._put(job, persist=True)
+            self._last_start[job.owner] = next(self._starts)
+            return job
 
     def wait_until_ended(self, job_id: str, timeout: float | None) -> bool:
         """Wait at most `timeout` s for the job to end or the registry to close; whether the job ended."""

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 class PoolRunner:
-    """Runs handed jobs on at most `workers` threads; the queue in front of them is the executor's."""
+    """Runs handed tickets on at most `workers` threads; which job a free thread starts is the registry's choice."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -18,12 +18,12 @@ class PoolRunner:
         self._run: Callable[[str], None] | None = None
 
     def start(self, run: Callable[[str], None]) -> None:
-        """Start the pool; each handed job runs as `run(job_id)` on one of its threads."""
+        """Start the pool; each handed ticket runs as `run(job_id)` on the next free thread."""
         self._run = run
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="whisper-job")
 
     def submit(self, job_id: str) -> None:
-        """Queue a job for the next free thread."""
+        """Queue a ticket for the next free thread (the executor's queue holds tickets, not an order of jobs)."""
         assert self._executor is not None and self._run is not None  # the registry takes jobs only once started
         try:
             self._executor.submit(self._run, job_id)
