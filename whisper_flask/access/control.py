@@ -20,6 +20,7 @@ from pathlib import Path
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.exceptions import LinkExpired, LinkRefused, MissingKey, TooManyFailures, Unauthenticated
 from whisper_flask.files import atomic_write
+from whisper_flask.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,28 @@ class LinkSigner:
         return hmac.new(self._secret, f"{job_id}\n{fmt}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
+#: The signing secret's length in bytes (256 bits).
+SECRET_BYTES = 32
+
+
 def _secret(path: Path) -> bytes:
-    """The signing secret, made once (32 random bytes, readable by the service's user only)."""
+    """The signing secret, made once (32 random bytes, readable by the service's user only).
+
+    A secret of any other length refuses the start (ConfigError): an empty one, left by a full
+    disk, would sign every link with a key that anyone can compute.
+    """
     try:
         with atomic_write(path, "wb", replace=False) as file:
-            file.write(secrets.token_bytes(32))
+            file.write(secrets.token_bytes(SECRET_BYTES))
     except FileExistsError:  # made by an earlier start, or by another worker just now
         pass
-    return path.read_bytes()
+    secret = path.read_bytes()
+    if len(secret) != SECRET_BYTES:
+        raise ConfigError(
+            f"{path} holds {len(secret)} bytes, not {SECRET_BYTES}: delete it and start again to make a new one"
+            " (every signed link and webhook secret handed out so far then stops working)"
+        )
+    return secret
 
 
 class AccessControl:
