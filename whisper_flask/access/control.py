@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 #: The key `ensure_first_key` makes on a first start.
 FIRST_KEY_NAME = "admin"
+#: What a start says when keys exist but none works (never a secret).
+NO_ACTIVE_KEY = (
+    "every API key is revoked, so every request is refused; make one with:"
+    " flask --app whisper_flask keys create --name NAME [--admin]"
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class AccessControl:
         return Principal(key.name, key.admin)
 
     def announce(self) -> None:
-        """At start: warn that the API is open, or make the first admin key and show it in the log once."""
+        """At start: warn that the API is open, show a first start's new admin key once, or warn that no key works."""
         if not self.enabled:
             log.warning("WHISPER_FLASK_AUTH=off: the API is open to anyone who can reach it")
             return
@@ -171,13 +176,15 @@ class AccessControl:
                 secret,
                 "=" * 78,
             )
+        elif not self.keys.any_active():
+            log.warning(NO_ACTIVE_KEY)
 
     def ensure_first_key(self) -> str | None:
-        """With auth on and no active key, make an admin key and return its secret (else None)."""
-        if not self.enabled or self.keys.any_active():
+        """On a first start (auth on, no key ever made), make an admin key and return its secret; else None.
+
+        Once keys have existed, revoking them all makes no new one: a start must not hand a fresh admin
+        key to whoever reads the log. `flask keys create` is the way back in.
+        """
+        if not self.enabled or self.keys.keys():
             return None
-        name, number = FIRST_KEY_NAME, 1
-        while name in {key.name for key in self.keys.keys()}:
-            number += 1
-            name = f"{FIRST_KEY_NAME}-{number}"
-        return self.keys.create(name, admin=True)
+        return self.keys.create(FIRST_KEY_NAME, admin=True)

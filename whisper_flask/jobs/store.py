@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.files import FILE_MODE, create_private
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
@@ -17,6 +18,11 @@ _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open jobs.sqlite3 the way both the job store and the key store need it."""
+    # Made 0600 before SQLite opens it: SQLite gives -wal and -shm the database file's mode.
+    create_private(path)
+    for journal in (path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        if journal.exists():  # left by an older version, made under the umask
+            journal.chmod(FILE_MODE)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA busy_timeout = 5000")  # the other store writes to the same file

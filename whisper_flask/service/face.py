@@ -98,7 +98,7 @@ class TranscriptionService:
         return self._parts.keys.create(name, admin=admin)
 
     def ensure_first_key(self) -> str | None:
-        """With auth on and no active key, make an admin key and return its secret (else None)."""
+        """On a first start (auth on, no key ever made), make an admin key and return its secret (else None)."""
         return self._parts.access.ensure_first_key()
 
     def keys(self) -> list[ApiKey]:
