@@ -234,3 +234,22 @@ def test_another_keys_active_job_is_looked_up_as_an_unknown_id_is(
     assert {answer.status_code for answer in answers.values()} == {404}
     messages = {answer.get_json()["error"].replace(job_id, "") for job_id, answer in answers.items()}
     assert messages == {"no job with id ''"}
+
+
+def test_a_signed_link_stops_opening_once_its_jobs_key_is_revoked(
+    make_app: Callable[..., Flask], keyed: Callable[..., Any]
+) -> None:
+    app = make_app()
+    alice = keyed(app, "alice")
+    link = wait_for(alice, submit(alice))["download_url"]
+    assert FlaskClient(app).get(link).status_code == 200
+    get_service(app).revoke_key("alice")
+    refused = FlaskClient(app).get(link)
+    assert (refused.status_code, refused.get_json()["code"]) == (403, "link_revoked")
+
+
+def test_a_signed_link_to_a_job_made_with_auth_off_stays_open(make_app: Callable[..., Flask]) -> None:
+    app = make_app(AUTH="off")
+    client = FlaskClient(app)
+    record = wait_for(client, submit(client))
+    assert record["owner"] is None and client.get(record["download_url"]).status_code == 200

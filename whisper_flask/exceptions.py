@@ -234,5 +234,11 @@ class LinkExpired(LinkRefused):
     code = "link_expired"
 
 
+class LinkRevoked(LinkRefused):
+    """A signed download link to a job whose key has been revoked."""
+
+    code = "link_revoked"
+
+
 class WhisperIncompatible(RuntimeError):
     """The installed openai-whisper lacks an internal the engine relies on; the service refuses to start."""

@@ -201,6 +201,13 @@ class AccessControl:
         self._throttle.fail(address)
         raise Unauthenticated("the API key is not valid")
 
+    def owner_active(self, owner: str | None) -> bool:
+        """Whether a job of `owner` may still be opened by a signed link: its key is not revoked.
+
+        With auth off, or for a job made with auth off (no owner), links stay valid.
+        """
+        return not self.enabled or owner is None or self.keys.is_active(owner)
+
     def announce(self) -> None:
         """At start: warn that the API is open, show a first start's new admin key once, or warn that no key works."""
         if not self.enabled:

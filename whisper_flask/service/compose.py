@@ -91,7 +91,7 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
         media=media,
         notifier=notifier,
         owned=owned,
-        transcripts=TranscriptReader(owned.view, signer, settings.TRANSCRIPT_DIR),
+        transcripts=TranscriptReader(owned.view, signer, access.owner_active, settings.TRANSCRIPT_DIR),
         detection=LanguageDetection(
             engine, media, registry, RequestSlots(settings.MAX_DETECTIONS, "language detections")
         ),

@@ -197,7 +197,7 @@ class TranscriptionService:
         return self._transcripts.path(job_id, fmt, principal)
 
     def transcript_by_link(self, job_id: str, fmt: str, expires: str, signature: str) -> tuple[Job, Path]:
-        """A transcript opened by a signed link instead of a key; LinkRefused or LinkExpired if it is not valid."""
+        """A transcript opened by a signed link instead of a key; LinkRefused (or a subclass) if not valid."""
         return self._transcripts.path_by_link(job_id, fmt, expires, signature)
 
     def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
