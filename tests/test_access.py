@@ -35,7 +35,7 @@ KEYS = ("none", "wrong", "revoked", "other", "own", "admin")
 
 @pytest.fixture(scope="module")
 def served(module_servers: Servers, model_dir: Path) -> dict[str, Any]:
-    """Real gunicorn on tiny.en with keys of every kind, and one completed job of 'own'."""
+    """Real gunicorn on tiny.en with keys of every kind, and completed jobs of 'own': one to read, one to delete."""
     work = module_servers.work
     keys = {name: create_key(work, name, admin=name == "admin") for name in ("own", "other", "admin", "revoked")}
     keys["wrong"] = "wf_" + "x" * 43
@@ -46,19 +46,19 @@ def served(module_servers: Servers, model_dir: Path) -> dict[str, Any]:
     assert cli.test_cli_runner().invoke(args=["keys", "revoke", "revoked"]).exit_code == 0
     get_service(cli).stop()
     own = LiveClient(port, keys["own"])
-    job_id = submit(own, FIXTURES / "fox.wav")
-    assert wait_for(own, job_id)["status"] == "completed"
-    return {"port": port, "keys": keys, "job": job_id, "work": work}
+    job_id, doomed = submit(own, FIXTURES / "fox.wav"), submit(own, FIXTURES / "fox.wav")
+    assert wait_for(own, job_id)["status"] == wait_for(own, doomed)["status"] == "completed"
+    return {"port": port, "keys": keys, "job": job_id, "doomed": doomed, "work": work}
 
 
-#: route -> (method, path with {job}, status for a key that may, status for another user's key)
+#: route -> (method, path with {job} (or {doomed}: deleted), status for a key that may, status for another user's key)
 ROUTES: dict[str, tuple[str, str, int, int]] = {
     "upload": ("POST", "/upload", 202, 202),
     "progress": ("GET", "/progress/{job}", 200, 404),
     "download": ("GET", "/download/{job}.txt", 200, 404),
     "job": ("GET", "/jobs/{job}", 200, 404),
     "jobs": ("GET", "/jobs", 200, 200),
-    "cancel": ("DELETE", "/jobs/{job}", 200, 404),
+    "delete": ("DELETE", "/jobs/{doomed}", 200, 404),
     "queue": ("GET", "/queue", 200, 200),
     "detect-language": ("POST", "/detect-language", 422, 422),  # tiny.en is English-only
     "openai models": ("GET", "/v1/models", 200, 200),
@@ -70,7 +70,8 @@ ROUTES: dict[str, tuple[str, str, int, int]] = {
 def test_each_route_answers_each_kind_of_key_as_it_should(served: dict[str, Any], route: str, key: str) -> None:
     method, path, allowed, other_user = ROUTES[route]
     client = LiveClient(served["port"], served["keys"][key] or None)
-    path = path.format(job=served["job"])
+    job_id = served["doomed" if "{doomed}" in path else "job"]
+    path = path.format(job=job_id, doomed=job_id)
     if method == "POST":
         response = upload(client, wav_bytes(1, amplitude=0), filename="quiet.wav") if route == "upload" else None
         response = response or client.post(path, data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")})
@@ -84,7 +85,7 @@ def test_each_route_answers_each_kind_of_key_as_it_should(served: dict[str, Any]
         assert code == ("missing_api_key" if key == "none" else "invalid_api_key")
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="whisper_flask"'
     if key == "other" and other_user == 404:
-        assert body == {"error": f"no job with id {served['job']!r}", "code": "job_not_found"}, "as an unknown id"
+        assert body == {"error": f"no job with id {job_id!r}", "code": "job_not_found"}, "as an unknown id"
     if route == "jobs" and expected == 200:
         owners = {job["transcription_id"]: job["owner"] for job in body["jobs"]}
         assert (served["job"] in owners) == (key in ("own", "admin"))

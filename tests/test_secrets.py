@@ -108,3 +108,27 @@ def test_only_a_first_start_makes_a_key_and_a_start_after_all_are_revoked_only_w
     assert start() == ["admin"], "no key is made once keys have existed"
     assert "every API key is revoked" in caplog.text and "keys create" in caplog.text
     assert "wf_" not in caplog.text and "wf_" not in log_file.read_text()[logged_before:]
+
+
+def test_deleting_an_ended_job_deletes_its_files_and_closes_its_links(make_app: Callable[..., Flask]) -> None:
+    app = make_app(KEEP_UPLOADS=True)
+    client = app.test_client()
+    job_id = submit(client, wav_bytes(35))
+    link = wait_for(client, job_id)["download_url"]
+    uploads, transcripts = app.config["UPLOAD_DIR"], app.config["TRANSCRIPT_DIR"]
+    assert list(uploads.iterdir()) and list(transcripts.glob(f"{job_id}.*"))
+    deleted = client.delete(f"/jobs/{job_id}")
+    assert deleted.status_code == 200 and deleted.get_json()["expired_at"] is not None
+    assert not list(uploads.iterdir()) and not list(transcripts.glob(f"{job_id}.*"))
+    for answer in (client.get(link), client.get(f"/download/{job_id}.txt"), client.get(f"/progress/{job_id}")):
+        assert (answer.status_code, answer.get_json()["code"]) == (410, "expired")
+    again = client.delete(f"/jobs/{job_id}")
+    assert again.status_code == 200 and again.get_json()["expired_at"] == deleted.get_json()["expired_at"]
+
+
+def test_deleting_a_failed_job_marks_it_deleted_too(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    job_id = submit(client, wav_bytes(5), initial_prompt="crash")
+    assert wait_for(client, job_id)["status"] == "failed"
+    assert client.delete(f"/jobs/{job_id}").status_code == 200
+    assert client.get(f"/jobs/{job_id}").status_code == 410

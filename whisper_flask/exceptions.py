@@ -137,7 +137,7 @@ class JobNotFound(ServiceError):
 
 
 class JobExpired(ServiceError):
-    """The job ended long ago and its files were deleted by the retention sweep."""
+    """The job's files were deleted: by the retention sweep, or by DELETE /jobs/<id> once it had ended."""
 
     code = "expired"
 

@@ -206,8 +206,11 @@ def openapi_document(server: str) -> dict[str, Any]:
                 parameters=[job_id],
             ),
             "delete": _operation(
-                "Cancel a job and delete its files",
-                {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
+                "Cancel a job, or delete an ended one",
+                {"200": _ok("the job", _json(job)), **_errors(401, 404)},
+                description="A pending or running job is cancelled; an ended one is marked expired, so its links"
+                " and downloads answer 410. Either way its audio, transcripts and resume state are deleted."
+                " Deleting it again returns its record.",
                 parameters=[job_id],
             ),
             "options": _operation("What may be done to a job", described, security=[], parameters=[job_id]),

@@ -18,18 +18,19 @@ class OwnedJobs:
     def __init__(self, registry: JobRegistry) -> None:
         self._registry = registry
 
-    def view(self, job_id: str, principal: Principal) -> JobView:
-        """The job as of one moment; JobNotFound for an unknown or malformed id, JobExpired once swept.
+    def view(self, job_id: str, principal: Principal, *, expired_ok: bool = False) -> JobView:
+        """The job as of one moment; JobNotFound for an unknown or malformed id, JobExpired once its files are deleted.
 
         Another key's job is JobNotFound too, with the same message: no key learns which ids exist.
+        `expired_ok` returns an expired job's record instead (deleting it again is harmless).
         """
         if not _JOB_ID.fullmatch(job_id):  # checked before any lookup
             raise JobNotFound(f"no job with id {job_id!r}")
         view = self._registry.view(job_id)
         if not principal.owns(view.job.owner):
             raise JobNotFound(f"no job with id {job_id!r}")
-        if view.job.expired_at:
-            raise JobExpired(f"job {job_id} expired at {view.job.expired_at}; its files were deleted")
+        if view.job.expired_at and not expired_ok:
+            raise JobExpired(f"job {job_id}'s files were deleted at {view.job.expired_at} (it expired or was deleted)")
         return view
 
     def views(self, status: JobStatus | None, limit: int, offset: int, principal: Principal) -> list[JobView]:
