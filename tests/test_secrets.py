@@ -119,6 +119,7 @@ def test_deleting_an_ended_job_deletes_its_files_and_closes_its_links(make_app: 
     assert list(uploads.iterdir()) and list(transcripts.glob(f"{job_id}.*"))
     deleted = client.delete(f"/jobs/{job_id}")
     assert deleted.status_code == 200 and deleted.get_json()["expired_at"] is not None
+    assert "download_url" not in deleted.get_json(), "no link to what is gone"
     assert not list(uploads.iterdir()) and not list(transcripts.glob(f"{job_id}.*"))
     for answer in (client.get(link), client.get(f"/download/{job_id}.txt"), client.get(f"/progress/{job_id}")):
         assert (answer.status_code, answer.get_json()["code"]) == (410, "expired")
