@@ -218,20 +218,24 @@ def test_health_endpoints_need_no_key_and_tell_no_state(app: Flask) -> None:
     assert anonymous.get("/readyz").get_json() == {"status": "ready"}
 
 
-def test_another_keys_active_job_is_looked_up_as_an_unknown_id_is(
+def test_another_keys_jobs_are_refused_by_the_same_lookups_as_an_unknown_id(
     make_app: Callable[..., Flask], keyed: Callable[..., Any], engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = make_app(MAX_WORKERS=1)
     alice, bob = keyed(app, "alice"), keyed(app, "bob")
+    ended = submit(alice)
+    assert wait_for(alice, ended)["status"] == "completed"
     engine.gate.clear()
     running, pending = submit(alice), submit(alice)
     assert engine.in_window.wait(10)
-    store = get_service(app).parts.store
-    reads: list[str] = []
-    read = store.get
-    monkeypatch.setattr(store, "get", lambda job_id: reads.append(job_id) or read(job_id))
-    answers = {job_id: bob.get(f"/progress/{job_id}") for job_id in (running, pending, "f" * 32)}
-    assert reads == [running, pending, "f" * 32], "each id, active or unknown, is read from the store once"
+    parts = get_service(app).parts
+    calls: list[tuple[str, str]] = []
+    for owner, name in ((parts.store, "owner"), (parts.store, "get"), (parts.registry, "view")):
+        method = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda job_id, m=method, n=name: calls.append((n, job_id)) or m(job_id))
+    ids = (running, pending, ended, "f" * 32)
+    answers = {job_id: bob.get(f"/progress/{job_id}") for job_id in ids}
+    assert calls == [("owner", job_id) for job_id in ids], "one ownership lookup each, and nothing more"
     assert {answer.status_code for answer in answers.values()} == {404}
     messages = {answer.get_json()["error"].replace(job_id, "") for job_id, answer in answers.items()}
     assert messages == {"no job with id ''"}

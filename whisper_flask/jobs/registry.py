@@ -111,12 +111,9 @@ class JobRegistry:
         """The job and its queue position, as of one moment; JobNotFound if unknown."""
         with self._lock:
             job = self._active.get(job_id)
-            active = self._view(job) if job is not None else None
-        # Read for an active job too: an active id must take as long to answer as an unknown one,
-        # or another key's running job would be told apart from a missing id by its speed.
+            if job is not None:
+                return self._view(job)
         stored = self._store.get(job_id)
-        if active is not None:
-            return active
         if stored is None:
             raise JobNotFound(f"no job with id {job_id!r}")
         return JobView(stored)

@@ -116,6 +116,13 @@ class SqliteJobStore:
                  notification.last_error, notification.delivered_at, notification.id),
             )  # fmt: skip
 
+    def owner(self, job_id: str) -> tuple[bool, str | None]:
+        """Whether a job of this id is on record, and its owner: the same one lookup whatever the answer."""
+        # An aggregate answers one row either way, so a known id and an unknown one take the same steps.
+        with self._lock:
+            count, owner = self._db.execute("SELECT count(*), max(owner) FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return count > 0, owner
+
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
         with self._lock:

@@ -76,7 +76,7 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
     )
     fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
     pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings.UPLOAD_DIR, settings.TRANSCRIPT_DIR)
-    owned = OwnedJobs(registry)
+    owned = OwnedJobs(registry, store)
     return Parts(
         settings=settings,
         engine=engine,
