@@ -18,6 +18,7 @@ from schemathesis.checks import not_a_server_error
 
 from tests.helpers import LiveClient, create_key, wait_for, wav_bytes
 from tests.servers import Servers
+from whisper_flask.api import describe
 from whisper_flask.api.fields import FIELDS, parse_options
 from whisper_flask.exceptions import InvalidOption
 
@@ -177,3 +178,12 @@ def test_no_generated_request_gets_a_server_error(served: dict[str, Any]) -> Non
     described = {f"{method.upper()} {path}" for path, method in described_routes(served)}
     assert set(sent) == described - {"GET /openapi.json"}  # Schemathesis leaves out the description's own URL
     assert sum(sent.values()) > 200, sent
+
+
+def test_the_openapi_document_is_built_once_per_app(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+    build = describe.openapi_document
+    monkeypatch.setattr(describe, "openapi_document", lambda server: built.append(server) or build(server))
+    client = app.test_client()
+    first, second = client.get("/openapi.json"), client.get("/openapi.json")
+    assert len(built) == 1 and first.get_json() == second.get_json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from flask.cli import AppGroup
 
+from whisper_flask.access.control import NO_ACTIVE_KEY
 from whisper_flask.engine.checkpoints import CheckpointError, ensure_checkpoint, installed_models
 from whisper_flask.exceptions import ApiKeyError
 from whisper_flask.extension import get_service
@@ -50,10 +51,13 @@ def create_key(name: str, admin: bool) -> None:
 
 @keys_cli.command("init")
 def init_key() -> None:
-    """Make and print an admin key if no active key exists (the installer's first key); else print nothing."""
-    secret = get_service().ensure_first_key()
+    """Make and print an admin key if no key was ever made (the installer's first key); else print nothing."""
+    service = get_service()
+    secret = service.ensure_first_key()
     if secret is not None:
         click.echo(secret)
+    elif not any(key.revoked_at is None for key in service.keys()):
+        click.echo(NO_ACTIVE_KEY, err=True)
 
 
 @keys_cli.command("list")

@@ -137,7 +137,7 @@ class JobNotFound(ServiceError):
 
 
 class JobExpired(ServiceError):
-    """The job ended long ago and its files were deleted by the retention sweep."""
+    """The job's files were deleted: by the retention sweep, or by DELETE /jobs/<id> once it had ended."""
 
     code = "expired"
 
@@ -242,6 +242,12 @@ class LinkExpired(LinkRefused):
     """A signed download link past its expiry."""
 
     code = "link_expired"
+
+
+class LinkRevoked(LinkRefused):
+    """A signed download link to a job whose key has been revoked."""
+
+    code = "link_revoked"
 
 
 class WhisperIncompatible(RuntimeError):

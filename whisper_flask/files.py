@@ -19,9 +19,22 @@ def disk_full(error: OSError) -> bool:
     return error.errno in _FULL
 
 
+#: The mode of every file the service makes: its owner's alone, whatever the process's umask.
+FILE_MODE = 0o600
+
+
+def create_private(path: Path) -> None:
+    """Make `path` if it is missing, and give it FILE_MODE either way (a file from an older version included)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_write(
-    target: Path, mode: Literal["w", "wb"] = "w", *, permissions: int = 0o600, replace: bool = True
+    target: Path, mode: Literal["w", "wb"] = "w", *, permissions: int = FILE_MODE, replace: bool = True
 ) -> Iterator[IO[Any]]:
     """A hidden file beside `target`, renamed onto it once written and fsynced; removed if the block fails.
 

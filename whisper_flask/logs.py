@@ -9,6 +9,8 @@ from typing import Any
 
 from concurrent_log_handler import ConcurrentRotatingFileHandler
 
+from whisper_flask.files import FILE_MODE
+
 _FORMAT = "%(asctime)s %(levelname)s [%(process)d:%(threadName)s] %(name)s: %(message)s"
 
 
@@ -44,7 +46,11 @@ def configure_logging(log_dir: Path, logger_name: str) -> None:
     formatter = logging.Formatter(_FORMAT)
     handlers: list[logging.Handler] = [
         logging.StreamHandler(sys.stderr),
-        ConcurrentRotatingFileHandler(str(log_dir / "whisper_flask.log"), maxBytes=10 * 1024 * 1024, backupCount=5),
+        # chmod: the log (and its lock and rotated files) are made 0600 whatever the umask; the
+        # first start's admin key is written here.
+        ConcurrentRotatingFileHandler(
+            str(log_dir / "whisper_flask.log"), maxBytes=10 * 1024 * 1024, backupCount=5, chmod=FILE_MODE
+        ),
     ]
     for handler in handlers:
         handler.setFormatter(formatter)

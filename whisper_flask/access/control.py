@@ -13,18 +13,25 @@ import math
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.exceptions import LinkExpired, LinkRefused, MissingKey, TooManyFailures, Unauthenticated
 from whisper_flask.files import atomic_write
+from whisper_flask.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
 #: The key `ensure_first_key` makes on a first start.
 FIRST_KEY_NAME = "admin"
+#: What a start says when keys exist but none works (never a secret).
+NO_ACTIVE_KEY = (
+    "every API key is revoked, so every request is refused; make one with:"
+    " flask --app whisper_flask keys create --name NAME [--admin]"
+)
 
 
 @dataclass(frozen=True)
@@ -44,40 +51,79 @@ UNRESTRICTED = Principal(None, admin=True)
 
 
 class FailureThrottle:
-    """At most `limit` wrong keys per address per minute; past it, that address waits."""
+    """At most `limit` wrong keys per address per minute; past it, that address's wrong keys wait a minute.
+
+    Only wrong keys count, and only they are held back: a valid key passes even from a blocked
+    address (offices share one NAT address; a forged X-Forwarded-For can name anyone's). The
+    throttle does not guard the keys (256 random bits are not guessed); it makes a client that
+    sends wrong keys back off. Memory is bounded by MAX_ADDRESSES entries in all.
+    """
 
     WINDOW_S = 60.0
-    #: Addresses remembered at most (one entry is a few hundred bytes); the oldest go first.
+    #: Addresses remembered at most, counting and blocked together (an entry is under 1 KB).
     MAX_ADDRESSES = 10_000
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, max_addresses: int = MAX_ADDRESSES, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._limit = limit
+        self._max = max_addresses
+        self._clock = clock
         self._lock = threading.Lock()
-        self._failures: dict[str, deque[float]] = {}
+        # Addresses under their limit: their last `limit` failure times, least recently failed first.
+        self._counting: OrderedDict[str, deque[float]] = OrderedDict()
+        # Blocked addresses and when their block ends; every block lasts WINDOW_S, so the first ends first.
+        self._blocked: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        """How many addresses are remembered."""
+        with self._lock:
+            return len(self._counting) + len(self._blocked)
 
     def check(self, address: str) -> None:
-        """Raise TooManyFailures while `address` is over its limit."""
-        now = time.monotonic()
+        """Raise TooManyFailures while `address` is blocked; remembers nothing new."""
+        now = self._clock()
         with self._lock:
-            recent = self._recent(address, now)
-            if len(recent) >= self._limit:
-                wait = math.ceil(recent[0] + self.WINDOW_S - now)
-                raise TooManyFailures(f"too many failed attempts; retry in {wait} s", retry_after=max(1, wait))
+            until = self._blocked.get(address)
+            if until is None:
+                return
+            if until <= now:
+                del self._blocked[address]
+                return
+        wait = math.ceil(until - now)
+        raise TooManyFailures(f"too many failed attempts; retry in {wait} s", retry_after=max(1, wait))
 
     def fail(self, address: str) -> None:
-        """Count a wrong key from `address`."""
-        now = time.monotonic()
+        """Count a wrong key from `address`; its `limit`-th within WINDOW_S blocks it for WINDOW_S."""
+        now = self._clock()
         with self._lock:
-            self._recent(address, now).append(now)
-            if len(self._failures) > self.MAX_ADDRESSES:
-                del self._failures[next(iter(self._failures))]
+            if self._blocked.get(address, 0.0) > now:
+                return  # blocked already: its block ends when it was going to
+            self._blocked.pop(address, None)
+            recent = self._counting.pop(address, None)
+            if recent is None:
+                self._make_room(now)
+                recent = deque(maxlen=self._limit)
+            recent.append(now)
+            if len(recent) >= self._limit and recent[0] > now - self.WINDOW_S:
+                self._blocked[address] = now + self.WINDOW_S
+            else:
+                self._counting[address] = recent  # now the most recently failed
 
-    def _recent(self, address: str, now: float) -> deque[float]:
-        # Caller holds the lock.
-        recent = self._failures.setdefault(address, deque())
-        while recent and recent[0] <= now - self.WINDOW_S:
-            recent.popleft()
-        return recent
+    def _make_room(self, now: float) -> None:
+        # Caller holds the lock. Ended blocks go first, then the least recently failed address
+        # that is not blocked (it may fail limit - 1 more times before its block: no harm).
+        while self._blocked and next(iter(self._blocked.values())) <= now:
+            self._blocked.popitem(last=False)
+        if len(self._counting) + len(self._blocked) < self._max:
+            return
+        if self._counting:
+            self._counting.popitem(last=False)
+        else:
+            # Every address remembered is blocked: MAX_ADDRESSES addresses each sent `limit` wrong
+            # keys this minute. No per-address throttle holds back a client spread that wide, and no
+            # wrong key opens anything, so the block that would end soonest is released.
+            self._blocked.popitem(last=False)
 
 
 class LinkSigner:
@@ -109,14 +155,28 @@ class LinkSigner:
         return hmac.new(self._secret, f"{job_id}\n{fmt}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
+#: The signing secret's length in bytes (256 bits).
+SECRET_BYTES = 32
+
+
 def _secret(path: Path) -> bytes:
-    """The signing secret, made once (32 random bytes, readable by the service's user only)."""
+    """The signing secret, made once (32 random bytes, readable by the service's user only).
+
+    A secret of any other length refuses the start (ConfigError): an empty one, left by a full
+    disk, would sign every link with a key that anyone can compute.
+    """
     try:
         with atomic_write(path, "wb", replace=False) as file:
-            file.write(secrets.token_bytes(32))
+            file.write(secrets.token_bytes(SECRET_BYTES))
     except FileExistsError:  # made by an earlier start, or by another worker just now
         pass
-    return path.read_bytes()
+    secret = path.read_bytes()
+    if len(secret) != SECRET_BYTES:
+        raise ConfigError(
+            f"{path} holds {len(secret)} bytes, not {SECRET_BYTES}: delete it and start again to make a new one"
+            " (every signed link and webhook secret handed out so far then stops working)"
+        )
+    return secret
 
 
 class AccessControl:
@@ -132,17 +192,24 @@ class AccessControl:
         """The principal of a request's key; Unauthenticated or TooManyFailures otherwise."""
         if not self.enabled:
             return UNRESTRICTED
-        self._throttle.check(address)  # before the lookup: a blocked address learns nothing
-        key = self.keys.authenticate(secret) if secret else None
-        if key is None:
-            self._throttle.fail(address)
-            if not secret:
-                raise MissingKey("send an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-            raise Unauthenticated("the API key is not valid")
-        return Principal(key.name, key.admin)
+        if not secret:  # not a failure: a first request, a browser before its key is entered
+            raise MissingKey("send an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        key = self.keys.authenticate(secret)
+        if key is not None:  # also from a blocked address: the block holds back wrong keys only
+            return Principal(key.name, key.admin)
+        self._throttle.check(address)
+        self._throttle.fail(address)
+        raise Unauthenticated("the API key is not valid")
+
+    def owner_active(self, owner: str | None) -> bool:
+        """Whether a job of `owner` may still be opened by a signed link: its key is not revoked.
+
+        With auth off, or for a job made with auth off (no owner), links stay valid.
+        """
+        return not self.enabled or owner is None or self.keys.is_active(owner)
 
     def announce(self) -> None:
-        """At start: warn that the API is open, or make the first admin key and show it in the log once."""
+        """At start: warn that the API is open, show a first start's new admin key once, or warn that no key works."""
         if not self.enabled:
             log.warning("WHISPER_FLASK_AUTH=off: the API is open to anyone who can reach it")
             return
@@ -156,13 +223,15 @@ class AccessControl:
                 secret,
                 "=" * 78,
             )
+        elif not self.keys.any_active():
+            log.warning(NO_ACTIVE_KEY)
 
     def ensure_first_key(self) -> str | None:
-        """With auth on and no active key, make an admin key and return its secret (else None)."""
-        if not self.enabled or self.keys.any_active():
+        """On a first start (auth on, no key ever made), make an admin key and return its secret; else None.
+
+        Once keys have existed, revoking them all makes no new one: a start must not hand a fresh admin
+        key to whoever reads the log. `flask keys create` is the way back in.
+        """
+        if not self.enabled or self.keys.keys():
             return None
-        name, number = FIRST_KEY_NAME, 1
-        while name in {key.name for key in self.keys.keys()}:
-            number += 1
-            name = f"{FIRST_KEY_NAME}-{number}"
-        return self.keys.create(name, admin=True)
+        return self.keys.create(FIRST_KEY_NAME, admin=True)

@@ -91,6 +91,12 @@ class KeyStore:
         with self._lock:
             return self._db.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
 
+    def is_active(self, name: str) -> bool:
+        """True when a key of this name exists and is not revoked."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+        return row is not None
+
     def authenticate(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, or None."""
         digest = _digest(secret)

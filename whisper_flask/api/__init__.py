@@ -24,7 +24,7 @@ def download_url(job_id: str, fmt: str) -> str:
 
 
 def _links(job: Job) -> dict[str, str]:
-    if job.status is not JobStatus.COMPLETED:
+    if job.status is not JobStatus.COMPLETED or job.expired_at:  # an expired job's links would answer 410
         return {}
     return {fmt: download_url(job.id, fmt) for fmt in FORMATS}
 

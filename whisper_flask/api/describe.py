@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import flask_swagger_ui
-from flask import Blueprint, Response, jsonify, render_template, request, send_from_directory
+from flask import Blueprint, Response, current_app, jsonify, render_template, request, send_from_directory
 from whisper.tokenizer import LANGUAGES
 
 from whisper_flask.api.fields import FIELDS
@@ -38,6 +38,8 @@ _NOTIFY_HELP = {
 #: A field the notifier parses but nobody described fails here, at import.
 NOTIFY_FIELDS = {name: {"type": "string", "description": _NOTIFY_HELP[name]} for name in TARGET_FIELDS}
 STATUS = {"type": "string", "enum": [status.value for status in JobStatus]}
+#: Where an app keeps the OpenAPI documents it has built.
+OPENAPI_EXTENSION = "whisper_flask.openapi"
 
 
 def _option_fields() -> dict[str, Any]:
@@ -81,8 +83,15 @@ def describe_job(job_id: str) -> Response:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    """The OpenAPI 3.1 description of this API."""
-    return jsonify(openapi_document(request.script_root or "/"))
+    """The OpenAPI 3.1 description of this API, built once per app (and per answer to is_multilingual)."""
+    # In app.extensions, not a module global: each app describes its own model. The model's name
+    # guesses is_multilingual until the model is loaded, so the answer is part of the key.
+    built: dict[bool, dict[str, Any]] = current_app.extensions.setdefault(OPENAPI_EXTENSION, {})
+    multilingual = get_service().is_multilingual
+    if multilingual not in built:
+        built[multilingual] = openapi_document("/")  # two threads may both build it: the same document
+    # Only the server differs between requests (a sub-path's prefix).
+    return jsonify({**built[multilingual], "servers": [{"url": request.script_root or "/"}]})
 
 
 @bp.get("/docs")
@@ -207,8 +216,11 @@ def openapi_document(server: str) -> dict[str, Any]:
                 parameters=[job_id],
             ),
             "delete": _operation(
-                "Cancel a job and delete its files",
-                {"200": _ok("the job", _json(job)), **_errors(401, 404, 410)},
+                "Cancel a job, or delete an ended one",
+                {"200": _ok("the job", _json(job)), **_errors(401, 404)},
+                description="A pending or running job is cancelled; an ended one is marked expired, so its links"
+                " and downloads answer 410. Either way its audio, transcripts and resume state are deleted."
+                " Deleting it again returns its record.",
                 parameters=[job_id],
             ),
             "options": _operation("What may be done to a job", described, security=[], parameters=[job_id]),

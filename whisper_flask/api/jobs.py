@@ -84,7 +84,7 @@ def list_jobs() -> Response:
 
 @bp.delete("/jobs/<job_id>", provide_automatic_options=False)
 def cancel_job(job_id: str) -> Response:
-    """Cancel a job and delete its files; a finished job is returned unchanged."""
+    """Cancel a pending or running job, or delete an ended one; either way its files are deleted."""
     return jsonify(job_record(JobView(get_service().cancel(job_id, principal()))))
 
 

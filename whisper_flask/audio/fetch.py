@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from whisper_flask.exceptions import AddressRefused, FetchFailed, InvalidOption
+from whisper_flask.files import FILE_MODE
 from whisper_flask.settings import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -134,7 +135,9 @@ class UrlFetcher:
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FetchFailed(f"the file is larger than the {limit // 2**20} MB upload limit")
         written = 0
-        with destination.open("wb") as out:
+        # 0600 whatever the umask, as uploads are; truncated if a resumed job fetches again.
+        with open(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as out:
+            os.fchmod(out.fileno(), FILE_MODE)
             while chunk := response.read1(CHUNK_BYTES):
                 written += len(chunk)
                 if written > limit:

@@ -21,6 +21,10 @@ class JobStore(Protocol):
     def update(self, job: Job) -> None:
         """Replace a job's record; an ended job's notifications join the outbox in the same transaction."""
 
+    def owner(self, job_id: str) -> tuple[bool, str | None]:
+        """Whether a job of this id is on record, and its owner: the same one lookup whatever the answer."""
+        ...
+
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -9,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from whisper_flask.jobs.ports import JobStore
-from whisper_flask.jobs.records import Job, JobStatus, iso
+from whisper_flask.jobs.records import Job, JobStatus, iso, utcnow
 from whisper_flask.jobs.resume import resume_path
 from whisper_flask.jobs.writers import FORMATS, transcript_path
 
@@ -61,6 +62,14 @@ class Retention:
         """Delete what an ended job no longer needs: a cancelled job's everything, else its audio and resume state."""
         cancelled = job.status is JobStatus.CANCELLED
         self._delete(job, transcripts=cancelled, upload=cancelled or not self._keep_uploads)
+
+    def delete(self, job: Job) -> Job:
+        """Delete an ended job's every file (on its owner's request) and mark it expired; its record as now stored."""
+        self._delete(job, transcripts=True, upload=True)
+        moment = utcnow()
+        self._store.mark_expired(job.id, moment)
+        log.info("job %s deleted", job.id)
+        return dataclasses.replace(job, expired_at=moment)
 
     def sweep(self) -> None:
         """Delete the files of jobs that ended RETENTION_DAYS ago, and forget ids expired long enough."""

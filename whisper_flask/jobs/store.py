@@ -13,6 +13,7 @@ from typing import Any
 
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import StorageFull
+from whisper_flask.files import FILE_MODE, create_private
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
@@ -34,6 +35,11 @@ def storage_errors() -> Iterator[None]:
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open jobs.sqlite3 the way both the job store and the key store need it."""
+    # Made 0600 before SQLite opens it: SQLite gives -wal and -shm the database file's mode.
+    create_private(path)
+    for journal in (path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        if journal.exists():  # left by an older version, made under the umask
+            journal.chmod(FILE_MODE)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA busy_timeout = 5000")  # the other store writes to the same file
@@ -140,6 +146,13 @@ class SqliteJobStore:
                 (notification.state.value, notification.attempts, notification.next_attempt_at,
                  notification.last_error, notification.delivered_at, notification.id),
             )  # fmt: skip
+
+    def owner(self, job_id: str) -> tuple[bool, str | None]:
+        """Whether a job of this id is on record, and its owner: the same one lookup whatever the answer."""
+        # An aggregate answers one row either way, so a known id and an unknown one take the same steps.
+        with self._using():
+            count, owner = self._db.execute("SELECT count(*), max(owner) FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return count > 0, owner
 
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""

@@ -80,7 +80,7 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
     )
     fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
     pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings.UPLOAD_DIR, settings.TRANSCRIPT_DIR)
-    owned = OwnedJobs(registry)
+    owned = OwnedJobs(registry, store)
     return Parts(
         settings=settings,
         engine=engine,
@@ -95,7 +95,7 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
         media=media,
         notifier=notifier,
         owned=owned,
-        transcripts=TranscriptReader(owned.view, signer, settings.TRANSCRIPT_DIR),
+        transcripts=TranscriptReader(owned.view, signer, access.owner_active, settings.TRANSCRIPT_DIR),
         detection=LanguageDetection(
             engine, media, registry, RequestSlots(settings.MAX_DETECTIONS, "language detections")
         ),

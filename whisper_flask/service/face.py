@@ -98,7 +98,7 @@ class TranscriptionService:
         return self._parts.keys.create(name, admin=admin)
 
     def ensure_first_key(self) -> str | None:
-        """With auth on and no active key, make an admin key and return its secret (else None)."""
+        """On a first start (auth on, no key ever made), make an admin key and return its secret (else None)."""
         return self._parts.access.ensure_first_key()
 
     def keys(self) -> list[ApiKey]:
@@ -176,13 +176,23 @@ class TranscriptionService:
         return QueueStats(counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS)
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
-        """Cancel a pending or running job (a running one stops at its next decoder step); an ended job is unchanged."""
-        self.view(job_id, principal)
-        job, was_pending = self._registry.cancel(job_id)
-        if was_pending:
-            # A pending job owns its upload alone; a running one releases its files when it stops.
-            self._parts.retention.release(job)
-        return job
+        """Cancel a pending or running job (a running one stops at its next decoder step); delete an ended one.
+
+        Either way its audio, transcripts and resume state go. An ended job is marked expired, so
+        its links and downloads answer JobExpired; deleting it again returns its record.
+        """
+        job = self._owned.view(job_id, principal, expired_ok=True).job
+        if job.expired_at:
+            return job
+        if not job.status.terminal:
+            job, was_pending = self._registry.cancel(job_id)
+            if was_pending:
+                # A pending job owns its upload alone; a running one releases its files when it stops.
+                self._parts.retention.release(job)
+            if job.status is JobStatus.CANCELLED:
+                return job
+        # Ended before, or while, it was asked: people ask for their recordings to be gone.
+        return self._parts.retention.delete(job)
 
     def wait(self, job_id: str, principal: Principal, timeout: float | None = None) -> Job:
         """The job once it has ended, or as it stands after `timeout` s; ShuttingDown if the service stops first."""
@@ -199,7 +209,7 @@ class TranscriptionService:
         return self._transcripts.path(job_id, fmt, principal)
 
     def transcript_by_link(self, job_id: str, fmt: str, expires: str, signature: str) -> tuple[Job, Path]:
-        """A transcript opened by a signed link instead of a key; LinkRefused or LinkExpired if it is not valid."""
+        """A transcript opened by a signed link instead of a key; LinkRefused (or a subclass) if not valid."""
         return self._transcripts.path_by_link(job_id, fmt, expires, signature)
 
     def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
