@@ -1,0 +1,213 @@
+"""The command-line client and its Python API (whisper_flask_client/), against real gunicorn with real speech.
+
+The client never imports the server (lint-imports checks it); these tests read the server's code only to
+check that the client knows every error code it sends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import whisper_flask.exceptions as server_exceptions
+from tests.helpers import FIXTURES, SPOKEN, LiveClient, create_key, eventually
+from tests.servers import ROOT, Servers
+from whisper_flask.api import errors as server_errors
+from whisper_flask_client import Client
+from whisper_flask_client import errors as client_errors
+from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, main
+from whisper_flask_client.state import StateFile
+
+
+def server_codes() -> set[str]:
+    """Every machine code the server answers: its exceptions', werkzeug's, and the ones its views raise."""
+    codes = set(server_errors._HTTP_CODES.values())
+    pending = [server_exceptions.ServiceError]
+    while pending:
+        kind = pending.pop()
+        pending.extend(kind.__subclasses__())
+        if kind is not server_exceptions.JobFailed:  # carries the code of the failure it reports
+            codes.add(kind.code)
+    for module in (ROOT / "whisper_flask" / "api").glob("*.py"):
+        codes.update(re.findall(r'ApiError\(\s*\d+,\s*"(\w+)"', module.read_text()))
+    return codes
+
+
+def test_every_code_the_server_sends_has_a_client_exception_named_for_it() -> None:
+    codes = server_codes()
+    assert {"too_many_jobs", "invalid_api_key", "body_timeout", "method_not_allowed"} <= codes  # the walk works
+    assert codes - client_errors.CODES.keys() == set()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "retry_after", "kind"),
+    [
+        (429, {"error": "limit", "code": "too_many_jobs"}, "7", client_errors.TooManyJobs),
+        (401, {"error": "no", "code": "invalid_api_key"}, None, client_errors.InvalidApiKey),
+        (404, {"error": "gone", "code": "job_not_found"}, None, client_errors.JobNotFound),
+        (502, "<html>bad gateway</html>", None, client_errors.ServerError),
+        (503, None, "3", client_errors.RetryLater),
+    ],
+)
+def test_an_error_answer_raises_the_exception_named_for_its_code_or_status(
+    status: int, body: Any, retry_after: str | None, kind: type[client_errors.ServiceError]
+) -> None:
+    error = client_errors.error_for(status, body, retry_after)
+    assert type(error) is kind
+    assert error.status == status
+    assert error.retry_after == (float(retry_after) if retry_after else None)
+
+
+def test_the_state_file_is_private_and_forgets_an_entry_removed(tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "state" / "jobs.json")
+    state.put("a", {"job_id": "1" * 32})
+    state.put("b", {"uploading_since": 1.0, "filename": "x.wav"})
+    assert state.get("a") == {"job_id": "1" * 32}
+    assert state.job_ids() == {"1" * 32}
+    assert (tmp_path / "state" / "jobs.json").stat().st_mode & 0o777 == 0o600
+    state.remove("a")
+    assert state.get("a") is None and state.get("b") is not None
+
+
+def test_a_config_file_others_may_read_is_refused_as_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "whisper-flask" / "client.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"key": "secret-key"}))
+    config.chmod(0o644)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("WHISPER_FLASK_API_KEY", raising=False)
+    assert main(["transcribe", str(FIXTURES / "fox.wav")]) == USAGE
+    assert "chmod 600" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["keys", "list"], ["transcribe", "--format", "docx", "x.wav"], []])
+def test_admin_commands_and_bad_arguments_are_usage_errors(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHISPER_FLASK_API_KEY", "k")
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusals
+        code = int(exit_.code or 0)
+    assert code == USAGE
+
+
+@pytest.fixture(scope="module")
+def served(module_servers: Servers) -> dict[str, Any]:
+    """Real gunicorn on tiny.en where a key may have one job queued or running at a time; a key per test."""
+    # Made before the start, as the installer makes its key (see the report: a key made later was refused).
+    keys = {name: create_key(module_servers.work, name) for name in ("many", "interrupted", "python")}
+    port, _ = module_servers.gunicorn(MAX_JOBS_PER_KEY="1", AUTH_FAILURES_PER_MINUTE="100")
+    return {"port": port, "url": f"http://127.0.0.1:{port}", "keys": keys}
+
+
+def command(served: dict[str, Any], tmp_path: Path, key: str, *args: str) -> subprocess.Popen[str]:
+    """`whisper-flask transcribe ...` in a subprocess, its state under tmp_path, its output piped (no bars)."""
+    env = {
+        **os.environ,
+        "WHISPER_FLASK_API_KEY": key,
+        "WHISPER_FLASK_URL": served["url"],
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "whisper_flask_client", "transcribe", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[int, list[dict[str, Any]], str]:
+    """Exit code, the --json lines and stderr of a finished command."""
+    out, err = process.communicate(timeout=300)
+    return process.returncode, [json.loads(line) for line in out.splitlines()], err
+
+
+def jobs_named(served: dict[str, Any], key: str, filename: str) -> list[dict[str, Any]]:
+    """The key's jobs on the server for one file name, from GET /jobs."""
+    jobs = LiveClient(served["port"], key).get("/jobs?limit=1000").get_json()["jobs"]
+    return [job for job in jobs if job["filename"] == filename]
+
+
+def test_files_and_a_directory_are_transcribed_beside_them_waiting_out_the_keys_429s(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    key = served["keys"]["many"]
+    (tmp_path / "dir").mkdir()
+    for name in ("fox.wav", "garden.wav"):
+        shutil.copy(FIXTURES / name, tmp_path / "dir" / name)
+    shutil.copy(FIXTURES / "train.wav", tmp_path / "train.wav")
+    inputs = [str(tmp_path / "dir"), str(tmp_path / "train.wav")]
+
+    # Three at once for a key allowed one: two uploads are refused with 429 until a job ends.
+    code, lines, err = finish(command(served, tmp_path, key, *inputs, "--format", "txt,srt", "--jobs", "3", "--json"))
+
+    assert code == OK, err
+    assert sorted(line["status"] for line in lines) == ["completed"] * 3, lines
+    for path in (tmp_path / "dir" / "fox.wav", tmp_path / "dir" / "garden.wav", tmp_path / "train.wav"):
+        text = path.with_suffix(".txt").read_text().lower()
+        assert any(words.lower() in text for words in SPOKEN[path.name]), text
+        assert "-->" in path.with_suffix(".srt").read_text()
+    assert json.loads((tmp_path / "state" / "whisper-flask" / "jobs.json").read_text()) == {}
+
+    # The same command again uploads nothing: every transcript exists.
+    code, lines, _ = finish(command(served, tmp_path, key, *inputs, "--format", "txt,srt", "--json"))
+    assert code == OK and [line["status"] for line in lines] == ["skipped"] * 3
+    assert len(jobs_named(served, key, "fox.wav")) == 1
+
+
+def test_a_run_interrupted_by_sigint_is_collected_by_the_same_command_without_a_second_upload(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    key = served["keys"]["interrupted"]
+    audio = tmp_path / "report.wav"
+    shutil.copy(FIXTURES / "report.wav", audio)
+    state = StateFile(tmp_path / "state" / "whisper-flask" / "jobs.json")
+
+    first = command(served, tmp_path, key, str(audio), "--json")
+    eventually(lambda: bool(state.job_ids()), timeout=60, message="the job id was never recorded")
+    first.send_signal(signal.SIGINT)
+    code, _, err = finish(first)
+    assert code == INTERRUPTED, err
+    assert "run the same command again" in err
+    (job_id,) = state.job_ids()
+
+    code, lines, err = finish(command(served, tmp_path, key, str(audio), "--json"))
+
+    assert code == OK, err
+    assert lines == [
+        {"input": str(audio), "status": "completed", "job_id": job_id, "outputs": [str(audio.with_suffix(".txt"))]}
+    ]
+    assert "quarterly report" in audio.with_suffix(".txt").read_text().lower()
+    assert [job["transcription_id"] for job in jobs_named(served, key, "report.wav")] == [job_id]
+
+
+def test_a_wrong_key_exits_with_its_own_code_and_says_the_service_refused_it(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    code, lines, err = finish(command(served, tmp_path, "not-a-key", str(FIXTURES / "fox.wav"), "--json"))
+    assert code == REFUSED
+    assert lines == []
+    assert "refused" in err and "invalid_api_key" in err and "WHISPER_FLASK_API_KEY" in err
+
+
+def test_the_python_api_transcribes_and_raises_errors_named_for_the_service_codes(served: dict[str, Any]) -> None:
+    client = Client(served["url"], served["keys"]["python"])
+
+    transcript = client.transcribe(FIXTURES / "fox.wav")
+
+    assert "lazy dog" in transcript.text.lower() and transcript.segments
+    with pytest.raises(client_errors.JobNotFound):
+        client.job("0" * 32).state()
+    with pytest.raises(client_errors.UnknownFormat):
+        client.job(transcript.job_id).download("docx")
+    with pytest.raises(client_errors.InvalidApiKey):
+        Client(served["url"], "not-a-key").check()
