@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ import whisper_flask.exceptions as server_exceptions
 from tests.helpers import FIXTURES, SPOKEN, LiveClient, create_key, eventually
 from tests.servers import ROOT, Servers
 from whisper_flask.api import errors as server_errors
-from whisper_flask_client import Client
+from whisper_flask_client import Client, Job, Options
 from whisper_flask_client import errors as client_errors
 from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, main
+from whisper_flask_client.run import Item, Runner
 from whisper_flask_client.state import StateFile
 
 
@@ -211,3 +214,37 @@ def test_the_python_api_transcribes_and_raises_errors_named_for_the_service_code
         client.job(transcript.job_id).download("docx")
     with pytest.raises(client_errors.InvalidApiKey):
         Client(served["url"], "not-a-key").check()
+
+
+class ListingClient:
+    """A stand-in for Client that lists given jobs: what the service holds after an upload's answer was lost."""
+
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.listed = jobs
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.listed
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)  # type: ignore[arg-type]
+
+
+def test_an_upload_whose_answer_was_lost_is_matched_to_its_job_by_name_and_time_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    state = StateFile(tmp_path / "jobs.json")
+    state.put("other", {"job_id": "c" * 32})
+    jobs = [  # newest first, as GET /jobs answers
+        {"transcription_id": "c" * 32, "filename": "fox.wav", "created_at": "2030-01-01T00:00:09.000+00:00"},
+        {"transcription_id": "b" * 32, "filename": "fox.wav", "created_at": "2030-01-01T00:00:05.000+00:00"},
+        {"transcription_id": "a" * 32, "filename": "fox.wav", "created_at": "2020-01-01T00:00:00.000+00:00"},
+    ]
+    runner = Runner(ListingClient(jobs), state, Options(), threading.Event())  # type: ignore[arg-type]
+    item = Item(str(tmp_path / "fox.wav"), False, {}, "fox")
+    since = datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()
+    state.put("fox", {"uploading_since": since, "filename": "fox.wav"})
+
+    job = runner._existing(item)
+
+    assert job is not None and job.id == "b" * 32  # not the old one, nor another input's
+    assert state.get("fox") == {"job_id": "b" * 32}
