@@ -109,7 +109,7 @@ class Runner:
             job = self._existing(item) or self._upload(item, tracker)
             return self._collect(item, job, tracker)
         except Interrupted:
-            return Result(item.source, "interrupted", error="interrupted; run the same command again to collect")
+            return Result(item.source, "interrupted", error="run the same command again to collect it")
         except ServiceError as error:
             return Result(item.source, "failed", error=error.message, code=error.code)
         except requests.RequestException as error:  # the entry stays: the next run collects the job
