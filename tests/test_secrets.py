@@ -16,7 +16,7 @@ from flask import Flask
 from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, submit, wait_for, wav_bytes
 from whisper_flask import create_app
 from whisper_flask.extension import get_service
-from whisper_flask.settings import ConfigError
+from whisper_flask.settings import ConfigError, Settings
 
 
 @pytest.mark.parametrize("size", [0, 31, 33])
@@ -133,3 +133,11 @@ def test_deleting_a_failed_job_marks_it_deleted_too(make_app: Callable[..., Flas
     assert wait_for(client, job_id)["status"] == "failed"
     assert client.delete(f"/jobs/{job_id}").status_code == 200
     assert client.get(f"/jobs/{job_id}").status_code == 410
+
+
+def test_the_data_and_log_directories_the_service_makes_are_its_users_alone(umask_022: None, tmp_path: Path) -> None:
+    settings = Settings.load({**base_config(tmp_path), "UPLOAD_DIR": tmp_path / "new" / "uploads"})
+    made = [settings.UPLOAD_DIR, settings.TRANSCRIPT_DIR, settings.LOG_DIR, settings.MODEL_DIR]
+    assert {
+        str(path): oct(path.stat().st_mode & 0o777) for path in made if oct(path.stat().st_mode & 0o777) != "0o700"
+    } == {}

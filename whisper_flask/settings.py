@@ -254,7 +254,8 @@ def _public_url(value: Any) -> str:
 def _writable_dir(name: str, value: Any) -> Path:
     path = Path(str(value)).expanduser().resolve()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        # Made the service user's alone: file names are job ids, and a job id with a key opens a transcript.
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         # A probe write, because os.access ignores read-only mounts and ACLs.
         probe = path / ".write-test"
         probe.write_bytes(b"")
