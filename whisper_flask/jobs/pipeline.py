@@ -22,6 +22,7 @@ from whisper_flask.jobs.registry import JobCancelled, JobRegistry
 from whisper_flask.jobs.resume import load_resume, save_resume
 from whisper_flask.jobs.retention import INCOMING_PREFIX, Retention
 from whisper_flask.jobs.writers import write_transcripts
+from whisper_flask.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,15 @@ class JobPipeline:
         media: MediaDecoder,
         fetcher: UrlFetcher,
         retention: Retention,
-        upload_dir: Path,
-        transcript_dir: Path,
+        settings: Settings,
     ) -> None:
         self._registry = registry
         self._engine = engine
         self._media = media
         self._fetcher = fetcher
         self._retention = retention
-        self._upload_dir = upload_dir
-        self._transcript_dir = transcript_dir
+        self._upload_dir = settings.UPLOAD_DIR
+        self._transcript_dir = settings.TRANSCRIPT_DIR
 
     def run(self, ticket: str) -> None:
         """Run the pending job whose turn it is to its end (or back to pending if the service stops meanwhile).

@@ -7,12 +7,12 @@ import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStatus, iso, utcnow
 from whisper_flask.jobs.resume import resume_path
 from whisper_flask.jobs.writers import FORMATS, transcript_path
+from whisper_flask.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +25,14 @@ INCOMING_IDLE_S = 60.0
 class Retention:
     """Deletes ended jobs' files: audio and resume state at once, transcripts when they expire."""
 
-    def __init__(
-        self,
-        store: JobStore,
-        upload_dir: Path,
-        transcript_dir: Path,
-        *,
-        keep_uploads: bool,
-        keep_for: timedelta,
-        expired_keep: timedelta,
-        sweep_interval_s: float,
-    ) -> None:
+    def __init__(self, store: JobStore, settings: Settings) -> None:
         self._store = store
-        self._upload_dir = upload_dir
-        self._transcript_dir = transcript_dir
-        self._keep_uploads = keep_uploads
-        self._keep_for = keep_for
-        self._expired_keep = expired_keep
-        self._interval = sweep_interval_s
+        self._upload_dir = settings.UPLOAD_DIR
+        self._transcript_dir = settings.TRANSCRIPT_DIR
+        self._keep_uploads = settings.KEEP_UPLOADS
+        self._keep_for = timedelta(days=settings.RETENTION_DAYS)
+        self._expired_keep = timedelta(days=settings.EXPIRED_KEEP_DAYS)
+        self._interval = settings.SWEEP_INTERVAL_S
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
 

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -28,9 +28,9 @@ from whisper_flask.exceptions import StorageFull
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import DeliveryState, Job, Notification, NotificationKind, iso, utcnow
 from whisper_flask.notify import messages
-from whisper_flask.notify.delivery import DeliveryFailed, SmtpSettings, post, send
+from whisper_flask.notify.delivery import DeliveryFailed, post, send, smtp_settings
 from whisper_flask.notify.quota import NotifyQuota
-from whisper_flask.settings import IPNetwork
+from whisper_flask.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +60,18 @@ class Notifier:
     def __init__(
         self,
         store: JobStore,
-        allowed: Sequence[IPNetwork],
-        retry: RetryPolicy,
-        smtp: SmtpSettings | None,
+        settings: Settings,
         webhook_secret: Callable[[str | None], str],
         links: Callable[[Job], dict[str, str]],
-        *,
-        concurrency: int = 4,
-        per_key_per_hour: int = 60,
     ) -> None:
         self._store = store
-        self._allowed = allowed
-        self._retry = retry
-        self._smtp = smtp
+        self._allowed = settings.URL_ALLOW
+        self._retry = RetryPolicy(settings.NOTIFY_RETRY_BASE_S, settings.NOTIFY_MAX_ATTEMPTS)
+        self._smtp = smtp_settings(settings)
         self._webhook_secret = webhook_secret
         self._links = links
-        self._concurrency = concurrency
-        self._quota = NotifyQuota(per_key_per_hour)
+        self._concurrency = settings.NOTIFY_CONCURRENCY
+        self._quota = NotifyQuota(settings.NOTIFY_PER_KEY_PER_HOUR)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._handed: queue.SimpleQueue[Notification | None] = queue.SimpleQueue()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import timedelta
 
 from whisper_flask.access.control import AccessControl, FailureThrottle, LinkSigner
 from whisper_flask.access.keys import KeyStore
@@ -17,9 +16,8 @@ from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.retention import Retention
 from whisper_flask.jobs.runner import PoolRunner
 from whisper_flask.jobs.store import SqliteJobStore
-from whisper_flask.notify.delivery import smtp_settings
 from whisper_flask.notify.messages import download_links
-from whisper_flask.notify.notifier import Notifier, RetryPolicy
+from whisper_flask.notify.notifier import Notifier
 from whisper_flask.service.detection import LanguageDetection
 from whisper_flask.service.owned import OwnedJobs
 from whisper_flask.service.slots import RequestSlots
@@ -58,28 +56,13 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
     keys = KeyStore(database)
     signer = LinkSigner(settings.TRANSCRIPT_DIR / "link-secret", settings.DOWNLOAD_LINK_TTL_S)
     access = AccessControl(keys, FailureThrottle(settings.AUTH_FAILURES_PER_MINUTE), signer, enabled=settings.AUTH)
-    retention = Retention(
-        store,
-        settings.UPLOAD_DIR,
-        settings.TRANSCRIPT_DIR,
-        keep_uploads=settings.KEEP_UPLOADS,
-        keep_for=timedelta(days=settings.RETENTION_DAYS),
-        expired_keep=timedelta(days=settings.EXPIRED_KEEP_DAYS),
-        sweep_interval_s=settings.SWEEP_INTERVAL_S,
-    )
+    retention = Retention(store, settings)
     media = MediaDecoder(settings.UPLOAD_DIR, settings.MAX_AUDIO_HOURS * 3600)
     notifier = Notifier(
-        store,
-        settings.URL_ALLOW,
-        RetryPolicy(settings.NOTIFY_RETRY_BASE_S, settings.NOTIFY_MAX_ATTEMPTS),
-        smtp_settings(settings),
-        signer.webhook_secret,
-        functools.partial(download_links, signer, settings.PUBLIC_URL),
-        concurrency=settings.NOTIFY_CONCURRENCY,
-        per_key_per_hour=settings.NOTIFY_PER_KEY_PER_HOUR,
+        store, settings, signer.webhook_secret, functools.partial(download_links, signer, settings.PUBLIC_URL)
     )
     fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
-    pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings.UPLOAD_DIR, settings.TRANSCRIPT_DIR)
+    pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings)
     owned = OwnedJobs(registry, store)
     return Parts(
         settings=settings,
