@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from tests.helpers import FakeEngine, keyed_client_class, submit, upload, wait_for, wait_until, wav_bytes
+from tests.helpers import FakeEngine, eventually, keyed_client_class, submit, upload, wait_for, wait_until, wav_bytes
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import StorageFull
 from whisper_flask.extension import get_service
@@ -21,10 +22,8 @@ from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.store import SqliteJobStore
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """TRANSCRIPT_DIR (tmp_path/transcripts) on a real 8 MiB tmpfs of its own; skipped where mounting is not allowed."""
-    mountpoint = tmp_path / "transcripts"
+def mount_small(mountpoint: Path) -> Iterator[Path]:
+    """`mountpoint` on a real 8 MiB tmpfs of its own; skipped where mounting is not allowed."""
     mountpoint.mkdir()
     try:
         mounted = subprocess.run(
@@ -42,6 +41,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     finally:  # the apps are stopped first (make_app is set up after this fixture): nothing holds it
         if subprocess.run(["umount", str(mountpoint)], timeout=30).returncode != 0:
             subprocess.run(["umount", "--lazy", str(mountpoint)], timeout=30, check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """TRANSCRIPT_DIR (tmp_path/transcripts) on a small disk of its own."""
+    yield from mount_small(tmp_path / "transcripts")
+
+
+@pytest.fixture
+def small_upload_disk(tmp_path: Path) -> Iterator[Path]:
+    """UPLOAD_DIR (tmp_path/uploads), where audio is decoded, on a small disk of its own."""
+    yield from mount_small(tmp_path / "uploads")
 
 
 def fill(directory: Path) -> Path:
@@ -82,7 +93,7 @@ def test_a_job_on_a_full_disk_waits_visibly_and_completes_once_space_returns(
     assert client.get("/queue").get_json() == {"pending": 0, "in_progress": 1, "capacity": 100, "workers": 1}
     stored = store.get(job_id)
     assert stored is not None and stored.status is JobStatus.IN_PROGRESS, "memory and store agree"
-    logged = [r.getMessage() for r in caplog.records if "waits for disk space" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if "waits until its write is stored" in r.getMessage()]
     assert len(logged) == 1 and job_id in logged[0]
 
     filler.unlink()
@@ -170,3 +181,41 @@ def test_the_registry_keeps_a_job_whose_end_the_store_refuses(tmp_path: Path, en
     assert stored is not None and stored.status is JobStatus.COMPLETED
     assert registry.counts().in_progress == 0
     store.close()
+
+
+def test_a_job_whose_audio_cannot_be_decoded_for_a_full_upload_disk_waits_and_completes_once_space_returns(
+    small_upload_disk: Path, make_app: Callable[..., Flask], engine: FakeEngine
+) -> None:
+    client = make_app(MAX_WORKERS=1).test_client()
+    engine.gate.clear()
+    first = submit(client, wav_bytes(1))
+    assert engine.in_window.wait(10)
+    second = submit(client, wav_bytes(30))  # pending; its decoded audio (960 kB) will find no room
+    filler = fill(small_upload_disk)
+    engine.gate.set()
+    waiting = wait_until(client, second, lambda record: record["stage"] == "waiting_for_storage", timeout=30)
+    assert (waiting["status"], waiting["error_code"]) == ("in_progress", None), "not failed as invalid audio"
+    filler.unlink()
+    assert wait_for(client, second, timeout=30)["status"] == "completed"
+    assert wait_for(client, first, timeout=30)["status"] == "completed"
+
+
+def test_a_job_whose_end_the_store_refuses_for_another_reason_leaves_no_place_held_in_memory(
+    make_app: Callable[..., Flask], engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(MAX_WORKERS=1)
+    client, update = app.test_client(), SqliteJobStore.update
+
+    def locked_at_the_end(store: SqliteJobStore, job: Job) -> None:
+        if job.status.terminal:
+            raise sqlite3.OperationalError("database is locked")
+        update(store, job)
+
+    monkeypatch.setattr(SqliteJobStore, "update", locked_at_the_end)
+    abandoned = submit(client, wav_bytes(1))
+    eventually(
+        lambda: client.get("/queue").get_json()["in_progress"] == 0, timeout=30, message="the job holds its place"
+    )
+    monkeypatch.setattr(SqliteJobStore, "update", update)
+    assert wait_for(client, submit(client, wav_bytes(1)), timeout=30)["status"] == "completed"
+    assert get_service(app).parts.store.get(abandoned).status is JobStatus.IN_PROGRESS, "left to the crash rule"

@@ -99,7 +99,8 @@ class GuardedBody:
             self._timer = None
             try:
                 assert self._socket is not None
-                self._socket.shutdown(socket.SHUT_RD)  # ends a read blocked in the server; answers still go out
+                # socket.socket's own shutdown, not ssl.SSLSocket's, which would drop TLS for the answer.
+                socket.socket.shutdown(self._socket, socket.SHUT_RD)  # ends a read blocked in the server
             except OSError:
                 pass
 
@@ -130,13 +131,25 @@ class GuardedBody:
         """Read up to `size` bytes of the body (all of it if negative)."""
         if self._expired:
             return self._checked(b"", size)
-        return self._checked(self._stream.read(size) if size is not None else self._stream.read(), size)
+        return self._checked(
+            self._guarded(lambda: self._stream.read(size) if size is not None else self._stream.read()), size
+        )
 
     def readline(self, size: int | None = -1) -> bytes:
         """Read one line of the body."""
         if self._expired:
             return self._checked(b"", size)
-        return self._checked(self._stream.readline(size) if size is not None else self._stream.readline(), size)
+        return self._checked(
+            self._guarded(lambda: self._stream.readline(size) if size is not None else self._stream.readline()), size
+        )
+
+    def _guarded(self, read: Callable[[], bytes]) -> bytes:
+        try:
+            return read()
+        except OSError:  # the deadline shut the socket under a read (gunicorn's chunked reader raises)
+            if self._expired:
+                return b""  # _checked answers 408
+            raise
 
     def readlines(self, hint: int = -1) -> list[bytes]:
         """Read the body's remaining lines."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-from whisper_flask.exceptions import AddressRefused, FetchFailed, InvalidOption
-from whisper_flask.files import FILE_MODE
+from whisper_flask.exceptions import AddressRefused, FetchFailed, InvalidOption, StorageFull
+from whisper_flask.files import FILE_MODE, disk_full
 from whisper_flask.settings import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -134,6 +134,17 @@ class UrlFetcher:
         declared = response.getheader("Content-Length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FetchFailed(f"the file is larger than the {limit // 2**20} MB upload limit")
+        try:
+            self._write(response, destination, deadline, check)
+        except OSError as exc:
+            if disk_full(exc):  # the job waits for space instead of failing
+                raise StorageFull("the upload directory is full; the audio could not be fetched") from exc
+            raise
+
+    def _write(
+        self, response: http.client.HTTPResponse, destination: Path, deadline: float, check: Callable[[], None]
+    ) -> None:
+        limit = self._limits.max_bytes
         written = 0
         # 0600 whatever the umask, as uploads are; truncated if a resumed job fetches again.
         with open(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as out:

@@ -8,6 +8,7 @@ before anything is decoded. Decoded samples go to an unnamed file on disk, never
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 from whisper.audio import SAMPLE_RATE
 
 from whisper_flask.audio.subprocesses import media_tool, run_bounded
-from whisper_flask.exceptions import AudioDecodeError, AudioTooLong, DecodeTimeout, scrub_paths
+from whisper_flask.exceptions import AudioDecodeError, AudioTooLong, DecodeTimeout, StorageFull, scrub_paths
 
 #: Demuxers of self-contained audio and video containers. Deliberately absent: hls, dash, concat,
 #: image2, tee, data and every other format that reads inputs named inside the file.
@@ -141,6 +142,9 @@ class MediaDecoder:
                 out, timeout, check,
             )  # fmt: skip
             if result.returncode != 0:
+                if any(os.strerror(code) in result.text for code in (errno.ENOSPC, errno.EDQUOT)):
+                    # The upload directory is full, not the file bad: the job waits for space.
+                    raise StorageFull("the upload directory is full; the audio could not be decoded")
                 raise AudioDecodeError(_reason(result.text, path))
             audio = DecodedAudio(out)
             if audio.samples == 0:

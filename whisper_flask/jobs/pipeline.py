@@ -69,7 +69,9 @@ class JobPipeline:
         try:
             # Not ended by the ticket's job ending: another run may have started it, and this run then
             # owes the start to the job that run's ticket was for.
-            job = self._until_stored(ticket, self._registry.start_next, show=False, cancellable=False)
+            job = self._until_stored(
+                ticket, self._registry.start_next, show=False, cancellable=False, transient=Exception
+            )
         except JobStopped:
             return  # the service stopping before the full disk let a job start: it stays pending
         if job is None:
@@ -77,7 +79,8 @@ class JobPipeline:
         job_id = job.id
         log.info("job %s in_progress (attempt %d)", job_id, job.attempts)
         try:
-            result = self._transcribe(job)
+            # A full disk under the decoder or a fetch waits too; the decode starts again, the resume state holds.
+            result = self._until_stored(job_id, lambda: self._transcribe(job))
             self._advance(job_id, JobStage.WRITING, language=result.get("language"))
             # StorageFull waits for space; WriteFailed (a read-only directory, say) fails the job.
             self._until_stored(job_id, lambda: write_transcripts(result, self._transcript_dir, job_id))
@@ -103,6 +106,9 @@ class JobPipeline:
             pass
         except JobInterrupted:  # still full at the stop: the store keeps it running, and a restart runs it again
             log.warning("job %s failed (%s) but could not be recorded before the service stopped", job_id, code)
+        except Exception:  # the store refused for another reason (busy, read-only): the thread must go on
+            log.exception("job %s failed (%s) but the failure could not be recorded", job_id, code)
+            self._registry.abandon(job_id)
 
     def _put_back(self, job_id: str) -> None:
         try:
@@ -110,7 +116,15 @@ class JobPipeline:
         except StorageFull as exc:  # the store keeps it running: the next start queues it again (crash_rule.py)
             log.warning("job %s could not be put back to pending: %s", job_id, exc)
 
-    def _until_stored(self, job_id: str, step: Callable[[], T], *, show: bool = True, cancellable: bool = True) -> T:
+    def _until_stored(
+        self,
+        job_id: str,
+        step: Callable[[], T],
+        *,
+        show: bool = True,
+        cancellable: bool = True,
+        transient: type[Exception] = StorageFull,
+    ) -> T:
         """Run `step`; while the disk is full (StorageFull) try again, with a bounded backoff, until it is stored.
 
         Meanwhile the job shows the stage `waiting_for_storage` (if `show`). JobInterrupted if the
@@ -121,9 +135,9 @@ class JobPipeline:
         while True:
             try:
                 done = step()
-            except StorageFull as exc:
+            except transient as exc:
                 if not waiting:
-                    log.warning("job %s waits for disk space: %s", job_id, exc)
+                    log.warning("job %s waits until its write is stored: %s", job_id, exc)
                     if show:
                         self._show_waiting(job_id)
                     waiting = True
@@ -132,7 +146,7 @@ class JobPipeline:
                     log.info("job %s goes on: the disk took its write", job_id)
                 return done
             if not cancellable:
-                time.sleep(delay)
+                self._registry.wait_until_closed(delay)
             elif self._registry.wait_until_ended(job_id, delay):  # woken early by a cancel or the stop
                 raise JobCancelled(job_id)
             if not self._registry.accepting:

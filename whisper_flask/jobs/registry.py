@@ -191,6 +191,20 @@ class JobRegistry:
             self._changed.wait_for(lambda: job_id not in self._active or not self._open, timeout)
             return job_id not in self._active
 
+    def wait_until_closed(self, timeout: float) -> None:
+        """Wait at most `timeout` s, less if the registry closes meanwhile (the service stopping)."""
+        with self._lock:
+            self._changed.wait_for(lambda: not self._open, timeout)
+
+    def abandon(self, job_id: str) -> None:
+        """Forget a running job whose end the store refused; its stored record is left to the crash rule."""
+        # The last resort of a pool thread: a job left in memory with no thread would hold its places
+        # (capacity, its key's share) and keep every isolated job from starting, for ever.
+        with self._lock:
+            self._active.pop(job_id, None)
+            self._changed.notify_all()
+        log.error("job %s abandoned: its end could not be stored; the next start queues it again", job_id)
+
     def check_active(self, job_id: str) -> None:
         """Raise JobCancelled if the job has left the registry (cancelled)."""
         # Without the lock: every decoder step and every fetched chunk calls this, and the lock is

@@ -55,9 +55,10 @@ class Retention:
 
     def delete(self, job: Job) -> Job:
         """Delete an ended job's every file (on its owner's request) and mark it expired; its record as now stored."""
-        self._delete(job, transcripts=True, upload=True)
+        # Marked first: if the mark is refused (a full disk), the files stay and the job stays as it was.
         moment = utcnow()
         self._store.mark_expired(job.id, moment)
+        self._delete(job, transcripts=True, upload=True)
         log.info("job %s deleted", job.id)
         return dataclasses.replace(job, expired_at=moment)
 

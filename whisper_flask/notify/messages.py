@@ -24,7 +24,7 @@ DELIVERY_HEADER = "X-Whisper-Flask-Delivery"
 
 def download_links(signer: LinkSigner, public_url: str, job: Job) -> dict[str, str]:
     """A completed job's signed transcript links, starting with PUBLIC_URL, in every format; none for other jobs."""
-    if job.status is not JobStatus.COMPLETED or not public_url:
+    if job.status is not JobStatus.COMPLETED or job.expired_at or not public_url:
         return {}
     # Never the request's Host, which a client chooses (also behind nginx, which passes it on).
     return {fmt: public_url + transcript_link(job.id, fmt, signer.sign(job.id, fmt)) for fmt in FORMATS}

@@ -162,7 +162,8 @@ class Notifier:
             except StorageFull:
                 self._unrecorded[notification.id] = time.monotonic() + RECORD_RETRY_S
                 log.warning("notification %d: the attempt could not be recorded (storage full)", notification.id)
-            except Exception:  # the store may be closing; the notification is still due there
+            except Exception:  # the store may be closing or busy; the notification is still due there
+                self._unrecorded[notification.id] = time.monotonic() + RECORD_RETRY_S
                 log.exception("notification %d: the attempt could not be recorded", notification.id)
             finally:
                 with self._changed:
