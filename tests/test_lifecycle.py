@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from whisper_flask import create_app
 from whisper_flask.engine.options import TranscribeOptions
-from whisper_flask.exceptions import WhisperIncompatible
+from whisper_flask.exceptions import StorageFull, WhisperIncompatible
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
 from whisper_flask.jobs.store import SqliteJobStore
@@ -192,3 +192,30 @@ def test_an_incompatible_whisper_refuses_to_start(tmp_path: Path, engine: FakeEn
         WhisperIncompatible, match=r"does not have what this service relies on: whisper\._ALIGNMENT_HEADS"
     ):
         create_app(base_config(tmp_path), engine=engine)
+
+
+def test_a_recovery_the_store_refuses_part_way_changes_no_record_and_a_later_start_judges_the_same(
+    tmp_path: Path, restarted: Callable[..., FlaskClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = "a" * 32, "b" * 32
+    seed_store(tmp_path, [(a, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 1),
+                          (b, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 1)])  # fmt: skip
+    write = SqliteJobStore._write
+
+    def refuse_the_second(store: SqliteJobStore, job: Job) -> None:
+        if job.id == b:
+            raise StorageFull("database or disk is full")
+        write(store, job)
+
+    monkeypatch.setattr(SqliteJobStore, "_write", refuse_the_second)
+    failing = get_service(create_app(base_config(tmp_path), engine=FakeEngine()))
+    with pytest.raises(StorageFull):
+        failing.start()
+    failing.stop()
+    store = SqliteJobStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    left = [store.get(job_id) for job_id in (a, b)]
+    store.close()
+    assert [(job.status, job.attempts, job.isolated) for job in left if job] == [(JobStatus.IN_PROGRESS, 1, False)] * 2
+    monkeypatch.setattr(SqliteJobStore, "_write", write)
+    client = restarted()  # two suspects: neither is charged, each runs isolated
+    assert [wait_for(client, job_id)["attempts"] for job_id in (a, b)] == [1, 1]

@@ -25,6 +25,9 @@ class JobStore(Protocol):
         """Whether a job of this id is on record, and its owner: the same one lookup whatever the answer."""
         ...
 
+    def update_all(self, jobs: list[Job]) -> None:
+        """Replace these jobs' records in one transaction: all of them are stored, or none."""
+
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
 

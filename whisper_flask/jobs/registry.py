@@ -99,14 +99,15 @@ class JobRegistry:
         with self._lock:
             unfinished = self._store.unfinished()
             suspected = suspects(unfinished)
-            for job in unfinished:
-                if job.status is JobStatus.IN_PROGRESS:
-                    job = after_crash(job, suspected)
-                    self._store.update(job)
-                    if job.status is JobStatus.FAILED:
-                        failed.append(job)
-                        log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
-                        continue
+            judged = [after_crash(job, suspected) if job.status is JobStatus.IN_PROGRESS else job for job in unfinished]
+            # All verdicts in one transaction, memory after it: a refused write changes nothing, and the
+            # next start judges from the same records (a half-written set could charge a bystander).
+            self._store.update_all([job for job, before in zip(judged, unfinished, strict=True) if job is not before])
+            for job in judged:
+                if job.status is JobStatus.FAILED:
+                    failed.append(job)
+                    log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
+                    continue
                 self._active[job.id] = job
                 queued.append(job.id)
                 log.info("job %s queued again after restart (attempts %d)", job.id, job.attempts)

@@ -95,28 +95,37 @@ class SqliteJobStore:
 
     def update(self, job: Job) -> None:
         """Replace a job's stored record with this one; an ended job's notifications join the outbox with it."""
+        self.update_all([job])
+
+    def update_all(self, jobs: list[Job]) -> None:
+        """Replace these jobs' records in one transaction: all of them are stored, or none."""
         with self._using():
-            # One transaction: no crash can leave an ended job without its notifications.
+            # One transaction: no crash can leave an ended job without its notifications, nor the
+            # crash rule's verdicts half written (the next start would judge from half of them).
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _FIELDS)} WHERE id = ?",
-                    [*_values(job), job.id],
-                )
-                if job.status.terminal:
-                    for kind, target in ((NotificationKind.WEBHOOK, job.callback_url),
-                                         (NotificationKind.EMAIL, job.notify_email)):  # fmt: skip
-                        if target:
-                            self._db.execute(
-                                "INSERT OR IGNORE INTO notifications (job_id, kind, target, state, attempts,"
-                                " next_attempt_at) VALUES (?, ?, ?, ?, 0, ?)",
-                                (job.id, kind.value, target, DeliveryState.PENDING.value, utcnow()),
-                            )
+                for job in jobs:
+                    self._write(job)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
                     self._db.execute("ROLLBACK")
                 raise
+
+    def _write(self, job: Job) -> None:
+        # Caller holds the lock, in a transaction.
+        self._db.execute(
+            f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _FIELDS)} WHERE id = ?", [*_values(job), job.id]
+        )
+        if job.status.terminal:
+            for kind, target in ((NotificationKind.WEBHOOK, job.callback_url),
+                                 (NotificationKind.EMAIL, job.notify_email)):  # fmt: skip
+                if target:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO notifications (job_id, kind, target, state, attempts,"
+                        " next_attempt_at) VALUES (?, ?, ?, ?, 0, ?)",
+                        (job.id, kind.value, target, DeliveryState.PENDING.value, utcnow()),
+                    )
 
     def due_notifications(self, now: str, limit: int) -> list[Notification]:
         """Each key's soonest notification whose time has come (with its `owner`), soonest first."""

@@ -37,10 +37,16 @@ class Lifecycle:
             if self._state is not _State.NEW:
                 return
             parts.access.announce()
+            # The stored jobs first: if they cannot be recovered nothing has started yet, and a later
+            # start tries again from the same state.
+            parts.registry.open()
+            try:
+                queued, failed = parts.registry.recover()
+            except BaseException:
+                parts.registry.close()
+                raise
             parts.engine.start(parts.settings)
             parts.runner.start(parts.pipeline.run)
-            parts.registry.open()
-            queued, failed = parts.registry.recover()
             for job in failed:
                 parts.retention.release(job)
             for job_id in queued:
