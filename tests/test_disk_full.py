@@ -19,7 +19,7 @@ from whisper_flask.exceptions import StorageFull
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobRegistry
-from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.store import SqliteJobStore, storage_errors
 
 
 def mount_small(mountpoint: Path) -> Iterator[Path]:
@@ -219,3 +219,25 @@ def test_a_job_whose_end_the_store_refuses_for_another_reason_leaves_no_place_he
     monkeypatch.setattr(SqliteJobStore, "update", update)
     assert wait_for(client, submit(client, wav_bytes(1)), timeout=30)["status"] == "completed"
     assert get_service(app).parts.store.get(abandoned).status is JobStatus.IN_PROGRESS, "left to the crash rule"
+
+
+def sqlite_error(code: int) -> sqlite3.OperationalError:
+    """An error as SQLite raises it, with its extended result code."""
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return error
+
+
+@pytest.mark.parametrize(("code", "full_disk", "raised"), [
+    (13, False, StorageFull),  # SQLITE_FULL
+    (10 | (3 << 8), True, StorageFull),  # SQLITE_IOERR_WRITE on a full disk: ENOSPC under a WAL write
+    (10 | (3 << 8), False, sqlite3.OperationalError),  # the same on a disk with room: a failing disk
+])  # fmt: skip
+def test_an_io_error_is_a_full_disk_only_where_the_disk_is_full(
+    small_disk: Path, code: int, full_disk: bool, raised: type[Exception]
+) -> None:
+    if full_disk:
+        fill(small_disk)
+    with pytest.raises(raised):
+        with storage_errors(small_disk / "jobs.sqlite3"):
+            raise sqlite_error(code)

@@ -49,6 +49,7 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self._path = path
         self._last_used_failing = False  # logged once per outage, not per request
         self._db = connect(path)
         self._db.execute(
@@ -62,7 +63,7 @@ class KeyStore:
             raise ApiKeyError("a key name is 1 to 64 letters, digits, '-', '_' or '.'")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)  # 256 bits
         try:
-            with self._lock, storage_errors():
+            with self._lock, storage_errors(self._path):
                 self._db.execute(
                     "INSERT INTO api_keys (name, digest, admin, created_at) VALUES (?, ?, ?, ?)",
                     (name, _digest(secret), int(admin), utcnow()),
@@ -73,7 +74,7 @@ class KeyStore:
 
     def revoke(self, name: str) -> None:
         """Stop a key from working, at once; its record and its jobs stay."""
-        with self._lock, storage_errors():
+        with self._lock, storage_errors(self._path):
             cursor = self._db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (utcnow(), name)
             )

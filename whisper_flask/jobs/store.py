@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,20 +18,31 @@ from whisper_flask.files import FILE_MODE, create_private
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
-#: SQLite's primary result codes for a disk that takes no more, SQLITE_FULL and SQLITE_IOERR (the
-#: extended codes keep them in their low byte; typeshed lacks the module's constants).
-_STORAGE_CODES = (13, 10)
+#: SQLite's primary result codes SQLITE_FULL and SQLITE_IOERR (extended codes keep them in their low
+#: byte; typeshed lacks the module's constants).
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10
+#: Free space under which an I/O error is taken for a full disk (a WAL write can fail as IOERR on ENOSPC).
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
-def storage_errors() -> Iterator[None]:
-    """SQLite refusing a write for want of space (SQLITE_FULL) or by an I/O error raises StorageFull; others pass."""
+def storage_errors(database: Path) -> Iterator[None]:
+    """SQLite refusing a write for want of space raises StorageFull; other errors (a failing disk) pass."""
     try:
         yield
     except sqlite3.Error as exc:
-        if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in _STORAGE_CODES:
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _nearly_full(database.parent)):
             raise StorageFull(f"the job database cannot be written: {exc}") from exc
         raise
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -55,7 +67,8 @@ class SqliteJobStore:
         # One connection, serialised by a lock: writes are tiny, and one writer
         # is what SQLite allows anyway, so no "database is locked" retries.
         self._lock = threading.Lock()
-        with storage_errors():
+        self._path = path
+        with storage_errors(path):
             self._create(path)
 
     def _create(self, path: Path) -> None:
@@ -81,7 +94,7 @@ class SqliteJobStore:
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:
         # The connection alone, and a full disk as StorageFull (507, and the pipeline waits for space).
-        with self._lock, storage_errors():
+        with self._lock, storage_errors(self._path):
             yield
 
     def insert(self, job: Job) -> int:
