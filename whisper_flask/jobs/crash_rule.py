@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStage, JobStatus, ended, pending_again
 
 #: A job charged with this many crashes of the process fails instead of running again.
@@ -46,3 +47,14 @@ def may_start(job: Job, active: Iterable[Job]) -> bool:
     """Whether a pending job may start beside the running ones among `active`: an isolated job runs alone."""
     running = [other for other in active if other.status is JobStatus.IN_PROGRESS]
     return not running or not (job.isolated or any(other.isolated for other in running))
+
+
+def judge_and_store(store: JobStore) -> list[Job]:
+    """The jobs a dead process left unfinished, oldest first, with this rule's verdicts stored in one transaction."""
+    unfinished = store.unfinished()
+    suspected = suspects(unfinished)
+    judged = [after_crash(job, suspected) if job.status is JobStatus.IN_PROGRESS else job for job in unfinished]
+    # All at once: a refused write changes nothing, and the next start judges from the same records
+    # (a half-written set could charge a bystander).
+    store.update_all([job for job, before in zip(judged, unfinished, strict=True) if job is not before])
+    return judged

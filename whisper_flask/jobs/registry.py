@@ -10,7 +10,6 @@ refuses (StorageFull on a full disk) raises and leaves the job as stored, never 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ from typing import Any
 
 from whisper_flask.exceptions import JobNotFound, JobStopped, ShuttingDown
 from whisper_flask.jobs.admission import QueueLimits
-from whisper_flask.jobs.crash_rule import after_crash, may_start, suspects
+from whisper_flask.jobs.crash_rule import judge_and_store, may_start
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, ended, pending_again, utcnow
-from whisper_flask.jobs.rotation import start_order
+from whisper_flask.jobs.rotation import Turns
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ class JobRegistry:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a job came, ended or left: the next one may start
         self._active: dict[str, Job] = {}
-        self._starts = itertools.count()
-        self._last_start: dict[str | None, int] = {}  # each key's turn in the rotation (rotation.py)
+        self._turns = Turns()  # each key's turn in the rotation
         self._store = store
         self._limits = QueueLimits(capacity, per_owner)
         self._open = False
@@ -97,13 +95,7 @@ class JobRegistry:
         """
         queued, failed = [], []
         with self._lock:
-            unfinished = self._store.unfinished()
-            suspected = suspects(unfinished)
-            judged = [after_crash(job, suspected) if job.status is JobStatus.IN_PROGRESS else job for job in unfinished]
-            # All verdicts in one transaction, memory after it: a refused write changes nothing, and the
-            # next start judges from the same records (a half-written set could charge a bystander).
-            self._store.update_all([job for job, before in zip(judged, unfinished, strict=True) if job is not before])
-            for job in judged:
+            for job in judge_and_store(self._store):  # memory after the verdicts' commit
                 if job.status is JobStatus.FAILED:
                     failed.append(job)
                     log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
@@ -130,7 +122,7 @@ class JobRegistry:
         """Jobs newest first (of one owner only, unless None), the active ones with their live state."""
         stored = self._store.list_jobs(status, owner, limit, offset)
         with self._lock:
-            positions = self._positions()
+            positions = self._turns.positions(self._active.values())
             return [self._view(self._active.get(job.id, job), positions) for job in stored]
 
     def counts(self) -> QueueCounts:
@@ -145,16 +137,9 @@ class JobRegistry:
         # Caller holds the lock.
         if job.status is not JobStatus.PENDING or job.id not in self._active:
             return JobView(job)
-        return JobView(job, (self._positions() if positions is None else positions)[job.id])
-
-    def _start_order(self) -> list[Job]:
-        # Caller holds the lock.
-        pending = (job for job in self._active.values() if job.status is JobStatus.PENDING)
-        return start_order(pending, self._last_start)
-
-    def _positions(self) -> dict[str, int]:
-        # Caller holds the lock. A pending job's queue position is its place in the order in which jobs start.
-        return {job.id: position for position, job in enumerate(self._start_order(), 1)}
+        if positions is None:
+            positions = self._turns.positions(self._active.values())
+        return JobView(job, positions[job.id])
 
     # -- a job's life ---------------------------------------------------------------------
 
@@ -168,7 +153,7 @@ class JobRegistry:
             while True:
                 if not self._open:
                     return None  # stopping: pending jobs stay pending in the store
-                order = self._start_order()
+                order = self._turns.order(self._active.values())
                 if not order:
                     return None  # its job was cancelled while queued, or another thread started it
                 job = order[0]
@@ -183,7 +168,7 @@ class JobRegistry:
                 attempts=job.attempts + 1,
             )
             job = self._put(job, persist=True)
-            self._last_start[job.owner] = next(self._starts)
+            self._turns.started(job.owner)
             return job
 
     def wait_until_ended(self, job_id: str, timeout: float | None) -> bool:

@@ -9,9 +9,10 @@ as one key. The registry applies the order under its lock: it starts the first j
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 
-from whisper_flask.jobs.records import Job
+from whisper_flask.jobs.records import Job, JobStatus
 
 #: The rank of a key that has not started a job since the registry was built.
 NEVER = -1
@@ -30,3 +31,23 @@ def start_order(pending: Iterable[Job], last_start: Mapping[str | None, int]) ->
         oldest.setdefault(job.owner, job.seq)
     rank = {owner: (last_start.get(owner, NEVER), seq) for owner, seq in oldest.items()}
     return sorted(ordered, key=lambda job: (rounds[job.id], rank[job.owner]))
+
+
+class Turns:
+    """Each key's last start, and the order and queue positions it gives; the registry's lock guards it."""
+
+    def __init__(self) -> None:
+        self._starts = itertools.count()
+        self._last_start: dict[str | None, int] = {}
+
+    def order(self, active: Iterable[Job]) -> list[Job]:
+        """The pending ones among `active` in the order they will start."""
+        return start_order((job for job in active if job.status is JobStatus.PENDING), self._last_start)
+
+    def positions(self, active: Iterable[Job]) -> dict[str, int]:
+        """Each pending job's queue position: its place in the order in which jobs start."""
+        return {job.id: position for position, job in enumerate(self.order(active), 1)}
+
+    def started(self, owner: str | None) -> None:
+        """`owner`'s job has started: its key goes to the back of the rotation."""
+        self._last_start[owner] = next(self._starts)
