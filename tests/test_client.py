@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def test_admin_commands_and_bad_arguments_are_usage_errors(argv: list[str], monk
 @pytest.fixture(scope="module")
 def served(module_servers: Servers) -> dict[str, Any]:
     """Real gunicorn on tiny.en where a key may have one job queued or running at a time; a key per test."""
-    # Made before the start, as the installer makes its key (see the report: a key made later was refused).
+    # Made before the start, as the installer makes its key.
     keys = {name: create_key(module_servers.work, name) for name in ("many", "interrupted", "python")}
     port, _ = module_servers.gunicorn(MAX_JOBS_PER_KEY="1", AUTH_FAILURES_PER_MINUTE="100")
     return {"port": port, "url": f"http://127.0.0.1:{port}", "keys": keys}
@@ -214,6 +215,36 @@ def test_the_python_api_transcribes_and_raises_errors_named_for_the_service_code
         client.job(transcript.job_id).download("docx")
     with pytest.raises(client_errors.InvalidApiKey):
         Client(served["url"], "not-a-key").check()
+
+
+def test_a_server_killed_mid_job_and_restarted_finishes_the_same_job_for_a_waiting_command(
+    servers: Servers, tmp_path: Path
+) -> None:
+    key = create_key(servers.work, "survivor")
+    port, process = servers.gunicorn()
+    served = {"port": port, "url": f"http://127.0.0.1:{port}"}
+    audio = tmp_path / "chapter.opus"
+    shutil.copy(FIXTURES / "lj001-chapter-70s.opus", audio)
+    state = StateFile(tmp_path / "state" / "whisper-flask" / "jobs.json")
+    client = LiveClient(port, key)
+
+    running = command(served, tmp_path, key, str(audio), "--json")
+    eventually(lambda: bool(state.job_ids()), timeout=60, message="the job id was never recorded")
+    (job_id,) = state.job_ids()
+    eventually(lambda: client.get(f"/progress/{job_id}").get_json()["processed_seconds"] > 0, timeout=120,
+               message="the job never got past its first window")  # fmt: skip
+    os.killpg(process.pid, signal.SIGKILL)  # the arbiter and its worker, mid-job: no graceful stop
+    servers.stop(process)
+    time.sleep(3)  # down for a while, as under systemd's RestartSec: the command's polls meet a closed port
+    servers.gunicorn()  # the same port, as systemd restarts it
+
+    code, lines, err = finish(running)
+
+    assert code == OK, err
+    assert [(line["status"], line["job_id"]) for line in lines] == [("completed", job_id)]
+    assert "printing" in audio.with_suffix(".txt").read_text().lower()
+    assert [job["transcription_id"] for job in jobs_named(served, key, "chapter.opus")] == [job_id], "one upload"
+    assert client.get(f"/jobs/{job_id}").get_json()["attempts"] == 2, "resumed once, after the kill"
 
 
 class ListingClient:
