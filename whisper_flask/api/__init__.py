@@ -12,8 +12,7 @@ from flask import request
 
 from whisper_flask.extension import get_service
 from whisper_flask.jobs import serialize
-from whisper_flask.jobs.records import Job, JobStatus, JobView
-from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.jobs.records import Job, JobView
 
 
 def download_url(job_id: str, fmt: str) -> str:
@@ -24,9 +23,8 @@ def download_url(job_id: str, fmt: str) -> str:
 
 
 def _links(job: Job) -> dict[str, str]:
-    if job.status is not JobStatus.COMPLETED or job.expired_at:  # an expired job's links would answer 410
-        return {}
-    return {fmt: download_url(job.id, fmt) for fmt in FORMATS}
+    # script_root carries a sub-path's prefix (X-Forwarded-Prefix), as url_for would.
+    return serialize.transcript_links(job, request.script_root, get_service().sign_link)
 
 
 def progress_body(view: JobView) -> dict[str, Any]:

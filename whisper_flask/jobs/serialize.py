@@ -7,11 +7,12 @@ api/transcription.py serves (ARCHITECTURE.md, "HTTP contract").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-from whisper_flask.jobs.records import JobStatus, JobView
+from whisper_flask.jobs.records import Job, JobStatus, JobView
+from whisper_flask.jobs.writers import FORMATS
 
 #: The transcript download route as an OpenAPI path template; links are built from it.
 DOWNLOAD_PATH = "/download/{job_id}.{fmt}"
@@ -22,6 +23,13 @@ DOWNLOAD_RULE = DOWNLOAD_PATH.format(job_id="<job_id>", fmt="<fmt>")
 def transcript_link(job_id: str, fmt: str, signed: Mapping[str, str]) -> str:
     """The path that downloads one transcript, with its signed query (expires, signature)."""
     return f"{DOWNLOAD_PATH.format(job_id=job_id, fmt=fmt)}?{urlencode(signed)}"
+
+
+def transcript_links(job: Job, base: str, sign: Callable[[str, str], Mapping[str, str]]) -> dict[str, str]:
+    """A completed job's signed links in every format, each starting with `base`; none otherwise or once expired."""
+    if job.status is not JobStatus.COMPLETED or job.expired_at:  # an expired job's links would answer 410
+        return {}
+    return {fmt: base + transcript_link(job.id, fmt, sign(job.id, fmt)) for fmt in FORMATS}
 
 
 def job_body(view: JobView, links: Mapping[str, str]) -> dict[str, Any]:

@@ -14,9 +14,8 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 from whisper_flask.access.control import LinkSigner
-from whisper_flask.jobs.records import Job, JobStatus, JobView, Notification
-from whisper_flask.jobs.serialize import job_body, transcript_link
-from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.jobs.records import Job, JobView, Notification
+from whisper_flask.jobs.serialize import job_body, transcript_links
 
 SIGNATURE_HEADER = "X-Whisper-Flask-Signature"
 DELIVERY_HEADER = "X-Whisper-Flask-Delivery"
@@ -24,10 +23,8 @@ DELIVERY_HEADER = "X-Whisper-Flask-Delivery"
 
 def download_links(signer: LinkSigner, public_url: str, job: Job) -> dict[str, str]:
     """A completed job's signed transcript links, starting with PUBLIC_URL, in every format; none for other jobs."""
-    if job.status is not JobStatus.COMPLETED or job.expired_at or not public_url:
-        return {}
     # Never the request's Host, which a client chooses (also behind nginx, which passes it on).
-    return {fmt: public_url + transcript_link(job.id, fmt, signer.sign(job.id, fmt)) for fmt in FORMATS}
+    return transcript_links(job, public_url, signer.sign) if public_url else {}
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
