@@ -46,6 +46,9 @@ class JobRegistry:
         self._changed = threading.Condition(self._lock)  # a job came, ended or left: the next one may start
         self._active: dict[str, Job] = {}
         self._turns = Turns()  # each key's turn in the rotation
+        # Pending jobs' queue positions; None once a job has joined, started or left. Polls read it, and a
+        # window's progress does not change it, so it is not sorted again per /progress poll.
+        self._positions: dict[str, int] | None = None
         self._store = store
         self._limits = QueueLimits(capacity, per_owner)
         self._open = False
@@ -85,6 +88,7 @@ class JobRegistry:
             self._refuse_if_full(job.owner)  # again: another upload may have taken the last place meanwhile
             job = dataclasses.replace(job, seq=self._store.insert(job))
             self._active[job.id] = job
+            self._positions = None
             self._changed.notify_all()  # it may come before a job that waits to start isolated
             return self._view(job)
 
@@ -101,6 +105,7 @@ class JobRegistry:
                     log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
                     continue
                 self._active[job.id] = job
+                self._positions = None
                 queued.append(job.id)
                 log.info("job %s queued again after restart (attempts %d)", job.id, job.attempts)
         return queued, failed
@@ -122,8 +127,7 @@ class JobRegistry:
         """Jobs newest first (of one owner only, unless None), the active ones with their live state."""
         stored = self._store.list_jobs(status, owner, limit, offset)
         with self._lock:
-            positions = self._turns.positions(self._active.values())
-            return [self._view(self._active.get(job.id, job), positions) for job in stored]
+            return [self._view(self._active.get(job.id, job)) for job in stored]
 
     def counts(self) -> QueueCounts:
         """Pending and running jobs now, and the capacity."""
@@ -133,13 +137,13 @@ class JobRegistry:
             statuses.count(JobStatus.PENDING), statuses.count(JobStatus.IN_PROGRESS), self._limits.capacity
         )
 
-    def _view(self, job: Job, positions: dict[str, int] | None = None) -> JobView:
+    def _view(self, job: Job) -> JobView:
         # Caller holds the lock.
         if job.status is not JobStatus.PENDING or job.id not in self._active:
             return JobView(job)
-        if positions is None:
-            positions = self._turns.positions(self._active.values())
-        return JobView(job, positions[job.id])
+        if self._positions is None:
+            self._positions = self._turns.positions(self._active.values())
+        return JobView(job, self._positions[job.id])
 
     # -- a job's life ---------------------------------------------------------------------
 
@@ -188,6 +192,7 @@ class JobRegistry:
         # (capacity, its key's share) and keep every isolated job from starting, for ever.
         with self._lock:
             self._active.pop(job_id, None)
+            self._positions = None
             self._changed.notify_all()
         log.error("job %s abandoned: its end could not be stored; the next start queues it again", job_id)
 
@@ -218,6 +223,7 @@ class JobRegistry:
             if job is not None:
                 self._store.update(ended(job, status, code, message))
                 del self._active[job_id]
+                self._positions = None
             self._changed.notify_all()
         if job is None:
             return
@@ -244,6 +250,7 @@ class JobRegistry:
                 cancelled = dataclasses.replace(job, status=JobStatus.CANCELLED, finished_at=utcnow(), eta_seconds=None)
                 self._store.update(cancelled)  # StorageFull leaves the job as it was
                 del self._active[job_id]
+                self._positions = None
             self._changed.notify_all()
         if job is None:
             return self.view(job_id).job, False
@@ -254,5 +261,8 @@ class JobRegistry:
         # Caller holds the lock. Stored first: if the store refuses, memory keeps what the store has.
         if persist:
             self._store.update(job)
+        previous = self._active.get(job.id)
+        if previous is None or previous.status is not job.status:  # started, or put back: the queue changed
+            self._positions = None
         self._active[job.id] = job
         return job
