@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import FakeEngine, base_config
 from whisper_flask import create_app
+from whisper_flask.extension import get_service
 from whisper_flask.settings import ConfigError, Settings, settings_table
 
 
@@ -77,3 +78,20 @@ def test_relative_directories_become_absolute_and_exist(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     settings = Settings.load({**base_config(tmp_path), "UPLOAD_DIR": "audio/in"})
     assert settings.UPLOAD_DIR == tmp_path / "audio" / "in" and settings.UPLOAD_DIR.is_dir()
+
+
+def test_environment_text_is_read_as_each_setting_declares_it_so_a_password_keeps_its_characters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, text in {"SMTP_PASSWORD": "1.50", "SMTP_USER": "true", "SMTP_FROM": "null", "MAX_WORKERS": "3",
+                       "AUTH": "off", "KEEP_UPLOADS": "yes", "BATCH_WAIT_MS": "12.5"}.items():  # fmt: skip
+        monkeypatch.setenv(f"WHISPER_FLASK_{name}", text)
+    app = create_app(base_config(tmp_path), engine=FakeEngine())
+    settings = get_service(app).settings
+    assert (settings.SMTP_PASSWORD, settings.SMTP_USER, settings.SMTP_FROM) == ("1.50", "true", "null")
+    assert (settings.MAX_WORKERS, settings.AUTH, settings.KEEP_UPLOADS, settings.BATCH_WAIT_MS) == (
+        3,
+        False,
+        True,
+        12.5,
+    )

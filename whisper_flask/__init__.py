@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +34,8 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     check_whisper_internals()
     media_tool("ffmpeg"), media_tool("ffprobe")  # refuse to start without them, not at the first upload
     app = Flask(__name__)
-    app.config.from_prefixed_env("WHISPER_FLASK")
-    app.config.from_mapping(test_config or {})
-    settings = Settings.load(app.config)
+    settings = Settings.from_environment(os.environ, test_config or {})
+    app.config.from_mapping(test_config or {})  # Flask's own settings (TESTING...) among them
     app.config.update(settings.to_config())  # Flask reads MAX_CONTENT_LENGTH; everything else reads `settings`
     configure_logging(settings.LOG_DIR, app.name)
 

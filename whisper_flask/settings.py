@@ -1,10 +1,10 @@
 """Every setting a deployment may change, declared once: type, default, bounds and one line of doc.
 
-`Settings.load(mapping)` reads WHISPER_FLASK_<NAME> values (as Flask's `from_prefixed_env` parsed them,
-or test_config's), checks each against its declaration and returns one frozen Settings; a bad value
-stops the start with a one-line ConfigError. The README's configuration table is `settings_table()`
-(a test keeps the two equal). A frozen dataclass, not pydantic-settings: Flask already reads the
-environment, the checks are few, and nothing else in the service needs pydantic.
+`Settings.from_environment` reads each WHISPER_FLASK_<NAME> variable's text (then test_config's typed
+values), checks each against its declaration and returns one frozen Settings; a bad value stops the
+start with a one-line ConfigError. The README's configuration table is `settings_table()` (a test keeps
+the two equal). A frozen dataclass, not pydantic-settings: the checks are few, and nothing else in the
+service needs pydantic.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import whisper
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 PREFIX = "WHISPER_FLASK_"
 
 
@@ -29,11 +31,81 @@ class ConfigError(ValueError):
     """A setting that the service cannot start with; the message names it."""
 
 
+def _model(name: str, value: Any) -> str:
+    model = str(value)
+    if model in whisper.available_models():
+        return model
+    path = Path(model).expanduser()
+    if path.suffix != ".pt" or not path.is_file():
+        raise ConfigError(
+            f"{PREFIX}MODEL {model!r} is neither a Whisper model name "
+            f"({', '.join(whisper.available_models())}) nor an existing .pt checkpoint"
+        )
+    return str(path.resolve())
+
+
+def parse_networks(items: Iterable[Any]) -> tuple[IPNetwork, ...]:
+    """Networks from their text (a bare address is a network of one); ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
+
+
+def _networks(name: str, value: Any) -> tuple[IPNetwork, ...]:
+    try:
+        return parse_networks(value.split(",") if isinstance(value, str) else value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{PREFIX}URL_ALLOW must list IP networks or addresses, got {value!r}") from None
+
+
+def _public_url(name: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        return ""
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError on a port that is not a number
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a bad port or IPv6 literal
+        valid = False
+    # Links are this text plus a path and a signed query: a user, a query or a fragment would break them.
+    if not valid or "@" in text or "?" in text or "#" in text or any(not c.isprintable() or c.isspace() for c in text):
+        raise ConfigError(
+            f"{PREFIX}PUBLIC_URL must be an absolute http(s) URL without user, query or fragment"
+            f" (https://speech.example.org), got {value!r}"
+        )
+    return text.rstrip("/")
+
+
+def _flag(value: Any) -> bool:
+    """A switch as a bool, or as the text an environment variable holds; ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(value)
+
+
+def _on_off(name: str, value: Any) -> bool:
+    # "on"/"off" as the README writes them; true/false too, as the other switches take them.
+    if isinstance(value, str) and value.strip().lower() in ("on", "off"):
+        return value.strip().lower() == "on"
+    try:
+        return _flag(value)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name} must be on or off, got {value!r}") from None
+
+
 def _setting(
-    default: Any, doc: str, *, low: float = 0, above: bool = False, choices: tuple[str, ...] = (), shown: str = ""
+    default: Any,
+    doc: str,
+    *,
+    low: float = 0,
+    above: bool = False,
+    choices: tuple[str, ...] = (),
+    shown: str = "",
+    parse: Callable[[str, Any], Any] | None = None,
 ) -> Any:
-    """A field of Settings: its default, its README line, its lowest number (or above it), or its allowed words."""
-    meta = {"doc": doc, "low": low, "above": above, "choices": choices, "shown": shown}
+    """A field of Settings: its default, README line, lowest number (or above it), allowed words or own parser."""
+    meta = {"doc": doc, "low": low, "above": above, "choices": choices, "shown": shown, "parse": parse}
     return field(default=default, metadata=meta)
 
 
@@ -41,7 +113,9 @@ def _setting(
 class Settings:
     """The service's settings, validated; WHISPER_FLASK_<NAME> overrides each (README, "Configuration")."""
 
-    MODEL: str = _setting("base", "Whisper model name (`tiny`, `tiny.en`, `base`, ...) or a path to a `.pt` checkpoint")
+    MODEL: str = _setting(
+        "base", "Whisper model name (`tiny`, `tiny.en`, `base`, ...) or a path to a `.pt` checkpoint", parse=_model
+    )
     MODEL_DIR: Path = _setting(Path("~/.cache/whisper"), "where checkpoints are kept")
     MODEL_DOWNLOAD: bool = _setting(True, "try OpenAI's CDN before the offline packs")
     DEVICE: str = _setting("auto", "`cpu`, `cuda` or `auto`", choices=("auto", "cpu", "cuda"))
@@ -103,7 +177,10 @@ class Settings:
     EXPIRED_KEEP_DAYS: float = _setting(30, "an expired id answers 410 this long, then 404", low=0, above=True)
     SWEEP_INTERVAL_S: float = _setting(600, "how often the retention sweep runs", low=0, above=True)
     AUTH: bool = _setting(
-        True, "`off` serves the API without keys (closed networks only; warned at every start)", shown="`on`"
+        True,
+        "`off` serves the API without keys (closed networks only; warned at every start)",
+        shown="`on`",
+        parse=_on_off,
     )
     MAX_JOBS_PER_KEY: int = _setting(
         20, "pending + running jobs one key may have; beyond it 429 with `Retry-After`", low=1
@@ -120,6 +197,7 @@ class Settings:
         (),
         "networks URL intake and webhooks may reach although not public, e.g. `10.0.0.0/8,127.0.0.1`",
         shown="(empty)",
+        parse=_networks,
     )
     URL_FETCH_TIMEOUT_S: float = _setting(600, "longest download of a job's URL", low=0, above=True)
     PUBLIC_URL: str = _setting(
@@ -127,6 +205,7 @@ class Settings:
         "how clients reach the service (`https://speech.example.org`, a sub-path allowed): the start of links in"
         " webhooks and e-mails; empty: `callback_url` and `email` are refused",
         shown="(empty)",
+        parse=_public_url,
     )
     SMTP_HOST: str = _setting("", "the mail server for `email` notifications; without it an `email` field is refused",
                               shown="(empty)")  # fmt: skip
@@ -155,6 +234,16 @@ class Settings:
         return self.MAX_UPLOAD_MB * 1024 * 1024
 
     @classmethod
+    def from_environment(cls, environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Settings:
+        """The WHISPER_FLASK_<NAME> variables' text, then `overrides` (test_config), over the defaults; checked."""
+        # The text as written, not JSON-parsed as Flask's from_prefixed_env would: a password "1.50"
+        # stays "1.50", and each setting reads its own type from the text.
+        given = {
+            spec.name: environ[PREFIX + spec.name] for spec in dataclasses.fields(cls) if PREFIX + spec.name in environ
+        }
+        return cls.load({**given, **overrides})
+
+    @classmethod
     def load(cls, config: Mapping[str, Any]) -> Settings:
         """The settings in `config` (names without the prefix; missing ones take their defaults), checked."""
         values = {}
@@ -170,85 +259,47 @@ class Settings:
 
 
 def _check(spec: dataclasses.Field[Any], value: Any) -> Any:
-    """`value` as the setting `spec` declares it, or ConfigError naming the variable and the value."""
+    """`value` as the setting `spec` declares it, or ConfigError naming the variable and the value.
+
+    A value is the environment's text or test_config's typed value; either is taken.
+    """
     name, kind, meta = spec.name, _TYPES[spec.name], spec.metadata
-    if name == "MODEL":
-        return _model(str(value))
-    if name == "URL_ALLOW":
-        return _networks(value)
-    if name == "PUBLIC_URL":
-        return _public_url(value)
-    if name == "AUTH":  # from_prefixed_env reads "false" as False but "off" as text: both mean off
-        value = {"on": True, "off": False}.get(value, value) if isinstance(value, str) else value
+    if meta["parse"] is not None:
+        return meta["parse"](name, value)
     if kind is bool:
-        if not isinstance(value, bool):
-            words = "on or off" if name == "AUTH" else "true or false"
-            raise ConfigError(f"{PREFIX}{name} must be {words}, got {value!r}")
-        return value
+        try:
+            return _flag(value)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{name} must be true or false, got {value!r}") from None
     if kind is Path:
         return _writable_dir(name, value)
-    if meta["choices"]:
-        if value not in meta["choices"]:
-            raise ConfigError(f"{PREFIX}{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        return value
     if kind is int or kind is float:
-        low, above = meta["low"], meta["above"]
-        number = (
-            isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
-        )
-        if not number or value < low or (above and value == low):
-            raise ConfigError(f"{PREFIX}{name} must be {_number_words(kind, low, above)}, got {value!r}")
-        return value
-    return str(value)
+        return _number(name, kind, value, meta["low"], meta["above"])
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{PREFIX}{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{PREFIX}{name} must be text, got {value!r}")
+    return value
+
+
+def _number(name: str, kind: type, value: Any, low: float, above: bool) -> Any:
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            pass  # refused below, with the text as given
+    number = (
+        isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    )
+    if not number or value < low or (above and value == low):
+        raise ConfigError(f"{PREFIX}{name} must be {_number_words(kind, low, above)}, got {value!r}")
+    return value
 
 
 def _number_words(kind: type, low: float, above: bool) -> str:
     if kind is int:
         return "a positive integer" if low >= 1 else "a whole number (0 or more)"
     return "a positive number" if above else "a number (0 or more)"
-
-
-def _model(model: str) -> str:
-    if model in whisper.available_models():
-        return model
-    path = Path(model).expanduser()
-    if path.suffix != ".pt" or not path.is_file():
-        raise ConfigError(
-            f"{PREFIX}MODEL {model!r} is neither a Whisper model name "
-            f"({', '.join(whisper.available_models())}) nor an existing .pt checkpoint"
-        )
-    return str(path.resolve())
-
-
-def parse_networks(items: Iterable[Any]) -> tuple[IPNetwork, ...]:
-    """Networks from their text (a bare address is a network of one); ValueError names a bad one."""
-    return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
-
-
-def _networks(value: Any) -> tuple[IPNetwork, ...]:
-    try:
-        return parse_networks(value.split(",") if isinstance(value, str) else value)
-    except (ValueError, TypeError):
-        raise ConfigError(f"{PREFIX}URL_ALLOW must list IP networks or addresses, got {value!r}") from None
-
-
-def _public_url(value: Any) -> str:
-    text = str(value).strip()
-    if not text:
-        return ""
-    try:
-        parts = urlsplit(text)
-        _ = parts.port  # raises ValueError on a port that is not a number
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # a bad port or IPv6 literal
-        valid = False
-    # Links are this text plus a path and a signed query: a user, a query or a fragment would break them.
-    if not valid or "@" in text or "?" in text or "#" in text or any(not c.isprintable() or c.isspace() for c in text):
-        raise ConfigError(
-            f"{PREFIX}PUBLIC_URL must be an absolute http(s) URL without user, query or fragment"
-            f" (https://speech.example.org), got {value!r}"
-        )
-    return text.rstrip("/")
 
 
 def _writable_dir(name: str, value: Any) -> Path:
