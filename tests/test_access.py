@@ -200,6 +200,12 @@ def test_keys_cli_creates_lists_and_revokes_without_showing_keys(runner: FlaskCl
     assert "every API key is revoked" in again.stderr and "keys create" in again.stderr
 
 
+def test_keys_init_with_auth_off_makes_no_key_and_claims_no_revoked_keys(tmp_path: Path, engine: FakeEngine) -> None:
+    runner = create_app({**base_config(tmp_path), "AUTH": "off"}, engine=engine).test_cli_runner()
+    result = runner.invoke(args=["keys", "init"])
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")
+
+
 def test_auth_off_opens_the_api_and_warns_at_every_start(
     tmp_path: Path, engine: FakeEngine, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -51,12 +51,12 @@ def create_key(name: str, admin: bool) -> None:
 
 @keys_cli.command("init")
 def init_key() -> None:
-    """Make and print an admin key if no key was ever made (the installer's first key); else print nothing."""
+    """Make and print an admin key if no key was ever made (the installer's first key); warn if none works."""
     service = get_service()
     secret = service.ensure_first_key()
     if secret is not None:
         click.echo(secret)
-    elif not any(key.revoked_at is None for key in service.keys()):
+    elif service.locked_out():
         click.echo(NO_ACTIVE_KEY, err=True)
 
 

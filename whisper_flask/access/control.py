@@ -223,8 +223,12 @@ class AccessControl:
                 secret,
                 "=" * 78,
             )
-        elif not self.keys.any_active():
+        elif self.locked_out():
             log.warning(NO_ACTIVE_KEY)
+
+    def locked_out(self) -> bool:
+        """Whether keys are needed, have been made, and every one is revoked (`flask keys create` is the way in)."""
+        return self.enabled and not self.keys.any_active() and bool(self.keys.keys())
 
     def ensure_first_key(self) -> str | None:
         """On a first start (auth on, no key ever made), make an admin key and return its secret; else None.

@@ -101,6 +101,10 @@ class TranscriptionService:
         """On a first start (auth on, no key ever made), make an admin key and return its secret (else None)."""
         return self._parts.access.ensure_first_key()
 
+    def locked_out(self) -> bool:
+        """Whether keys are needed and every key made so far is revoked."""
+        return self._parts.access.locked_out()
+
     def keys(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
         return self._parts.keys.keys()
