@@ -168,7 +168,9 @@ def test_a_restart_between_attempts_still_delivers_the_webhook(
     get_service(first).stop()
     assert failed_once["attempts"] in (0, 1)
     restarted = get_service(make_app(**settings))
-    eventually(lambda: restarted.notifications(job_id, UNRESTRICTED)[0].state.value == "delivered", timeout=30)
+    eventually(
+        lambda: restarted.view_with_notifications(job_id, UNRESTRICTED)[1][0].state.value == "delivered", timeout=30
+    )
     assert len(hook.calls) == 2
 
 

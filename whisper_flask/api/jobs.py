@@ -48,11 +48,11 @@ def _int_arg(name: str) -> int:
 @bp.get("/jobs/<job_id>", provide_automatic_options=False)  # describe.py answers OPTIONS
 def get_job(job_id: str) -> Response:
     """The whole record of one job, with the delivery state of its webhook and e-mail."""
-    service = get_service()
-    record = job_record(service.view(job_id, principal()))
+    view, notifications = get_service().view_with_notifications(job_id, principal())
+    record = job_record(view)
     record["notifications"] = [
         {key: value for key, value in dataclasses.asdict(notification).items() if key not in ("id", "job_id")}
-        for notification in service.notifications(job_id, principal())
+        for notification in notifications
     ]
     return jsonify(record)
 

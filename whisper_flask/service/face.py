@@ -170,9 +170,10 @@ class TranscriptionService:
         """The principal's jobs (an admin's: all) newest first, filtered by status."""
         return self._owned.views(status, limit, offset, principal)
 
-    def notifications(self, job_id: str, principal: Principal) -> list[Notification]:
-        """The webhook and e-mail of a job, with their delivery state."""
-        return self._parts.store.notifications(self.view(job_id, principal).job.id)
+    def view_with_notifications(self, job_id: str, principal: Principal) -> tuple[JobView, list[Notification]]:
+        """The job as of one moment, with its webhook and e-mail and their delivery state."""
+        view = self.view(job_id, principal)
+        return view, self._parts.store.notifications(view.job.id)
 
     def queue_stats(self) -> QueueStats:
         """Pending and running jobs, and the limits."""

@@ -38,13 +38,14 @@ class JobWaits:
 
     def wait(self, job_id: str, principal: Principal, timeout: float | None = None) -> Job:
         """The job once it has ended, or as it stands after `timeout` s; ShuttingDown if the service stops first."""
+        # Ownership is checked once: a stream calls this every half second, and the answer cannot change.
         self._owned.view(job_id, principal)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = DRAIN_POLL_S if deadline is None else min(DRAIN_POLL_S, deadline - time.monotonic())
             if self._registry.wait_until_ended(job_id, max(0.0, left)):
-                return self._owned.view(job_id, principal).job
+                return self._registry.view(job_id).job
             if self._draining.is_set() or not self._registry.accepting:
                 raise ShuttingDown(f"the service is stopping; job {job_id} resumes after the restart")
             if deadline is not None and time.monotonic() >= deadline:
-                return self._owned.view(job_id, principal).job
+                return self._registry.view(job_id).job
