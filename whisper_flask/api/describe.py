@@ -89,7 +89,7 @@ def openapi() -> Response:
     built: dict[bool, dict[str, Any]] = current_app.extensions.setdefault(OPENAPI_EXTENSION, {})
     multilingual = get_service().is_multilingual
     if multilingual not in built:
-        built[multilingual] = openapi_document("/")  # two threads may both build it: the same document
+        built[multilingual] = openapi_document()  # two threads may both build it: the same document
     # Only the server differs between requests (a sub-path's prefix).
     return jsonify({**built[multilingual], "servers": [{"url": request.script_root or "/"}]})
 
@@ -134,8 +134,8 @@ def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[st
     return {"summary": summary, "responses": responses, **extra}
 
 
-def openapi_document(server: str) -> dict[str, Any]:
-    """The description, for a server mounted at `server` ("/" or a sub-path)."""
+def openapi_document() -> dict[str, Any]:
+    """The description of every route; its `servers` entry is added per request (a sub-path's prefix)."""
     options = _option_fields()
     job = {"$ref": "#/components/schemas/Job"}
     job_id = _path("job_id", "the id the upload answered with")
@@ -260,7 +260,6 @@ def openapi_document(server: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "whisper_flask", "version": "1", "description": "Self-hosted speech to text (README)."},
-        "servers": [{"url": server}],
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": paths,
         "components": {

@@ -53,8 +53,6 @@ class TranscriptionService:
         self.settings = settings
         self._parts = parts = build_parts(settings, engine)
         self._lifecycle = Lifecycle(parts)
-        self._engine, self._registry, self._owned = parts.engine, parts.registry, parts.owned
-        self._transcripts, self._media = parts.transcripts, parts.media
         app.extensions[EXTENSION] = self
         # Started by the server (gunicorn's post_worker_init) or by the first request, never by
         # a CLI command that builds the app: `flask models ...` must not load the model or take jobs.
@@ -122,7 +120,7 @@ class TranscriptionService:
     @property
     def is_multilingual(self) -> bool:
         """Whether the loaded model takes languages other than English (and translates)."""
-        return self._engine.is_multilingual
+        return self._parts.engine.is_multilingual
 
     @property
     def sends_email(self) -> bool:
@@ -131,18 +129,18 @@ class TranscriptionService:
 
     def check_capacity(self, principal: Principal) -> None:
         """Raise QueueFull, TooManyJobs or ShuttingDown if no job can be accepted now (before an upload is read)."""
-        self._registry.check_capacity(principal.name)
+        self._parts.registry.check_capacity(principal.name)
 
     def submit(self, upload_name: str, request: Submission) -> JobView:
         """Probe a stored upload and queue it as a new job; the upload is the service's from now on."""
         path = self.settings.UPLOAD_DIR / upload_name
         try:
-            info = self._media.probe(path)  # a playlist or an absurd header ends here
+            info = self._parts.media.probe(path)  # a playlist or an absurd header ends here
             job = request.job(
-                uuid.uuid4().hex, self._engine.model_name, upload_name=upload_name, duration=info.duration
+                uuid.uuid4().hex, self._parts.engine.model_name, upload_name=upload_name, duration=info.duration
             )
             with self._parts.notifier.reserve(request.owner, request.notify.count):
-                view = self._registry.add(job)
+                view = self._parts.registry.add(job)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -153,9 +151,9 @@ class TranscriptionService:
     def submit_url(self, url: str, request: Submission) -> JobView:
         """Queue a new job whose audio the pipeline fetches from `url` when it runs."""
         job_id = uuid.uuid4().hex
-        job = request.job(job_id, self._engine.model_name, upload_name=f"{job_id}.upload", source_url=url)
+        job = request.job(job_id, self._parts.engine.model_name, upload_name=f"{job_id}.upload", source_url=url)
         with self._parts.notifier.reserve(request.owner, request.notify.count):  # TooManyNotifications
-            view = self._registry.add(job)
+            view = self._parts.registry.add(job)
         # Only the host is logged: a URL's path and query may carry a token.
         log.info("job %s pending: %s from %s (a URL on %s)", job_id, request.filename, request.client,
                  urlsplit(url).hostname)  # fmt: skip
@@ -164,11 +162,11 @@ class TranscriptionService:
 
     def view(self, job_id: str, principal: Principal) -> JobView:
         """The job as of one moment; JobNotFound for an unknown, malformed or foreign id, JobExpired once swept."""
-        return self._owned.view(job_id, principal)
+        return self._parts.owned.view(job_id, principal)
 
     def views(self, status: JobStatus | None, limit: int, offset: int, principal: Principal) -> list[JobView]:
         """The principal's jobs (an admin's: all) newest first, filtered by status."""
-        return self._owned.views(status, limit, offset, principal)
+        return self._parts.owned.views(status, limit, offset, principal)
 
     def view_with_notifications(self, job_id: str, principal: Principal) -> tuple[JobView, list[Notification]]:
         """The job as of one moment, with its webhook and e-mail and their delivery state."""
@@ -177,7 +175,7 @@ class TranscriptionService:
 
     def queue_stats(self) -> QueueStats:
         """Pending and running jobs, and the limits."""
-        counts = self._registry.counts()
+        counts = self._parts.registry.counts()
         return QueueStats(counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS)
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
@@ -186,11 +184,11 @@ class TranscriptionService:
         Either way its audio, transcripts and resume state go. An ended job is marked expired, so
         its links and downloads answer JobExpired; deleting it again returns its record.
         """
-        job = self._owned.view(job_id, principal, expired_ok=True).job
+        job = self._parts.owned.view(job_id, principal, expired_ok=True).job
         if job.expired_at:
             return job
         if not job.status.terminal:
-            job, was_pending = self._registry.cancel(job_id)
+            job, was_pending = self._parts.registry.cancel(job_id)
             if was_pending:
                 # A pending job owns its upload alone; a running one releases its files when it stops.
                 self._parts.retention.release(job)
@@ -211,40 +209,42 @@ class TranscriptionService:
 
     def transcript(self, job_id: str, fmt: str, principal: Principal) -> tuple[Job, Path]:
         """A completed job and the path of its transcript in `fmt`."""
-        return self._transcripts.path(job_id, fmt, principal)
+        return self._parts.transcripts.path(job_id, fmt, principal)
 
     def transcript_by_link(self, job_id: str, fmt: str, expires: str, signature: str) -> tuple[Job, Path]:
         """A transcript opened by a signed link instead of a key; LinkRefused (or a subclass) if not valid."""
-        return self._transcripts.path_by_link(job_id, fmt, expires, signature)
+        return self._parts.transcripts.path_by_link(job_id, fmt, expires, signature)
 
     def segments_so_far(self, job_id: str, principal: Principal) -> list[dict[str, Any]]:
         """The segments of a running job's finished windows; empty before its first."""
-        return self._transcripts.segments_so_far(job_id, principal)
+        return self._parts.transcripts.segments_so_far(job_id, principal)
 
     def result(self, job_id: str, principal: Principal) -> dict[str, Any]:
         """A completed job's whole result: text, segments and language, as Whisper gave them."""
-        return self._transcripts.result(job_id, principal)
+        return self._parts.transcripts.result(job_id, principal)
 
     # -- the model ------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
         """The names a request may give for a model: the aliases, then the loaded model."""
-        return [*MODEL_ALIASES, self._engine.model_name]
+        return [*MODEL_ALIASES, self._parts.engine.model_name]
 
     def resolve_model(self, name: str) -> str:
         """The loaded model a requested name means; ModelNotFound for a name this service does not serve."""
         # One model per service today: this is the seam where choosing among several would go.
         if name not in self.model_names():
             raise ModelNotFound(f"the model {name!r} does not exist here; use one of {', '.join(self.model_names())}")
-        return self._engine.model_name
+        return self._parts.engine.model_name
 
     def check_ready(self) -> None:
         """Return once the model is loaded; ModelLoading while it loads, ModelUnavailable if it failed."""
-        if self._engine.ready:
+        if self._parts.engine.ready:
             return
-        if self._engine.error:  # the reason, with paths, is in the log; /readyz is public
-            raise ModelUnavailable(f"model {self._engine.model_name} could not be loaded; the service's log says why")
-        raise ModelLoading(f"model {self._engine.model_name} is loading")
+        if self._parts.engine.error:  # the reason, with paths, is in the log; /readyz is public
+            raise ModelUnavailable(
+                f"model {self._parts.engine.model_name} could not be loaded; the service's log says why"
+            )
+        raise ModelLoading(f"model {self._parts.engine.model_name} is loading")
 
     def detect_language(self, upload_name: str) -> dict[str, float]:
         """Language probabilities of the first 30 s of a stored upload, which is then deleted; bounded in number."""

@@ -23,11 +23,6 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._state = _State.NEW
 
-    @property
-    def stopped(self) -> bool:
-        """True once stop() has run."""
-        return self._state is _State.STOPPED
-
     def start(self) -> None:
         """Load the model, start the runner and the sweeper, and queue again what a stop left; once."""
         if self._state is not _State.NEW:  # read without the lock: it only ever moves forward
