@@ -217,7 +217,7 @@ def openapi_document() -> dict[str, Any]:
             ),
             "delete": _operation(
                 "Cancel a job, or delete an ended one",
-                {"200": _ok("the job", _json(job)), **_errors(401, 404)},
+                {"200": _ok("the job", _json(job)), **_errors(401, 404, 507)},
                 description="A pending or running job is cancelled; an ended one is marked expired, so its links"
                 " and downloads answer 410. Either way its audio, transcripts and resume state are deleted."
                 " Deleting it again returns its record.",
