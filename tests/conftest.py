@@ -48,8 +48,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def started(app: Flask) -> Flask:
     """Start the app's service with a new user key, which its test clients send."""
     service = get_service(app)
-    name = f"user-{len(service.parts.keys.keys())}"  # apps of one test share their job database
-    app.test_client_class = keyed_client_class(service.parts.keys.create(name, admin=False))
+    name = f"user-{len(service.keys())}"  # apps of one test share their job database
+    app.test_client_class = keyed_client_class(service.create_key(name, admin=False))
     service.start()
     return app
 

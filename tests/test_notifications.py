@@ -19,9 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 from aiosmtpd.controller import Controller
 from flask import Flask
-from flask.testing import FlaskClient
 
-from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed_client_class, submit, upload, wait_for
+from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed, submit, upload, wait_for
 from tests.servers import free_port
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
@@ -392,11 +391,6 @@ def test_an_email_carries_the_job_id_status_and_links_never_the_client_s_words(
 # -- how much, and in what order -------------------------------------------------------------------
 
 
-def other_key(app: Flask) -> FlaskClient:
-    """A test client of the same app with a key of its own."""
-    return keyed_client_class(get_service(app).parts.keys.create("other", admin=False))(app)
-
-
 def test_a_key_past_its_notifications_per_hour_gets_429_while_other_keys_and_plain_jobs_go_on(
     make_app: Callable[..., Flask],
 ) -> None:
@@ -408,7 +402,7 @@ def test_a_key_past_its_notifications_per_hour_gets_429_while_other_keys_and_pla
     assert (refused.status_code, refused.get_json()["code"]) == (429, "too_many_notifications")
     assert 3500 <= int(refused.headers["Retry-After"]) <= 3600
     submit(client, FIXTURES / "fox.wav")  # a job that asks for no notification is not counted
-    submit(other_key(app), FIXTURES / "fox.wav", callback_url=hook)
+    submit(keyed(app, "other"), FIXTURES / "fox.wav", callback_url=hook)
 
 
 def test_the_notification_quota_frees_places_as_the_hour_slides_and_counts_no_refused_job() -> None:
@@ -440,7 +434,7 @@ def test_a_key_s_slow_receivers_do_not_delay_another_key_s_webhook(
     for _ in range(3):
         wait_for(client, submit(client, FIXTURES / "fox.wav", callback_url=slow.url))
     eventually(lambda: len(slow.calls) >= 1, timeout=10)  # the first of its three is being answered, slowly
-    other = other_key(app)
+    other = keyed(app, "other")
     job_id = submit(other, FIXTURES / "fox.wav", callback_url=fast.url)
     wait_for(other, job_id)
     ended = time.monotonic()
