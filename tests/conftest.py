@@ -17,7 +17,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class
-from tests.servers import Servers
+from tests.servers import AudioSite, Servers, serving
 from whisper_flask import create_app
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.extension import get_service
@@ -89,6 +89,13 @@ def client(app: Flask) -> FlaskClient:
 def runner(tmp_path: Path, engine: FakeEngine) -> FlaskCliRunner:
     """A CLI runner on an app that was never started, as `flask --app whisper_flask ...` builds it."""
     return create_app(base_config(tmp_path), engine=engine).test_cli_runner()
+
+
+@pytest.fixture
+def audio_site() -> Iterator[AudioSite]:
+    """A loopback web server of audio, redirects and misbehaving bodies (tests/servers.py); stopped after the test."""
+    with serving(AudioSite()) as site:
+        yield site
 
 
 @pytest.fixture(scope="session")

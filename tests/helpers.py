@@ -23,6 +23,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.servers import FIXTURES
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.options import TranscribeOptions
@@ -32,7 +33,6 @@ from whisper_flask.extension import get_service
 from whisper_flask.jobs.writers import FORMATS
 from whisper_flask.settings import Settings
 
-FIXTURES = Path(__file__).parent / "fixtures"
 #: Words each espeak-ng fixture says that tiny.en reliably hears.
 SPOKEN = {
     "fox.wav": ["lazy dog", "river bank"],

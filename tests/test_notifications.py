@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -21,7 +22,7 @@ from aiosmtpd.controller import Controller
 from flask import Flask
 
 from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed, submit, upload, wait_for
-from tests.servers import free_port
+from tests.servers import free_port, serving
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.engine.options import TranscribeOptions
@@ -63,6 +64,10 @@ class Receiver(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/hooks/whisper"
 
+    def shutdown(self) -> None:
+        self.released.set()
+        super().shutdown()
+
 
 class _ReceiverHandler(BaseHTTPRequestHandler):
     server: Receiver
@@ -83,20 +88,12 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[Callable[..., Receiver]]:
     """Start receivers; each is stopped after the test."""
-    started: list[Receiver] = []
+    with contextlib.ExitStack() as running:
 
-    def start(statuses: list[int], delay_s: float = 0) -> Receiver:
-        server = Receiver(statuses, delay_s)
-        # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        started.append(server)
-        return server
+        def start(statuses: list[int], delay_s: float = 0) -> Receiver:
+            return running.enter_context(serving(Receiver(statuses, delay_s)))
 
-    yield start
-    for server in started:
-        server.released.set()
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 def verify(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
@@ -344,10 +341,8 @@ def prize_server() -> Iterator[str]:
     """The base URL of a _PrizeHandler server on loopback."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _PrizeHandler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture
