@@ -1,7 +1,7 @@
 """Fixtures shared by the tests, and the markers that say what each test needs.
 
 A test is marked for what it needs from the fixtures it uses, and `slow` follows from those marks:
-`pytest -m "not slow"` runs only the tests on the fake engine, in seconds, while editing.
+`pytest -m "not slow"` runs only the tests on the fake engine, in about a minute, while editing.
 """
 
 from __future__ import annotations
