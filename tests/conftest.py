@@ -1,7 +1,7 @@
 """Fixtures shared by the tests, and the markers that say what each test needs.
 
 A test is marked for what it needs from the fixtures it uses, and `slow` follows from those marks:
-`pytest -m "not slow"` runs only the tests on the fake engine, in seconds, while editing.
+`pytest -m "not slow"` runs only the tests on the fake engine, in about a minute, while editing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class
-from tests.servers import Servers
+from tests.servers import AudioSite, Servers, serving
 from whisper_flask import create_app
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.extension import get_service
@@ -48,8 +48,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def started(app: Flask) -> Flask:
     """Start the app's service with a new user key, which its test clients send."""
     service = get_service(app)
-    name = f"user-{len(service.parts.keys.keys())}"  # apps of one test share their job database
-    app.test_client_class = keyed_client_class(service.parts.keys.create(name, admin=False))
+    name = f"user-{len(service.keys())}"  # apps of one test share their job database
+    app.test_client_class = keyed_client_class(service.create_key(name, admin=False))
     service.start()
     return app
 
@@ -89,6 +89,13 @@ def client(app: Flask) -> FlaskClient:
 def runner(tmp_path: Path, engine: FakeEngine) -> FlaskCliRunner:
     """A CLI runner on an app that was never started, as `flask --app whisper_flask ...` builds it."""
     return create_app(base_config(tmp_path), engine=engine).test_cli_runner()
+
+
+@pytest.fixture
+def audio_site() -> Iterator[AudioSite]:
+    """A loopback web server of audio, redirects and misbehaving bodies (tests/servers.py); stopped after the test."""
+    with serving(AudioSite()) as site:
+        yield site
 
 
 @pytest.fixture(scope="session")

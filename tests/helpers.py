@@ -20,17 +20,19 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.servers import FIXTURES
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
+from whisper_flask.extension import get_service
 from whisper_flask.jobs.writers import FORMATS
 from whisper_flask.settings import Settings
 
-FIXTURES = Path(__file__).parent / "fixtures"
 #: Words each espeak-ng fixture says that tiny.en reliably hears.
 SPOKEN = {
     "fox.wav": ["lazy dog", "river bank"],
@@ -249,6 +251,25 @@ def keyed_client_class(key: str) -> type[FlaskClient]:
             self.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
 
     return KeyedClient
+
+
+def client_with_key(app: Flask, key: str | None, **environ: str) -> FlaskClient:
+    """A test client of `app` that sends `key` as a Bearer token (none if None), with extra WSGI environ entries.
+
+    The app's own test_client() is unchanged: it still sends the key its start made.
+    """
+    client = app.test_client()
+    if key is None:
+        client.environ_base.pop("HTTP_AUTHORIZATION", None)
+    else:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    client.environ_base.update(environ)
+    return client
+
+
+def keyed(app: Flask, name: str, *, admin: bool = False, **environ: str) -> FlaskClient:
+    """A test client of a started `app` acting as a new key `name`, made through the service as the CLI makes it."""
+    return client_with_key(app, get_service(app).create_key(name, admin=admin), **environ)
 
 
 class LiveClient:

@@ -1,7 +1,8 @@
-"""Real gunicorn and nginx on free loopback ports, serving the shipped deploy/ files; for tests and benchmarks.
+"""Servers on free loopback ports for tests and benchmarks.
 
-Tests start servers through `Servers` (the `servers` and `module_servers` fixtures), which stops every
-process it started; bench/ scripts use the functions below directly.
+Real gunicorn and nginx serving the shipped deploy/ files: tests start them through `Servers` (the
+`servers` and `module_servers` fixtures), which stops every process it started; bench/ scripts use the
+functions below directly. In-process HTTP servers (webhook receivers, `AudioSite`) run inside `serving`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,22 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+ServerT = TypeVar("ServerT", bound=socketserver.BaseServer)
 
 
 def free_port() -> int:
@@ -195,3 +203,108 @@ class Servers:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
+
+
+# -- in-process HTTP servers -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(server: ServerT) -> Iterator[ServerT]:
+    """Run `server` on a daemon thread for the block; then shut it down, close its socket and join the thread.
+
+    serve_forever polls every 0.05 s: shutdown() waits for its next poll, 0.5 s by default, after every test.
+    """
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+class AudioSite(ThreadingHTTPServer):
+    """A loopback web server with audio (/fox.wav, /lj001-0001.flac), redirects, errors and bodies that never end."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _AudioHandler)
+        self.requests: list[str] = []
+        self.stopping = threading.Event()
+        self.hung_up = threading.Event()  # a client closed a streamed body before its end
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server_address[1]}{path}"
+
+    def shutdown(self) -> None:
+        self.stopping.set()  # bodies that never end end now
+        super().shutdown()
+
+
+class _AudioHandler(BaseHTTPRequestHandler):
+    server: AudioSite
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)
+        if self.path in ("/fox.wav", "/lj001-0001.flac"):
+            self._send(200, (FIXTURES / self.path.lstrip("/")).read_bytes())
+        elif self.path == "/page.html":
+            self._send(200, b"<html>not audio</html>")
+        elif self.path == "/redirect":
+            self._redirect("/fox.wav")
+        elif self.path == "/redirect-private":
+            self._redirect(self.server.url("/fox.wav", host="127.0.0.2"))
+        elif self.path == "/endless":
+            self._stream(bytes(64 * 1024), pause=0)
+        elif self.path == "/slow":
+            self._stream(b"\0", pause=0.2)
+        elif self.path == "/stall":
+            self._stream(b"", pause=0.2)  # headers with "Connection: close", then silence
+        elif self.path == "/continue-forever":
+            self._continue_forever()
+        else:
+            self._send(404, b"not here")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _continue_forever(self) -> None:
+        """Interim responses without end: http.client reads them in a loop no socket timeout ends."""
+        for _ in range(100_000):
+            if self.server.stopping.is_set():
+                return
+            try:
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _stream(self, chunk: bytes, pause: float) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")  # no length: the body ends when the server says so
+        self.end_headers()
+        for _ in range(100_000):  # bounded; the client hangs up long before
+            if self.server.stopping.is_set():
+                return
+            try:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+            except OSError:
+                self.server.hung_up.set()
+                return
+            time.sleep(pause)

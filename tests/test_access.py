@@ -20,7 +20,7 @@ from tests.helpers import (
     LiveClient,
     base_config,
     create_key,
-    keyed_client_class,
+    keyed,
     submit,
     upload,
     wait_for,
@@ -112,19 +112,8 @@ def test_the_key_is_checked_before_the_upload_body_is_read(served: dict[str, Any
     assert answer.startswith(b"HTTP/1.1 401")
 
 
-@pytest.fixture
-def keyed() -> Callable[..., Any]:
-    """Makes a new key on an app and returns a test client that sends it."""
-
-    def client_for(app: Flask, name: str, admin: bool = False) -> Any:
-        app.test_client_class = keyed_client_class(get_service(app).parts.keys.create(name, admin=admin))
-        return app.test_client()
-
-    return client_for
-
-
 def test_a_revoked_key_stops_at_once_and_its_jobs_stay_for_admins(
-    make_app: Callable[..., Flask], keyed: Callable[..., Any], engine: FakeEngine
+    make_app: Callable[..., Flask], engine: FakeEngine
 ) -> None:
     app = make_app(MAX_WORKERS=1)
     bob, admin = keyed(app, "bob"), keyed(app, "root", admin=True)
@@ -140,9 +129,7 @@ def test_a_revoked_key_stops_at_once_and_its_jobs_stay_for_admins(
     assert wait_for(admin, waiting)["status"] == "completed"
 
 
-def test_each_key_has_a_fair_share_of_the_queue(
-    make_app: Callable[..., Flask], keyed: Callable[..., Any], engine: FakeEngine
-) -> None:
+def test_each_key_has_a_fair_share_of_the_queue(make_app: Callable[..., Flask], engine: FakeEngine) -> None:
     app = make_app(MAX_WORKERS=1, MAX_JOBS_PER_KEY=2)
     alice, bob = keyed(app, "alice"), keyed(app, "bob")
     engine.gate.clear()
@@ -225,7 +212,7 @@ def test_health_endpoints_need_no_key_and_tell_no_state(app: Flask) -> None:
 
 
 def test_another_keys_jobs_are_refused_by_the_same_lookups_as_an_unknown_id(
-    make_app: Callable[..., Flask], keyed: Callable[..., Any], engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+    make_app: Callable[..., Flask], engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = make_app(MAX_WORKERS=1)
     alice, bob = keyed(app, "alice"), keyed(app, "bob")
@@ -247,9 +234,7 @@ def test_another_keys_jobs_are_refused_by_the_same_lookups_as_an_unknown_id(
     assert messages == {"no job with id ''"}
 
 
-def test_a_signed_link_stops_opening_once_its_jobs_key_is_revoked(
-    make_app: Callable[..., Flask], keyed: Callable[..., Any]
-) -> None:
+def test_a_signed_link_stops_opening_once_its_jobs_key_is_revoked(make_app: Callable[..., Flask]) -> None:
     app = make_app()
     alice = keyed(app, "alice")
     link = wait_for(alice, submit(alice))["download_url"]

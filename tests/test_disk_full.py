@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from tests.helpers import FakeEngine, eventually, keyed_client_class, submit, upload, wait_for, wait_until, wav_bytes
+from tests.helpers import FakeEngine, eventually, keyed, submit, upload, wait_for, wait_until, wav_bytes
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import StorageFull
 from whisper_flask.extension import get_service
@@ -134,12 +134,10 @@ def test_a_key_first_used_on_a_full_disk_is_accepted_and_the_failed_bookkeeping_
 ) -> None:
     job_id = submit(full_disk_app.test_client())
     assert wait_for(full_disk_app.test_client(), job_id, timeout=30)["status"] == "completed"
-    service = get_service(full_disk_app)
-    fresh_keys = [service.create_key(name, admin=True) for name in ("first", "second")]  # never used yet
+    fresh = [keyed(full_disk_app, name, admin=True) for name in ("first", "second")]  # never used yet
     fill(small_disk)
-    for key in fresh_keys:  # each one's first use would record its last_used_at
-        full_disk_app.test_client_class = keyed_client_class(key)
-        response = full_disk_app.test_client().get(f"/progress/{job_id}")
+    for client in fresh:  # each one's first use would record its last_used_at
+        response = client.get(f"/progress/{job_id}")
         assert (response.status_code, response.get_json()["status"]) == (200, "completed")
     warnings = [r for r in caplog.records if "last used" in r.getMessage() and r.levelno == logging.WARNING]
     assert len(warnings) == 1

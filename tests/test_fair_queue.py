@@ -6,27 +6,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
-from tests.helpers import FakeEngine, eventually, keyed_client_class, submit, wait_for
+from tests.helpers import FakeEngine, eventually, keyed, submit, wait_for
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.store import SqliteJobStore
-
-
-@pytest.fixture
-def keyed() -> Callable[[Flask, str], FlaskClient]:
-    """Makes a new key on an app and returns a test client that sends it."""
-
-    def client_for(app: Flask, name: str) -> FlaskClient:
-        app.test_client_class = keyed_client_class(get_service(app).parts.keys.create(name, admin=False))
-        return app.test_client()
-
-    return client_for
 
 
 def started_order(engine: FakeEngine) -> list[str | None]:
@@ -35,7 +22,7 @@ def started_order(engine: FakeEngine) -> list[str | None]:
 
 
 def test_another_keys_job_starts_next_however_many_jobs_one_key_queued(
-    make_app: Callable[..., Flask], keyed: Callable[[Flask, str], FlaskClient], engine: FakeEngine
+    make_app: Callable[..., Flask], engine: FakeEngine
 ) -> None:
     app = make_app(MAX_WORKERS=1)
     alice, bob = keyed(app, "alice"), keyed(app, "bob")
@@ -53,7 +40,7 @@ def test_another_keys_job_starts_next_however_many_jobs_one_key_queued(
 
 
 def test_three_keys_take_turns_and_positions_say_the_order_of_starting(
-    make_app: Callable[..., Flask], keyed: Callable[[Flask, str], FlaskClient], engine: FakeEngine
+    make_app: Callable[..., Flask], engine: FakeEngine
 ) -> None:
     app = make_app(MAX_WORKERS=1)
     clients = {name: keyed(app, name) for name in ("alice", "bob", "carol")}

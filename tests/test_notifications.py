@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -19,10 +20,9 @@ from urllib.parse import urlsplit
 import pytest
 from aiosmtpd.controller import Controller
 from flask import Flask
-from flask.testing import FlaskClient
 
-from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed_client_class, submit, upload, wait_for
-from tests.servers import free_port
+from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed, submit, upload, wait_for
+from tests.servers import free_port, serving
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.engine.options import TranscribeOptions
@@ -64,6 +64,10 @@ class Receiver(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/hooks/whisper"
 
+    def shutdown(self) -> None:
+        self.released.set()
+        super().shutdown()
+
 
 class _ReceiverHandler(BaseHTTPRequestHandler):
     server: Receiver
@@ -84,20 +88,12 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[Callable[..., Receiver]]:
     """Start receivers; each is stopped after the test."""
-    started: list[Receiver] = []
+    with contextlib.ExitStack() as running:
 
-    def start(statuses: list[int], delay_s: float = 0) -> Receiver:
-        server = Receiver(statuses, delay_s)
-        # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        started.append(server)
-        return server
+        def start(statuses: list[int], delay_s: float = 0) -> Receiver:
+            return running.enter_context(serving(Receiver(statuses, delay_s)))
 
-    yield start
-    for server in started:
-        server.released.set()
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 def verify(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
@@ -347,10 +343,8 @@ def prize_server() -> Iterator[str]:
     """The base URL of a _PrizeHandler server on loopback."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _PrizeHandler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture
@@ -394,11 +388,6 @@ def test_an_email_carries_the_job_id_status_and_links_never_the_client_s_words(
 # -- how much, and in what order -------------------------------------------------------------------
 
 
-def other_key(app: Flask) -> FlaskClient:
-    """A test client of the same app with a key of its own."""
-    return keyed_client_class(get_service(app).parts.keys.create("other", admin=False))(app)
-
-
 def test_a_key_past_its_notifications_per_hour_gets_429_while_other_keys_and_plain_jobs_go_on(
     make_app: Callable[..., Flask],
 ) -> None:
@@ -410,7 +399,7 @@ def test_a_key_past_its_notifications_per_hour_gets_429_while_other_keys_and_pla
     assert (refused.status_code, refused.get_json()["code"]) == (429, "too_many_notifications")
     assert 3500 <= int(refused.headers["Retry-After"]) <= 3600
     submit(client, FIXTURES / "fox.wav")  # a job that asks for no notification is not counted
-    submit(other_key(app), FIXTURES / "fox.wav", callback_url=hook)
+    submit(keyed(app, "other"), FIXTURES / "fox.wav", callback_url=hook)
 
 
 def test_the_notification_quota_frees_places_as_the_hour_slides_and_counts_no_refused_job() -> None:
@@ -442,7 +431,7 @@ def test_a_key_s_slow_receivers_do_not_delay_another_key_s_webhook(
     for _ in range(3):
         wait_for(client, submit(client, FIXTURES / "fox.wav", callback_url=slow.url))
     eventually(lambda: len(slow.calls) >= 1, timeout=10)  # the first of its three is being answered, slowly
-    other = other_key(app)
+    other = keyed(app, "other")
     job_id = submit(other, FIXTURES / "fox.wav", callback_url=fast.url)
     wait_for(other, job_id)
     ended = time.monotonic()

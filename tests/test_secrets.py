@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from flask import Flask
 
-from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, submit, wait_for, wav_bytes
+from tests.helpers import FakeEngine, base_config, eventually, submit, wait_for, wav_bytes
+from tests.servers import AudioSite
 from whisper_flask import create_app
 from whisper_flask.extension import get_service
 from whisper_flask.settings import ConfigError, Settings
@@ -45,18 +43,6 @@ def umask_022() -> Iterator[None]:
     os.umask(previous)
 
 
-@pytest.fixture
-def fixtures_site() -> Iterator[str]:
-    """A loopback web server of the test fixtures; its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=FIXTURES))
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(10)
-
-
 def modes(*directories: Path) -> dict[str, str]:
     """Every file under `directories` (hidden ones included) and its permission bits, in octal."""
     return {
@@ -68,7 +54,7 @@ def modes(*directories: Path) -> dict[str, str]:
 
 
 def test_every_file_the_service_makes_is_its_users_alone_under_umask_022(
-    umask_022: None, make_app: Callable[..., Flask], engine: FakeEngine, tmp_path: Path, fixtures_site: str
+    umask_022: None, make_app: Callable[..., Flask], engine: FakeEngine, tmp_path: Path, audio_site: AudioSite
 ) -> None:
     app = make_app(KEEP_UPLOADS=True, URL_ALLOW="127.0.0.1")
     client = app.test_client()
@@ -79,7 +65,7 @@ def test_every_file_the_service_makes_is_its_users_alone_under_umask_022(
     eventually(lambda: (tmp_path / "transcripts" / f"{running}.resume.json").exists())
     held = modes(*directories)
     engine.gate.set()
-    fetched = client.post("/upload", data={"url": f"{fixtures_site}/fox.wav"}).get_json()["transcription_id"]
+    fetched = client.post("/upload", data={"url": audio_site.url("/fox.wav")}).get_json()["transcription_id"]
     assert wait_for(client, running)["status"] == wait_for(client, fetched)["status"] == "completed"
     ended = modes(*directories)
     assert f"transcripts/{running}.resume.json" in held and f"transcripts/{fetched}.txt" in ended

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-import threading
-import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,106 +11,11 @@ import pytest
 from flask import Flask
 
 from tests.helpers import FIXTURES, eventually, wait_for, wait_until
+from tests.servers import AudioSite
 from whisper_flask.audio.fetch import refusal
 from whisper_flask.settings import parse_networks
 
 LOOPBACK_ONLY = "127.0.0.1/32"  # 127.0.0.2 stays refused: the private target of a redirect
-
-
-class AudioSite(ThreadingHTTPServer):
-    """A loopback web server with audio, redirects, errors and bodies that never end."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[str] = []
-        self.stopping = threading.Event()
-        self.hung_up = threading.Event()  # a client closed a streamed body before its end
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.server_address[1]}{path}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: AudioSite
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.server.requests.append(self.path)
-        if self.path in ("/fox.wav", "/lj001-0001.flac"):
-            self._send(200, (FIXTURES / self.path.lstrip("/")).read_bytes())
-        elif self.path == "/page.html":
-            self._send(200, b"<html>not audio</html>")
-        elif self.path == "/redirect":
-            self._redirect("/fox.wav")
-        elif self.path == "/redirect-private":
-            self._redirect(self.server.url("/fox.wav", host="127.0.0.2"))
-        elif self.path == "/endless":
-            self._stream(bytes(64 * 1024), pause=0)
-        elif self.path == "/slow":
-            self._stream(b"\0", pause=0.2)
-        elif self.path == "/stall":
-            self._stream(b"", pause=0.2)  # headers with "Connection: close", then silence
-        elif self.path == "/continue-forever":
-            self._continue_forever()
-        else:
-            self._send(404, b"not here")
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _continue_forever(self) -> None:
-        """Interim responses without end: http.client reads them in a loop no socket timeout ends."""
-        for _ in range(100_000):
-            if self.server.stopping.is_set():
-                return
-            try:
-                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(0.01)
-
-    def _redirect(self, location: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _stream(self, chunk: bytes, pause: float) -> None:
-        self.send_response(200)
-        self.send_header("Connection", "close")  # no length: the body ends when the server says so
-        self.end_headers()
-        for _ in range(100_000):  # bounded; the client hangs up long before
-            if self.server.stopping.is_set():
-                return
-            try:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-            except OSError:
-                self.server.hung_up.set()
-                return
-            time.sleep(pause)
-
-
-@pytest.fixture
-def site() -> Iterator[AudioSite]:
-    """The web server, stopped after the test."""
-    server = AudioSite()
-    # shutdown() waits for serve_forever's next poll: 0.5 s by default, after every test.
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.stopping.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(10)
 
 
 @pytest.fixture
@@ -122,23 +24,23 @@ def client(make_app: Callable[..., Flask]) -> Any:
     return make_app(URL_ALLOW=LOOPBACK_ONLY, MAX_UPLOAD_MB=1, URL_FETCH_TIMEOUT_S=3).test_client()
 
 
-def test_a_url_job_is_accepted_at_once_then_fetched_and_transcribed(client: Any, site: AudioSite) -> None:
-    response = client.post("/upload", data={"url": site.url("/redirect"), "language": "en"})
+def test_a_url_job_is_accepted_at_once_then_fetched_and_transcribed(client: Any, audio_site: AudioSite) -> None:
+    response = client.post("/upload", data={"url": audio_site.url("/redirect"), "language": "en"})
     assert response.status_code == 202
     assert response.get_json()["stage"] == "queued"
     record = wait_for(client, response.get_json()["transcription_id"])
     assert record["status"] == "completed", record
     assert (record["filename"], record["source_url"], record["options"]) == (
         "redirect",
-        site.url("/redirect"),
+        audio_site.url("/redirect"),
         {"language": "en"},
     )
     assert record["duration"] == pytest.approx(4.0, abs=1)
-    assert site.requests == ["/redirect", "/fox.wav"]
+    assert audio_site.requests == ["/redirect", "/fox.wav"]
 
 
-def test_a_json_body_names_the_url_and_the_options(client: Any, site: AudioSite) -> None:
-    body = {"url": site.url("/fox.wav"), "language": "en", "word_timestamps": True, "temperature": 0}
+def test_a_json_body_names_the_url_and_the_options(client: Any, audio_site: AudioSite) -> None:
+    body = {"url": audio_site.url("/fox.wav"), "language": "en", "word_timestamps": True, "temperature": 0}
     response = client.post("/upload", json=body)
     assert response.status_code == 202, response.get_json()
     record = wait_for(client, response.get_json()["transcription_id"])
@@ -159,34 +61,34 @@ def test_a_json_body_names_the_url_and_the_options(client: Any, site: AudioSite)
     ],
 )
 def test_a_fetch_that_cannot_give_audio_fails_the_job_with_its_reason(
-    client: Any, site: AudioSite, path: str, code: str, reason: str
+    client: Any, audio_site: AudioSite, path: str, code: str, reason: str
 ) -> None:
-    job_id = client.post("/upload", data={"url": site.url(path)}).get_json()["transcription_id"]
+    job_id = client.post("/upload", data={"url": audio_site.url(path)}).get_json()["transcription_id"]
     record = wait_for(client, job_id, timeout=30)
     assert (record["status"], record["error_code"]) == ("failed", code), record
     assert reason in record["error"]
     assert not list((client.application.config["UPLOAD_DIR"]).iterdir()), "no partial download is left"
 
 
-def test_loopback_is_refused_unless_url_allow_names_it(make_app: Callable[..., Flask], site: AudioSite) -> None:
+def test_loopback_is_refused_unless_url_allow_names_it(make_app: Callable[..., Flask], audio_site: AudioSite) -> None:
     client = make_app().test_client()
-    job_id = client.post("/upload", data={"url": site.url("/fox.wav")}).get_json()["transcription_id"]
+    job_id = client.post("/upload", data={"url": audio_site.url("/fox.wav")}).get_json()["transcription_id"]
     record = wait_for(client, job_id)
     assert record["error_code"] == "fetch_failed"
     assert "127.0.0.1 is not a public address (URL_ALLOW lists the exceptions)" in record["error"]
-    assert site.requests == [], "nothing was sent to the refused address"
+    assert audio_site.requests == [], "nothing was sent to the refused address"
 
 
-def test_cancelling_a_job_stops_its_download(make_app: Callable[..., Flask], site: AudioSite) -> None:
+def test_cancelling_a_job_stops_its_download(make_app: Callable[..., Flask], audio_site: AudioSite) -> None:
     # A fetch deadline far beyond the test's waits: only the cancel can end this download in time.
     client = make_app(URL_ALLOW=LOOPBACK_ONLY, URL_FETCH_TIMEOUT_S=600).test_client()
-    job_id = client.post("/upload", data={"url": site.url("/slow")}).get_json()["transcription_id"]
+    job_id = client.post("/upload", data={"url": audio_site.url("/slow")}).get_json()["transcription_id"]
     partial = client.application.config["UPLOAD_DIR"] / f".incoming-{job_id}"
     # Cancelled only once the body is being written: earlier, an empty folder would prove nothing.
     wait_until(client, job_id, lambda record: partial.exists())
     assert client.delete(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
     # The job's check stops it at its next chunk (0.2 s); 30 s bounds a loaded VM.
-    assert site.hung_up.wait(30), "the download went on after the cancel"
+    assert audio_site.hung_up.wait(30), "the download went on after the cancel"
     eventually(lambda: not partial.exists(), timeout=30, message="the partial download was not deleted")
     assert list(partial.parent.iterdir()) == []
 
@@ -241,9 +143,9 @@ def test_public_addresses_may_be_fetched() -> None:
 
 
 def test_the_real_model_transcribes_speech_fetched_from_a_url(
-    make_real_app: Callable[..., Flask], site: AudioSite, tmp_path: Path
+    make_real_app: Callable[..., Flask], audio_site: AudioSite, tmp_path: Path
 ) -> None:
     client = make_real_app(URL_ALLOW=LOOPBACK_ONLY).test_client()
-    job_id = client.post("/upload", json={"url": site.url("/lj001-0001.flac")}).get_json()["transcription_id"]
+    job_id = client.post("/upload", json={"url": audio_site.url("/lj001-0001.flac")}).get_json()["transcription_id"]
     assert wait_for(client, job_id)["status"] == "completed"
     assert b"printing" in client.get(f"/download/{job_id}.txt").get_data().lower()
