@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -219,3 +220,15 @@ def test_a_recovery_the_store_refuses_part_way_changes_no_record_and_a_later_sta
     monkeypatch.setattr(SqliteJobStore, "_write", write)
     client = restarted()  # two suspects: neither is charged, each runs isolated
     assert [wait_for(client, job_id)["attempts"] for job_id in (a, b)] == [1, 1]
+
+
+def test_a_database_with_a_column_no_field_reads_any_more_still_loads_its_jobs(tmp_path: Path) -> None:
+    seed_store(tmp_path, [("a" * 32, JobStatus.PENDING, JobStage.QUEUED, 0)])
+    database = tmp_path / "transcripts" / "jobs.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("ALTER TABLE jobs ADD COLUMN link_base")  # written by an older version
+        db.execute("UPDATE jobs SET link_base = 'http://old.example'")
+    store = SqliteJobStore(database)
+    job = store.get("a" * 32)
+    store.close()
+    assert job is not None and job.status is JobStatus.PENDING

@@ -125,7 +125,7 @@ class JobPipeline:
         cancellable: bool = True,
         transient: type[Exception] = StorageFull,
     ) -> T:
-        """Run `step`; while the disk is full (StorageFull) try again, with a bounded backoff, until it is stored.
+        """Run `step`; while it raises `transient` (a full disk, StorageFull) try again, with a bounded backoff.
 
         Meanwhile the job shows the stage `waiting_for_storage` (if `show`). JobInterrupted if the
         service stops first, JobCancelled if the job is cancelled: the stored record is then the last
@@ -137,7 +137,9 @@ class JobPipeline:
                 done = step()
             except transient as exc:
                 if not waiting:
-                    log.warning("job %s waits until its write is stored: %s", job_id, exc)
+                    # Anything but a full disk is unexpected here (a start refused): its traceback goes along.
+                    log.warning("job %s waits until its write is stored: %s", job_id, exc,
+                                exc_info=not isinstance(exc, StorageFull))  # fmt: skip
                     if show:
                         self._show_waiting(job_id)
                     waiting = True

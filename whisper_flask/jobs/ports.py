@@ -74,7 +74,7 @@ class JobRunner(Protocol):
         """Begin taking tickets; each is run by calling `run` with it, once a worker is free."""
 
     def submit(self, job_id: str) -> None:
-        """Hand over a ticket for a pending job (already durable); after stop() it waits for the next start."""
+        """Hand over a ticket for a pending, durable job; after stop() it is dropped (the next start queues the job)."""
 
     def stop(self) -> None:
         """Stop taking jobs and wait for the running ones to return."""

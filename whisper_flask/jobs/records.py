@@ -79,9 +79,6 @@ class Job:
     # Told when the job ends (notify/): a webhook and an address.
     callback_url: str | None = None
     notify_email: str | None = None
-    # No longer written: links start with the PUBLIC_URL of the moment they are sent, never with a request's
-    # Host. Kept because rows of older databases carry it.
-    link_base: str | None = None
     seq: int = 0
 
 

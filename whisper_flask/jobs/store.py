@@ -260,7 +260,8 @@ def _notification(row: sqlite3.Row) -> Notification:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    data = dict(row)
+    # Columns an older version added and no field reads any more (link_base) stay in the table, unread.
+    data = {name: row[name] for name in (*_FIELDS, "seq")}
     data["options"] = TranscribeOptions.from_dict(json.loads(data["options"]))
     data["status"] = JobStatus(data["status"])
     data["stage"] = JobStage(data["stage"])

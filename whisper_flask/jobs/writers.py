@@ -39,11 +39,13 @@ def transcript_writes() -> Iterator[None]:
 
 
 def write_transcripts(result: dict[str, Any], directory: Path, job_id: str) -> None:
-    """Write every format, then rename them all into place: no reader sees half a file.
+    """Write every format, each renamed into place once whole: no reader sees half a file.
 
-    StorageFull or WriteFailed if the directory refuses (transcript_writes).
+    StorageFull or WriteFailed if the directory refuses (transcript_writes). Formats already renamed
+    stay: no download serves them before the job completes, and writing again replaces them.
     """
-    # The renames run as the stack unwinds, after the last format is written; a failure removes them all.
+    # Each file is fsynced and renamed as the stack unwinds, after the last format is written; the
+    # formats not yet renamed when one fails are removed.
     with transcript_writes(), contextlib.ExitStack() as stack:
         for fmt in FORMATS:
             file = stack.enter_context(atomic_write(transcript_path(directory, job_id, fmt)))
