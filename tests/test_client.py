@@ -27,7 +27,8 @@ from tests.servers import ROOT, Servers
 from whisper_flask.api import errors as server_errors
 from whisper_flask_client import Client, Job, Options
 from whisper_flask_client import errors as client_errors
-from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, main
+from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, _prepare, main, parser
+from whisper_flask_client.display import QuietTracker
 from whisper_flask_client.run import Item, Runner
 from whisper_flask_client.state import StateFile
 
@@ -279,3 +280,67 @@ def test_an_upload_whose_answer_was_lost_is_matched_to_its_job_by_name_and_time_
 
     assert job is not None and job.id == "b" * 32  # not the old one, nor another input's
     assert state.get("fox") == {"job_id": "b" * 32}
+
+
+class FakeResponse:
+    """A requests.Response as the client reads it: JSON or bytes."""
+
+    def __init__(self, body: dict[str, Any] | None = None, content: bytes = b"") -> None:
+        self.body = body or {}
+        self.content = content
+        self.status_code = 200
+
+    def json(self) -> dict[str, Any]:
+        return self.body
+
+
+class FinishedClient:
+    """A stand-in for Client whose every job has completed with the transcript `text`."""
+
+    def __init__(self, text: bytes = b"the quick brown fox\n") -> None:
+        self.text = text
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)  # type: ignore[arg-type]
+
+    def request(self, method: str, path: str, **kwargs: Any) -> FakeResponse:
+        if path.startswith("/download/"):
+            return FakeResponse(content=self.text)
+        job_id = path.rsplit("/", 1)[-1]
+        return FakeResponse({"transcription_id": job_id, "status": "completed", "progress": 1.0})
+
+
+def test_a_transcript_that_cannot_be_written_fails_its_input_and_keeps_the_job_for_the_next_run(
+    tmp_path: Path,
+) -> None:
+    state = StateFile(tmp_path / "jobs.json")
+    state.put("fox", {"job_id": "f" * 32})
+    (tmp_path / "a-file").write_text("not a directory")
+    item = Item(str(tmp_path / "fox.wav"), False, {"txt": tmp_path / "a-file" / "fox.txt"}, "fox")
+    runner = Runner(FinishedClient(), state, Options(), threading.Event())  # type: ignore[arg-type]
+
+    result = runner.run(item, QuietTracker())  # an OSError escaping here was a traceback through future.result()
+
+    assert (result.status, result.code, result.job_id) == ("failed", "write_failed", "f" * 32)
+    assert state.get("fox") == {"job_id": "f" * 32}, "the next run collects the job"
+
+
+def prepared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[Client, list[Item]]:
+    """What `whisper-flask transcribe ARGV` would run, without a service (its config under tmp_path)."""
+    monkeypatch.setenv("WHISPER_FLASK_API_KEY", "k")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return _prepare(parser().parse_args(["transcribe", *argv]))
+
+
+def test_out_is_created_and_one_that_names_a_file_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, (item,) = prepared(tmp_path, monkeypatch, str(FIXTURES / "fox.wav"), "--out", str(tmp_path / "new" / "out"))
+    assert (tmp_path / "new" / "out").is_dir()
+    assert item.outputs == {"txt": tmp_path / "new" / "out" / "fox.txt"}
+
+    (tmp_path / "a-file").write_text("")
+    assert main(["transcribe", str(FIXTURES / "fox.wav"), "--out", str(tmp_path / "a-file")]) == USAGE
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["transcribe", str(FIXTURES / "fox.wav"), "--out", str(tmp_path / "a-file" / "below")]) == USAGE
+    assert "--out" in capsys.readouterr().err

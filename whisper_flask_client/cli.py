@@ -121,6 +121,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Client, list[Item]]:
     if not key:
         raise UsageError(f"no API key: set WHISPER_FLASK_API_KEY or put it in {config_path()} (mode 600)")
     server = args.server or os.environ.get("WHISPER_FLASK_URL") or config.get("server") or DEFAULT_SERVER
+    if args.out is not None:
+        _prepare_out(args.out)
     options = Options(args.language, args.task, args.word_timestamps)
     args.options = options
     items = [
@@ -130,6 +132,18 @@ def _prepare(args: argparse.Namespace) -> tuple[Client, list[Item]]:
     if not items:
         raise UsageError("no audio files among the inputs")
     return Client(server, key), items
+
+
+def _prepare_out(out: Path) -> None:
+    """Create --out, or refuse it now: a file or an unwritable directory would fail every job only at its end."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create the directory: {error.strerror or error}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the directory is not writable")
 
 
 def _expand(inputs: list[str]) -> list[tuple[str, bool]]:

@@ -220,8 +220,14 @@ class Runner:
         if failure is not None:
             self.state.remove(item.key)
             return Result(item.source, "failed", job.id, error=failure.message, code=failure.code)
-        for fmt, path in item.outputs.items():
-            _write(path, job.download(fmt))
+        try:
+            for fmt, path in item.outputs.items():
+                _write(path, job.download(fmt))
+        except OSError as error:  # a read-only directory, a full disk: the entry stays, the next run collects it
+            if isinstance(error, requests.RequestException):
+                raise  # requests' errors are OSErrors too; a lost download is a connection failure
+            message = f"cannot write the transcript: {error}; run the same command again to collect it"
+            return Result(item.source, "failed", job.id, error=message, code="write_failed")
         self.state.remove(item.key)
         return Result(item.source, "completed", job.id, [str(path) for path in item.outputs.values()])
 
