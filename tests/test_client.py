@@ -27,7 +27,7 @@ from tests.servers import ROOT, Servers
 from whisper_flask.api import errors as server_errors
 from whisper_flask_client import Client, Job, Options
 from whisper_flask_client import errors as client_errors
-from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, _prepare, main, parser
+from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, UsageError, _prepare, main, parser
 from whisper_flask_client.display import QuietTracker
 from whisper_flask_client.run import Item, Runner
 from whisper_flask_client.state import StateFile
@@ -344,3 +344,34 @@ def test_out_is_created_and_one_that_names_a_file_is_a_usage_error(
     assert "not a directory" in capsys.readouterr().err
     assert main(["transcribe", str(FIXTURES / "fox.wav"), "--out", str(tmp_path / "a-file" / "below")]) == USAGE
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("files", "inputs", "out"),
+    [
+        (["a.wav", "a.mp3"], ["."], None),  # one folder: a.txt for both
+        (["x/intro.wav", "y/intro.wav"], ["x", "y"], "out"),  # --out gathers both into out/intro.txt
+        ([], ["https://example.com/a/talk.mp3", "https://example.com/b/talk.mp3?x=1"], "out"),  # one last segment
+    ],
+)
+def test_two_inputs_that_would_write_the_same_transcript_are_a_usage_error_naming_both(
+    files: list[str], inputs: list[str], out: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURES / "fox.wav", tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    argv = [*inputs, *(["--out", str(tmp_path / out)] if out else [])]
+
+    with pytest.raises(UsageError) as refused:  # one would silently overwrite the other's transcript
+        prepared(tmp_path, monkeypatch, *argv)
+
+    sources = [str((tmp_path / name).resolve()) for name in files] or inputs
+    assert all(source in str(refused.value) for source in sources), refused.value
+
+
+def test_a_urls_transcript_is_named_as_the_service_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, (item,) = prepared(tmp_path, monkeypatch, "https://example.com/media/talk.mp3/?token=x", "--format", "srt")
+    assert item.name == "talk.mp3"
+    assert item.outputs == {"srt": tmp_path / "talk.srt"}

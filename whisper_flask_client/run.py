@@ -49,9 +49,14 @@ class Item:
     @property
     def name(self) -> str:
         """The name the service is given (and shows) for the input."""
-        if self.is_url:
-            return self.source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "audio"
-        return Path(self.source).name
+        return source_name(self.source, self.is_url)
+
+
+def source_name(source: str, is_url: bool) -> str:
+    """An input's file name: a URL's last path segment (query dropped), else the file's own name."""
+    if is_url:
+        return source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "audio"
+    return Path(source).name
 
 
 @dataclass
