@@ -6,6 +6,7 @@ check that the client knows every error code it sends.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
+from rich.text import Text
 
 import whisper_flask.exceptions as server_exceptions
 from tests.helpers import FIXTURES, SPOKEN, LiveClient, create_key, eventually
@@ -28,7 +31,7 @@ from whisper_flask.api import errors as server_errors
 from whisper_flask_client import Client, Job, Options
 from whisper_flask_client import errors as client_errors
 from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, UsageError, _prepare, main, parser
-from whisper_flask_client.display import QuietTracker
+from whisper_flask_client.display import Bars, QuietTracker
 from whisper_flask_client.run import Item, Runner
 from whisper_flask_client.state import StateFile
 
@@ -375,3 +378,16 @@ def test_a_urls_transcript_is_named_as_the_service_names_it(tmp_path: Path, monk
     _, (item,) = prepared(tmp_path, monkeypatch, "https://example.com/media/talk.mp3/?token=x", "--format", "srt")
     assert item.name == "talk.mp3"
     assert item.outputs == {"srt": tmp_path / "talk.srt"}
+
+
+def test_bars_show_file_names_and_the_services_words_as_they_are_not_as_markup() -> None:
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=200)
+    bars = Bars(console)
+    tracker = bars.tracker("talk[/b].wav")  # as markup: MarkupError, a closing tag that matches none
+    tracker.note("[red]restyled[/red]")
+
+    console.print(bars.progress.get_renderable())
+
+    shown = Text.from_ansi(screen.getvalue()).plain
+    assert "talk[/b].wav" in shown and "[red]restyled[/red]" in shown, shown
