@@ -6,6 +6,7 @@ check that the client knows every error code it sends.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import whisper_flask.exceptions as server_exceptions
 from tests.helpers import FIXTURES, SPOKEN, LiveClient, create_key, eventually
 from tests.servers import ROOT, Servers
 from whisper_flask.api import errors as server_errors
-from whisper_flask_client import Client, Job, Options
+from whisper_flask_client import Client, Job, JobState, Options
 from whisper_flask_client import errors as client_errors
 from whisper_flask_client.cli import INTERRUPTED, OK, REFUSED, USAGE, UsageError, _prepare, main, parser
 from whisper_flask_client.display import Bars, QuietTracker
@@ -37,7 +38,7 @@ from whisper_flask_client.state import StateFile
 
 
 def server_codes() -> set[str]:
-    """Every machine code the server answers: its exceptions', werkzeug's, and the ones its views raise."""
+    """Every machine code the server answers: its exceptions', werkzeug's, its views' and its failed jobs'."""
     codes = set(server_errors._HTTP_CODES.values())
     pending = [server_exceptions.ServiceError]
     while pending:
@@ -47,12 +48,33 @@ def server_codes() -> set[str]:
             codes.add(kind.code)
     for module in (ROOT / "whisper_flask" / "api").glob("*.py"):
         codes.update(re.findall(r'ApiError\(\s*\d+,\s*"(\w+)"', module.read_text()))
+    return codes | job_failure_codes()
+
+
+def job_failure_codes() -> set[str]:
+    """The codes whisper_flask/jobs/ writes literally as a failed job's error_code (GET /progress's error_code)."""
+    # A literal beside JobStatus.FAILED (crash_rule's `ended(...)`) or given to `_fail` (pipeline); the other
+    # codes a job fails with are its exceptions' .code, which server_codes' walk collects.
+    codes: set[str] = set()
+    for module in (ROOT / "whisper_flask" / "jobs").glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            args = node.args
+            after_failed = [args[i + 1] for i in range(len(args) - 1) if ast.unparse(args[i]) == "JobStatus.FAILED"]
+            given_to_fail = args[1:2] if ast.unparse(node.func).endswith("_fail") else []
+            codes.update(
+                arg.value
+                for arg in after_failed + given_to_fail
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            )
     return codes
 
 
 def test_every_code_the_server_sends_has_a_client_exception_named_for_it() -> None:
     codes = server_codes()
     assert {"too_many_jobs", "invalid_api_key", "body_timeout", "method_not_allowed"} <= codes  # the walk works
+    assert {"interrupted", "transcription_failed"} <= job_failure_codes()  # the jobs' own codes are read too
     assert codes - client_errors.CODES.keys() == set()
 
 
@@ -391,3 +413,12 @@ def test_bars_show_file_names_and_the_services_words_as_they_are_not_as_markup()
 
     shown = Text.from_ansi(screen.getvalue()).plain
     assert "talk[/b].wav" in shown and "[red]restyled[/red]" in shown, shown
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"), [("interrupted", "JobInterrupted"), ("transcription_failed", "TranscriptionFailed")]
+)
+def test_a_job_failed_with_a_code_of_the_servers_jobs_raises_the_job_error_named_for_it(code: str, kind: str) -> None:
+    failure = JobState("a" * 32, "failed", error="it failed", error_code=code).failure()
+    assert type(failure).__name__ == kind and isinstance(failure, client_errors.JobError)
+    assert (failure.code, failure.message) == (code, "it failed")
