@@ -422,3 +422,55 @@ def test_a_job_failed_with_a_code_of_the_servers_jobs_raises_the_job_error_named
     failure = JobState("a" * 32, "failed", error="it failed", error_code=code).failure()
     assert type(failure).__name__ == kind and isinstance(failure, client_errors.JobError)
     assert (failure.code, failure.message) == (code, "it failed")
+
+
+def test_a_transcript_is_synced_before_its_name_and_its_rename_before_the_job_is_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = StateFile(tmp_path / "state" / "jobs.json")
+    state.put("fox", {"job_id": "f" * 32})
+    transcript = tmp_path / "out" / "fox.txt"
+    item = Item(str(tmp_path / "fox.wav"), False, {"txt": transcript}, "fox")
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    result = Runner(FinishedClient(), state, Options(), threading.Event()).run(item, QuietTracker())  # type: ignore[arg-type]
+
+    assert result.status == "completed" and transcript.read_bytes() == b"the quick brown fox\n"
+    (at,) = [i for i, event in enumerate(events) if event[0] == "replace" and event[2] == str(transcript)]
+    assert ("fsync", events[at][1]) in events[:at], "a power loss could leave the name pointing at no data"
+    state_written = next(i for i, event in enumerate(events[at + 1 :], at + 1) if event[0] == "replace")
+    assert ("fsync", str(transcript.parent)) in events[at:state_written], "the rename is durable before the entry goes"
+    assert state.get("fox") is None
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_a_transcript_has_the_mode_the_umask_of_the_moment_gives_and_the_state_file_stays_private(
+    umask: int, tmp_path: Path
+) -> None:
+    state = StateFile(tmp_path / "state" / "jobs.json")
+    state.put("fox", {"job_id": "f" * 32})
+    transcript = tmp_path / "fox.txt"
+    item = Item(str(tmp_path / "fox.wav"), False, {"txt": transcript}, "fox")
+    runner = Runner(FinishedClient(), state, Options(), threading.Event())  # type: ignore[arg-type]
+    before = os.umask(umask)  # after the client's import: a umask read once then would give 0644 here
+    try:
+        assert runner.run(item, QuietTracker()).status == "completed"
+        state.put("other", {"job_id": "e" * 32})
+    finally:
+        os.umask(before)
+
+    assert transcript.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "state" / "jobs.json").stat().st_mode & 0o777 == 0o600
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == [], "no temporary file left"

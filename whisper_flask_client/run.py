@@ -10,7 +10,6 @@ created since, before it uploads again.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,15 +21,13 @@ import requests
 
 from whisper_flask_client.api import Client, Job, JobState, Options
 from whisper_flask_client.errors import Expired, JobNotFound, RetryLater, ServiceError
+from whisper_flask_client.files import write_atomic
 from whisper_flask_client.state import StateFile
 
 #: How far the service's clock may be behind ours when a job is matched to an upload whose answer was lost.
 CLOCK_SKEW_S = 300
 #: Seconds between upload attempts after a connection error: doubling, at most the second, this many tries.
 UPLOAD_BACKOFF = (1.0, 30.0, 6)
-# Read once, at import in the main thread: os.umask sets while it reads, which threads must not race.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class Interrupted(Exception):
@@ -238,14 +235,7 @@ class Runner:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write a transcript whole or not at all: an interrupted run leaves no half file that would be skipped."""
+    """Write a transcript whole, durably, as an ordinary file of the user's (0666 less the umask)."""
+    # Durable before the state entry goes: a power loss must not leave an empty transcript a later run skips.
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(name, 0o666 & ~_UMASK)  # as an ordinary file of the user's (mkstemp makes 0600)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o666)
