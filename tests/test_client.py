@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from rich.console import Console
 from rich.text import Text
 
@@ -474,3 +475,45 @@ def test_a_transcript_has_the_mode_the_umask_of_the_moment_gives_and_the_state_f
     assert transcript.stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "state" / "jobs.json").stat().st_mode & 0o777 == 0o600
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == [], "no temporary file left"
+
+
+class DownSession:
+    """A requests.Session whose every request meets a closed port; `on_request` runs first."""
+
+    def __init__(self, on_request: Any = None) -> None:
+        self.headers: dict[str, str] = {}
+        self.calls = 0
+        self.on_request = on_request
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.on_request is not None:
+            self.on_request()
+        raise requests.ConnectionError("connection refused")
+
+
+def test_a_stop_ends_a_reads_connection_retries_at_once_instead_of_after_the_backoff() -> None:
+    session = DownSession()
+    stop = threading.Event()
+    stop.set()
+    client = Client("http://127.0.0.1:9", "k", session=session, stop=stop)  # type: ignore[arg-type]
+    started = time.monotonic()
+
+    with pytest.raises(requests.ConnectionError):
+        client.check()
+
+    assert time.monotonic() - started < 0.4 and session.calls == 1  # the backoff would sleep 15.5 s in all
+
+
+def test_ctrl_c_during_a_services_outage_interrupts_the_input_at_once_and_keeps_its_job(tmp_path: Path) -> None:
+    stop = threading.Event()
+    session = DownSession(on_request=stop.set)  # Ctrl-C arrives while the service is unreachable
+    state = StateFile(tmp_path / "jobs.json")
+    state.put("fox", {"job_id": "f" * 32})
+    runner = Runner(Client("http://127.0.0.1:9", "k", session=session), state, Options(), stop)  # type: ignore[arg-type]
+    started = time.monotonic()
+
+    result = runner.run(Item(str(tmp_path / "fox.wav"), False, {}, "fox"), QuietTracker())
+
+    assert result.status == "interrupted" and time.monotonic() - started < 0.4
+    assert state.get("fox") == {"job_id": "f" * 32}

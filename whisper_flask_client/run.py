@@ -96,6 +96,7 @@ class Runner:
         self.state = state
         self.options = options
         self.stop = stop
+        client.stop = stop  # a read's connection retries end at Ctrl-C too, not after their backoff
         # Notified when a job of this run ends: an upload refused for this key's share can go then.
         self.room = threading.Condition()
 
@@ -115,6 +116,8 @@ class Runner:
         except ServiceError as error:
             return Result(item.source, "failed", error=error.message, code=error.code)
         except requests.RequestException as error:  # the entry stays: the next run collects the job
+            if self.stop.is_set():  # the client gave up retrying because of the stop
+                return Result(item.source, "interrupted", error="run the same command again to collect it")
             return Result(item.source, "failed", error=f"connection failed: {error}", code="connection_error")
 
     def cancel(self, item: Item) -> Result:
