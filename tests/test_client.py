@@ -517,3 +517,42 @@ def test_ctrl_c_during_a_services_outage_interrupts_the_input_at_once_and_keeps_
 
     assert result.status == "interrupted" and time.monotonic() - started < 0.4
     assert state.get("fox") == {"job_id": "f" * 32}
+
+
+class CountingState(StateFile):
+    """A StateFile that counts its reads of one entry."""
+
+    gets = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        self.gets += 1
+        return super().get(key)
+
+
+class SubmittingClient(FinishedClient):
+    """A FinishedClient that accepts an upload, noting the state entry as it was while the upload was sent."""
+
+    def __init__(self, state: StateFile) -> None:
+        super().__init__()
+        self.state = state
+        self.entry_while_sending: dict[str, Any] | None = None
+
+    def submit(self, path: str, options: Options, on_bytes: Any = None) -> Job:
+        self.entry_while_sending = self.state.get("fox")
+        return Job(self, "f" * 32)  # type: ignore[arg-type]
+
+
+def test_an_uploads_entry_holds_only_what_is_read_and_a_cancel_reads_the_state_once(tmp_path: Path) -> None:
+    state = CountingState(tmp_path / "jobs.json")
+    client = SubmittingClient(state)
+    audio = tmp_path / "fox.wav"
+    shutil.copy(FIXTURES / "fox.wav", audio)
+    runner = Runner(client, state, Options(), threading.Event())  # type: ignore[arg-type]
+
+    assert runner.run(Item(str(audio), False, {}, "fox"), QuietTracker()).status == "completed"
+    assert client.entry_while_sending is not None and set(client.entry_while_sending) == {"uploading_since"}
+
+    state.put("fox", {"job_id": "f" * 32})
+    state.gets = 0
+    assert runner.cancel(Item(str(audio), False, {}, "fox")).status == "cancelled"
+    assert state.gets == 1 and state.get("fox") is None

@@ -122,8 +122,7 @@ class Runner:
 
     def cancel(self, item: Item) -> Result:
         """Cancel the input's recorded job on the service and forget it."""
-        entry = self.state.get(item.key) or {}
-        job = self._existing(item) if entry else None
+        job = self._existing(item)  # None when no entry: one read of the state file, under its lock
         if job is None:
             return Result(item.source, "skipped", error="no job recorded for this input")
         try:
@@ -166,7 +165,7 @@ class Runner:
             if self.stop.is_set():
                 raise Interrupted
             since = time.time()
-            self.state.put(item.key, {"uploading_since": since, "filename": item.name})
+            self.state.put(item.key, {"uploading_since": since})  # _reconcile matches by the item's own name
             try:
                 job = self._send(item, tracker)
             except RetryLater as error:  # refused before anything was kept

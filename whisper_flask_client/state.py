@@ -20,8 +20,9 @@ from typing import Any
 
 from whisper_flask_client.files import write_atomic
 
-#: An entry: {"job_id": id} once the service accepted the upload, or {"uploading_since": unix time,
-#: "filename": name} while the answer to an upload is not known (see cli.py, `_reconcile`).
+#: An entry: {"job_id": id} once the service accepted the upload, or {"uploading_since": unix time} while
+#: the answer to an upload is not known (see run.py, `Runner._reconcile`). Entries of older runs may hold
+#: more fields; nothing reads them.
 Entry = dict[str, Any]
 
 
