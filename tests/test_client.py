@@ -199,26 +199,34 @@ def test_a_run_interrupted_by_sigint_is_collected_by_the_same_command_without_a_
     served: dict[str, Any], tmp_path: Path
 ) -> None:
     key = served["keys"]["interrupted"]
-    audio = tmp_path / "report.wav"
-    shutil.copy(FIXTURES / "report.wav", audio)
+    # 70 s of speech: tiny.en cannot finish it between the job id's recording and the SIGINT (a 5 s file could).
+    audio = tmp_path / "chapter.opus"
+    shutil.copy(FIXTURES / "lj001-chapter-70s.opus", audio)
     state = StateFile(tmp_path / "state" / "whisper-flask" / "jobs.json")
+    started: list[subprocess.Popen[str]] = []
+    try:
+        started.append(first := command(served, tmp_path, key, str(audio), "--json"))
+        eventually(lambda: bool(state.job_ids()), timeout=60, message="the job id was never recorded")
+        first.send_signal(signal.SIGINT)
+        code, _, err = finish(first)
+        assert code == INTERRUPTED, err
+        assert "run the same command again" in err
+        (job_id,) = state.job_ids()
 
-    first = command(served, tmp_path, key, str(audio), "--json")
-    eventually(lambda: bool(state.job_ids()), timeout=60, message="the job id was never recorded")
-    first.send_signal(signal.SIGINT)
-    code, _, err = finish(first)
-    assert code == INTERRUPTED, err
-    assert "run the same command again" in err
-    (job_id,) = state.job_ids()
-
-    code, lines, err = finish(command(served, tmp_path, key, str(audio), "--json"))
+        started.append(second := command(served, tmp_path, key, str(audio), "--json"))
+        code, lines, err = finish(second)
+    finally:  # a failed assertion or wait must not leave a command running (and holding the key's one job)
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
     assert code == OK, err
     assert lines == [
         {"input": str(audio), "status": "completed", "job_id": job_id, "outputs": [str(audio.with_suffix(".txt"))]}
     ]
-    assert "quarterly report" in audio.with_suffix(".txt").read_text().lower()
-    assert [job["transcription_id"] for job in jobs_named(served, key, "report.wav")] == [job_id]
+    assert "printing" in audio.with_suffix(".txt").read_text().lower()
+    assert [job["transcription_id"] for job in jobs_named(served, key, "chapter.opus")] == [job_id]
 
 
 def test_a_wrong_key_exits_with_its_own_code_and_says_the_service_refused_it(
