@@ -106,10 +106,14 @@ class Transcript:
 class Client:
     """A whisper_flask service at `url`, used with one API key."""
 
-    def __init__(self, url: str, key: str, session: requests.Session | None = None) -> None:
+    def __init__(
+        self, url: str, key: str, session: requests.Session | None = None, stop: threading.Event | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.session = session or requests.Session()
         self.session.headers["Authorization"] = f"Bearer {key}"
+        #: Set to give up retrying: a connection error then raises at once instead of after the backoff.
+        self.stop = stop or threading.Event()
 
     def request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> requests.Response:
         """One request; an error answer raises its ServiceError, a connection error is retried when `retry`."""
@@ -119,9 +123,9 @@ class Client:
                 response = self.session.request(method, self.url + path, timeout=TIMEOUT, **kwargs)
                 break
             except requests.ConnectionError:
-                if not retry or attempt == tries - 1:
+                # Waiting on `stop`, not sleeping: Ctrl-C must not sit out up to 15 s of backoff.
+                if not retry or attempt == tries - 1 or self.stop.wait(min(most, delay * 2**attempt)):
                     raise
-            time.sleep(min(most, delay * 2**attempt))
         if response.status_code >= 400:
             try:
                 body = response.json()

@@ -22,7 +22,7 @@ import requests
 from whisper_flask_client.api import FORMATS, Client, Options
 from whisper_flask_client.display import Bars, Quiet
 from whisper_flask_client.errors import AuthenticationError, ServiceError
-from whisper_flask_client.run import Item, Result, Runner
+from whisper_flask_client.run import Item, Result, Runner, source_name
 from whisper_flask_client.state import StateFile, default_path, entry_key
 
 OK, SOME_FAILED, USAGE, REFUSED, INTERRUPTED = 0, 1, 2, 3, 130
@@ -121,6 +121,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Client, list[Item]]:
     if not key:
         raise UsageError(f"no API key: set WHISPER_FLASK_API_KEY or put it in {config_path()} (mode 600)")
     server = args.server or os.environ.get("WHISPER_FLASK_URL") or config.get("server") or DEFAULT_SERVER
+    if args.out is not None:
+        _prepare_out(args.out)
     options = Options(args.language, args.task, args.word_timestamps)
     args.options = options
     items = [
@@ -129,7 +131,20 @@ def _prepare(args: argparse.Namespace) -> tuple[Client, list[Item]]:
     ]
     if not items:
         raise UsageError("no audio files among the inputs")
+    _refuse_collisions(items)
     return Client(server, key), items
+
+
+def _prepare_out(out: Path) -> None:
+    """Create --out, or refuse it now: a file or an unwritable directory would fail every job only at its end."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create the directory: {error.strerror or error}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the directory is not writable")
 
 
 def _expand(inputs: list[str]) -> list[tuple[str, bool]]:
@@ -150,12 +165,20 @@ def _expand(inputs: list[str]) -> list[tuple[str, bool]]:
 
 
 def _outputs(source: str, is_url: bool, formats: list[str], out: Path | None) -> dict[str, Path]:
-    if is_url:
-        stem = Path(source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]).stem or "audio"
-        directory = out or Path.cwd()
-    else:
-        stem, directory = Path(source).stem, out or Path(source).parent
+    stem = Path(source_name(source, is_url)).stem or "audio"
+    directory = out or (Path.cwd() if is_url else Path(source).parent)
     return {fmt: directory / f"{stem}.{fmt}" for fmt in formats}
+
+
+def _refuse_collisions(items: list[Item]) -> None:
+    """Refuse two inputs that would write the same transcript: the later would silently replace the other's."""
+    writer: dict[Path, str] = {}
+    for item in items:
+        for path in item.outputs.values():
+            other = writer.setdefault(path.resolve(), item.source)
+            if other != item.source:
+                hint = "transcribe them in separate runs, each with its own --out"
+                raise UsageError(f"{other} and {item.source} would both write {path}; {hint}")
 
 
 def _run(args: argparse.Namespace, client: Client, items: list[Item]) -> int:

@@ -14,13 +14,15 @@ from whisper_flask_client.api import JobState
 class Bars:
     """One bar per input, on stderr."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console | None = None) -> None:
+        # markup=False: a file name and the service's words are shown as they are; as markup, `talk[/b].wav`
+        # raised MarkupError and a server's text could restyle the line.
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
+            TextColumn("{task.fields[info]}", markup=False),
+            console=console or Console(stderr=True),
         )
 
     def __enter__(self) -> Bars:

@@ -1,8 +1,9 @@
 """The service's errors as exceptions, one named for each machine code of its JSON error contract.
 
 The service answers `{"error": message, "code": machine_code, ...}`; `error_for` turns such an answer into
-the exception named for its code. The mapping is the client's own (it never imports the server); a test
-walks the server's exceptions and error handlers and checks that every code they send is here.
+the exception named for its code; a failed job's `error_code` is read the same way (JobState.failure).
+The mapping is the client's own (it never imports the server); a test walks the server's exceptions, error
+handlers and the codes its jobs fail with, and checks that every code they send is here.
 """
 
 from __future__ import annotations
@@ -167,6 +168,14 @@ class NoTranscript(JobError):
     """no_transcript: the job ended without a transcript (failed or cancelled)."""
 
 
+class JobInterrupted(JobError):
+    """interrupted: the service stopped during the job as often as it retries one; it was not run again."""
+
+
+class TranscriptionFailed(JobError):
+    """transcription_failed: the transcription crashed on the service (a bug or the audio's, not the request's)."""
+
+
 class StorageFull(ServerError):
     """storage_full: the service's disk takes no more."""
 
@@ -223,6 +232,8 @@ CODES: dict[str, type[ServiceError]] = {
     "expired": Expired,
     "not_ready": NotReady,
     "no_transcript": NoTranscript,
+    "interrupted": JobInterrupted,
+    "transcription_failed": TranscriptionFailed,
     "storage_full": StorageFull,
     "write_failed": WriteFailed,
 }

@@ -10,7 +10,6 @@ created since, before it uploads again.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,15 +21,13 @@ import requests
 
 from whisper_flask_client.api import Client, Job, JobState, Options
 from whisper_flask_client.errors import Expired, JobNotFound, RetryLater, ServiceError
+from whisper_flask_client.files import write_atomic
 from whisper_flask_client.state import StateFile
 
 #: How far the service's clock may be behind ours when a job is matched to an upload whose answer was lost.
 CLOCK_SKEW_S = 300
 #: Seconds between upload attempts after a connection error: doubling, at most the second, this many tries.
 UPLOAD_BACKOFF = (1.0, 30.0, 6)
-# Read once, at import in the main thread: os.umask sets while it reads, which threads must not race.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class Interrupted(Exception):
@@ -49,9 +46,14 @@ class Item:
     @property
     def name(self) -> str:
         """The name the service is given (and shows) for the input."""
-        if self.is_url:
-            return self.source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "audio"
-        return Path(self.source).name
+        return source_name(self.source, self.is_url)
+
+
+def source_name(source: str, is_url: bool) -> str:
+    """An input's file name: a URL's last path segment (query dropped), else the file's own name."""
+    if is_url:
+        return source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "audio"
+    return Path(source).name
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Runner:
         self.state = state
         self.options = options
         self.stop = stop
+        client.stop = stop  # a read's connection retries end at Ctrl-C too, not after their backoff
         # Notified when a job of this run ends: an upload refused for this key's share can go then.
         self.room = threading.Condition()
 
@@ -113,12 +116,13 @@ class Runner:
         except ServiceError as error:
             return Result(item.source, "failed", error=error.message, code=error.code)
         except requests.RequestException as error:  # the entry stays: the next run collects the job
+            if self.stop.is_set():  # the client gave up retrying because of the stop
+                return Result(item.source, "interrupted", error="run the same command again to collect it")
             return Result(item.source, "failed", error=f"connection failed: {error}", code="connection_error")
 
     def cancel(self, item: Item) -> Result:
         """Cancel the input's recorded job on the service and forget it."""
-        entry = self.state.get(item.key) or {}
-        job = self._existing(item) if entry else None
+        job = self._existing(item)  # None when no entry: one read of the state file, under its lock
         if job is None:
             return Result(item.source, "skipped", error="no job recorded for this input")
         try:
@@ -161,7 +165,7 @@ class Runner:
             if self.stop.is_set():
                 raise Interrupted
             since = time.time()
-            self.state.put(item.key, {"uploading_since": since, "filename": item.name})
+            self.state.put(item.key, {"uploading_since": since})  # _reconcile matches by the item's own name
             try:
                 job = self._send(item, tracker)
             except RetryLater as error:  # refused before anything was kept
@@ -220,21 +224,20 @@ class Runner:
         if failure is not None:
             self.state.remove(item.key)
             return Result(item.source, "failed", job.id, error=failure.message, code=failure.code)
-        for fmt, path in item.outputs.items():
-            _write(path, job.download(fmt))
+        try:
+            for fmt, path in item.outputs.items():
+                _write(path, job.download(fmt))
+        except OSError as error:  # a read-only directory, a full disk: the entry stays, the next run collects it
+            if isinstance(error, requests.RequestException):
+                raise  # requests' errors are OSErrors too; a lost download is a connection failure
+            message = f"cannot write the transcript: {error}; run the same command again to collect it"
+            return Result(item.source, "failed", job.id, error=message, code="write_failed")
         self.state.remove(item.key)
         return Result(item.source, "completed", job.id, [str(path) for path in item.outputs.values()])
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write a transcript whole or not at all: an interrupted run leaves no half file that would be skipped."""
+    """Write a transcript whole, durably, as an ordinary file of the user's (0666 less the umask)."""
+    # Durable before the state entry goes: a power loss must not leave an empty transcript a later run skips.
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(name, 0o666 & ~_UMASK)  # as an ordinary file of the user's (mkstemp makes 0600)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o666)

@@ -14,13 +14,15 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-#: An entry: {"job_id": id} once the service accepted the upload, or {"uploading_since": unix time,
-#: "filename": name} while the answer to an upload is not known (see cli.py, `_reconcile`).
+from whisper_flask_client.files import write_atomic
+
+#: An entry: {"job_id": id} once the service accepted the upload, or {"uploading_since": unix time} while
+#: the answer to an upload is not known (see run.py, `Runner._reconcile`). Entries of older runs may hold
+#: more fields; nothing reads them.
 Entry = dict[str, Any]
 
 
@@ -66,12 +68,9 @@ class StateFile:
         return data if isinstance(data, dict) else {}
 
     def _write(self, entries: dict[str, Entry]) -> None:
-        handle, name = tempfile.mkstemp(dir=self.path.parent, prefix=".jobs-")  # 0600 by mkstemp
-        with os.fdopen(handle, "w") as file:
-            json.dump(entries, file, indent=1, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())  # the id must survive a crash right after the 202
-        os.replace(name, self.path)
+        # Private (a job id with the key opens a transcript), and durable: the id must survive a crash right
+        # after the 202.
+        write_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True).encode(), 0o600)
 
     def get(self, key: str) -> Entry | None:
         """The entry of one input, if a run recorded one."""
