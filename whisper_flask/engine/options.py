@@ -16,6 +16,10 @@ class Task(str, Enum):
     TRANSLATE = "translate"
 
 
+#: The options that are not Whisper's: who spoke when (diarization.py, speakers.py).
+SPEAKER_OPTIONS = ("diarize", "min_speakers", "max_speakers", "known_speakers")
+
+
 @dataclass(frozen=True)
 class TranscribeOptions:
     """What a job asked for; None means Whisper's default (detect the language, no prompt, ...)."""
@@ -26,17 +30,29 @@ class TranscribeOptions:
     word_timestamps: bool | None = None
     temperature: float | None = None
     beam_size: int | None = None
+    diarize: bool | None = None  # label each segment (and word) with its speaker
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+    # Names of speakers whose voice samples came with the job (/v1's known_speaker_names[]), in order.
+    known_speakers: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The options that were set, as `whisper.transcribe` keywords (also their stored and served form)."""
+        """The options that were set (their stored and served form)."""
         return {
-            field.name: value.value if isinstance(value, Enum) else value
+            field.name: value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
             for field in dataclasses.fields(self)
             if (value := getattr(self, field.name)) is not None
         }
 
+    def whisper_keywords(self) -> dict[str, Any]:
+        """The options that were set, as `whisper.transcribe` keywords: a diarized job needs its words' times."""
+        keywords = {name: value for name, value in self.as_dict().items() if name not in SPEAKER_OPTIONS}
+        if self.diarize:
+            keywords["word_timestamps"] = True
+        return keywords
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TranscribeOptions:
         """The options as_dict() gave (read back from the job store)."""
-        task = data.get("task")
-        return cls(**{**data, "task": Task(task) if task else None})
+        task, known = data.get("task"), data.get("known_speakers")
+        return cls(**{**data, "task": Task(task) if task else None, "known_speakers": tuple(known) if known else None})

@@ -57,9 +57,7 @@ class SpeechDetector:
         """Load the detector's model, which ships inside the silero-vad package (unless nothing is skipped)."""
         if not self._min_skip_s:
             return
-        with warnings.catch_warnings():  # its loader's own DeprecationWarnings (importlib.resources, torch.jit)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self._model = silero_vad.load_silero_vad()
+        self._model = load_detector()
 
     def clips(self, audio: DecodedAudio, mel: Tensor, check: StepCheck) -> list[Clip]:
         """The spans of the audio (whose spectrogram is `mel`, unpadded) to transcribe: all of it less
@@ -70,29 +68,40 @@ class SpeechDetector:
         content_frames = mel.shape[-1]
         if self._model is None or not _has_quiet_stretch(mel, self._min_skip_s):
             return [(0, content_frames)]
-        with torch.no_grad():
-            # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
-            probabilities = self._speech_probabilities(copy.deepcopy(self._model), audio, check)
+        # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
+        probabilities = speech_probabilities(copy.deepcopy(self._model), audio, check)
         return clips_between(non_speech_stretches(probabilities, self._min_skip_s), content_frames)
 
-    def _speech_probabilities(self, model: torch.nn.Module, audio: DecodedAudio, check: StepCheck) -> np.ndarray:
-        frames = -(-audio.samples // FRAME_SAMPLES)
-        streams = int(min(STREAMS, max(1, audio.samples // (MIN_STREAM_S * SAMPLE_RATE))))
-        length = -(-frames // streams)  # frames per stream
-        model.reset_states()  # type: ignore[operator]
-        probabilities = np.empty((streams, length), np.float32)
-        for first in range(0, length, BLOCK_FRAMES):
-            check()
-            count = min(BLOCK_FRAMES, length - first)
-            block = np.zeros((streams, count * FRAME_SAMPLES), np.float32)
-            for stream in range(streams):
-                start = (stream * length + first) * FRAME_SAMPLES
-                samples = audio.read(start, start + count * FRAME_SAMPLES)
-                block[stream, : len(samples)] = samples / 32768
-            chunks = torch.from_numpy(block).view(streams, count, FRAME_SAMPLES)
-            for index in range(count):
-                probabilities[:, first + index] = model(chunks[:, index], SAMPLE_RATE)[:, 0].numpy()
-        return probabilities.reshape(-1)[:frames]
+
+def load_detector() -> torch.nn.Module:
+    """Silero VAD's model, from the silero-vad package (nothing is fetched)."""
+    with warnings.catch_warnings():  # its loader's own DeprecationWarnings (importlib.resources, torch.jit)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model: torch.nn.Module = silero_vad.load_silero_vad()
+    return model
+
+
+@torch.no_grad()
+def speech_probabilities(model: torch.nn.Module, audio: DecodedAudio, check: StepCheck) -> np.ndarray:
+    """The probability of speech in each FRAME_SAMPLES of the audio, heard by `model` (which keeps state: a
+    copy per recording) as up to STREAMS streams; `check` runs every 2 s of each stream's audio."""
+    frames = -(-audio.samples // FRAME_SAMPLES)
+    streams = int(min(STREAMS, max(1, audio.samples // (MIN_STREAM_S * SAMPLE_RATE))))
+    length = -(-frames // streams)  # frames per stream
+    model.reset_states()  # type: ignore[operator]
+    probabilities = np.empty((streams, length), np.float32)
+    for first in range(0, length, BLOCK_FRAMES):
+        check()
+        count = min(BLOCK_FRAMES, length - first)
+        block = np.zeros((streams, count * FRAME_SAMPLES), np.float32)
+        for stream in range(streams):
+            start = (stream * length + first) * FRAME_SAMPLES
+            samples = audio.read(start, start + count * FRAME_SAMPLES)
+            block[stream, : len(samples)] = samples / 32768
+        chunks = torch.from_numpy(block).view(streams, count, FRAME_SAMPLES)
+        for index in range(count):
+            probabilities[:, first + index] = model(chunks[:, index], SAMPLE_RATE)[:, 0].numpy()
+    return probabilities.reshape(-1)[:frames]
 
 
 def _has_quiet_stretch(mel: Tensor, min_skip_s: float) -> bool:
@@ -146,3 +155,38 @@ def clip_timestamps(clips: list[Clip], content_frames: int) -> str:
     if clips == [(0, content_frames)]:
         return "0"
     return ",".join(f"{start / FRAMES_PER_SECOND:.2f},{end / FRAMES_PER_SECOND:.2f}" for start, end in clips)
+
+
+#: Speech starts where the probability reaches SPEECH and ends where it falls under NON_SPEECH (Silero's own
+#: hysteresis, with senko's threshold); shorter speech is dropped, shorter pauses bridged, and speech padded.
+SPEECH = 0.55
+MIN_SPEECH_S = 0.25
+MIN_PAUSE_S = 0.1
+SPEECH_PAD_S = 0.03
+
+
+def speech_spans(probabilities: np.ndarray) -> list[tuple[float, float]]:
+    """The spans of speech, in seconds, in a recording's detector probabilities (speech_probabilities)."""
+    frame_s = FRAME_SAMPLES / SAMPLE_RATE
+    spans: list[list[float]] = []
+    start: int | None = None
+    for index, probability in enumerate(probabilities.tolist()):
+        if start is None and probability >= SPEECH:
+            start = index
+        elif start is not None and probability < SPEECH - 0.15:
+            spans.append([start * frame_s, index * frame_s])
+            start = None
+    if start is not None:
+        spans.append([start * frame_s, len(probabilities) * frame_s])
+    joined: list[list[float]] = []
+    for span in spans:
+        if joined and span[0] - joined[-1][1] < MIN_PAUSE_S:
+            joined[-1][1] = span[1]
+        else:
+            joined.append(span)
+    end_s = len(probabilities) * frame_s
+    return [
+        (round(max(0.0, begin - SPEECH_PAD_S), 3), round(min(end_s, end + SPEECH_PAD_S), 3))
+        for begin, end in joined
+        if end - begin >= MIN_SPEECH_S
+    ]

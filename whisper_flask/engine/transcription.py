@@ -135,7 +135,7 @@ class Transcriber:
             if resume is None:
                 return _result([], options.language)
             return _result(resume.segments, options.language or resume.language)
-        keywords = {**options.as_dict(), "clip_timestamps": clip_timestamps(spans, mel.shape[-1] - N_FRAMES)}
+        keywords = {**options.whisper_keywords(), "clip_timestamps": clip_timestamps(spans, mel.shape[-1] - N_FRAMES)}
         if resume is None:
             return self._run_transcribe(model, mel, keywords, on_window, check, ([], []))
 

@@ -21,6 +21,7 @@ from whisper_flask.jobs.records import Job, JobStage, JobStatus
 from whisper_flask.jobs.registry import JobCancelled, JobRegistry
 from whisper_flask.jobs.resume import load_resume, save_resume
 from whisper_flask.jobs.retention import INCOMING_PREFIX, Retention
+from whisper_flask.jobs.speaker_stage import SpeakerStage
 from whisper_flask.jobs.writers import write_transcripts
 from whisper_flask.settings import Settings
 
@@ -56,6 +57,7 @@ class JobPipeline:
         self._media = media
         self._fetcher = fetcher
         self._retention = retention
+        self._speakers = SpeakerStage(registry, engine, media, settings)
         self._upload_dir = settings.UPLOAD_DIR
         self._transcript_dir = settings.TRANSCRIPT_DIR
 
@@ -81,7 +83,7 @@ class JobPipeline:
         try:
             # A full disk under the decoder or a fetch waits too; the decode starts again, the resume state holds.
             result = self._until_stored(job_id, lambda: self._transcribe(job))
-            self._advance(job_id, JobStage.WRITING, language=result.get("language"))
+            self._advance(job_id, JobStage.WRITING, language=result.get("language"), stage_progress=None)
             # StorageFull waits for space; WriteFailed (a read-only directory, say) fails the job.
             self._until_stored(job_id, lambda: write_transcripts(result, self._transcript_dir, job_id))
             self._until_stored(job_id, lambda: self._registry.finish(job_id, JobStatus.COMPLETED))
@@ -176,12 +178,16 @@ class JobPipeline:
         with self._media.decode(path, check, duration) as audio:
             self._advance(job.id, JobStage.TRANSCRIBING, duration=audio.duration)
             if audio.is_silent():
-                return {"text": "", "segments": [], "language": job.options.language}
-            resume = load_resume(self._transcript_dir, job.id)
-            if resume is not None:
-                log.info("job %s resumes at %.1f s", job.id, resume.seconds)
-            progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
-            return self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
+                result: dict[str, Any] = {"text": "", "segments": [], "language": job.options.language}
+            else:
+                resume = load_resume(self._transcript_dir, job.id)
+                if resume is not None:
+                    log.info("job %s resumes at %.1f s", job.id, resume.seconds)
+                progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
+                result = self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
+            if job.options.diarize:
+                result = self._speakers.label(job, audio, result, check)
+            return result
 
     def _fetch(self, job: Job, path: Path, check: Callable[[], None]) -> float | None:
         """Fetch the job's audio from its URL and probe it; its duration."""

@@ -33,6 +33,7 @@ class JobStage(str, Enum):
     FETCHING = "fetching"
     DECODING_AUDIO = "decoding_audio"
     TRANSCRIBING = "transcribing"
+    DIARIZING = "diarizing"  # finding who spoke when (after transcribing; its own stage_progress)
     WRITING = "writing"
     WAITING_FOR_STORAGE = "waiting_for_storage"  # the disk is full; the job goes on once space returns
     DONE = "done"
@@ -61,6 +62,7 @@ class Job:
     status: JobStatus = JobStatus.PENDING
     stage: JobStage = JobStage.QUEUED
     progress: float = 0.0
+    stage_progress: float | None = None  # the current stage's own percentage, where it has one (diarizing)
     duration: float | None = None
     processed_seconds: float = 0.0
     eta_seconds: float | None = None
@@ -81,12 +83,18 @@ class Job:
     notify_email: str | None = None
     seq: int = 0
 
+    @property
+    def speaker_samples(self) -> list[str]:
+        """The names in UPLOAD_DIR of its known speakers' voice samples, in the order of their names."""
+        return [f"{self.upload_name}.speaker-{index}" for index in range(len(self.options.known_speakers or ()))]
+
 
 def pending_again(job: Job) -> Job:
     """The job queued again (after a stop or a crash): pending, its stage and progress reset."""
     return dataclasses.replace(
-        job, status=JobStatus.PENDING, stage=JobStage.QUEUED, progress=0.0, processed_seconds=0.0, eta_seconds=None
-    )
+        job, status=JobStatus.PENDING, stage=JobStage.QUEUED, progress=0.0, stage_progress=None,
+        processed_seconds=0.0, eta_seconds=None,
+    )  # fmt: skip
 
 
 def ended(job: Job, status: JobStatus, code: str | None, message: str | None) -> Job:
@@ -95,7 +103,9 @@ def ended(job: Job, status: JobStatus, code: str | None, message: str | None) ->
         job, status=status, finished_at=utcnow(), eta_seconds=None, error_code=code, error=message
     )
     if status is JobStatus.COMPLETED:
-        job = dataclasses.replace(job, stage=JobStage.DONE, progress=100.0, processed_seconds=job.duration or 0.0)
+        job = dataclasses.replace(
+            job, stage=JobStage.DONE, progress=100.0, stage_progress=None, processed_seconds=job.duration or 0.0
+        )
     return job
 
 

@@ -1,4 +1,4 @@
-"""A running job's resume state: where its transcription stands, saved at every window.
+"""A running job's resume state: where its transcription stands, saved at every window, and its diarization.
 
 After a crash or a graceful stop the job restarts at its last saved window instead of at 0
 (ARCHITECTURE.md, "Durability").
@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from whisper_flask.engine.speakers import Diarization
 from whisper_flask.engine.windows import Window
 from whisper_flask.files import atomic_write
 from whisper_flask.jobs.writers import transcript_writes
@@ -30,5 +31,24 @@ def load_resume(directory: Path, job_id: str) -> Window | None:
     """Where an interrupted job stood, if it got past its first window."""
     try:
         return Window(**json.loads(resume_path(directory, job_id).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def diarization_path(directory: Path, job_id: str) -> Path:
+    """Where an unfinished job's finished diarization lives."""
+    return directory / f"{job_id}.diarization.json"
+
+
+def save_diarization(directory: Path, job_id: str, diarization: Diarization) -> None:
+    """Keep a finished diarization until the job ends, atomically; StorageFull or WriteFailed if refused."""
+    with transcript_writes(), atomic_write(diarization_path(directory, job_id)) as file:
+        json.dump(diarization.as_dict(), file)
+
+
+def load_diarization(directory: Path, job_id: str) -> Diarization | None:
+    """An interrupted job's finished diarization, if it got that far."""
+    try:
+        return Diarization.from_dict(json.loads(diarization_path(directory, job_id).read_text()))
     except FileNotFoundError:
         return None

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStatus, iso, utcnow
-from whisper_flask.jobs.resume import resume_path
+from whisper_flask.jobs.resume import diarization_path, resume_path
 from whisper_flask.jobs.writers import FORMATS, transcript_path
 from whisper_flask.settings import Settings
 
@@ -94,11 +94,11 @@ class Retention:
 
     def _delete(self, job: Job, *, transcripts: bool, upload: bool) -> None:
         """Remove a job's resume state, and its transcripts and audio if asked; file by file."""
-        paths = [resume_path(self._transcript_dir, job.id)]
+        paths = [resume_path(self._transcript_dir, job.id), diarization_path(self._transcript_dir, job.id)]
         if transcripts:
             paths += [transcript_path(self._transcript_dir, job.id, fmt) for fmt in FORMATS]
         if upload:
-            paths.append(self._upload_dir / job.upload_name)
+            paths += [self._upload_dir / name for name in [job.upload_name, *job.speaker_samples]]
         for path in paths:
             try:
                 path.unlink(missing_ok=True)

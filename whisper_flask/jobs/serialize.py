@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from whisper_flask.jobs.records import Job, JobStatus, JobView
-from whisper_flask.jobs.writers import FORMATS
+from whisper_flask.jobs.writers import formats_of
 
 #: The transcript download route as an OpenAPI path template; links are built from it.
 DOWNLOAD_PATH = "/download/{job_id}.{fmt}"
@@ -29,7 +29,7 @@ def transcript_links(job: Job, base: str, sign: Callable[[str, str], Mapping[str
     """A completed job's signed links in every format, each starting with `base`; none otherwise or once expired."""
     if job.status is not JobStatus.COMPLETED or job.expired_at:  # an expired job's links would answer 410
         return {}
-    return {fmt: base + transcript_link(job.id, fmt, sign(job.id, fmt)) for fmt in FORMATS}
+    return {fmt: base + transcript_link(job.id, fmt, sign(job.id, fmt)) for fmt in formats_of(job.options)}
 
 
 def job_body(view: JobView, links: Mapping[str, str]) -> dict[str, Any]:
@@ -40,6 +40,7 @@ def job_body(view: JobView, links: Mapping[str, str]) -> dict[str, Any]:
         "status": job.status.value,
         "progress": job.progress,
         "stage": job.stage.value,
+        "stage_progress": job.stage_progress,
         "filename": job.filename,
         "duration": job.duration,
         "processed_seconds": job.processed_seconds,

@@ -11,7 +11,7 @@ from whisper_flask.access.control import UNRESTRICTED, LinkSigner, Principal
 from whisper_flask.exceptions import LinkRevoked, NoTranscript, TranscriptMissing, TranscriptNotReady, UnknownFormat
 from whisper_flask.jobs.records import Job, JobStatus, JobView
 from whisper_flask.jobs.resume import load_resume
-from whisper_flask.jobs.writers import FORMATS, transcript_path
+from whisper_flask.jobs.writers import FORMATS, formats_of, transcript_path
 
 
 class TranscriptReader:
@@ -44,6 +44,8 @@ class TranscriptReader:
     def _transcript(self, job: Job, fmt: str) -> tuple[Job, Path]:
         if fmt not in FORMATS:
             raise UnknownFormat(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        if fmt not in formats_of(job.options):
+            raise UnknownFormat(f"the {fmt!r} transcript is made only for jobs submitted with diarize=true")
         if not job.status.terminal:
             raise TranscriptNotReady("the transcript is not ready yet", job.status.value, job.progress)
         if job.status is not JobStatus.COMPLETED:
