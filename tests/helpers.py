@@ -94,6 +94,9 @@ class FakeEngine:
         self.in_window = threading.Event()
         self.options: list[TranscribeOptions] = []
         self.resumed_from: list[Window | None] = []
+        self.diarizations = 0  # diarize() calls begun
+        self.speaker_gate = Gate()  # holds diarize() while closed, as `gate` holds windows
+        self.in_diarization = threading.Event()
 
     @property
     def ready(self) -> bool:
@@ -135,8 +138,12 @@ class FakeEngine:
         self, audio: DecodedAudio, options: TranscribeOptions, check: Callable[[], None], on_progress: Any
     ) -> Diarization:
         """Two speakers taking turns every 30 s window."""
-        check()
+        self.diarizations += 1
         on_progress(0.5)
+        self.in_diarization.set()
+        while not self.speaker_gate.wait(0.05):
+            check()  # as between real embedding batches: a cancel or a stop ends it here
+        check()
         turns = tuple(Turn(start, min(start + 30.0, audio.duration), (index % 2))
                       for index, start in enumerate(range(0, math.ceil(audio.duration), 30)))  # fmt: skip
         return Diarization(turns, ((1.0, 0.0), (0.0, 1.0))[: len(turns)])

@@ -7,6 +7,7 @@ that leaves does not cancel the job. Errors under /v1 use OpenAI's envelope (err
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -20,18 +21,19 @@ from whisper_flask.access.control import Principal
 from whisper_flask.api.auth import principal, require_key
 from whisper_flask.api.errors import OPENAI_PREFIX, ApiError, openai_error
 from whisper_flask.api.fields import parse_flag, parse_options
+from whisper_flask.api.speakers import diarized, diarized_segments, known_speakers
 from whisper_flask.api.uploads import client_filename, keep_upload, receive_upload
 from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.exceptions import JobFailed, NoTranscript, ServiceError
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus, Submission
 from whisper_flask.jobs.writers import FORMATS
-from whisper_flask.service.face import TranscriptionService
+from whisper_flask.service.face import DIARIZE_SUFFIX, TranscriptionService
 
 bp = Blueprint("openai", __name__, url_prefix=OPENAI_PREFIX)
 require_key(bp)
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 GRANULARITIES = ("segment", "word")
 #: The option fields (api/fields.py) that OpenAI's form shares with /upload; describe.py documents them.
 OPTION_FIELDS = ("language", "prompt", "temperature")
@@ -82,21 +84,24 @@ def _answer(task: Task) -> Response:
     give_back = service.hold_wait_slot()  # each request holds an HTTP thread until its job ends
     try:
         form = request.form
-        service.resolve_model(form.get("model") or _missing("model"))
+        model = form.get("model") or _missing("model")
+        service.resolve_model(model)
         fmt = _one_of(form, "response_format", RESPONSE_FORMATS, "json")
+        diarize = fmt == "diarized_json" or model.endswith(DIARIZE_SUFFIX)
         granularities = [_checked("timestamp_granularities[]", value, GRANULARITIES) for value in _granularities(form)]
         if "word" in granularities and fmt != "verbose_json":
             raise ApiError(400, "invalid_value", "timestamp_granularities[] needs response_format verbose_json",
                            field="timestamp_granularities[]")  # fmt: skip
         stream = parse_flag("stream", form.get("stream") or "false")
-        if stream and fmt not in ("json", "text"):
-            raise ApiError(400, "invalid_value", "stream=true sends text events; use response_format json or text",
-                           field="stream")  # fmt: skip
-        options = _options(form, task, "word" in granularities, service.is_multilingual)
+        if stream and fmt not in ("json", "text", "diarized_json"):
+            raise ApiError(400, "invalid_value", "stream=true sends text events; use response_format json, text"
+                           " or diarized_json", field="stream")  # fmt: skip
+        names, samples = known_speakers(form, diarize)
+        options = _options(form, task, "word" in granularities, service.is_multilingual, diarize, names)
         submission = Submission(client_filename(file.filename), options, who.name, request.remote_addr)
-        job = service.submit(keep_upload(file), submission).job
+        job = service.submit(keep_upload(file), submission, samples).job
         if stream:
-            response = Response(_events(service, job.id, who), mimetype="text/event-stream")
+            response = Response(_events(service, job.id, who, diarize), mimetype="text/event-stream")
             # nginx passes each event on at once instead of buffering the response.
             response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         else:
@@ -128,12 +133,17 @@ def _granularities(form: MultiDict[str, str]) -> list[str]:
     return form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
 
 
-def _options(form: MultiDict[str, str], task: Task, words: bool, multilingual: bool) -> TranscribeOptions:
+def _options(
+    form: MultiDict[str, str], task: Task, words: bool, multilingual: bool, diarize: bool, names: list[str]
+) -> TranscribeOptions:
     fields = {name: form[name] for name in OPTION_FIELDS if name in form}
     fields["task"] = task.value
     if words:
         fields["word_timestamps"] = "true"
-    return parse_options([fields], multilingual)
+    if diarize:
+        fields["diarize"] = "true"
+    options = parse_options([fields], multilingual)
+    return dataclasses.replace(options, known_speakers=tuple(names)) if names else options
 
 
 def _final(service: TranscriptionService, job: Job, fmt: str, granularities: list[str]) -> Response:
@@ -147,6 +157,8 @@ def _final(service: TranscriptionService, job: Job, fmt: str, granularities: lis
         return Response(text + "\n", mimetype="text/plain")
     if fmt == "json":
         return jsonify({"text": text})
+    if fmt == "diarized_json":
+        return jsonify(diarized(job, result, text))
     return jsonify(_verbose(job, result, text, granularities))
 
 
@@ -177,9 +189,12 @@ def _raise_unless_completed(job: Job) -> None:
         raise NoTranscript(f"the job was {job.status.value}; it has no transcript", job.status.value)
 
 
-def _events(service: TranscriptionService, job_id: str, who: Principal) -> Iterator[str]:
-    """Server-sent events: a delta per finished segment as its window ends, then the whole text."""
-    sent = 0
+def _events(service: TranscriptionService, job_id: str, who: Principal, diarize: bool) -> Iterator[str]:
+    """Server-sent events: a delta per finished segment as its window ends, then the whole text.
+
+    A diarized job's speakers are known once it ends: its segments, each with its speaker, come then.
+    """
+    sent, sent_text = 0, ""
     read_at = 0.0  # the job's progress when its segments were last read
     last_sent = time.monotonic()
     try:
@@ -190,6 +205,7 @@ def _events(service: TranscriptionService, job_id: str, who: Principal) -> Itera
                 read_at = job.processed_seconds
                 for segment in service.segments_so_far(job_id, who)[sent:]:
                     sent += 1
+                    sent_text += segment["text"]
                     last_sent = time.monotonic()
                     yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
             if time.monotonic() - last_sent >= KEEPALIVE_S:
@@ -198,8 +214,13 @@ def _events(service: TranscriptionService, job_id: str, who: Principal) -> Itera
             job = service.wait(job_id, who, STREAM_POLL_S)
         _raise_unless_completed(job)
         result = service.result(job_id, who)
-        for segment in result["segments"][sent:]:
-            yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
+        if diarize:  # its segments were cut where the speaker changes: the rest of the text, then the segments
+            rest = "".join(segment["text"] for segment in result["segments"])[len(sent_text) :]
+            yield from [_event({"type": "transcript.text.delta", "delta": rest})] if rest else []
+            yield from (_event(segment) for segment in diarized_segments(result))
+        else:
+            for segment in result["segments"][sent:]:
+                yield _event({"type": "transcript.text.delta", "delta": segment["text"]})
         yield _event({"type": "transcript.text.done", "text": result["text"].strip()})
     except ServiceError as error:  # the status line is sent: the failure becomes an error event
         yield _event(openai_error(error))

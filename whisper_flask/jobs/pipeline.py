@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from whisper_flask.audio.fetch import UrlFetcher
-from whisper_flask.audio.media import MediaDecoder
+from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import JobStopped, ServiceError, StorageFull, scrub_paths
@@ -177,17 +177,22 @@ class JobPipeline:
         # Probed when it was uploaded or fetched: its duration sets the decoder's time limit.
         with self._media.decode(path, check, duration) as audio:
             self._advance(job.id, JobStage.TRANSCRIBING, duration=audio.duration)
-            if audio.is_silent():
-                result: dict[str, Any] = {"text": "", "segments": [], "language": job.options.language}
-            else:
-                resume = load_resume(self._transcript_dir, job.id)
-                if resume is not None:
-                    log.info("job %s resumes at %.1f s", job.id, resume.seconds)
-                progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
-                result = self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
-            if job.options.diarize:
-                result = self._speakers.label(job, audio, result, check)
-            return result
+            if not job.options.diarize:
+                return self._transcribe_audio(job, audio, check)
+            # Kept while it diarizes: a restart then does not transcribe its last window again.
+            result = self._speakers.transcribed(job) or self._speakers.keep(
+                job, self._transcribe_audio(job, audio, check)
+            )
+            return self._speakers.label(job, audio, result, check)
+
+    def _transcribe_audio(self, job: Job, audio: DecodedAudio, check: Callable[[], None]) -> dict[str, Any]:
+        if audio.is_silent():
+            return {"text": "", "segments": [], "language": job.options.language}
+        resume = load_resume(self._transcript_dir, job.id)
+        if resume is not None:
+            log.info("job %s resumes at %.1f s", job.id, resume.seconds)
+        progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
+        return self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
 
     def _fetch(self, job: Job, path: Path, check: Callable[[], None]) -> float | None:
         """Fetch the job's audio from its URL and probe it; its duration."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from whisper_flask.engine.speakers import Diarization
 from whisper_flask.engine.windows import Window
@@ -52,3 +53,23 @@ def load_diarization(directory: Path, job_id: str) -> Diarization | None:
         return Diarization.from_dict(json.loads(diarization_path(directory, job_id).read_text()))
     except FileNotFoundError:
         return None
+
+
+def transcribed_path(directory: Path, job_id: str) -> Path:
+    """Where a diarizing job's finished transcription lives."""
+    return directory / f"{job_id}.transcribed.json"
+
+
+def save_transcribed(directory: Path, job_id: str, result: dict[str, Any]) -> None:
+    """Keep a finished transcription until the job ends, atomically; StorageFull or WriteFailed if refused."""
+    with transcript_writes(), atomic_write(transcribed_path(directory, job_id)) as file:
+        json.dump(result, file)
+
+
+def load_transcribed(directory: Path, job_id: str) -> dict[str, Any] | None:
+    """An interrupted job's finished transcription, if it got that far."""
+    try:
+        result: dict[str, Any] = json.loads(transcribed_path(directory, job_id).read_text())
+    except FileNotFoundError:
+        return None
+    return result

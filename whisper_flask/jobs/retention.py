@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import Job, JobStatus, iso, utcnow
-from whisper_flask.jobs.resume import diarization_path, resume_path
+from whisper_flask.jobs.resume import diarization_path, resume_path, transcribed_path
 from whisper_flask.jobs.writers import FORMATS, transcript_path
 from whisper_flask.settings import Settings
 
@@ -94,7 +94,8 @@ class Retention:
 
     def _delete(self, job: Job, *, transcripts: bool, upload: bool) -> None:
         """Remove a job's resume state, and its transcripts and audio if asked; file by file."""
-        paths = [resume_path(self._transcript_dir, job.id), diarization_path(self._transcript_dir, job.id)]
+        kept = (resume_path, diarization_path, transcribed_path)
+        paths = [path(self._transcript_dir, job.id) for path in kept]
         if transcripts:
             paths += [transcript_path(self._transcript_dir, job.id, fmt) for fmt in FORMATS]
         if upload:

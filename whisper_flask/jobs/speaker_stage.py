@@ -1,7 +1,8 @@
 """A diarized job's speaker stage: who spoke when, the known speakers named, each segment labelled.
 
 It runs on the job's pool thread after the transcription, on the same decoded audio (pipeline.py).
-A finished diarization is kept (resume.py) until the job ends, so a restart does not do it again.
+Its finished transcription and diarization are kept (resume.py) until the job ends, so a restart
+does neither again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from whisper_flask.engine.windows import StepCheck
 from whisper_flask.exceptions import StorageFull
 from whisper_flask.jobs.records import Job, JobStage
 from whisper_flask.jobs.registry import JobRegistry
-from whisper_flask.jobs.resume import load_diarization, save_diarization
+from whisper_flask.jobs.resume import load_diarization, load_transcribed, save_diarization, save_transcribed
 from whisper_flask.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,18 @@ class SpeakerStage:
         self._media = media
         self._upload_dir = settings.UPLOAD_DIR
         self._transcript_dir = settings.TRANSCRIPT_DIR
+
+    def transcribed(self, job: Job) -> dict[str, Any] | None:
+        """The job's transcription, if it finished before a restart (keep() kept it)."""
+        return load_transcribed(self._transcript_dir, job.id)
+
+    def keep(self, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+        """Keep a finished transcription until the job ends (best effort: only a restart needs it); the result."""
+        try:
+            save_transcribed(self._transcript_dir, job.id, result)
+        except StorageFull as exc:
+            log.warning("job %s: transcription not kept: %s", job.id, exc)
+        return result
 
     def label(self, job: Job, audio: DecodedAudio, result: dict[str, Any], check: StepCheck) -> dict[str, Any]:
         """The result with a speaker on every segment and word, and the speakers' turns."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from whisper_flask.exceptions import ModelLoading, ModelNotFound, ModelUnavailab
 from whisper_flask.jobs.records import Job, JobStatus, JobView, Notification, Submission
 from whisper_flask.service.compose import Parts, build_parts
 from whisper_flask.service.lifecycle import Lifecycle
+from whisper_flask.service.speaker_samples import store_samples
 from whisper_flask.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 EXTENSION = "whisper_flask"
 #: Other names requests may use for the loaded model: OpenAI's clients send "whisper-1".
 MODEL_ALIASES = ("whisper-1",)
+#: A model name with this ending asks for speakers (OpenAI's diarizing model is gpt-4o-transcribe-diarize).
+DIARIZE_SUFFIX = "-diarize"
 
 
 @dataclass(frozen=True)
@@ -131,18 +134,24 @@ class TranscriptionService:
         """Raise QueueFull, TooManyJobs or ShuttingDown if no job can be accepted now (before an upload is read)."""
         self._parts.registry.check_capacity(principal.name)
 
-    def submit(self, upload_name: str, request: Submission) -> JobView:
-        """Probe a stored upload and queue it as a new job; the upload is the service's from now on."""
-        path = self.settings.UPLOAD_DIR / upload_name
+    def submit(self, upload_name: str, request: Submission, speaker_samples: Sequence[bytes] = ()) -> JobView:
+        """Probe a stored upload and queue it as a new job; the upload is the service's from now on.
+
+        `speaker_samples` are the voices of `request.options.known_speakers`, in order (speaker_samples.py).
+        """
+        stored = [upload_name]
         try:
-            info = self._parts.media.probe(path)  # a playlist or an absurd header ends here
+            info = self._parts.media.probe(self.settings.UPLOAD_DIR / upload_name)  # a playlist or an absurd header
             job = request.job(
                 uuid.uuid4().hex, self._parts.engine.model_name, upload_name=upload_name, duration=info.duration
             )
+            store_samples(self._parts.media, self.settings.UPLOAD_DIR, job.speaker_samples, speaker_samples)
+            stored += job.speaker_samples
             with self._parts.notifier.reserve(request.owner, request.notify.count):
                 view = self._parts.registry.add(job)
         except BaseException:
-            path.unlink(missing_ok=True)
+            for name in stored:
+                (self.settings.UPLOAD_DIR / name).unlink(missing_ok=True)
             raise
         log.info("job %s pending: %s from %s (%s)", job.id, request.filename, request.client, info.format_name)
         self._parts.runner.submit(job.id)
@@ -226,8 +235,9 @@ class TranscriptionService:
     # -- the model ------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        """The names a request may give for a model: the aliases, then the loaded model."""
-        return [*MODEL_ALIASES, self._parts.engine.model_name]
+        """The names a request may give for a model: the aliases, the loaded model, and each with DIARIZE_SUFFIX."""
+        names = [*MODEL_ALIASES, self._parts.engine.model_name]
+        return [*names, "gpt-4o-transcribe" + DIARIZE_SUFFIX, *(name + DIARIZE_SUFFIX for name in names)]
 
     def resolve_model(self, name: str) -> str:
         """The loaded model a requested name means; ModelNotFound for a name this service does not serve."""
