@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import uuid
@@ -11,11 +12,14 @@ from typing import Any
 import openai
 import pytest
 from flask.testing import FlaskClient
+from openai.types.audio import TranscriptionDiarized
 
 from tests.helpers import FIXTURES, LiveClient, create_key, eventually, wait_for, wav_bytes
 from tests.servers import Servers
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 
+TWO_SPEAKERS = FIXTURES / "two-speakers.opus"  # LJ, Kathleen, LJ, Kathleen (two-speakers.rttm)
+LJ_VOICE = FIXTURES / "lj001-0007-voice.opus"  # the first speaker, in another utterance
 ENGLISH = FIXTURES / "lj001-0001.flac"  # "Printing, in the only sense with which we are at present concerned, ..."
 ENGLISH_WORDS = {"printing", "sense", "present", "concerned", "arts", "crafts", "exhibition"}
 LONG = FIXTURES / "lj001-chapter-70s.opus"  # 70 s: three windows
@@ -33,7 +37,7 @@ def served(module_servers: Servers, model_dir: Path) -> dict[str, Any]:
     port, _ = module_servers.gunicorn(
         MODEL="base", MAX_JOBS_PER_KEY=str(MAX_JOBS_PER_KEY), MAX_WAITING_REQUESTS=str(MAX_WAITING_REQUESTS)
     )
-    return {"port": port, "keys": keys}
+    return {"port": port, "keys": keys, "uploads": module_servers.work / "uploads"}
 
 
 def client_for(served: dict[str, Any], key: str = "user", **options: Any) -> openai.OpenAI:
@@ -59,7 +63,9 @@ def jobs_of(served: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 def test_models_are_listed_and_retrieved_in_openai_shapes(served: dict[str, Any]) -> None:
     client = client_for(served)
-    assert [model.id for model in client.models.list()] == ["whisper-1", "base"]
+    assert [model.id for model in client.models.list()] == [
+        "whisper-1", "base", "gpt-4o-transcribe-diarize", "whisper-1-diarize", "base-diarize",
+    ]  # fmt: skip
     model = client.models.retrieve("whisper-1")
     assert (model.id, model.object) == ("whisper-1", "model")
     with pytest.raises(openai.NotFoundError) as error:
@@ -265,3 +271,71 @@ def test_a_v1_request_is_an_ordinary_job_of_its_key(client: FlaskClient) -> None
         "completed",
     )
     assert client.get(f"/download/{job['transcription_id']}.txt").get_data(as_text=True) == "window 0\nwindow 1\n"
+
+
+def data_url(path: Path) -> str:
+    """A recording as a data URL, as OpenAI's known_speaker_references[] take it."""
+    return "data:audio/ogg;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_diarized_json_parses_in_the_client_with_each_speakers_turns(served: dict[str, Any]) -> None:
+    with TWO_SPEAKERS.open("rb") as audio:
+        result = client_for(served).audio.transcriptions.create(
+            file=audio, model="gpt-4o-transcribe-diarize", response_format="diarized_json"
+        )
+    assert isinstance(result, TranscriptionDiarized)
+    assert (result.task, round(result.duration)) == ("transcribe", 24)
+    speakers = [segment.speaker for segment in result.segments]
+    assert [speaker for index, speaker in enumerate(speakers) if speakers[index - 1 : index] != [speaker]] == [
+        "A", "B", "A", "B",
+    ]  # fmt: skip
+    assert all(segment.type == "transcript.text.segment" and segment.id for segment in result.segments)
+    assert "block books" in " ".join(s.text for s in result.segments if s.speaker == "A").lower()
+
+
+def test_a_known_speakers_sample_names_their_turns_and_the_other_gets_a_letter(served: dict[str, Any]) -> None:
+    with TWO_SPEAKERS.open("rb") as audio:
+        result = client_for(served).audio.transcriptions.create(
+            file=audio, model="gpt-4o-transcribe-diarize", response_format="diarized_json",
+            known_speaker_names=["Linda"], known_speaker_references=[data_url(LJ_VOICE)],
+        )  # fmt: skip
+    by_speaker = {speaker: [s.start for s in result.segments if s.speaker == speaker] for speaker in ("Linda", "A")}
+    assert set(segment.speaker for segment in result.segments) == {"Linda", "A"}
+    assert min(by_speaker["Linda"]) < 1 and any(13 < start < 20 for start in by_speaker["Linda"]), by_speaker
+    assert all(6 < start < 13.5 or start > 19.5 for start in by_speaker["A"]), by_speaker
+
+
+def test_a_diarized_stream_sends_deltas_then_each_segment_with_its_speaker(served: dict[str, Any]) -> None:
+    with TWO_SPEAKERS.open("rb") as audio:
+        stream = client_for(served, "streamer").audio.transcriptions.create(
+            file=audio, model="whisper-1", response_format="diarized_json", stream=True
+        )
+        events = list(stream)
+    segments = [event for event in events if event.type == "transcript.text.segment"]
+    deltas = [event.delta for event in events if event.type == "transcript.text.delta"]
+    assert events[-1].type == "transcript.text.done" and events[-1].text == "".join(deltas).strip()
+    assert {segment.speaker for segment in segments} == {"A", "B"}
+    assert " ".join(segment.text for segment in segments) == events[-1].text
+
+
+@pytest.mark.parametrize(
+    ("names", "references", "response_format", "param"),
+    [
+        (list("ABCDE"), ["x"] * 5, "diarized_json", "known_speaker_names[]"),
+        (["Ann"], ["data:audio/wav;base64,AAAA"], "diarized_json", "known_speaker_references[]"),
+        (["Ann"], ["https://example.com/a.wav"], "diarized_json", "known_speaker_references[]"),
+        (["Ann", "Bob"], ["data:audio/wav;base64,AAAA"], "diarized_json", "known_speaker_references[]"),
+        (["Ann"], [data_url(LONG)], "diarized_json", "known_speaker_references[]"),  # 70 s: over 30 s
+        (["Ann"], [data_url(LJ_VOICE)], "json", "known_speaker_names[]"),  # speakers need diarized_json
+    ],
+)
+def test_known_speakers_that_cannot_be_used_are_refused_naming_the_field(
+    served: dict[str, Any], names: list[str], references: list[str], response_format: str, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as error, ENGLISH.open("rb") as audio:
+        client_for(served).audio.transcriptions.create(
+            file=audio, model="whisper-1", response_format=response_format,  # type: ignore[call-overload]
+            known_speaker_names=names, known_speaker_references=references,
+        )  # fmt: skip
+    assert (error.value.code, error.value.param) == ("invalid_option", param)
+    assert not any(Path(served["uploads"]).glob("*.speaker-*")), "refused samples are not left behind"
