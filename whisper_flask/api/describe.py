@@ -16,6 +16,7 @@ from whisper.tokenizer import LANGUAGES
 from whisper_flask.api.fields import FIELDS
 from whisper_flask.api.jobs import PAGING
 from whisper_flask.api.openai_audio import GRANULARITIES, OPTION_FIELDS, RESPONSE_FORMATS
+from whisper_flask.api.speakers import SPEAKER_FIELDS
 from whisper_flask.api.uploads import RAW_BODY_TYPES
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import JobStage, JobStatus
@@ -157,6 +158,7 @@ def openapi_document() -> dict[str, Any]:
             "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS)},
             "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": list(GRANULARITIES)}},
             "stream": {"type": "boolean"},
+            **SPEAKER_FIELDS,
         },
     }
     openai_audio = _operation(

@@ -18,6 +18,12 @@ MAX_NAME_CHARS = 64
 #: A sample's bytes, decoded (30 s of 48 kHz stereo 16-bit WAV is 5.5 MiB).
 MAX_SAMPLE_BYTES = 8 << 20
 NAMES, REFERENCES = "known_speaker_names[]", "known_speaker_references[]"
+#: The two fields as OpenAPI describes them (describe.py), from the limits known_speakers() applies.
+SPEAKER_FIELDS: dict[str, Any] = {
+    NAMES: {"type": "array", "maxItems": MAX_KNOWN_SPEAKERS, "items": {"type": "string", "maxLength": MAX_NAME_CHARS}},
+    REFERENCES: {"type": "array", "maxItems": MAX_KNOWN_SPEAKERS, "description": "voice samples of at most 30 s, "
+                 "as base64 data URLs, one per name", "items": {"type": "string", "pattern": "^data:"}},
+}  # fmt: skip
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[\w.+-]+)*;base64,(?P<data>.*)", re.DOTALL)
 _PRINTABLE_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
 
