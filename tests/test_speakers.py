@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.helpers import (
     wav_bytes,
 )
 from whisper_flask import create_app
+from whisper_flask.audio.subprocesses import media_tool
 from whisper_flask.engine.speakers import Diarization, Turn, label_segments, letters, speaker_names, turns_from
 from whisper_flask.extension import get_service
 
@@ -197,15 +199,20 @@ def test_two_people_get_their_turns_in_every_format_on_the_real_model(make_real_
     assert error_rate(FIXTURES / "two-speakers.rttm", got["rttm"]) < 0.15
 
 
-def test_three_speakers_are_found_when_asked_for_and_a_one_voice_file_gives_one(
-    make_real_app: Callable[..., Flask],
+def test_three_speakers_are_found_when_asked_for_and_one_voice_a_second_or_silence_give_one_or_none(
+    make_real_app: Callable[..., Flask], tmp_path: Path
 ) -> None:
     client = make_real_app().test_client()
+    second = tmp_path / "second.wav"
+    subprocess.run([media_tool("ffmpeg"), "-v", "error", "-i", str(FIXTURES / "lj001-0001.flac"), "-t", "1",
+                    str(second)], check=True, timeout=30)  # fmt: skip
     three = submit(client, THREE_SPEAKERS, diarize="true", min_speakers="3", max_speakers="3")
     one = submit(client, FIXTURES / "lj001-0001.flac", diarize="true")
+    short = submit(client, second, diarize="true", min_speakers="2")
     silent = submit(client, wav_bytes(1, amplitude=0.0), diarize="true")
-    for job_id in (three, one, silent):
+    for job_id in (three, one, short, silent):
         assert wait_for(client, job_id, timeout=300)["status"] == "completed"
+    assert len(json.loads(client.get(f"/download/{short}.json").get_data())["speakers"]) <= 1
     hypothesis = client.get(f"/download/{three}.rttm").get_data(as_text=True)
     assert error_rate(FIXTURES / "falcon-three-speakers.rttm", hypothesis) < 0.15
     assert json.loads(client.get(f"/download/{one}.json").get_data())["speakers"] == ["A"]
