@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from pyannote.metrics.diarization import DiarizationErrorRate
 from tests.helpers import (
     FIXTURES,
     FakeEngine,
+    LiveClient,
     base_config,
     create_key,
     eventually,
@@ -26,8 +29,10 @@ from tests.helpers import (
     transcripts,
     upload,
     wait_for,
+    wait_until,
     wav_bytes,
 )
+from tests.servers import Servers
 from whisper_flask import create_app
 from whisper_flask.audio.subprocesses import media_tool
 from whisper_flask.engine.speakers import Diarization, Turn, label_segments, letters, speaker_names, turns_from
@@ -229,3 +234,29 @@ def test_a_url_job_asks_for_speakers_in_its_json_body(client: FlaskClient) -> No
 def test_upload_bodies_stay_unchanged_for_jobs_without_speakers(client: FlaskClient) -> None:
     response = client.post("/upload", data={"file": (io.BytesIO(wav_bytes(1)), "a.wav")})
     assert response.get_json()["options"] == {}
+
+
+def test_a_service_killed_while_diarizing_loses_nothing_and_does_not_transcribe_again(
+    servers: Servers, tmp_path: Path, api_key: str
+) -> None:
+    meeting = tmp_path / "meeting.wav"  # 4 times the two people: 95 s, about 2 s of diarizing
+    subprocess.run([media_tool("ffmpeg"), "-v", "error", "-stream_loop", "3", "-i", str(TWO_SPEAKERS), str(meeting)],
+                   check=True, timeout=60)  # fmt: skip
+    port, server = servers.gunicorn(MAX_WORKERS="1")
+    client = LiveClient(port, api_key)
+    job_id = submit(client, meeting, diarize="true")
+    wait_until(client, job_id, lambda record: record["stage"] == "diarizing", timeout=300)
+    os.killpg(server.pid, signal.SIGKILL)  # power loss while diarizing
+    server.wait(timeout=30)
+
+    servers.gunicorn(MAX_WORKERS="1")
+    record = wait_for(client, job_id, timeout=300)
+    assert (record["status"], record["attempts"]) == ("completed", 2)
+    log = (tmp_path / "logs" / "whisper_flask.log").read_text()
+    assert log.count(f"job {job_id} diarizing") == 2
+    assert f"job {job_id} resumes at" not in log, "its kept transcription was used, not transcribed again"
+    undisturbed = submit(client, meeting, diarize="true")
+    wait_for(client, undisturbed, timeout=300)
+    got, expected = transcripts(client, job_id), transcripts(client, undisturbed)
+    assert got["txt"] == expected["txt"] and got["txt"].count(b"\n\n") >= 7
+    assert got["rttm"].replace(job_id.encode(), b"") == expected["rttm"].replace(undisturbed.encode(), b"")
