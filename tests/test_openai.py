@@ -325,6 +325,7 @@ def test_a_diarized_stream_sends_deltas_then_each_segment_with_its_speaker(serve
         (["Ann"], ["data:audio/wav;base64,AAAA"], "diarized_json", "known_speaker_references[]"),
         (["Ann"], ["https://example.com/a.wav"], "diarized_json", "known_speaker_references[]"),
         (["Ann", "Bob"], ["data:audio/wav;base64,AAAA"], "diarized_json", "known_speaker_references[]"),
+        (["<v Ann>"], ["data:audio/wav;base64,AAAA"], "diarized_json", "known_speaker_names[]"),
         (["Ann"], [data_url(LONG)], "diarized_json", "known_speaker_references[]"),  # 70 s: over 30 s
         (["Ann"], [data_url(LJ_VOICE)], "json", "known_speaker_names[]"),  # speakers need diarized_json
     ],

@@ -37,6 +37,7 @@ from whisper_flask import create_app
 from whisper_flask.audio.subprocesses import media_tool
 from whisper_flask.engine.speakers import Diarization, Turn, label_segments, letters, speaker_names, turns_from
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.writers import write_transcripts
 
 #: Two people taking turns (LJ Speech and Kathleen, with the reference RTTM; tests/fixtures/SOURCES.md).
 TWO_SPEAKERS = FIXTURES / "two-speakers.opus"
@@ -91,6 +92,18 @@ def test_a_segment_is_split_where_its_words_speaker_changes() -> None:
                                                                                    (1, "B", " Hi!")]  # fmt: skip
     assert labelled["speakers"] == ["A", "B"]
     assert [w["speaker"] for s in labelled["segments"] for w in s["words"]] == ["A", "A", "B"]
+
+
+def test_a_known_speakers_name_keeps_each_formats_columns(tmp_path: Path) -> None:
+    segment = {"id": 0, "seek": 0, "start": 0.0, "end": 1.5, "text": " Hi.", "tokens": [], "speaker": "Linda Smith"}
+    result = {"text": " Hi.", "segments": [segment], "language": "en", "speakers": ["Linda Smith"],
+              "speaker_turns": [{"start": 0.0, "end": 1.5, "speaker": "Linda Smith"}]}  # fmt: skip
+    write_transcripts(result, tmp_path, "job")
+    assert (
+        tmp_path / "job.rttm"
+    ).read_text().split() == "SPEAKER job 1 0.000 1.500 <NA> <NA> Linda_Smith <NA> <NA>".split()
+    assert (tmp_path / "job.tsv").read_text().splitlines()[1].split("\t") == ["0", "1500", "Linda Smith", "Hi."]
+    assert "<v Linda Smith>Hi." in (tmp_path / "job.vtt").read_text()
 
 
 # -- on the fake engine ------------------------------------------------------------------------------

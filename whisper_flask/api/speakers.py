@@ -25,7 +25,8 @@ SPEAKER_FIELDS: dict[str, Any] = {
                  "as base64 data URLs, one per name", "items": {"type": "string", "pattern": "^data:"}},
 }  # fmt: skip
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[\w.+-]+)*;base64,(?P<data>.*)", re.DOTALL)
-_PRINTABLE_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
+#: Letters, digits, spaces and . ' - only: a name goes into subtitles' voice tags (<v Name>), TSV and RTTM columns.
+_NAME = re.compile(r"\w[\w .'-]*")
 
 
 def known_speakers(form: MultiDict[str, str], diarize: bool) -> tuple[list[str], list[bytes]]:
@@ -42,8 +43,8 @@ def known_speakers(form: MultiDict[str, str], diarize: bool) -> tuple[list[str],
     if len(references) != len(names):
         raise InvalidOption(REFERENCES, f"one sample for each of the {len(names)} names, in the same order")
     for name in names:
-        if not name or len(name) > MAX_NAME_CHARS or not _PRINTABLE_NAME.fullmatch(name):
-            raise InvalidOption(NAMES, f"each name is 1 to {MAX_NAME_CHARS} printable characters")
+        if len(name) > MAX_NAME_CHARS or not _NAME.fullmatch(name):
+            raise InvalidOption(NAMES, f"each name is 1 to {MAX_NAME_CHARS} letters, digits, spaces or . ' -")
     if len(set(names)) != len(names):
         raise InvalidOption(NAMES, "each name once")
     return names, [_sample(index, reference) for index, reference in enumerate(references, start=1)]

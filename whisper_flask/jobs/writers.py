@@ -97,10 +97,10 @@ def _speaker_tsv(result: dict[str, Any], file: TextIO, job_id: str) -> None:
 
 
 def _rttm(result: dict[str, Any], file: TextIO, job_id: str) -> None:
-    """One SPEAKER line per turn; the file is named by the job's id."""
+    """One SPEAKER line per turn; the file is named by the job's id, and a name's spaces become _ (RTTM's columns)."""
     for turn in result["speaker_turns"]:
-        duration = turn["end"] - turn["start"]
-        print(f"SPEAKER {job_id} 1 {turn['start']:.3f} {duration:.3f} <NA> <NA> {turn['speaker']} <NA> <NA>", file=file)
+        duration, speaker = turn["end"] - turn["start"], turn["speaker"].replace(" ", "_")
+        print(f"SPEAKER {job_id} 1 {turn['start']:.3f} {duration:.3f} <NA> <NA> {speaker} <NA> <NA>", file=file)
 
 
 _SPEAKER_WRITERS = {
