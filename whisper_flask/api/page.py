@@ -7,7 +7,6 @@ from whisper.tokenizer import LANGUAGES
 
 from whisper_flask.engine.options import Task
 from whisper_flask.extension import get_service
-from whisper_flask.jobs.writers import FORMATS
 
 bp = Blueprint("page", __name__)
 
@@ -39,7 +38,6 @@ def index() -> str:
         "index.html",
         languages=languages,
         multilingual=get_service().is_multilingual,
-        formats=list(FORMATS),
         tasks=TASKS,
         max_upload_mb=get_service().settings.MAX_UPLOAD_MB,
     )

@@ -272,12 +272,17 @@
     }
 
     offerTranscript(formats) {
-      for (const link of this.node.querySelectorAll("a[data-format]")) {
-        link.href = formats[link.dataset.format];
-        link.download = `${this.file.name.replace(/\.[^.]*$/, "")}.${link.dataset.format}`;
+      // The job's own formats, as the server lists them: .rttm comes only with a diarized job.
+      const downloads = this.part(".downloads");
+      for (const [fmt, url] of Object.entries(formats)) {
+        const link = document.createElement("a");
+        link.href = url;
+        link.textContent = fmt;
+        link.download = `${this.file.name.replace(/\.[^.]*$/, "")}.${fmt}`;
+        downloads.append(" ", link);
       }
       this.formats = formats;
-      this.part(".downloads").hidden = false;
+      downloads.hidden = false;
       this.part(".show-transcript").hidden = false;
     }
 
