@@ -228,6 +228,17 @@ def test_the_page_works_from_the_keyboard_with_visible_focus_at_phone_width(
     pick = page.get_by_role("button", name="Choose files")
     expect(pick).to_be_focused()
     assert pick.evaluate("(node) => getComputedStyle(node).outlineStyle") != "none"
+    page.keyboard.press("Shift+Tab")  # the option just before: Label speakers, whose counts then show
+    expect(page.get_by_label("Label speakers")).to_be_focused()
+    page.keyboard.press("Space")
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Speakers: at least")).to_be_focused()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=screenshots / "4-phone-options.png")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Space")  # unchecked again: this file is not diarized
+    page.keyboard.press("Tab")
+    expect(pick).to_be_focused()
     page.keyboard.press("Enter")
     sent = card(page, "fox.wav")
     expect(sent.locator(".state")).to_have_text("Done", timeout=120_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, render_template
 from whisper.tokenizer import LANGUAGES
 
+from whisper_flask.api.fields import MAX_SPEAKERS
 from whisper_flask.engine.options import Task
 from whisper_flask.extension import get_service
 
@@ -40,6 +41,7 @@ def index() -> str:
         multilingual=get_service().is_multilingual,
         tasks=TASKS,
         max_upload_mb=get_service().settings.MAX_UPLOAD_MB,
+        max_speakers=MAX_SPEAKERS,
     )
 
 

@@ -12,6 +12,7 @@
     fetching: "Fetching the audio",
     decoding_audio: "Decoding audio",
     transcribing: "Transcribing",
+    diarizing: "Labelling speakers",
     writing: "Writing the transcript",
     waiting_for_storage: "Waiting for disk space",
     done: "Done",
@@ -251,10 +252,14 @@
 
     show(job) {
       if (this.ended && !TERMINAL.has(job.status)) return; // an answer older than the cancel
-      this.part("progress").value = job.progress ?? 0;
+      // A stage with a percentage of its own (labelling speakers, after the transcription) fills the bar anew.
+      const stageOwn = job.status === "in_progress" && job.stage_progress != null;
+      this.part("progress").value = (stageOwn ? job.stage_progress : job.progress) ?? 0;
       if (job.status === "pending") {
         const position = job.queue_position ? ` (position ${job.queue_position})` : "";
         this.state(`Queued${position}`);
+      } else if (stageOwn) {
+        this.state(STAGES[job.stage] ?? job.stage, `${Math.floor(job.stage_progress)} %`);
       } else if (job.status === "in_progress") {
         const parts = [`${Math.floor(job.progress)} %`];
         if (job.duration) parts.push(`${clock(job.processed_seconds ?? 0)} of ${clock(job.duration)}`);
@@ -366,6 +371,13 @@
     const task = byId("task")?.value;
     if (task && task !== "transcribe") options.push(["task", task]);
     if (byId("word-timestamps").checked) options.push(["word_timestamps", "true"]);
+    if (byId("diarize").checked) {
+      options.push(["diarize", "true"]);
+      for (const name of ["min_speakers", "max_speakers"]) {
+        const count = byId(name.replace("_", "-")).value.trim(); // the server says what is wrong with it
+        if (count) options.push([name, count]);
+      }
+    }
     return options;
   }
 
@@ -448,7 +460,13 @@
     for (const name of ["dragover", "drop"]) window.addEventListener(name, (event) => event.preventDefault());
   }
 
+  function showSpeakerCounts() {
+    byId("speaker-counts").hidden = !byId("diarize").checked; // the counts only go with diarize=true
+  }
+
   byId("key-form").addEventListener("submit", useKey);
+  byId("diarize").addEventListener("change", showSpeakerCounts);
+  showSpeakerCounts(); // a reload may keep the box checked
   byId("forget-key").addEventListener("click", () => askForKey(""));
   byId("jobs-newer").addEventListener("click", () => loadJobs(Math.max(0, jobsPage - 1)));
   byId("jobs-older").addEventListener("click", () => loadJobs(jobsPage + 1));
