@@ -324,22 +324,36 @@
       }
       if (!this.segments) {
         button.disabled = true; // one fetch, however often it is clicked
+        let transcript;
         try {
           const response = await fetch(this.formats.json); // a signed link: no key needed
           if (!response.ok) throw new Error(explain(response.status, await response.text(), null));
-          this.segments = (await response.json()).segments;
+          transcript = await response.json();
         } catch (error) {
           this.part(".error").textContent = error.message;
           return;
         } finally {
           button.disabled = false;
         }
+        this.segments = transcript.segments;
+        // A diarized transcript names its speakers: it is shown by turns, a segment otherwise.
+        this.turns = transcript.speakers ? speakerTurns(this.segments) : null;
         const list = this.part(".segments");
-        for (const segment of this.segments) {
+        for (const part of this.turns ?? this.segments) {
           const time = document.createElement("time");
-          time.textContent = `${timestamp(segment.start)} → ${timestamp(segment.end)}`;
+          time.textContent = `${timestamp(part.start)} → ${timestamp(part.end)}`;
           const item = document.createElement("li");
-          item.append(time, " ", segment.text.trim());
+          if (this.turns) {
+            const speaker = document.createElement("strong");
+            speaker.className = "speaker";
+            speaker.textContent = part.speaker ?? "–";
+            const text = document.createElement("p");
+            text.textContent = part.text;
+            item.className = "turn";
+            item.append(speaker, " ", time, text);
+          } else {
+            item.append(time, " ", part.text.trim());
+          }
           list.append(item);
         }
       }
@@ -349,7 +363,9 @@
     }
 
     async copy() {
-      const text = this.segments.map((segment) => segment.text.trim()).join("\n");
+      const text = this.turns
+        ? this.turns.map((turn) => `${turn.speaker ?? "–"}: ${turn.text}`).join("\n\n") // as the .txt download
+        : this.segments.map((segment) => segment.text.trim()).join("\n");
       const note = this.part(".copied");
       try {
         await navigator.clipboard.writeText(text); // only in secure contexts (HTTPS or localhost)
@@ -362,6 +378,21 @@
         note.textContent = "Selected: press Ctrl+C (or ⌘C) to copy.";
       }
     }
+  }
+
+  function speakerTurns(segments) {
+    // Consecutive segments of one speaker make a turn, as in the .txt download.
+    const turns = [];
+    for (const segment of segments) {
+      const last = turns.at(-1);
+      if (last && last.speaker === segment.speaker) {
+        last.end = segment.end;
+        last.text += ` ${segment.text.trim()}`;
+      } else {
+        turns.push({ speaker: segment.speaker, start: segment.start, end: segment.end, text: segment.text.trim() });
+      }
+    }
+    return turns;
   }
 
   function chosenOptions() {
