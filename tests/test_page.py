@@ -16,11 +16,13 @@ from tests.helpers import FIXTURES, LiveClient, create_key, submit, upload
 from tests.servers import Servers
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 
-KEYS = ("main", "errors", "keyboard", "subpath", "pager", "busy")
+KEYS = ("main", "errors", "keyboard", "subpath", "pager", "busy", "speakers")
 MAX_JOBS_PER_KEY = 3
 MAX_UPLOAD_MB = 2
 SPEECH = FIXTURES / "lj001-0001.flac"  # LJ Speech, read aloud: "Printing, in the only sense ..."
 XSS_NAME = "<img src=x onerror=alert(1)>.wav"
+# LJ Speech's reader, espeak-ng (two sentences), the reader again: three turns, two speakers.
+CONVERSATION = (SPEECH, FIXTURES / "fox.wav", FIXTURES / "report.wav", SPEECH)
 
 
 # -- served by Flask ---------------------------------------------------------------------------
@@ -173,6 +175,45 @@ def test_a_dropped_recording_reaches_100_percent_and_its_transcript_is_downloade
 
 
 @pytest.mark.nginx
+def test_labelled_speakers_are_shown_turn_by_turn_and_their_rttm_is_offered(
+    page: Page, site: dict[str, Any], screenshots: Path, tmp_path: Path
+) -> None:
+    conversation = tmp_path / "conversation.flac"
+    inputs = [arg for path in CONVERSATION for arg in ("-i", str(path))]
+    mono = "".join(f"[{n}:a]aresample=16000,aformat=channel_layouts=mono[a{n}];" for n in range(len(CONVERSATION)))
+    joined = "".join(f"[a{n}]" for n in range(len(CONVERSATION))) + f"concat=n={len(CONVERSATION)}:v=0:a=1"
+    subprocess.run(["ffmpeg", "-v", "error", *inputs, "-filter_complex", mono + joined, str(conversation)], check=True)
+    open_with_key(page, site["url"], site["keys"]["speakers"])
+    expect(page.get_by_label("Speakers: at least")).to_be_hidden()  # the counts go only with diarize=true
+    page.get_by_label("Label speakers").check()
+    page.get_by_label("Speakers: at least").fill("2")
+    page.get_by_label("at most", exact=True).fill("2")
+    drop(page, [(conversation.name, conversation.read_bytes())])
+
+    sent = card(page, conversation.name)
+    expect(sent.locator(".state")).to_have_text("Labelling speakers", timeout=120_000)
+    expect(sent.locator(".detail")).to_have_text(re.compile(r"^\d+ %$"))
+    expect(sent.locator(".state")).to_have_text("Done", timeout=120_000)
+    links = sent.locator(".downloads a")
+    expect(links).to_have_text(["txt", "srt", "vtt", "json", "tsv", "rttm"])
+    with page.expect_download() as download:
+        sent.get_by_role("link", name="rttm").click()
+    assert download.value.suggested_filename == "conversation.rttm"
+    assert Path(download.value.path()).read_text().startswith("SPEAKER ")
+
+    sent.get_by_role("button", name="Show transcript").click()
+    turns = sent.locator(".segments .turn")
+    expect(turns.locator(".speaker")).to_have_text(["A", "B", "A"])
+    expect(turns.first).to_contain_text(re.compile(r"0:00\.0 → 0:\d\d\.\d\s*Printing, in the only"))
+    page.screenshot(path=screenshots / "5-speakers.png", full_page=True)
+    sent.get_by_role("button", name="Copy text").click()
+    assert page.evaluate("navigator.clipboard.readText()").startswith("A: Printing, in the only")
+    client = LiveClient(site["upstream"], site["keys"]["speakers"])
+    job = client.get("/jobs").get_json()["jobs"][0]
+    assert job["options"] == {"diarize": True, "min_speakers": 2, "max_speakers": 2}
+
+
+@pytest.mark.nginx
 def test_bad_files_get_their_reasons_beside_them_and_a_hostile_name_stays_text(
     page: Page, site: dict[str, Any]
 ) -> None:
@@ -228,6 +269,17 @@ def test_the_page_works_from_the_keyboard_with_visible_focus_at_phone_width(
     pick = page.get_by_role("button", name="Choose files")
     expect(pick).to_be_focused()
     assert pick.evaluate("(node) => getComputedStyle(node).outlineStyle") != "none"
+    page.keyboard.press("Shift+Tab")  # the option just before: Label speakers, whose counts then show
+    expect(page.get_by_label("Label speakers")).to_be_focused()
+    page.keyboard.press("Space")
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Speakers: at least")).to_be_focused()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=screenshots / "4-phone-options.png")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Space")  # unchecked again: this file is not diarized
+    page.keyboard.press("Tab")
+    expect(pick).to_be_focused()
     page.keyboard.press("Enter")
     sent = card(page, "fox.wav")
     expect(sent.locator(".state")).to_have_text("Done", timeout=120_000)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, render_template
 from whisper.tokenizer import LANGUAGES
 
+from whisper_flask.api.fields import MAX_SPEAKERS
 from whisper_flask.engine.options import Task
 from whisper_flask.extension import get_service
-from whisper_flask.jobs.writers import FORMATS
 
 bp = Blueprint("page", __name__)
 
@@ -39,9 +39,9 @@ def index() -> str:
         "index.html",
         languages=languages,
         multilingual=get_service().is_multilingual,
-        formats=list(FORMATS),
         tasks=TASKS,
         max_upload_mb=get_service().settings.MAX_UPLOAD_MB,
+        max_speakers=MAX_SPEAKERS,
     )
 
 

@@ -12,6 +12,7 @@
     fetching: "Fetching the audio",
     decoding_audio: "Decoding audio",
     transcribing: "Transcribing",
+    diarizing: "Labelling speakers",
     writing: "Writing the transcript",
     waiting_for_storage: "Waiting for disk space",
     done: "Done",
@@ -251,10 +252,14 @@
 
     show(job) {
       if (this.ended && !TERMINAL.has(job.status)) return; // an answer older than the cancel
-      this.part("progress").value = job.progress ?? 0;
+      // A stage with a percentage of its own (labelling speakers, after the transcription) fills the bar anew.
+      const stageOwn = job.status === "in_progress" && job.stage_progress != null;
+      this.part("progress").value = (stageOwn ? job.stage_progress : job.progress) ?? 0;
       if (job.status === "pending") {
         const position = job.queue_position ? ` (position ${job.queue_position})` : "";
         this.state(`Queued${position}`);
+      } else if (stageOwn) {
+        this.state(STAGES[job.stage] ?? job.stage, `${Math.floor(job.stage_progress)} %`);
       } else if (job.status === "in_progress") {
         const parts = [`${Math.floor(job.progress)} %`];
         if (job.duration) parts.push(`${clock(job.processed_seconds ?? 0)} of ${clock(job.duration)}`);
@@ -272,12 +277,17 @@
     }
 
     offerTranscript(formats) {
-      for (const link of this.node.querySelectorAll("a[data-format]")) {
-        link.href = formats[link.dataset.format];
-        link.download = `${this.file.name.replace(/\.[^.]*$/, "")}.${link.dataset.format}`;
+      // The job's own formats, as the server lists them: .rttm comes only with a diarized job.
+      const downloads = this.part(".downloads");
+      for (const [fmt, url] of Object.entries(formats)) {
+        const link = document.createElement("a");
+        link.href = url;
+        link.textContent = fmt;
+        link.download = `${this.file.name.replace(/\.[^.]*$/, "")}.${fmt}`;
+        downloads.append(" ", link);
       }
       this.formats = formats;
-      this.part(".downloads").hidden = false;
+      downloads.hidden = false;
       this.part(".show-transcript").hidden = false;
     }
 
@@ -314,22 +324,36 @@
       }
       if (!this.segments) {
         button.disabled = true; // one fetch, however often it is clicked
+        let transcript;
         try {
           const response = await fetch(this.formats.json); // a signed link: no key needed
           if (!response.ok) throw new Error(explain(response.status, await response.text(), null));
-          this.segments = (await response.json()).segments;
+          transcript = await response.json();
         } catch (error) {
           this.part(".error").textContent = error.message;
           return;
         } finally {
           button.disabled = false;
         }
+        this.segments = transcript.segments;
+        // A diarized transcript names its speakers: it is shown by turns, a segment otherwise.
+        this.turns = transcript.speakers ? speakerTurns(this.segments) : null;
         const list = this.part(".segments");
-        for (const segment of this.segments) {
+        for (const part of this.turns ?? this.segments) {
           const time = document.createElement("time");
-          time.textContent = `${timestamp(segment.start)} → ${timestamp(segment.end)}`;
+          time.textContent = `${timestamp(part.start)} → ${timestamp(part.end)}`;
           const item = document.createElement("li");
-          item.append(time, " ", segment.text.trim());
+          if (this.turns) {
+            const speaker = document.createElement("strong");
+            speaker.className = "speaker";
+            speaker.textContent = part.speaker ?? "–";
+            const text = document.createElement("p");
+            text.textContent = part.text;
+            item.className = "turn";
+            item.append(speaker, " ", time, text);
+          } else {
+            item.append(time, " ", part.text.trim());
+          }
           list.append(item);
         }
       }
@@ -339,7 +363,9 @@
     }
 
     async copy() {
-      const text = this.segments.map((segment) => segment.text.trim()).join("\n");
+      const text = this.turns
+        ? this.turns.map((turn) => `${turn.speaker ?? "–"}: ${turn.text}`).join("\n\n") // as the .txt download
+        : this.segments.map((segment) => segment.text.trim()).join("\n");
       const note = this.part(".copied");
       try {
         await navigator.clipboard.writeText(text); // only in secure contexts (HTTPS or localhost)
@@ -354,6 +380,21 @@
     }
   }
 
+  function speakerTurns(segments) {
+    // Consecutive segments of one speaker make a turn, as in the .txt download.
+    const turns = [];
+    for (const segment of segments) {
+      const last = turns.at(-1);
+      if (last && last.speaker === segment.speaker) {
+        last.end = segment.end;
+        last.text += ` ${segment.text.trim()}`;
+      } else {
+        turns.push({ speaker: segment.speaker, start: segment.start, end: segment.end, text: segment.text.trim() });
+      }
+    }
+    return turns;
+  }
+
   function chosenOptions() {
     const options = [];
     const language = byId("language")?.value.trim();
@@ -361,6 +402,13 @@
     const task = byId("task")?.value;
     if (task && task !== "transcribe") options.push(["task", task]);
     if (byId("word-timestamps").checked) options.push(["word_timestamps", "true"]);
+    if (byId("diarize").checked) {
+      options.push(["diarize", "true"]);
+      for (const name of ["min_speakers", "max_speakers"]) {
+        const count = byId(name.replace("_", "-")).value.trim(); // the server says what is wrong with it
+        if (count) options.push([name, count]);
+      }
+    }
     return options;
   }
 
@@ -443,7 +491,13 @@
     for (const name of ["dragover", "drop"]) window.addEventListener(name, (event) => event.preventDefault());
   }
 
+  function showSpeakerCounts() {
+    byId("speaker-counts").hidden = !byId("diarize").checked; // the counts only go with diarize=true
+  }
+
   byId("key-form").addEventListener("submit", useKey);
+  byId("diarize").addEventListener("change", showSpeakerCounts);
+  showSpeakerCounts(); // a reload may keep the box checked
   byId("forget-key").addEventListener("click", () => askForKey(""));
   byId("jobs-newer").addEventListener("click", () => loadJobs(Math.max(0, jobsPage - 1)));
   byId("jobs-older").addEventListener("click", () => loadJobs(jobsPage + 1));
