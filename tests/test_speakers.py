@@ -159,6 +159,7 @@ def test_diarizing_shows_its_own_stage_and_percentage(client: FlaskClient, engin
     assert engine.in_diarization.wait(10)
     eventually(lambda: client.get(f"/progress/{job_id}").get_json()["stage_progress"] == 50.0, timeout=10)
     assert client.get(f"/progress/{job_id}").get_json()["stage"] == "diarizing"
+    assert client.get(f"/progress/{job_id}").get_json()["eta_seconds"] is None
     engine.speaker_gate.set()
     assert wait_for(client, job_id)["stage_progress"] is None
 

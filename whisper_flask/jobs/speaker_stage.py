@@ -57,7 +57,8 @@ class SpeakerStage:
         """The result with a speaker on every segment and word, and the speakers' turns."""
         diarization = load_diarization(self._transcript_dir, job.id)
         if diarization is None:
-            self._registry.update(job.id, stage=JobStage.DIARIZING, stage_progress=0.0)
+            # The transcription's ETA no longer holds; the stage's own percentage says how far it is.
+            self._registry.update(job.id, stage=JobStage.DIARIZING, stage_progress=0.0, eta_seconds=None)
             log.info("job %s diarizing", job.id)
             started = time.monotonic()
             diarization = self._engine.diarize(audio, job.options, check, self._progress(job.id))
