@@ -143,9 +143,9 @@ class Settings:
     )
     QUANTIZE: str = _setting(
         "auto",
-        "`int8`: int8 Linear layers on the CPU (faster, see Performance); `bf16`: bf16 matmuls on the CPU (fast only"
-        " with AMX); `none`: Whisper's fp32 (fp16 on CUDA); `auto`: bf16 where the CPU has AMX, else int8 for the"
-        " models where it was measured as accurate (`base`), else none",
+        "`int8`: int8 Linear layers on the CPU (faster, see Performance); `bf16`: bf16 matmuls on the CPU; `none`:"
+        " Whisper's fp32 (fp16 on CUDA); `auto`: the fastest of these measured on this CPU at the first start"
+        " (int8 only for `base`, where its accuracy was measured), kept in MODEL_DIR/arithmetic.json",
         choices=("auto", "none", "int8", "bf16"),
     )
     MAX_QUEUED_JOBS: int = _setting(100, "pending + running; beyond it uploads get 503 with `Retry-After`", low=1)

@@ -33,6 +33,7 @@ from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.diarization import ProgressHook, SpeakerDiarizer
 from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.engine.precision import measured_arithmetic
 from whisper_flask.engine.quantize import choose_precision, quantize_int8
 from whisper_flask.engine.speakers import Diarization
 from whisper_flask.engine.spectrogram import accept_precomputed
@@ -120,7 +121,9 @@ class WhisperEngine:
             if model in whisper._ALIGNMENT_HEADS:
                 # load_model(path) cannot know the name, so it would use generic heads.
                 loaded.set_alignment_heads(whisper._ALIGNMENT_HEADS[model])
-            quantize = choose_precision(settings.QUANTIZE, device, model)
+            quantize = choose_precision(settings.QUANTIZE, device)
+            if quantize == "auto":
+                quantize = measured_arithmetic(loaded, model, settings.MODEL_DIR)
             project = whisper_projection(loaded)
             if quantize == "int8":
                 project = quantize_int8(loaded)

@@ -11,7 +11,6 @@ result independent of the other windows in its batch, which torch's dynamic quan
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import whisper
@@ -23,29 +22,13 @@ log = logging.getLogger(__name__)
 INT8_MODELS = frozenset({"base"})
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX tiles for bf16, where bf16 matmuls beat int8 ones.
-
-    AVX512-BF16 alone is not enough: on such a 2-core VM (no AMX) `base` ran 1.5x to 2x slower
-    in bf16 than in int8 on long recordings, at the same word error rate (ARCHITECTURE.md,
-    "The engine"; measured with `bench/long_file.py --engines service --quantize bf16`); its
-    one-row decoder matmuls are slow.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
-
-
-def choose_precision(setting: str, device: str, model: str) -> str:
-    """The arithmetic a setting means on a device: "none" (fp32; fp16 on CUDA is Whisper's own), "bf16" or "int8"."""
+def choose_precision(setting: str, device: str) -> str:
+    """The arithmetic a setting means on a device: "none" (fp32; fp16 on CUDA is Whisper's own), "bf16", "int8",
+    or "auto" (on the CPU: precision.py measures it)."""
     if device != "cpu":
         if setting in ("int8", "bf16"):
             log.warning("WHISPER_FLASK_QUANTIZE=%s applies to the CPU only; %s runs as Whisper does", setting, device)
         return "none"
-    if setting == "auto":
-        return "bf16" if cpu_has_amx_bf16() else "int8" if model in INT8_MODELS else "none"
     return setting
 
 

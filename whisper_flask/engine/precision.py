@@ -1,0 +1,118 @@
+"""QUANTIZE=auto: the arithmetic measured fastest for this model on this CPU, not guessed from its flags.
+
+A default tuned on one CPU loses on another: bf16 under autocast wins the encoder's 1500-row matmuls
+on a CPU with AMX and loses the one-row decoder steps, and without AMX loses both (ARCHITECTURE.md,
+"The engine"). So at load the model's real work is timed under each arithmetic it may use: an encoder
+window, and the Linear work of a decoder step (its layers and the logits projection, as the model
+thread runs them) at 1, 3 and 8 rows. A window is estimated as one encoder pass and STEPS_PER_WINDOW
+steps; the fastest is chosen. int8 is a candidate only for the models whose word error rate was
+measured within 0.5 points of fp32 (quantize.INT8_MODELS). The choice is kept in MODEL_DIR per CPU
+model, torch version, thread count and model, so later starts on the same machine skip the measuring.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import whisper
+from torch import Tensor
+
+from whisper_flask.engine.batching import MODEL_THREADS, Projection, use_torch_threads, whisper_projection
+from whisper_flask.engine.quantize import INT8_MODELS, quantize_int8
+from whisper_flask.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: Decoder steps a 30 s window of speech takes (its 60 to 120 tokens, one step each, and few fallbacks).
+STEPS_PER_WINDOW = 100
+#: Rows a decoder step runs on: one window alone, a few jobs, a full batch.
+ROWS = (1, 3, 8)
+CACHE_NAME = "arithmetic.json"
+
+
+def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> str:
+    """The arithmetic ("none", "bf16" or "int8") measured fastest for the model here; cached in model_dir."""
+    key = f"{_cpu_model()}|torch {torch.__version__}|{MODEL_THREADS} threads|{name}"
+    cache = model_dir / CACHE_NAME
+    known = _read(cache)
+    if key in known:
+        return str(known[key]["chosen"])
+    use_torch_threads(MODEL_THREADS)  # as the model thread will run it
+    candidates = ["none", "bf16", *(["int8"] if name in INT8_MODELS else [])]
+    windows = {arithmetic: _window_seconds(model, arithmetic) for arithmetic in candidates}
+    chosen = min(windows, key=lambda arithmetic: windows[arithmetic])
+    log.info("arithmetic for %s measured on %s: %s a window; chosen: %s", name, _cpu_model(),
+             ", ".join(f"{a} {s:.3f} s" for a, s in windows.items()), chosen)  # fmt: skip
+    try:
+        with atomic_write(cache) as file:
+            json.dump({**known, key: {"chosen": chosen, "window_s": windows}}, file, indent=1)
+    except OSError as exc:  # a read-only MODEL_DIR: measured again at the next start
+        log.warning("the arithmetic measured could not be kept in %s: %s", cache, exc)
+    return chosen
+
+
+def _window_seconds(model: whisper.Whisper, arithmetic: str) -> float:
+    """One encoder pass and STEPS_PER_WINDOW decoder steps (their mean over ROWS) under `arithmetic`."""
+    project: Projection = whisper_projection(model)
+    if arithmetic == "int8":
+        model = copy.deepcopy(model)  # the loaded model is quantized only if int8 is chosen
+        project = quantize_int8(model)
+    mel = torch.zeros(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=arithmetic == "bf16"):
+        encoder = _best_of(2, lambda: model.encoder(mel))
+        steps = [_best_of(5, partial(_decoder_step, model, project, rows)) for rows in ROWS]
+    return encoder + STEPS_PER_WINDOW * sum(steps) / len(steps)
+
+
+def _decoder_step(model: whisper.Whisper, project: Projection, rows: int) -> Tensor:
+    """A decoder step's Linear work on `rows` new tokens (attention over the caches aside), then the logits."""
+    decoder = model.decoder
+    x = torch.zeros(rows, model.dims.n_text_state)
+    for block in decoder.blocks:
+        h = block.attn_ln(x)
+        x = x + block.attn.out(block.attn.query(h) + block.attn.key(h) + block.attn.value(h))
+        x = x + block.cross_attn.out(block.cross_attn.query(block.cross_attn_ln(x)))
+        x = x + block.mlp(block.mlp_ln(x))
+    return project(decoder.ln(x))
+
+
+def _best_of(runs: int, work: Callable[[], Any]) -> float:
+    """The shortest of `runs` timed runs of `work`, after one untimed run (allocations, kernel choice)."""
+    work()
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        work()
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+#: The flags that decide which arithmetic is fast: one model name covers CPUs with and without them.
+_UNITS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and the matrix units it has, as /proc/cpuinfo says."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return f"{name} ({' '.join(unit for unit in _UNITS if unit in flags)})"
+
+
+def _read(cache: Path) -> dict[str, Any]:
+    try:
+        known: dict[str, Any] = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known
