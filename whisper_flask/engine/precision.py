@@ -5,9 +5,10 @@ on a CPU with AMX and loses the one-row decoder steps, and without AMX loses bot
 "The engine"). So at load the model's real work is timed under each arithmetic it may use: an encoder
 window, and the Linear work of a decoder step (its layers and the logits projection, as the model
 thread runs them) at 1, 3 and 8 rows. A window is estimated as one encoder pass and STEPS_PER_WINDOW
-steps; the fastest is chosen. int8 is a candidate only for the models whose word error rate was
-measured within 0.5 points of fp32 (quantize.INT8_MODELS). The choice is kept in MODEL_DIR per CPU
-model, torch version, thread count and model, so later starts on the same machine skip the measuring.
+steps; the fastest is chosen. int8 and bf16 are candidates only for the models whose word error rate
+with them was measured within 0.5 points of fp32 (quantize.INT8_MODELS, BF16_MODELS); any other model
+runs Whisper's fp32, unmeasured. The choice is kept in MODEL_DIR per CPU model, torch version, thread
+count and model, so later starts on the same machine skip the measuring.
 """
 
 from __future__ import annotations
@@ -36,17 +37,21 @@ STEPS_PER_WINDOW = 100
 #: Rows a decoder step runs on: one window alone, a few jobs, a full batch.
 ROWS = (1, 3, 8)
 CACHE_NAME = "arithmetic.json"
+#: Models whose word error rate with bf16 matmuls was measured as fp32's (bench/long_file.py --quantize bf16).
+BF16_MODELS = frozenset({"base"})
 
 
 def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> str:
     """The arithmetic ("none", "bf16" or "int8") measured fastest for the model here; cached in model_dir."""
+    candidates = ["none", *(["bf16"] if name in BF16_MODELS else []), *(["int8"] if name in INT8_MODELS else [])]
+    if candidates == ["none"]:
+        return "none"
     key = f"{_cpu_model()}|torch {torch.__version__}|{MODEL_THREADS} threads|{name}"
     cache = model_dir / CACHE_NAME
     known = _read(cache)
     if key in known:
         return str(known[key]["chosen"])
     use_torch_threads(MODEL_THREADS)  # as the model thread will run it
-    candidates = ["none", "bf16", *(["int8"] if name in INT8_MODELS else [])]
     windows = {arithmetic: _window_seconds(model, arithmetic) for arithmetic in candidates}
     chosen = min(windows, key=lambda arithmetic: windows[arithmetic])
     log.info("arithmetic for %s measured on %s: %s a window; chosen: %s", name, _cpu_model(),
