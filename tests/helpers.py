@@ -151,6 +151,9 @@ class FakeEngine:
     def voiceprint(self, audio: DecodedAudio, check: Callable[[], None]) -> tuple[float, ...] | None:
         return (0.0, 1.0)
 
+    def arithmetic(self) -> dict[str, str]:
+        return {"transcription": "none"} if self.loaded else {}
+
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model
             raise ModelLoading("model fake is loading")

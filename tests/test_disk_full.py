@@ -90,7 +90,10 @@ def test_a_job_on_a_full_disk_waits_visibly_and_completes_once_space_returns(
     # Its resume state, progress and transcript cannot be written, nor its record: it waits, and says so.
     waiting = wait_until(client, job_id, lambda record: record["stage"] == "waiting_for_storage", timeout=30)
     assert waiting["status"] == "in_progress"
-    assert client.get("/queue").get_json() == {"pending": 0, "in_progress": 1, "capacity": 100, "workers": 1}
+    assert (
+        client.get("/queue").get_json().items()
+        >= {"pending": 0, "in_progress": 1, "capacity": 100, "workers": 1}.items()
+    )
     stored = store.get(job_id)
     assert stored is not None and stored.status is JobStatus.IN_PROGRESS, "memory and store agree"
     logged = [r.getMessage() for r in caplog.records if "waits until its write is stored" in r.getMessage()]
@@ -103,7 +106,10 @@ def test_a_job_on_a_full_disk_waits_visibly_and_completes_once_space_returns(
                                                                                       "window", "2"]  # fmt: skip
     fresh = submit(client)
     assert wait_for(client, fresh, timeout=30)["status"] == "completed"
-    assert client.get("/queue").get_json() == {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}
+    assert (
+        client.get("/queue").get_json().items()
+        >= {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}.items()
+    )
     assert store.unfinished() == []
 
 
@@ -121,7 +127,10 @@ def test_uploads_and_cancels_on_a_full_disk_answer_507_and_change_nothing(
     assert (response.status_code, response.get_json()["code"]) == (507, "storage_full")
     # The refused cancel left the job running, in memory as in the store.
     assert client.get(f"/progress/{job_id}").get_json()["status"] == "in_progress"
-    assert client.get("/queue").get_json() == {"pending": 0, "in_progress": 1, "capacity": 100, "workers": 1}
+    assert (
+        client.get("/queue").get_json().items()
+        >= {"pending": 0, "in_progress": 1, "capacity": 100, "workers": 1}.items()
+    )
     assert [job.id for job in store.unfinished()] == [job_id]
     filler.unlink()
     response = client.delete(f"/jobs/{job_id}")

@@ -225,7 +225,10 @@ def test_cancelling_running_and_pending_jobs_removes_them_and_their_files(
     for job_id in (pending, running):
         response = client.delete(f"/jobs/{job_id}")
         assert (response.status_code, response.get_json()["status"]) == (200, "cancelled")
-    assert client.get("/queue").get_json() == {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}
+    assert (
+        client.get("/queue").get_json().items()
+        >= {"pending": 0, "in_progress": 0, "capacity": 100, "workers": 1}.items()
+    )
     eventually(lambda: not uploads_of(tmp_path))  # the running job lets go of its audio at its next window
     assert {p.name for p in (tmp_path / "transcripts").iterdir()} <= SERVICE_FILES
     response = client.delete(f"/jobs/{running}")

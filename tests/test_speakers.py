@@ -216,6 +216,8 @@ def test_two_people_get_their_turns_in_every_format_on_the_real_model(make_real_
     assert "block books" in turns[0].lower(), turns[0]  # LJ001-0004: "produced the block books, ..."
     assert "<v A>" in got["vtt"] and "<v B>" in got["srt"]
     assert error_rate(FIXTURES / "two-speakers.rttm", got["rttm"]) < 0.15
+    arithmetic = client.get("/queue").get_json()["arithmetic"]  # as measured on this CPU at load
+    assert arithmetic["transcription"] == "none" and arithmetic["speaker_embeddings"] in ("fp32", "bf16")
 
 
 def test_three_speakers_are_found_when_asked_for_and_one_voice_a_second_or_silence_give_one_or_none(

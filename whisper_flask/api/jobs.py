@@ -90,5 +90,5 @@ def cancel_job(job_id: str) -> Response:
 
 @bp.get("/queue")
 def get_queue() -> Response:
-    """How many jobs wait and run, and the limits."""
+    """How many jobs wait and run, the limits, and the arithmetic each model runs in."""
     return jsonify(dataclasses.asdict(get_service().queue_stats()))

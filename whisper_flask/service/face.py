@@ -46,6 +46,7 @@ class QueueStats:
     in_progress: int
     capacity: int
     workers: int
+    arithmetic: dict[str, str]  # what each model runs in (engine.arithmetic)
 
 
 class TranscriptionService:
@@ -185,7 +186,10 @@ class TranscriptionService:
     def queue_stats(self) -> QueueStats:
         """Pending and running jobs, and the limits."""
         counts = self._parts.registry.counts()
-        return QueueStats(counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS)
+        return QueueStats(
+            counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS,
+            self._parts.engine.arithmetic(),
+        )  # fmt: skip
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
         """Cancel a pending or running job (a running one stops at its next decoder step); delete an ended one.
