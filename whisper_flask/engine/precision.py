@@ -46,19 +46,29 @@ def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> s
     candidates = ["none", *(["bf16"] if name in BF16_MODELS else []), *(["int8"] if name in INT8_MODELS else [])]
     if candidates == ["none"]:
         return "none"
-    key = f"{_cpu_model()}|torch {torch.__version__}|{MODEL_THREADS} threads|{name}"
-    cache = model_dir / CACHE_NAME
+
+    def measure() -> dict[str, float]:
+        use_torch_threads(MODEL_THREADS)  # as the model thread will run it
+        return {arithmetic: _window_seconds(model, arithmetic) for arithmetic in candidates}
+
+    return kept_choice(model_dir, name, measure)
+
+
+def kept_choice(model_dir: Path, name: str, measure: Callable[[], dict[str, float]]) -> str:
+    """The fastest of what `measure` times for `name` (seconds by arithmetic) on this CPU, measured once and kept
+    in model_dir's CACHE_NAME per CPU model, torch version and thread count."""
+    cpu = _cpu_model()
+    key, cache = f"{cpu}|torch {torch.__version__}|{MODEL_THREADS} threads|{name}", model_dir / CACHE_NAME
     known = _read(cache)
     if key in known:
         return str(known[key]["chosen"])
-    use_torch_threads(MODEL_THREADS)  # as the model thread will run it
-    windows = {arithmetic: _window_seconds(model, arithmetic) for arithmetic in candidates}
-    chosen = min(windows, key=lambda arithmetic: windows[arithmetic])
-    log.info("arithmetic for %s measured on %s: %s a window; chosen: %s", name, _cpu_model(),
-             ", ".join(f"{a} {s:.3f} s" for a, s in windows.items()), chosen)  # fmt: skip
+    seconds = measure()
+    chosen = min(seconds, key=lambda arithmetic: seconds[arithmetic])
+    log.info("arithmetic for %s measured on %s: %s; chosen: %s", name, cpu,
+             ", ".join(f"{a} {s:.3f} s" for a, s in seconds.items()), chosen)  # fmt: skip
     try:
         with atomic_write(cache) as file:
-            json.dump({**known, key: {"chosen": chosen, "window_s": windows}}, file, indent=1)
+            json.dump({**known, key: {"chosen": chosen, "seconds": seconds}}, file, indent=1)
     except OSError as exc:  # a read-only MODEL_DIR: measured again at the next start
         log.warning("the arithmetic measured could not be kept in %s: %s", cache, exc)
     return chosen

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
+from whisper_flask.engine.diarization import ProgressHook
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.speakers import label_segments, speaker_names
 from whisper_flask.engine.windows import StepCheck
@@ -73,7 +74,7 @@ class SpeakerStage:
         )  # fmt: skip
         return label_segments(result, diarization, names)
 
-    def _progress(self, job_id: str) -> Any:
+    def _progress(self, job_id: str) -> ProgressHook:
         persisted = 0.0
 
         def on_progress(fraction: float) -> None:
