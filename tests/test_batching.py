@@ -7,15 +7,20 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import whisper
+from whisper.audio import N_FRAMES
 from whisper.decoding import DecodingResult
 
 from tests.helpers import FIXTURES, SPOKEN, windows_per_step
 from whisper_flask.engine.batching import ModelThread, whisper_projection
+from whisper_flask.engine.job_model import JobModel
 from whisper_flask.engine.quantize import Int8Linear, quantize_int8
+from whisper_flask.engine.spectrogram import LogMel, accept_precomputed
 
 OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
 
@@ -204,3 +209,46 @@ def test_a_check_that_raises_stops_a_window_at_its_next_step_and_frees_its_place
     assert steps == 4, "the window stopped at the step after the check first raised"
     # Its place in the steps is free again: a window beside it decodes as if alone.
     assert decode_at_once(tiny[1], [features], [OPTIONS])[0].tokens == whisper.decode(tiny[0], mels[0], OPTIONS).tokens
+
+
+class StuckDecoder:
+    """A model thread whose every window ends in the pair <|0.00|><|0.00|>, which moves Whisper's seek by 0."""
+
+    def __init__(self) -> None:
+        self.decoded_at: list[int] = []
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        return torch.zeros(1, 1500, 384)  # an encoder output; nothing reads it
+
+    def decode(self, features: torch.Tensor, options: Any, seed: int, check: Callable[[], None]) -> DecodingResult:
+        self.decoded_at.append(seed)
+        tokenizer = whisper.tokenizer.get_tokenizer(False)
+        zero = tokenizer.timestamp_begin
+        tokens = [zero, *tokenizer.encode(" Hello."), zero, zero]
+        return DecodingResult(features, "en", tokens=tokens, text=" Hello.", avg_logprob=-0.1, no_speech_prob=0.0,
+                              temperature=options.temperature, compression_ratio=1.0)  # fmt: skip
+
+    def release(self) -> None:
+        """Nothing is reserved."""
+
+    def reserve(self) -> None:
+        """Nothing is reserved."""
+
+
+def test_a_window_that_would_keep_whispers_loop_where_it_is_is_skipped_once_seen_twice() -> None:
+    model = SimpleNamespace(device=torch.device("cpu"), is_multilingual=False, num_languages=99,
+                            dims=SimpleNamespace(n_mels=80, n_audio_ctx=1500, n_text_ctx=448))  # fmt: skip
+    thread = StuckDecoder()
+    job_model = JobModel(model, thread, lambda window: None, lambda: None, ([], []), False)  # type: ignore[arg-type]
+    mel = torch.zeros(80, 4000 + N_FRAMES)
+    accept_precomputed()
+    result: dict[str, Any] = {}
+    loop = threading.Thread(
+        target=lambda: result.update(whisper.transcribe(job_model, LogMel(mel), language="en", fp16=False)),
+        daemon=True,  # without the guard it never ends
+    )
+    loop.start()
+    loop.join(timeout=60)
+    assert not loop.is_alive(), "Whisper's loop never ended"
+    assert thread.decoded_at == [0, 0, 3000, 3000]  # each stuck window decoded once more, then skipped
+    assert len(result["segments"]) == 2  # each stuck window's first decode (instantaneous, so without text)

@@ -8,6 +8,8 @@ every model call to the one model thread.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import sys
 from types import FrameType
 from typing import Any
@@ -17,6 +19,8 @@ import whisper
 
 from whisper_flask.engine.batching import ModelThread
 from whisper_flask.engine.windows import StepCheck, Window, WindowHook
+
+log = logging.getLogger(__name__)
 
 #: A resumed job's (re-encoded initial_prompt, exact tokens it stands for); empty when fresh.
 PromptSwap = tuple[list[int], list[int]]
@@ -54,6 +58,7 @@ class JobModel:
         self._canonical, self._exact = prompt_swap
         self._aligns = aligns
         self._encoded: tuple[torch.Tensor, torch.Tensor] | None = None  # (mel, its encoder output)
+        self._last_seek = -1  # where the loop's last window started
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -71,10 +76,19 @@ class JobModel:
         self._thread.release()
         self._on_window(window)
         # transcribe() passes the same mel tensor to each temperature of a fallback.
+        stalled = False
         if self._encoded is None or self._encoded[0] is not mel:
+            # A new window where the last one started: the loop did not move on, which it never will. A window whose
+            # last timestamp pair is <|0.00|> moves its seek by 0 (openai/whisper#2005, whisperX#174), so the loop
+            # would decode it for ever (the sampler is seeded by the seek). It is skipped as Whisper skips silence.
+            stalled, self._last_seek = window.seek == self._last_seek, window.seek
             # float(): Whisper's DecodingTask wants fp32 features, and bf16 matmuls give bf16.
             self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None]).float()))
         result = self._thread.decode(self._encoded[1], options, window.seek, self._check)
+        if stalled:
+            log.warning("Whisper's loop stood still at frame %d of its span: that window is skipped", window.seek)
+            # As no speech: the loop neither falls back to another temperature nor keeps the window's text.
+            return dataclasses.replace(result, no_speech_prob=1.0, avg_logprob=-math.inf)
         if self._aligns:
             # Word alignment follows: it flips a global SDPA switch and hooks shared modules
             # before its forward pass, so it must have the model from now until its next decode.
