@@ -34,7 +34,8 @@ the pack), English, greedy decoding, whisper.transcribe()'s temperature fallback
   gzip compression-ratio threshold; "no_context" only means not to carry text over from the previous file);
 - the service in this process: all files of a workload submitted at once (MAX_WORKERS = files, or its default
   for a single file), QUANTIZE=--quantize; timed from the first submit to the last job's finished_at, the text
-  read from TRANSCRIPT_DIR/<job_id>.json; then again with SKIP_NON_SPEECH_S=0 (every stretch transcribed).
+  read from TRANSCRIPT_DIR/<job_id>.json; then again with SKIP_NON_SPEECH_S=0 (every stretch transcribed), and with
+  chunking_strategy=auto (speech cut at pauses into chunks of up to 30 s, decoded side by side without context).
 
 faster-whisper and whisper.cpp use --threads CPU threads; bare whisper and the service use torch's default.
 Each (engine, workload) runs in a fresh process (bench/isolation.py) after loading its model; the time
@@ -74,12 +75,12 @@ from whisper_flask import create_app  # noqa: E402
 from whisper_flask.access.control import UNRESTRICTED  # noqa: E402
 from whisper_flask.audio.subprocesses import media_tool  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
-from whisper_flask.engine.options import TranscribeOptions  # noqa: E402
+from whisper_flask.engine.options import Chunking, TranscribeOptions  # noqa: E402
 from whisper_flask.extension import get_service  # noqa: E402
 from whisper_flask.jobs.records import Job, Submission  # noqa: E402
 from whisper_flask.jobs.writers import transcript_path  # noqa: E402
 
-ENGINES = ("bare", "fw-int8", "fw-batched-int8", "whisper.cpp", "service", "service-no-skip")
+ENGINES = ("bare", "fw-int8", "fw-batched-int8", "whisper.cpp", "service", "service-no-skip", "service-chunked")
 LONG_FILES = ("ljspeech_LJ001-0001_0032_concat", "kathleen_arctic_a0061_a0140_concat")
 UTTERANCES = 8
 UTTERANCE_SECONDS = (5.0, 10.0)
@@ -265,7 +266,13 @@ def transcribe_whisper_cpp(model_path: Path, paths: Sequence[Path], threads: int
 
 
 def serve_all_at_once(
-    work: Path, model: str, paths: Sequence[Path], quantize: str, run_id: str, skip_non_speech_s: float | None
+    work: Path,
+    model: str,
+    paths: Sequence[Path],
+    quantize: str,
+    run_id: str,
+    skip_non_speech_s: float | None,
+    chunking: Chunking | None = None,
 ) -> tuple[list[str], float]:
     """Submit every file at once to the service in this process; texts and first submit to last job's end in s."""
     config: dict[str, Any] = {
@@ -290,7 +297,7 @@ def serve_all_at_once(
         for i, path in enumerate(paths):
             names.append(f"bench-{i}.upload")
             os.link(path, service.settings.UPLOAD_DIR / names[-1])  # as a finished upload: the file itself, no copy
-        options = TranscribeOptions(language="en")
+        options = TranscribeOptions(language="en", chunking_strategy=chunking)
         started = datetime.now(timezone.utc)
         ids = [
             service.submit(name, Submission(path.name, options, UNRESTRICTED.name)).job.id
@@ -330,10 +337,11 @@ def measure(engine: str, workload: Workload, work: Path, args: argparse.Namespac
         )
     elif engine == "whisper.cpp":
         texts, seconds = transcribe_whisper_cpp(ggml_path(work, args.model), paths, args.threads)
-    elif engine in ("service", "service-no-skip"):
+    elif engine in ("service", "service-no-skip", "service-chunked"):
         run_id = f"{engine}-{workload.name}-{time.time_ns()}"
         skip = 0 if engine == "service-no-skip" else None
-        texts, seconds = serve_all_at_once(work, args.model, paths, args.quantize, run_id, skip)
+        chunking = Chunking() if engine == "service-chunked" else None
+        texts, seconds = serve_all_at_once(work, args.model, paths, args.quantize, run_id, skip, chunking)
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return {"seconds": seconds, "texts": texts}
@@ -361,6 +369,7 @@ def engine_name(engine: str, args: argparse.Namespace) -> str:
         "whisper.cpp": f"whisper.cpp f16, {args.threads} threads",
         "service": f"service, at once, QUANTIZE={args.quantize}",
         "service-no-skip": "the same, SKIP_NON_SPEECH_S=0",
+        "service-chunked": "the same, chunking_strategy=auto",
     }[engine]
 
 

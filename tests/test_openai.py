@@ -130,6 +130,27 @@ def test_translation_turns_spanish_speech_into_english_text(served: dict[str, An
     assert not {"sorpresa", "disgusto", "palabras", "labios"} & words(result.text), result.text
 
 
+@pytest.mark.parametrize(
+    "strategy, stored",
+    [("auto", {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 200}),
+     ({"type": "server_vad", "silence_duration_ms": 500},
+      {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500})],
+    ids=["auto", "server_vad"],
+)  # fmt: skip
+def test_a_chunking_strategy_from_the_client_transcribes_in_chunks(
+    served: dict[str, Any], strategy: Any, stored: dict[str, Any]
+) -> None:
+    with LONG.open("rb") as audio:
+        result = client_for(served).audio.transcriptions.create(
+            file=audio, model="whisper-1", response_format="verbose_json", chunking_strategy=strategy
+        )
+    assert {"printing", "exhibition", "chinese"} <= words(result.text), result.text
+    assert result.segments and [segment.start for segment in result.segments] == sorted(
+        segment.start for segment in result.segments
+    )
+    assert jobs_of(served, "user")[0]["options"]["chunking_strategy"] == stored
+
+
 def test_streaming_sends_each_window_before_the_job_ends_then_the_whole_text(served: dict[str, Any]) -> None:
     deltas: list[str] = []
     status_at_first_delta = None

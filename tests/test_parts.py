@@ -124,8 +124,11 @@ def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_wi
     failed = threading.Event()
     progress = PartedProgress.fresh([Part(0, 6000), Part(6000, 12000), Part(12000, 18000)], "en", lambda window: None)
 
+    all_started = threading.Barrier(3, timeout=10)
+
     def run_part(index: int) -> list[dict[str, Any]]:
         on_window, check = progress.hook(index), progress.checked(lambda: None)
+        all_started.wait()  # a part not started when another fails never starts
         if index == 0:
             on_window(Window(0, [], [], "en"))
             failed.set()
@@ -139,7 +142,7 @@ def test_a_failing_part_stops_the_others_at_their_next_step_and_the_job_fails_wi
 
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="the model broke in part 0"):
-        run_parts(progress, run_part)
+        run_parts(progress, run_part, len(progress.parts))
     assert windows_after_failure == [1, 1], "each other part stops at its first step after the failure"
     assert threading.active_count() == before, "every part's thread has ended"
 
@@ -167,5 +170,25 @@ def test_a_cancel_stops_every_part_through_an_except_exception_in_their_loops() 
         return []
 
     with pytest.raises(JobCancelled):
-        run_parts(progress, run_part)
+        run_parts(progress, run_part, len(progress.parts))
     assert max(steps) < 50, "a part went on after the cancel"
+
+
+def test_parts_run_no_more_than_the_places_at_once_and_each_runs_once() -> None:
+    parts = [Part(index * 3000, (index + 1) * 3000) for index in range(5)]
+    progress = PartedProgress.fresh(parts, "en", lambda window: None)
+    lock, running, most, ran = threading.Lock(), [0], [0], []
+
+    def run_part(index: int) -> list[dict[str, Any]]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            ran.append(index)
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return [segment(0, 1, f"part {index}")]
+
+    segments = run_parts(progress, run_part, 2)
+    assert most == [2] and sorted(ran) == [0, 1, 2, 3, 4]
+    assert [segment["text"] for segment in segments] == [f"part {index}" for index in range(5)]

@@ -7,13 +7,15 @@ documented values and ranges are the ones the parser accepts.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
-from whisper_flask.engine.options import Task, TranscribeOptions
+from whisper_flask.engine.options import Chunking, Task, TranscribeOptions
 from whisper_flask.exceptions import InvalidOption
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -85,6 +87,49 @@ def _number(field: str, low: float, high: float, kind: type[int] | type[float]) 
 
 _PROMPT = FormField("initial_prompt", _prompt, {"type": "string", "maxLength": MAX_PROMPT_CHARS})
 
+#: OpenAI's server VAD settings a chunking_strategy object may hold, each a number field of its own.
+_CHUNKING = {
+    "threshold": _number("chunking_strategy[threshold]", 0.0, 1.0, float),
+    "prefix_padding_ms": _number("chunking_strategy[prefix_padding_ms]", 0, 2000, int),
+    "silence_duration_ms": _number("chunking_strategy[silence_duration_ms]", 0, 10000, int),
+}
+_CHUNKING_HELP = 'must be "auto" or an object {"type": "server_vad", ...} (as JSON text in a form field)'
+
+
+def _chunking(value: str, multilingual: bool) -> Chunking:
+    if value == "auto":
+        return Chunking()
+    try:
+        settings = json.loads(value)
+    except (ValueError, RecursionError):
+        settings = None
+    if not isinstance(settings, dict) or settings.get("type") != "server_vad":
+        raise InvalidOption("chunking_strategy", _CHUNKING_HELP)
+    if set(settings) - {"type", *_CHUNKING}:  # the unknown name is not echoed: the client wrote it
+        raise InvalidOption("chunking_strategy", f"it takes only type, {', '.join(_CHUNKING)}")
+    parsed = {}
+    for name, number in _CHUNKING.items():
+        if name in settings:
+            if isinstance(settings[name], bool) or not isinstance(settings[name], int | float | str):
+                raise InvalidOption(number.option, "must be a number")
+            parsed[name] = number.parse(str(settings[name]), multilingual)
+    return Chunking(**parsed)
+
+
+_CHUNKING_SCHEMA = {
+    "description": "cut the audio at speech pauses into chunks decoded side by side, without the text before each",
+    "oneOf": [
+        {"type": "string", "enum": ["auto"]},
+        {
+            "type": "object",
+            "required": ["type"],
+            "additionalProperties": False,
+            "properties": {"type": {"type": "string", "enum": ["server_vad"]}}
+            | {name: number.schema for name, number in _CHUNKING.items()},
+        },
+    ],
+}
+
 #: The options a client may send, by form, JSON or query field name; OpenAPI and OPTIONS describe these.
 FIELDS: dict[str, FormField] = {
     "language": FormField("language", _language, {"type": "string", "description": "a code ('de') or a name"}),
@@ -97,14 +142,25 @@ FIELDS: dict[str, FormField] = {
     "diarize": _boolean("diarize"),
     "min_speakers": _number("min_speakers", 1, MAX_SPEAKERS, int),
     "max_speakers": _number("max_speakers", 1, MAX_SPEAKERS, int),
+    "chunking_strategy": FormField("chunking_strategy", _chunking, _CHUNKING_SCHEMA),
 }
+#: An object field sent as form fields, as OpenAI's clients send one: `chunking_strategy[type]=server_vad`.
+_OBJECT_PART = re.compile(r"(\w+)\[(\w+)\]")
+
+
+def _field(source: Mapping[str, str], name: str) -> str | None:
+    """The field's value in the source; an object sent as bracketed form fields, as its JSON text."""
+    if source.get(name, "") != "":
+        return source[name]
+    parts = {m[2]: value for key, value in source.items() if (m := _OBJECT_PART.fullmatch(key)) and m[1] == name}
+    return json.dumps(parts) if parts else None
 
 
 def parse_options(sources: list[Mapping[str, str]], multilingual: bool) -> TranscribeOptions:
     """Options from form fields and query parameters (the first source that has a field wins)."""
     options: dict[str, Any] = {}
     for name, field in FIELDS.items():
-        value = next((source[name] for source in sources if source.get(name, "") != ""), None)
+        value = next((value for source in sources if (value := _field(source, name)) is not None), None)
         if value is not None and field.option not in options:
             options[field.option] = field.parse(value, multilingual)
     return checked(TranscribeOptions(**options))

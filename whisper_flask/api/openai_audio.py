@@ -36,7 +36,7 @@ require_key(bp)
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 GRANULARITIES = ("segment", "word")
 #: The option fields (api/fields.py) that OpenAI's form shares with /upload; describe.py documents them.
-OPTION_FIELDS = ("language", "prompt", "temperature")
+OPTION_FIELDS = ("language", "prompt", "temperature", "chunking_strategy")
 #: OpenAI's segment fields, in its order; Whisper's segments carry them all.
 SEGMENT_FIELDS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
                   "compression_ratio", "no_speech_prob")  # fmt: skip
@@ -136,7 +136,8 @@ def _granularities(form: MultiDict[str, str]) -> list[str]:
 def _options(
     form: MultiDict[str, str], task: Task, words: bool, multilingual: bool, diarize: bool, names: list[str]
 ) -> TranscribeOptions:
-    fields = {name: form[name] for name in OPTION_FIELDS if name in form}
+    # An object field comes as bracketed parts (chunking_strategy[type]), which parse_options joins.
+    fields = {name: value for name, value in form.items() if name.split("[")[0] in OPTION_FIELDS}
     fields["task"] = task.value
     if words:
         fields["word_timestamps"] = "true"

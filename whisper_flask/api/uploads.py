@@ -130,7 +130,9 @@ def _json_field(name: str, value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str | int | float):
         return str(value)
-    raise ApiError(400, "invalid_option", f"{name}: must be a string, a number or true/false", field=name)
+    if isinstance(value, dict):  # an object option (chunking_strategy), parsed from its JSON text as a form's is
+        return json.dumps(value)
+    raise ApiError(400, "invalid_option", f"{name}: must be a string, a number, true/false or an object", field=name)
 
 
 def keep_upload(file: FileStorage) -> str:

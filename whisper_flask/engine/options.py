@@ -16,8 +16,22 @@ class Task(str, Enum):
     TRANSLATE = "translate"
 
 
-#: The options that are not Whisper's: who spoke when (diarization.py, speakers.py).
-SPEAKER_OPTIONS = ("diarize", "min_speakers", "max_speakers", "known_speakers")
+#: The options that are not Whisper's: who spoke when (diarization.py, speakers.py), and chunking.
+ENGINE_OPTIONS = ("diarize", "min_speakers", "max_speakers", "known_speakers", "chunking_strategy")
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """OpenAI's `chunking_strategy` (its server VAD settings): the audio cut at pauses into chunks of up to 30 s,
+    decoded side by side, none conditioned on the text before it (ARCHITECTURE.md, "The engine")."""
+
+    threshold: float = 0.5  # the speech probability where speech starts
+    prefix_padding_ms: int = 300  # audio kept before (and after) each stretch of speech
+    silence_duration_ms: int = 200  # a shorter pause does not end a stretch of speech
+
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's object for these settings."""
+        return {"type": "server_vad", **dataclasses.asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -35,24 +49,45 @@ class TranscribeOptions:
     max_speakers: int | None = None
     # Names of speakers whose voice samples came with the job (/v1's known_speaker_names[]), in order.
     known_speakers: tuple[str, ...] | None = None
+    chunking_strategy: Chunking | None = None  # None: Whisper's own loop, each window conditioned on the last
 
     def as_dict(self) -> dict[str, Any]:
         """The options that were set (their stored and served form)."""
         return {
-            field.name: value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
+            field.name: _stored(value)
             for field in dataclasses.fields(self)
             if (value := getattr(self, field.name)) is not None
         }
 
     def whisper_keywords(self) -> dict[str, Any]:
-        """The options that were set, as `whisper.transcribe` keywords: a diarized job needs its words' times."""
-        keywords = {name: value for name, value in self.as_dict().items() if name not in SPEAKER_OPTIONS}
+        """The options that were set, as `whisper.transcribe` keywords: a diarized job needs its words' times, and a
+        chunk is decoded without the text before it."""
+        keywords = {name: value for name, value in self.as_dict().items() if name not in ENGINE_OPTIONS}
         if self.diarize:
             keywords["word_timestamps"] = True
+        if self.chunking_strategy is not None:
+            keywords["condition_on_previous_text"] = False
         return keywords
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TranscribeOptions:
         """The options as_dict() gave (read back from the job store)."""
-        task, known = data.get("task"), data.get("known_speakers")
-        return cls(**{**data, "task": Task(task) if task else None, "known_speakers": tuple(known) if known else None})
+        task, known, chunking = data.get("task"), data.get("known_speakers"), data.get("chunking_strategy")
+        return cls(
+            **{
+                **data,
+                "task": Task(task) if task else None,
+                "known_speakers": tuple(known) if known else None,
+                "chunking_strategy": Chunking(**{k: v for k, v in chunking.items() if k != "type"})
+                if chunking
+                else None,
+            }
+        )
+
+
+def _stored(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value.as_dict() if isinstance(value, Chunking) else value

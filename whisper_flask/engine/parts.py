@@ -81,27 +81,35 @@ def part_clips(clips: list[Clip], part: Part) -> list[Clip]:
     ]
 
 
-def run_parts(progress: PartedProgress, run_part: Callable[[int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Run each unfinished part (its segments: `run_part(index)`) on a thread of its own; the job's segments.
+def run_parts(
+    progress: PartedProgress, run_part: Callable[[int], list[dict[str, Any]]], places: int
+) -> list[dict[str, Any]]:
+    """Run the unfinished parts (their segments: `run_part(index)`) in order, `places` at a time, each on a
+    thread; the job's segments.
 
     All threads are joined before this returns. If parts fail, the first part's own error is raised,
     not the PartsAborted its siblings stopped with.
     """
     errors: dict[int, BaseException] = {}
+    # In order, so that the text a stream sees (an in-order prefix) grows as parts end.
+    waiting = iter([index for index in range(len(progress.parts)) if not progress.done(index)])
+    taking = threading.Lock()
 
-    def run(index: int) -> None:
-        try:
-            progress.finish(index, run_part(index))
-        except BaseException as exc:  # re-raised by the calling thread below
-            errors[index] = exc
-            progress.fail()
+    def run() -> None:
+        while not errors:
+            with taking:
+                index = next(waiting, None)
+            if index is None:
+                return
+            try:
+                progress.finish(index, run_part(index))
+            except BaseException as exc:  # re-raised by the calling thread below
+                errors[index] = exc
+                progress.fail()
 
     name = threading.current_thread().name
-    threads = [
-        threading.Thread(target=run, args=(index,), name=f"{name}-part{index}")
-        for index in range(len(progress.parts))
-        if not progress.done(index)
-    ]
+    unfinished = sum(not progress.done(index) for index in range(len(progress.parts)))
+    threads = [threading.Thread(target=run, name=f"{name}-part{place}") for place in range(min(places, unfinished))]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -54,10 +54,14 @@ class SpeechDetector:
         self._model: torch.nn.Module | None = None
 
     def load(self) -> None:
-        """Load the detector's model, which ships inside the silero-vad package (unless nothing is skipped)."""
-        if not self._min_skip_s:
-            return
+        """Load the detector's model, which ships inside the silero-vad package (chunked jobs use it too)."""
         self._model = load_detector()
+
+    def probabilities(self, audio: DecodedAudio, check: StepCheck) -> np.ndarray:
+        """The probability of speech in each detector frame of the audio (speech_probabilities, on a copy)."""
+        assert self._model is not None, "load() comes first"
+        # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
+        return speech_probabilities(copy.deepcopy(self._model), audio, check)
 
     def clips(self, audio: DecodedAudio, mel: Tensor, check: StepCheck) -> list[Clip]:
         """The spans of the audio (whose spectrogram is `mel`, unpadded) to transcribe: all of it less
@@ -66,11 +70,9 @@ class SpeechDetector:
         `check` runs every 2 s of each stream's audio (a cancel takes effect within about 0.1 s).
         """
         content_frames = mel.shape[-1]
-        if self._model is None or not _has_quiet_stretch(mel, self._min_skip_s):
+        if not self._min_skip_s or not _has_quiet_stretch(mel, self._min_skip_s):
             return [(0, content_frames)]
-        # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
-        probabilities = speech_probabilities(copy.deepcopy(self._model), audio, check)
-        return clips_between(non_speech_stretches(probabilities, self._min_skip_s), content_frames)
+        return clips_between(non_speech_stretches(self.probabilities(audio, check), self._min_skip_s), content_frames)
 
 
 def load_detector() -> torch.nn.Module:
@@ -165,28 +167,31 @@ MIN_PAUSE_S = 0.1
 SPEECH_PAD_S = 0.03
 
 
-def speech_spans(probabilities: np.ndarray) -> list[tuple[float, float]]:
-    """The spans of speech, in seconds, in a recording's detector probabilities (speech_probabilities)."""
+def speech_spans(
+    probabilities: np.ndarray, threshold: float = SPEECH, min_pause_s: float = MIN_PAUSE_S, pad_s: float = SPEECH_PAD_S
+) -> list[tuple[float, float]]:
+    """The spans of speech, in seconds, in a recording's detector probabilities (speech_probabilities): speech
+    from `threshold` on, pauses under `min_pause_s` bridged, each span padded by `pad_s`."""
     frame_s = FRAME_SAMPLES / SAMPLE_RATE
     spans: list[list[float]] = []
     start: int | None = None
     for index, probability in enumerate(probabilities.tolist()):
-        if start is None and probability >= SPEECH:
+        if start is None and probability >= threshold:
             start = index
-        elif start is not None and probability < SPEECH - 0.15:
+        elif start is not None and probability < threshold - 0.15:
             spans.append([start * frame_s, index * frame_s])
             start = None
     if start is not None:
         spans.append([start * frame_s, len(probabilities) * frame_s])
     joined: list[list[float]] = []
     for span in spans:
-        if joined and span[0] - joined[-1][1] < MIN_PAUSE_S:
+        if joined and span[0] - joined[-1][1] < min_pause_s:
             joined[-1][1] = span[1]
         else:
             joined.append(span)
     end_s = len(probabilities) * frame_s
     return [
-        (round(max(0.0, begin - SPEECH_PAD_S), 3), round(min(end_s, end + SPEECH_PAD_S), 3))
+        (round(max(0.0, begin - pad_s), 3), round(min(end_s, end + pad_s), 3))
         for begin, end in joined
         if end - begin >= MIN_SPEECH_S
     ]

@@ -20,6 +20,7 @@ from whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES
 
 from whisper_flask.audio.media import DecodedAudio
 from whisper_flask.engine.batching import ModelThread, use_torch_threads
+from whisper_flask.engine.chunks import plan_chunks
 from whisper_flask.engine.job_model import JobModel, PromptSwap
 from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.engine.parts import PartedProgress, part_clips, part_mel, plan_parts, renumbered, run_parts
@@ -61,18 +62,21 @@ class Transcriber:
         use_torch_threads(1)
         mel = log_mel(audio, model.dims.n_mels)  # by chunks: the whole file's STFT would not fit
         content = mel.shape[-1] - N_FRAMES
-        clips = self._speech.clips(audio, mel[:, :content], check)
-        if clips != [(0, content)]:
-            skipped = content - sum(end - start for start, end in clips)
-            log.info("skipping %.1f s without speech", skipped / FRAMES_PER_SECOND)
         with self._running_lock:
             self._running += 1
             places = max(1, self._batch_size // self._running)  # a fair share of the decoder steps
         try:
+            if options.chunking_strategy is not None:
+                return self._run_chunks(model, audio, mel, options, on_window, resume, check, places)
+            clips = self._speech.clips(audio, mel[:, :content], check)
+            if clips != [(0, content)]:
+                skipped = content - sum(end - start for start, end in clips)
+                log.info("skipping %.1f s without speech", skipped / FRAMES_PER_SECOND)
             if resume is not None and not resume.parts:  # one loop (or a resume saved before parts existed)
                 return self._run_loop(model, mel, options, on_window, resume, check, clips)
             if resume is not None:
-                return self._run_parts(model, mel, options, PartedProgress.resumed(resume, on_window), check, clips)
+                progress = PartedProgress.resumed(resume, on_window)
+                return self._run_parts(model, mel, options, progress, check, clips, places)
             if options.language is None and clips and clips[0][0] > 0:
                 # Whisper's loop would detect it in the first 30 s, which hold no speech.
                 options = dataclasses.replace(options, language=self._language_of(model, mel[:, clips[0][0] :]))
@@ -83,10 +87,36 @@ class Transcriber:
             log.info("transcribing in %d parts side by side, cut at %s s", len(parts), cuts)
             language = options.language or self._language_of(model, mel)
             progress = PartedProgress.fresh(parts, language, on_window)
-            return self._run_parts(model, mel, options, progress, check, clips)
+            return self._run_parts(model, mel, options, progress, check, clips, places)
         finally:
             with self._running_lock:
                 self._running -= 1
+
+    def _run_chunks(
+        self,
+        model: whisper.Whisper,
+        audio: DecodedAudio,
+        mel: torch.Tensor,
+        options: TranscribeOptions,
+        on_window: WindowHook,
+        resume: Window | None,
+        check: StepCheck,
+        places: int,
+    ) -> dict[str, Any]:
+        """A chunked job (chunks.py): each chunk of speech a part of its own, `places` of them at once."""
+        assert options.chunking_strategy is not None
+        if resume is not None:  # the chunks are where the interrupted run cut them
+            progress = PartedProgress.resumed(resume, on_window)
+        else:
+            content = mel.shape[-1] - N_FRAMES
+            chunks = plan_chunks(self._speech.probabilities(audio, check), options.chunking_strategy, content)
+            if not chunks:  # no speech heard: as for silent audio, no language either
+                return _result([], options.language)
+            log.info("transcribing %d chunks of speech, up to %d at once", len(chunks), places)
+            language = options.language or self._language_of(model, mel[:, chunks[0].start :])
+            progress = PartedProgress.fresh(chunks, language, on_window)
+        spans = [(part.start, part.end) for part in progress.parts]
+        return self._run_parts(model, mel, options, progress, check, spans, places)
 
     def _run_parts(
         self,
@@ -96,8 +126,9 @@ class Transcriber:
         progress: PartedProgress,
         check: StepCheck,
         clips: list[Clip],
+        places: int,
     ) -> dict[str, Any]:
-        """Each unfinished part's loop on a thread of its own (parts.run_parts)."""
+        """The unfinished parts' loops, `places` at a time, each on a thread (parts.run_parts)."""
         # Every part speaks the job's language: detected once, not per part.
         options = dataclasses.replace(options, language=progress.language)
 
@@ -109,7 +140,7 @@ class Transcriber:
                 progress.checked(check), part_clips(clips, part),
             )["segments"]  # fmt: skip
 
-        return _result(run_parts(progress, run_part), progress.language)
+        return _result(run_parts(progress, run_part, places), progress.language)
 
     def _language_of(self, model: whisper.Whisper, mel: torch.Tensor) -> str:
         """The language of the first 30 s, as Whisper's loop would detect it there."""
