@@ -19,7 +19,7 @@ from whisper.decoding import DecodingResult
 from tests.helpers import FIXTURES, SPOKEN, windows_per_step
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.job_model import JobModel
-from whisper_flask.engine.quantize import Int8Linear, quantize_int8
+from whisper_flask.engine.quantize import Int8Linear, StageArithmetic, apply_arithmetic
 from whisper_flask.engine.spectrogram import LogMel, accept_precomputed
 
 OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
@@ -44,7 +44,7 @@ def tiny(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
 def tiny_int8(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
     """tiny.en with int8 Linear layers, and its model thread."""
     model = whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
-    return model, start_model_thread(model, quantize_int8(model))
+    return model, start_model_thread(model, apply_arithmetic(model, StageArithmetic("int8", "int8")))
 
 
 @pytest.fixture(scope="module")

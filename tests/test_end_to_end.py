@@ -29,13 +29,13 @@ from tests.helpers import (
 from whisper_flask.audio.subprocesses import media_tool
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "bf16"])
 def test_spoken_words_come_back_in_every_format(
     make_real_app: Callable[..., Flask], quantize: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="whisper_flask.engine.engine"):
         client = make_real_app(QUANTIZE=quantize).test_client()
-    assert f"(quantize: {quantize})" in caplog.text
+    assert f"(encoder: {quantize}, decoder: {'none' if quantize == 'bf16' else quantize})" in caplog.text
     job_id = submit(client, FIXTURES / "fox.wav")
     done = wait_for(client, job_id, "completed", "failed")
     assert done["status"] == "completed" and done["language"] == "en"
@@ -49,7 +49,7 @@ def test_spoken_words_come_back_in_every_format(
     assert json.loads(files["json"])["language"] == "en"
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "bf16"])
 def test_concurrent_jobs_give_the_transcripts_of_jobs_run_alone(
     make_real_app, tmp_path: Path, caplog: pytest.LogCaptureFixture, quantize: str
 ) -> None:

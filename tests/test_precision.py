@@ -1,4 +1,4 @@
-"""QUANTIZE=auto: the arithmetic measured fastest for the model on this CPU, kept for later starts."""
+"""QUANTIZE=auto: each stage's arithmetic measured fastest for the model on this CPU, kept for later starts."""
 
 from __future__ import annotations
 
@@ -7,61 +7,104 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 import whisper
 
 from whisper_flask.engine import precision
 from whisper_flask.engine.checkpoints import ensure_checkpoint
+from whisper_flask.engine.quantize import Bf16Linear, Int8Linear, StageArithmetic, apply_arithmetic
+
+#: Seconds of a window's work by stage and arithmetic, as measured on an AMD EPYC with AVX512-BF16 (no AMX).
+AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43}, "decoder": {"none": 3.6, "int8": 1.15}}
+#: A CPU whose int8 kernels win the encoder too.
+INT8_EVERYWHERE = {"encoder": {"none": 0.40, "bf16": 0.33, "int8": 0.29}, "decoder": {"none": 1.0, "int8": 0.6}}
 
 
 @pytest.mark.parametrize(
-    ("model", "windows", "chosen"),
+    ("model", "seconds", "chosen"),
     [
-        ("base", {"none": 5.2, "bf16": 2.3, "int8": 1.3}, "int8"),  # measured on an AMD EPYC without AMX
-        ("base", {"none": 2.2, "bf16": 0.9, "int8": 1.4}, "bf16"),  # a CPU whose bf16 units win
-        ("small", {"none": 1.0, "bf16": 0.2, "int8": 0.1}, "none"),  # neither's accuracy was measured: no timing
+        ("base", AMD, StageArithmetic("bf16", "int8")),
+        ("base", INT8_EVERYWHERE, StageArithmetic("int8", "int8")),
+        ("small", AMD, StageArithmetic("none", "none")),  # neither's accuracy was measured: no timing
     ],
 )
-def test_auto_takes_the_fastest_arithmetic_measured_among_the_models_candidates(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, windows: dict[str, float], chosen: str
+def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    seconds: dict[str, dict[str, float]],
+    chosen: StageArithmetic,
 ) -> None:
-    measured: list[str] = []
+    measured: list[tuple[str, str]] = []
 
-    def window_seconds(loaded: object, arithmetic: str) -> float:
-        measured.append(arithmetic)
-        return windows[arithmetic]
+    def stage_seconds(loaded: object, stage: str, arithmetic: str) -> float:
+        measured.append((stage, arithmetic))
+        return seconds[stage][arithmetic]
 
-    monkeypatch.setattr(precision, "_window_seconds", window_seconds)
+    monkeypatch.setattr(precision, "_stage_seconds", stage_seconds)
     assert precision.measured_arithmetic(object(), model, tmp_path) == chosen  # type: ignore[arg-type]
-    assert measured == (["none", "bf16", "int8"] if model == "base" else [])
+    every = [("encoder", "none"), ("encoder", "bf16"), ("encoder", "int8"), ("decoder", "none"), ("decoder", "int8")]
+    assert measured == (every if model == "base" else [])  # never bf16 in the decoder: see quantize.py
 
 
-def test_a_choice_is_kept_per_cpu_and_model_so_a_later_start_measures_nothing(
+def test_a_choice_is_kept_per_cpu_model_and_stage_so_a_later_start_measures_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    windows = {"none": 2.0, "bf16": 1.0, "int8": 1.5}
-    monkeypatch.setattr(precision, "_window_seconds", lambda model, arithmetic: windows[arithmetic])
-    assert precision.measured_arithmetic(object(), "base", tmp_path) == "bf16"  # type: ignore[arg-type]
+    monkeypatch.setattr(precision, "_stage_seconds", lambda model, stage, kind: INT8_EVERYWHERE[stage][kind])
+    assert precision.measured_arithmetic(object(), "base", tmp_path) == StageArithmetic("int8", "int8")  # type: ignore[arg-type]
     kept = json.loads((tmp_path / precision.CACHE_NAME).read_text())
-    assert [entry["chosen"] for entry in kept.values()] == ["bf16"]
+    assert {key.rsplit("|", 1)[1]: entry["chosen"] for key, entry in kept.items()} == {
+        "base encoder": "int8", "base decoder": "int8",
+    }  # fmt: skip
 
-    def measure_again(model: object, arithmetic: str) -> float:
+    def measure_again(model: object, stage: str, arithmetic: str) -> float:
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(precision, "_window_seconds", measure_again)
-    assert precision.measured_arithmetic(object(), "base", tmp_path) == "bf16"  # type: ignore[arg-type]
+    monkeypatch.setattr(precision, "_stage_seconds", measure_again)
+    assert precision.measured_arithmetic(object(), "base", tmp_path) == StageArithmetic("int8", "int8")  # type: ignore[arg-type]
     monkeypatch.setattr(precision, "_cpu_model", lambda: "another CPU (amx_bf16)")
     with pytest.raises(AssertionError, match="measured again"):  # another CPU measures for itself
         precision.measured_arithmetic(object(), "base", tmp_path)  # type: ignore[arg-type]
 
 
-def test_the_real_models_work_is_timed_under_each_arithmetic_and_the_model_is_left_unquantized(
+@pytest.mark.parametrize("linear", [Bf16Linear, Int8Linear])
+def test_each_arithmetics_linear_layer_gives_fp32_close_to_the_fp32_layer(linear: type[torch.nn.Module]) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 2048)
+    x = torch.randn(7, 512)
+    got, expected = linear(layer.weight, layer.bias)(x), layer(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert float((got - expected).norm() / expected.norm()) < 0.02
+
+
+@pytest.mark.parametrize(("setting", "stages"), [("none", ("none", "none")), ("int8", ("int8", "int8")),
+                                                ("bf16", ("bf16", "none"))])  # fmt: skip
+def test_an_explicit_setting_is_bf16_for_the_encoder_only(setting: str, stages: tuple[str, str]) -> None:
+    assert StageArithmetic.chosen(setting) == StageArithmetic(*stages)
+
+
+def test_each_stage_gets_its_own_arithmetic_and_the_projection_follows_the_decoder(model_dir: Path) -> None:
+    model = whisper.load_model(str(ensure_checkpoint("tiny.en", model_dir, allow_download=False)))
+    project = apply_arithmetic(model, StageArithmetic("bf16", "int8"))
+    assert {type(module) for module in model.encoder.modules()} & {Bf16Linear, Int8Linear} == {Bf16Linear}
+    assert {type(module) for module in model.decoder.modules()} & {Bf16Linear, Int8Linear} == {Int8Linear}
+    assert isinstance(project, Int8Linear)
+    assert not any(isinstance(module, torch.nn.Linear) for module in model.modules())
+
+
+def test_the_real_models_stages_are_timed_under_each_arithmetic_and_the_model_is_left_as_it_was(
     model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = whisper.load_model(str(ensure_checkpoint("base", model_dir, allow_download=False)))
     before = {name: type(module) for name, module in model.named_modules()}
     with caplog.at_level(logging.INFO, logger="whisper_flask.engine.precision"):
         chosen = precision.measured_arithmetic(model, "base", tmp_path)
-    window = json.loads((tmp_path / precision.CACHE_NAME).read_text()).popitem()[1]["seconds"]
-    assert set(window) == {"none", "bf16", "int8"} and all(seconds > 0 for seconds in window.values())
-    assert chosen == min(window, key=window.get) and f"chosen: {chosen}" in caplog.text
+    stored = json.loads((tmp_path / precision.CACHE_NAME).read_text())
+    kept = {key.rsplit("|", 1)[1]: entry for key, entry in stored.items()}
+    for stage in ("encoder", "decoder"):
+        seconds = kept[f"base {stage}"]["seconds"]
+        assert set(seconds) == {"none", "bf16", "int8"} - ({"bf16"} if stage == "decoder" else set())
+        assert all(value > 0 for value in seconds.values())
+        assert getattr(chosen, stage) == min(seconds, key=seconds.get)
+    assert "arithmetic for base encoder measured" in caplog.text
     assert {name: type(module) for name, module in model.named_modules()} == before

@@ -82,7 +82,6 @@ class ModelThread:
 
     def __init__(self, size: int, wait_s: float) -> None:
         self._size = size
-        self._bf16 = False
         self._wait_s = wait_s
         self._cond = threading.Condition()
         self._queue: list[_Work] = []
@@ -95,9 +94,9 @@ class ModelThread:
         self._model: whisper.Whisper
         self._project: Projection
 
-    def start(self, model: whisper.Whisper, project: Projection, bf16: bool = False) -> None:
-        """Start the thread; it runs model work (its matmuls in bf16 if `bf16`) until stop()."""
-        self._model, self._project, self._bf16 = model, project, bf16
+    def start(self, model: whisper.Whisper, project: Projection) -> None:
+        """Start the thread; it runs model work until stop()."""
+        self._model, self._project = model, project
         self._thread = threading.Thread(target=self._run, name="whisper-model", daemon=True)
         self._thread.start()
 
@@ -218,10 +217,7 @@ class ModelThread:
 
     def _run(self) -> None:
         use_torch_threads(MODEL_THREADS)  # see the class docstring
-        # With bf16, matmuls run in bf16 while norms, softmax and the logits projection's output
-        # stay fp32. Entered once for the thread's life: autocast keeps its bf16 copies of the
-        # weights until it exits, and would cast them again at every decoder step otherwise.
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+        with torch.no_grad():
             self._serve()
 
     def _serve(self) -> None:

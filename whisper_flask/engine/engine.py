@@ -29,12 +29,12 @@ import torch
 import whisper
 
 from whisper_flask.audio.media import DecodedAudio
-from whisper_flask.engine.batching import ModelThread, whisper_projection
+from whisper_flask.engine.batching import ModelThread
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.diarization import ProgressHook, SpeakerDiarizer
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.engine.precision import measured_arithmetic
-from whisper_flask.engine.quantize import choose_precision, quantize_int8
+from whisper_flask.engine.quantize import StageArithmetic, apply_arithmetic, choose_precision
 from whisper_flask.engine.speakers import Diarization
 from whisper_flask.engine.spectrogram import accept_precomputed
 from whisper_flask.engine.speech import SpeechDetector
@@ -94,7 +94,7 @@ class WhisperEngine:
         self._diarizer: SpeakerDiarizer  # made by start(); loads senko at the first job that diarizes
         self.model_name = ""
         self.error: str | None = None
-        self._arithmetic: str | None = None  # what the model runs in, once loaded (measured or set)
+        self._arithmetic: StageArithmetic | None = None  # what the model's stages run in, once loaded
 
     def start(self, settings: Settings) -> None:
         """Resolve and load the model on a background thread; /readyz turns 200 when done."""
@@ -126,15 +126,15 @@ class WhisperEngine:
                 loaded.set_alignment_heads(whisper._ALIGNMENT_HEADS[model])
             quantize = choose_precision(settings.QUANTIZE, device)
             if quantize == "auto":
-                quantize = measured_arithmetic(loaded, model, settings.MODEL_DIR)
-            project = whisper_projection(loaded)
-            if quantize == "int8":
-                project = quantize_int8(loaded)
-            self._thread.start(loaded, project, bf16=quantize == "bf16")
-            self._arithmetic = quantize
+                stages = measured_arithmetic(loaded, model, settings.MODEL_DIR)
+            else:
+                stages = StageArithmetic.chosen(quantize)
+            self._thread.start(loaded, apply_arithmetic(loaded, stages))
+            self._arithmetic = stages
             self._speech.load()
             self._model = loaded
-            log.info("model %s loaded on %s from %s (quantize: %s)", model, device, path, quantize)
+            log.info("model %s loaded on %s from %s (encoder: %s, decoder: %s)", model, device, path,
+                     stages.encoder, stages.decoder)  # fmt: skip
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
             self.error = f"model {model} could not be loaded: {exc}"
             log.exception("model %s could not be loaded", model)
@@ -190,6 +190,10 @@ class WhisperEngine:
         return self._diarizer.voiceprint(audio, check)
 
     def arithmetic(self) -> dict[str, str]:
-        """What each model runs in, as measured (QUANTIZE=auto) or set; a model not loaded yet is absent."""
-        found = {"transcription": self._arithmetic, "speaker_embeddings": self._diarizer.arithmetic}
+        """What each model (and Whisper's each stage) runs in, as measured (QUANTIZE=auto) or set; a model not loaded
+        yet is absent."""
+        found = {
+            **(self._arithmetic.as_dict() if self._arithmetic else {}),
+            "speaker_embeddings": self._diarizer.arithmetic,
+        }
         return {part: value for part, value in found.items() if value is not None}

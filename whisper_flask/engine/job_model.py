@@ -82,8 +82,7 @@ class JobModel:
             # last timestamp pair is <|0.00|> moves its seek by 0 (openai/whisper#2005, whisperX#174), so the loop
             # would decode it for ever (the sampler is seeded by the seek). It is skipped as Whisper skips silence.
             stalled, self._last_seek = window.seek == self._last_seek, window.seek
-            # float(): Whisper's DecodingTask wants fp32 features, and bf16 matmuls give bf16.
-            self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None]).float()))
+            self._encoded = (mel, self._thread.run(lambda: self._model.encoder(mel[None])))
         result = self._thread.decode(self._encoded[1], options, window.seek, self._check)
         if stalled:
             log.warning("Whisper's loop stood still at frame %d of its span: that window is skipped", window.seek)

@@ -1,14 +1,13 @@
-"""QUANTIZE=auto: the arithmetic measured fastest for this model on this CPU, not guessed from its flags.
+"""QUANTIZE=auto: the arithmetic of each stage measured fastest for this model on this CPU, not guessed from its flags.
 
-A default tuned on one CPU loses on another: bf16 under autocast wins the encoder's 1500-row matmuls
-on a CPU with AMX and loses the one-row decoder steps, and without AMX loses both (ARCHITECTURE.md,
-"The engine"). So at load the model's real work is timed under each arithmetic it may use: an encoder
-window, and the Linear work of a decoder step (its layers and the logits projection, as the model
-thread runs them) at 1, 3 and 8 rows. A window is estimated as one encoder pass and STEPS_PER_WINDOW
-steps; the fastest is chosen. int8 and bf16 are candidates only for the models whose word error rate
-with them was measured within 0.5 points of fp32 (quantize.INT8_MODELS, BF16_MODELS); any other model
-runs Whisper's fp32, unmeasured. The choice is kept in MODEL_DIR per CPU model, torch version, thread
-count and model, so later starts on the same machine skip the measuring.
+A default tuned on one CPU loses on another, and a stage's winner may lose the other stage: bf16 can win the
+encoder's 1500-row matmuls and int8 the decoder's few rows (ARCHITECTURE.md, "The engine"). So at load each
+stage's real work is timed under each arithmetic it may use (quantize.py; the decoder never bf16): an encoder
+window; the Linear work of a decoder step (its layers and the logits projection, as the model thread runs them)
+at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8 and bf16 are
+candidates only for the models whose word error rate with them was measured within 0.5 points of fp32
+(quantize.INT8_MODELS, BF16_MODELS); any other model runs Whisper's fp32, unmeasured. The choices are kept in
+MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
 """
 
 from __future__ import annotations
@@ -26,8 +25,14 @@ import torch
 import whisper
 from torch import Tensor
 
-from whisper_flask.engine.batching import MODEL_THREADS, Projection, use_torch_threads, whisper_projection
-from whisper_flask.engine.quantize import INT8_MODELS, quantize_int8
+from whisper_flask.engine.batching import MODEL_THREADS, Projection, use_torch_threads
+from whisper_flask.engine.quantize import (
+    BF16_MODELS,
+    DECODER_ARITHMETICS,
+    INT8_MODELS,
+    StageArithmetic,
+    apply_arithmetic,
+)
 from whisper_flask.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,21 +42,22 @@ STEPS_PER_WINDOW = 100
 #: Rows a decoder step runs on: one window alone, a few jobs, a full batch.
 ROWS = (1, 3, 8)
 CACHE_NAME = "arithmetic.json"
-#: Models whose word error rate with bf16 matmuls was measured as fp32's (bench/long_file.py --quantize bf16).
-BF16_MODELS = frozenset({"base"})
+STAGES = ("encoder", "decoder")
 
 
-def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> str:
-    """The arithmetic ("none", "bf16" or "int8") measured fastest for the model here; cached in model_dir."""
+def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> StageArithmetic:
+    """Each stage's arithmetic measured fastest for the model here (the model is left as it is); kept in model_dir."""
     candidates = ["none", *(["bf16"] if name in BF16_MODELS else []), *(["int8"] if name in INT8_MODELS else [])]
     if candidates == ["none"]:
-        return "none"
+        return StageArithmetic("none", "none")
 
-    def measure() -> dict[str, float]:
+    def measure(stage: str) -> dict[str, float]:
         use_torch_threads(MODEL_THREADS)  # as the model thread will run it
-        return {arithmetic: _window_seconds(model, arithmetic) for arithmetic in candidates}
+        allowed = [arithmetic for arithmetic in candidates if stage == "encoder" or arithmetic in DECODER_ARITHMETICS]
+        return {arithmetic: _stage_seconds(model, stage, arithmetic) for arithmetic in allowed}
 
-    return kept_choice(model_dir, name, measure)
+    encoder, decoder = (kept_choice(model_dir, f"{name} {stage}", partial(measure, stage)) for stage in STAGES)
+    return StageArithmetic(encoder, decoder)
 
 
 def kept_choice(model_dir: Path, name: str, measure: Callable[[], dict[str, float]]) -> str:
@@ -74,17 +80,17 @@ def kept_choice(model_dir: Path, name: str, measure: Callable[[], dict[str, floa
     return chosen
 
 
-def _window_seconds(model: whisper.Whisper, arithmetic: str) -> float:
-    """One encoder pass and STEPS_PER_WINDOW decoder steps (their mean over ROWS) under `arithmetic`."""
-    project: Projection = whisper_projection(model)
-    if arithmetic == "int8":
-        model = copy.deepcopy(model)  # the loaded model is quantized only if int8 is chosen
-        project = quantize_int8(model)
-    mel = torch.zeros(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=arithmetic == "bf16"):
-        encoder = _best_of(2, lambda: model.encoder(mel))
-        steps = [_best_of(5, partial(_decoder_step, model, project, rows)) for rows in ROWS]
-    return encoder + STEPS_PER_WINDOW * sum(steps) / len(steps)
+def _stage_seconds(model: whisper.Whisper, stage: str, arithmetic: str) -> float:
+    """A window's work in one stage under `arithmetic`: an encoder pass, or STEPS_PER_WINDOW decoder steps (their
+    mean over ROWS), on a copy of the model."""
+    copied = copy.deepcopy(model)
+    project: Projection = apply_arithmetic(copied, StageArithmetic(arithmetic, arithmetic))
+    with torch.no_grad():
+        if stage == "encoder":
+            mel = torch.zeros(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+            return _best_of(2, lambda: copied.encoder(mel))
+        steps = [_best_of(5, partial(_decoder_step, copied, project, rows)) for rows in ROWS]
+    return STEPS_PER_WINDOW * sum(steps) / len(steps)
 
 
 def _decoder_step(model: whisper.Whisper, project: Projection, rows: int) -> Tensor:

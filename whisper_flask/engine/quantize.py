@@ -1,25 +1,56 @@
-"""The model's arithmetic (WHISPER_FLASK_QUANTIZE): fp32, bf16 matmuls, or int8 Linear layers.
+"""The model's arithmetic (WHISPER_FLASK_QUANTIZE), chosen per stage: fp32, bf16 or int8 Linear layers.
 
-Int8 weights for Whisper's Linear layers and logits projection (WHISPER_FLASK_QUANTIZE=int8):
+A Whisper model's work is its encoder (a window's 1500 rows at once) and its decoder steps (a few rows
+each): a CPU's matrix units can pay off on one and not on the other (ARCHITECTURE.md, "The engine"),
+so each stage's Linear layers get their own arithmetic:
 
-Weights are quantized once, per output channel; activations are quantized per row at each
-call and multiplied in exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's
-result independent of the other windows in its batch, which torch's dynamic quantization
-(one scale per tensor, shared by the whole batch) would not.
+- "none": Whisper's fp32;
+- "bf16" (the encoder only): weights stored in bf16 once and multiplied by oneDNN's prepacked bf16 kernels
+  (AMX or AVX512-BF16 where the CPU has them); inputs cast to bf16, outputs back to fp32. Not autocast, which
+  casts the weights again at every call (the logits projection's 106 MB at every decoder step: 21.3 ms a
+  step against 2.2 ms in fp32 on an Intel Xeon with AMX);
+- "int8": weights quantized once, per output channel; activations per row at each call, multiplied in
+  exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's result independent of the other
+  windows in its batch, which torch's dynamic quantization (one scale per tensor) would not.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import whisper
 from torch import Tensor, nn
 
+from whisper_flask.engine.batching import Projection, whisper_projection
+
 log = logging.getLogger(__name__)
 
-#: Models whose word error rate with int8 was measured within 0.5 points of fp32 (bench/throughput.py).
+#: The decoder's candidates: in bf16 a window's timestamps and scores changed with the windows beside it in a
+#: step (tests/test_end_to_end.py); int8 rows never do. The encoder runs one window at a time: bf16 is safe there.
+DECODER_ARITHMETICS = ("none", "int8")
+#: Models whose word error rate with int8 and with bf16 was measured within 0.5 points of fp32 (bench/long_file.py).
 INT8_MODELS = frozenset({"base"})
+BF16_MODELS = frozenset({"base"})
+
+
+@dataclass(frozen=True)
+class StageArithmetic:
+    """The arithmetic of the encoder's and of the decoder's Linear layers (the logits projection is the decoder's)."""
+
+    encoder: str
+    decoder: str
+
+    @classmethod
+    def chosen(cls, setting: str) -> StageArithmetic:
+        """What an explicit QUANTIZE (none, bf16 or int8) means per stage: bf16 for the encoder only."""
+        return cls(setting, setting if setting in DECODER_ARITHMETICS else "none")
+
+    def as_dict(self) -> dict[str, str]:
+        """Each stage's arithmetic, by stage."""
+        return {"encoder": self.encoder, "decoder": self.decoder}
 
 
 def choose_precision(setting: str, device: str) -> str:
@@ -62,10 +93,50 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1)
 
 
-def quantize_int8(model: whisper.Whisper) -> Int8Linear:
-    """Swap the model's Linear layers for Int8Linear in place; return the int8 logits projection."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
+class Bf16Linear(nn.Module):
+    """y = x W^T + b with W stored in bf16 (prepacked for oneDNN where torch has it), x cast to bf16, y in fp32."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        packed = weight.detach().to(torch.bfloat16)
+        # Reordered once into oneDNN's blocked layout, instead of at every call.
+        self._onednn = torch.backends.mkldnn.is_available()
+        if self._onednn:
+            packed = torch.ops.mkldnn._reorder_linear_weight(packed, None)
+        self.register_buffer("weight", packed)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Multiply in bf16; the rest of the model goes on in fp32."""
+        x = x.to(torch.bfloat16)
+        if self._onednn:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return y.float()
+
+
+#: Each arithmetic's Linear layer, made from a weight and a bias.
+_LINEARS: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {"bf16": Bf16Linear, "int8": Int8Linear}
+
+
+def _swap_linears(module: nn.Module, arithmetic: str) -> None:
+    """Swap the module's Linear layers (Whisper's own subclass included) for the arithmetic's, in place."""
+    if arithmetic == "none":
+        return
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-    return Int8Linear(model.decoder.token_embedding.weight, None)
+                setattr(parent, name, _LINEARS[arithmetic](child.weight, child.bias))
+
+
+def apply_arithmetic(model: whisper.Whisper, stages: StageArithmetic) -> Projection:
+    """Give each stage of the model its arithmetic, in place; return the logits projection in the decoder's."""
+    _swap_linears(model.encoder, stages.encoder)
+    _swap_linears(model.decoder, stages.decoder)
+    if stages.decoder == "none":
+        return whisper_projection(model)
+    return _LINEARS[stages.decoder](model.decoder.token_embedding.weight, None)
