@@ -48,11 +48,14 @@ Projection = Callable[[Tensor], Tensor]
 
 
 def whisper_projection(model: whisper.Whisper) -> Projection:
-    """The logits projection exactly as Whisper's TextDecoder computes it."""
-    weight = model.decoder.token_embedding.weight
+    """The logits projection as Whisper's TextDecoder computes it, on a transposed copy of the token embedding."""
+    # Whisper multiplies by the embedding's transposed view, which BLAS repacks at every call: base's 106 MB
+    # weight, at every decoder step. A contiguous transposed copy (its size again in memory) took base's fp32
+    # projection from 11.4 to 4.9 ms at 1 row and from 36.8 to 20.0 ms at 3 (AMD EPYC, 2 threads).
+    weight_t = model.decoder.token_embedding.weight.detach().t().contiguous()
 
     def project(x: Tensor) -> Tensor:
-        return (x @ torch.transpose(weight.to(x.dtype), 0, 1)).float()
+        return (x @ weight_t.to(x.dtype)).float()
 
     return project
 
