@@ -1,0 +1,168 @@
+"""The ETA and the percentage: the slowest loop decides, skipped stretches cost nothing, the bar tracks time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from whisper_flask.engine.windows import Window
+from whisper_flask.jobs.estimate import Estimate
+
+WINDOW = 3000  # frames a window of Whisper's loop holds (30 s)
+STARTED = 0.0  # the fake clock when transcribing began
+FIRST_WINDOW_AT = 1.0  # spectrogram and speech detection done
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A loop that gets through `rate` frames of its clips a second; `clips` on its own timeline."""
+
+    clips: tuple[tuple[int, int], ...]
+    rate: float
+
+    @property
+    def frames(self) -> int:
+        """Its span (the end of its last clip)."""
+        return self.clips[-1][1]
+
+    def windows(self) -> list[tuple[float, int, int]]:
+        """(time, seek, frames of clips left) as each window starts, as Whisper's loop goes through the clips."""
+        starts, at, left = [], FIRST_WINDOW_AT, sum(end - start for start, end in self.clips)
+        for start, end in self.clips:
+            seek = start
+            while seek < end:  # a window never crosses a clip's end
+                starts.append((at, seek, left))
+                step = min(WINDOW, end - seek)
+                seek, at, left = seek + step, at + step / self.rate, left - step
+        return starts
+
+    @property
+    def ends_at(self) -> float:
+        """When its last window ends."""
+        return FIRST_WINDOW_AT + sum(end - start for start, end in self.clips) / self.rate
+
+
+def reports(loops: list[Loop], counted: bool = True) -> list[tuple[float, Window]]:
+    """The job's window reports in time order: one loop's own, or all parts' states (engine/parts.py) at each."""
+    if len(loops) == 1:
+        return [
+            (at, Window(seek, [], [], "en", left=left if counted else None)) for at, seek, left in loops[0].windows()
+        ]
+    states: list[dict[str, object]] = [
+        {"start": 0, "end": loop.frames, "done": False, "window": {"seek": 0, "left": None}} for loop in loops
+    ]
+    events = sorted(
+        [(at, index, seek, left, False) for index, loop in enumerate(loops) for at, seek, left in loop.windows()]
+        + [(loop.ends_at, index, loop.frames, 0, True) for index, loop in enumerate(loops)]
+    )
+    out = []
+    for at, index, seek, left, done in events:
+        states[index] = {**states[index], "done": done, "window": {"seek": seek, "left": None if done else left}}
+        total = sum(int(state["window"]["seek"]) for state in states)  # type: ignore[index]
+        out.append((at, Window(total, [], [], "en", [dict(state) for state in states])))
+    return out
+
+
+def replay(loops: list[Loop], every: float = 0.25, counted: bool = True) -> list[tuple[float, float | None, float]]:
+    """(time, ETA, percentage) every `every` s from the first window to the job's end, the reports fed as they come."""
+    frames = max(loop.frames for loop in loops)
+    estimate, events = Estimate(frames, STARTED), reports(loops, counted)
+    samples, now = [], FIRST_WINDOW_AT
+    while now < max(loop.ends_at for loop in loops):
+        while events and events[0][0] <= now:
+            at, window = events.pop(0)
+            estimate.observe(window, at)
+        samples.append((now, estimate.eta(now), estimate.progress(now)))
+        now += every
+    return samples
+
+
+ONE_LOOP = [Loop(((0, 30000),), 1000)]
+THREE_SPEEDS = [Loop(((0, 9000),), 1000), Loop(((0, 9000),), 1500), Loop(((0, 9000),), 3000)]
+ONE_ENDS_EARLY = [Loop(((0, 12000),), 1200), Loop(((0, 2000),), 1200), Loop(((0, 12000),), 1000)]
+SKIPPED_STRETCH = [Loop(((0, 6000), (18000, 30000)), 1000)]  # 120 s without speech between its clips
+
+
+@pytest.mark.parametrize(
+    "loops",
+    [ONE_LOOP, THREE_SPEEDS, ONE_ENDS_EARLY, SKIPPED_STRETCH],
+    ids=["one loop", "3 parts at different speeds", "a part finishing early", "a skipped stretch"],
+)
+def test_once_every_loop_has_a_speed_the_eta_is_the_slowest_loops_time_left(loops: list[Loop]) -> None:
+    end = max(loop.ends_at for loop in loops)
+    first_windows = [FIRST_WINDOW_AT + min(WINDOW, loop.frames) / loop.rate for loop in loops]
+    samples = replay(loops)
+    assert all(eta is None for now, eta, _ in samples if now < min(first_windows)), "nothing timed yet"
+    held = [(now, eta) for now, eta, _ in samples if now >= max(first_windows)]
+    assert held, "the job outlasts its loops' first windows"
+    for now, eta in held:
+        assert eta == pytest.approx(end - now), f"at {now} s"
+
+
+@pytest.mark.parametrize(
+    "loops",
+    [ONE_LOOP, THREE_SPEEDS, ONE_ENDS_EARLY, SKIPPED_STRETCH],
+    ids=["one loop", "3 parts at different speeds", "a part finishing early", "a skipped stretch"],
+)
+def test_the_percentage_never_goes_back_and_ends_as_the_share_of_time_gone(loops: list[Loop]) -> None:
+    end = max(loop.ends_at for loop in loops)
+    shown = [progress for _, _, progress in replay(loops)]
+    assert shown == sorted(shown), "never back"
+    assert max(shown) <= 99.9
+    now, _, last = replay(loops)[-1]
+    assert last == pytest.approx(100 * (now - STARTED) / (end - STARTED), abs=0.1)
+
+
+def test_a_loop_not_yet_timed_goes_at_the_speed_of_those_timed() -> None:
+    # THREE_SPEEDS' fastest part has finished its first window (at 2 s); the other two are in theirs.
+    now, eta, _ = next(sample for sample in replay(THREE_SPEEDS) if sample[1] is not None)
+    assert now == pytest.approx(2.0)
+    # The two untimed parts are taken to go at 3000 frames/s: 9000 frames from 1 s, so 2 s left.
+    assert eta == pytest.approx(FIRST_WINDOW_AT + 9000 / 3000 - now)
+
+
+def test_without_the_counted_frames_a_loop_counts_its_span_and_skipped_frames_look_like_speed() -> None:
+    # At the window after the stretch: 18000 frames of seek in 6 s against 12000 frames of clips left at 1000/s.
+    counted = dict((now, eta) for now, eta, _ in replay(SKIPPED_STRETCH))
+    spans = dict((now, eta) for now, eta, _ in replay(SKIPPED_STRETCH, counted=False))
+    assert counted[7.0] == pytest.approx(12.0)
+    assert spans[7.0] == pytest.approx(12000 / 3000)
+
+
+def test_a_slowdown_raises_the_eta_and_holds_the_percentage_where_it_stood() -> None:
+    estimate = Estimate(30000, STARTED)
+    estimate.observe(Window(0, [], [], "en", left=30000), 1.0)
+    estimate.observe(Window(3000, [], [], "en", left=27000), 4.0)  # 1000 frames/s: 27 s left
+    assert estimate.eta(4.0) == pytest.approx(27.0)
+    assert estimate.progress(4.0) == pytest.approx(100 * 4 / 31, abs=0.1)
+    late = estimate.progress(15.9)  # the window should have ended at 7 s; 24 s are left after it at least
+    assert late == pytest.approx(100 * 15.9 / (15.9 + 24), abs=0.1)
+    estimate.observe(Window(6000, [], [], "en", left=24000), 16.0)  # 6000 frames in 15 s: 400 frames/s
+    assert estimate.eta(16.0) == pytest.approx(24000 / 400)
+    assert estimate.progress(16.0) == late, "16 / (16 + 60) is less than was shown: the bar waits"
+    assert estimate.progress(40.0) == pytest.approx(100 * 40 / (40 + 21000 / 400), abs=0.1), "late again: 21000 after"
+
+
+def test_between_windows_the_eta_counts_down_but_not_past_the_windows_not_yet_started() -> None:
+    estimate = Estimate(30000, STARTED)
+    estimate.observe(Window(0, [], [], "en", left=30000), 1.0)
+    estimate.observe(Window(3000, [], [], "en", left=27000), 4.0)
+    assert estimate.eta(5.5) == pytest.approx(25.5)
+    assert estimate.eta(60.0) == pytest.approx(24.0), "a window running late still leaves the 24000 frames after it"
+
+
+def test_before_any_window_has_ended_there_is_no_eta_and_the_share_of_audio_is_shown() -> None:
+    estimate = Estimate(30000, STARTED)
+    assert (estimate.eta(0.5), estimate.progress(0.5)) == (None, 0.0)
+    estimate.observe(Window(6000, [], [], "en", left=24000), 1.0)  # a resumed loop, first seen at 60 s
+    assert (estimate.eta(2.0), estimate.progress(2.0)) == (None, 20.0)
+
+
+def test_a_job_whose_loops_have_all_ended_has_no_time_left() -> None:
+    estimate = Estimate(6000, STARTED)
+    parts = [{"start": 0, "end": 3000, "done": True, "window": {"seek": 3000, "left": None}},
+             {"start": 3000, "end": 6000, "done": True, "window": {"seek": 3000, "left": None}}]  # fmt: skip
+    estimate.observe(Window(6000, [], [], "en", parts), 5.0)
+    assert estimate.eta(5.0) == 0.0
+    assert estimate.progress(5.0) == 99.9, "100 is kept for completed"

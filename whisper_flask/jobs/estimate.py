@@ -1,0 +1,109 @@
+"""A running job's ETA and percentage, learned from how fast each of its loops gets through its frames.
+
+A job runs one transcribe loop, or several side by side (engine/parts.py); the job ends when its
+slowest loop does. So each loop's speed is measured on its own (frames done over the time since
+it was first seen, window starts being the only moments its position is known), and the job's
+time left is the longest of its loops' (ARCHITECTURE.md, "The engine"). Frames a loop skips (long
+stretches without speech) cost nothing: where the engine says how many frames of clips a loop has
+left (`Window.left`), those are what is counted. The percentage is then time: elapsed over elapsed
+plus the time left, never going back. Pure: the caller gives the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from whisper.audio import N_FRAMES
+
+from whisper_flask.engine.windows import Window
+
+#: 100 is kept for "completed": a job still running shows 99.9 at most.
+MAX_SHOWN = 99.9
+
+
+@dataclass
+class _Loop:
+    """What is known of one loop: where it was first seen, and where it stands now."""
+
+    first_at: float
+    first_left: int
+    at: float
+    left: int
+    done: bool
+
+    def rate(self) -> float | None:
+        """Frames per second since it was first seen; None until it has finished a window."""
+        if self.at <= self.first_at or self.left >= self.first_left:
+            return None
+        return (self.first_left - self.left) / (self.at - self.first_at)
+
+
+class Estimate:
+    """A job's ETA and monotone percentage, from the windows it reports (`observe`) and the time."""
+
+    def __init__(self, frames: int, started: float) -> None:
+        self._frames = frames  # the whole recording's, for the share shown before any speed is known
+        self._started = started
+        self._loops: dict[int, _Loop] = {}
+        self._processed = 0  # frames the loops' positions add up to
+        self._shown = 0.0
+
+    def observe(self, window: Window, now: float) -> None:
+        """A loop of the job starts a window (a job in parts: one of them, all parts' states given)."""
+        if window.parts:
+            for index, state in enumerate(window.parts):
+                seek = int(state["window"]["seek"])
+                left = 0 if state["done"] else state["window"].get("left")
+                span = int(state["end"]) - int(state["start"])
+                self._see(index, span - seek if left is None else int(left), bool(state["done"]), now)
+        else:
+            left = window.left if window.left is not None else self._frames - window.seek
+            self._see(0, left, False, now)
+        self._processed = max(self._processed, window.seek)
+
+    def _see(self, index: int, left: int, done: bool, now: float) -> None:
+        loop = self._loops.get(index)
+        if loop is None:
+            self._loops[index] = _Loop(now, left, now, left, done)
+        elif loop.left != left or loop.done != done:  # a state seen again (another part's window) is no news
+            loop.at, loop.left, loop.done = now, left, done
+
+    def eta(self, now: float) -> float | None:
+        """Seconds until the slowest unfinished loop ends; None until some loop has finished a window."""
+        running = [loop for loop in self._loops.values() if not loop.done]
+        if not running:
+            return 0.0 if self._loops else None
+        rates = [rate for loop in self._loops.values() if (rate := loop.rate()) is not None]
+        if not rates:
+            return None
+        # Loops share the model thread's steps: one not yet timed goes as the timed ones do, but no faster
+        # than its first window, not ended yet, allows.
+        prior = sum(rates) / len(rates)
+        return max(_time_left(loop, loop.rate() or _bounded(prior, loop, now), now) for loop in running)
+
+    def progress(self, now: float) -> float:
+        """The percentage: the share of the time gone, once there is an ETA (before it, of the audio); never less."""
+        eta = self.eta(now)
+        elapsed = now - self._started
+        if eta is not None and elapsed + eta > 0:
+            share = elapsed / (elapsed + eta)
+        else:
+            share = self._processed / self._frames if self._frames > 0 else 0.0
+        self._shown = max(self._shown, min(MAX_SHOWN, round(100 * share, 1)))
+        return self._shown
+
+
+def _bounded(rate: float, loop: _Loop, now: float) -> float:
+    """`rate`, or less if the loop's window (up to N_FRAMES) has taken so long that it cannot be going that fast."""
+    if now <= loop.at:
+        return rate
+    return min(rate, min(N_FRAMES, loop.left) / (now - loop.at))
+
+
+def _time_left(loop: _Loop, rate: float, now: float) -> float:
+    """The loop's time left at its speed, counted down since its window started.
+
+    Never under the time of the frames past its current window (a window holds at most N_FRAMES):
+    those have not started, however late this window runs.
+    """
+    return max(loop.left / rate - (now - loop.at), max(0, loop.left - N_FRAMES) / rate)
