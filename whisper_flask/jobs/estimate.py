@@ -50,15 +50,14 @@ class Estimate:
 
     def observe(self, window: Window, now: float) -> None:
         """A loop of the job starts a window (a job in parts: one of them, all parts' states given)."""
-        if window.parts:
-            for index, state in enumerate(window.parts):
-                seek = int(state["window"]["seek"])
-                left = 0 if state["done"] else state["window"].get("left")
-                span = int(state["end"]) - int(state["start"])
-                self._see(index, span - seek if left is None else int(left), bool(state["done"]), now)
-        else:
-            left = window.left if window.left is not None else self._frames - window.seek
-            self._see(0, left, False, now)
+        if not window.parts:
+            self._see(0, window.left if window.left is not None else self._frames - window.seek, False, now)
+        for index, state in enumerate(window.parts):
+            seek, left, done = int(state["window"]["seek"]), state["window"].get("left"), bool(state["done"])
+            if left is None and seek == 0 and not done:
+                continue  # a part whose loop has not reported yet: its clips are not counted
+            span = int(state["end"]) - int(state["start"])
+            self._see(index, 0 if done else span - seek if left is None else int(left), done, now)
         self._processed = max(self._processed, window.seek)
 
     def _see(self, index: int, left: int, done: bool, now: float) -> None:
