@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
+from flask.testing import FlaskClient
 
+from tests.helpers import FakeEngine, upload, wait_for, wav_bytes
 from whisper_flask.engine.windows import Window
 from whisper_flask.jobs.estimate import Estimate
 
@@ -167,3 +170,22 @@ def test_a_job_whose_loops_have_all_ended_has_no_time_left() -> None:
     estimate.observe(Window(6000, [], [], "en", parts), 5.0)
     assert estimate.eta(5.0) == 0.0
     assert estimate.progress(5.0) == 99.9, "100 is kept for completed"
+
+
+def test_progress_counts_down_between_windows(client: FlaskClient, engine: FakeEngine) -> None:
+    engine.steps = True
+    engine.gate.clear()
+    job_id = upload(client, wav_bytes(100)).get_json()["transcription_id"]  # windows at 0, 30, 60, 90 s
+    assert engine.in_window.wait(10)
+    engine.in_window.clear()
+    time.sleep(0.5)  # the first window takes half a second: 60 s of audio a second
+    engine.gate.let_one_through()
+    assert engine.in_window.wait(10)
+    first = client.get(f"/progress/{job_id}").get_json()
+    time.sleep(0.5)  # the second window is held: its decoder steps go on, the clock too
+    later = client.get(f"/progress/{job_id}").get_json()
+    engine.gate.set()
+    wait_for(client, job_id, "completed", timeout=30)
+    assert first["processed_seconds"] == later["processed_seconds"] == 30
+    assert first["eta_seconds"] is not None and later["eta_seconds"] < first["eta_seconds"]
+    assert later["progress"] > first["progress"] > 0
