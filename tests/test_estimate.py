@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 
 from tests.helpers import FakeEngine, upload, wait_for, wav_bytes
 from whisper_flask.engine.windows import Window
-from whisper_flask.jobs.estimate import Estimate
+from whisper_flask.jobs.estimate import POOLED_WINDOWS, Estimate
 
 WINDOW = 3000  # frames a window of Whisper's loop holds (30 s)
 STARTED = 0.0  # the fake clock when transcribing began
@@ -82,22 +82,25 @@ def replay(loops: list[Loop], every: float = 0.25, counted: bool = True) -> list
 
 
 ONE_LOOP = [Loop(((0, 30000),), 1000)]
-THREE_SPEEDS = [Loop(((0, 9000),), 1000), Loop(((0, 9000),), 1500), Loop(((0, 9000),), 3000)]
-ONE_ENDS_EARLY = [Loop(((0, 12000),), 1200), Loop(((0, 2000),), 1200), Loop(((0, 12000),), 1000)]
 SKIPPED_STRETCH = [Loop(((0, 6000), (18000, 30000)), 1000)]  # 120 s without speech between its clips
-# The second, slower part spans 240 s, its clips 120 s: its clips are counted from its own first window on.
-PART_SKIPS = [Loop(((0, 12000),), 1000), Loop(((0, 6000), (18000, 24000)), 800)]
-SCENARIOS = {
+EVEN_PARTS = [Loop(((0, 9000),), 1000), Loop(((0, 9000),), 1000), Loop(((0, 9000),), 1000)]
+ONE_ENDS_EARLY = [Loop(((0, 12000),), 1000), Loop(((0, 2000),), 1000), Loop(((0, 12000),), 1000)]
+# The second part spans 240 s, its clips 120 s: its clips are counted from its own first window on.
+PART_SKIPS = [Loop(((0, 12000),), 1000), Loop(((0, 6000), (18000, 24000)), 1000)]
+#: Loops going as fast as each other: the ETA is exact once each is timed.
+EVEN = {
     "one loop": ONE_LOOP,
-    "3 parts at different speeds": THREE_SPEEDS,
-    "a part finishing early": ONE_ENDS_EARLY,
     "a skipped stretch": SKIPPED_STRETCH,
+    "3 parts": EVEN_PARTS,
+    "a part finishing early": ONE_ENDS_EARLY,
     "a part with a skipped stretch": PART_SKIPS,
 }
+#: Parts at different speeds (as speech of different density goes): the slowest decides.
+UNEVEN = [Loop(((0, 12000),), 1000), Loop(((0, 12000),), 1150), Loop(((0, 12000),), 1300)]
 
 
-@pytest.mark.parametrize("loops", SCENARIOS.values(), ids=SCENARIOS.keys())
-def test_once_every_loop_has_a_speed_the_eta_is_the_slowest_loops_time_left(loops: list[Loop]) -> None:
+@pytest.mark.parametrize("loops", EVEN.values(), ids=EVEN.keys())
+def test_once_every_loop_is_timed_the_eta_is_the_time_left(loops: list[Loop]) -> None:
     end = max(loop.ends_at for loop in loops)
     first_windows = [FIRST_WINDOW_AT + min(WINDOW, loop.frames) / loop.rate for loop in loops]
     samples = replay(loops)
@@ -108,22 +111,52 @@ def test_once_every_loop_has_a_speed_the_eta_is_the_slowest_loops_time_left(loop
         assert eta == pytest.approx(end - now), f"at {now} s"
 
 
-@pytest.mark.parametrize("loops", SCENARIOS.values(), ids=SCENARIOS.keys())
+@pytest.mark.parametrize("loops", EVEN.values(), ids=EVEN.keys())
 def test_the_percentage_never_goes_back_and_ends_as_the_share_of_time_gone(loops: list[Loop]) -> None:
     end = max(loop.ends_at for loop in loops)
-    shown = [progress for _, _, progress in replay(loops)]
+    samples = replay(loops)
+    shown = [progress for _, _, progress in samples]
     assert shown == sorted(shown), "never back"
     assert max(shown) <= 99.9
-    now, _, last = replay(loops)[-1]
+    now, _, last = samples[-1]
     assert last == pytest.approx(100 * (now - STARTED) / (end - STARTED), abs=0.1)
 
 
-def test_a_loop_not_yet_timed_goes_at_the_speed_of_those_timed() -> None:
-    # THREE_SPEEDS' fastest part has finished its first window (at 2 s); the other two are in theirs.
-    now, eta, _ = next(sample for sample in replay(THREE_SPEEDS) if sample[1] is not None)
-    assert now == pytest.approx(2.0)
-    # The two untimed parts are taken to go at 3000 frames/s: 9000 frames from 1 s, so 2 s left.
-    assert eta == pytest.approx(FIRST_WINDOW_AT + 9000 / 3000 - now)
+def test_parts_at_different_speeds_the_slowest_decides_within_a_quarter() -> None:
+    end = max(loop.ends_at for loop in UNEVEN)
+    samples = replay(UNEVEN)
+    # From the slowest part's first window to the job's last second (a poll's own timing then decides).
+    timed = [(now, eta) for now, eta, _ in samples if FIRST_WINDOW_AT + WINDOW / 1000 <= now <= end - 1]
+    for now, eta in timed:
+        assert eta is not None and abs(eta - (end - now)) <= 0.25 * (end - now), f"at {now} s"
+    shown = [progress for _, _, progress in samples]
+    assert shown == sorted(shown) and max(shown) <= 99.9
+
+
+def test_a_timed_loop_s_own_rate_weighs_its_windows_against_the_pooled_rate_of_all() -> None:
+    estimate = Estimate(18000, STARTED)
+    parts = [{"start": 0, "end": 9000, "done": False, "window": {"seek": 0, "left": 9000}},
+             {"start": 9000, "end": 18000, "done": False, "window": {"seek": 0, "left": 9000}}]  # fmt: skip
+    estimate.observe(Window(0, [], [], "en", parts), 1.0)
+    parts[1] = {**parts[1], "window": {"seek": 3000, "left": 6000}}  # 3000 frames in 2 s
+    estimate.observe(Window(3000, [], [], "en", parts), 3.0)
+    parts[0] = {**parts[0], "window": {"seek": 3000, "left": 6000}}  # 3000 frames in 3 s
+    estimate.observe(Window(6000, [], [], "en", parts), 4.0)
+    pooled = 6000 / 5  # both parts' frames over both parts' seconds
+    slower = (1 * 1000 + POOLED_WINDOWS * pooled) / (1 + POOLED_WINDOWS)
+    assert estimate.eta(4.0) == pytest.approx(6000 / slower)
+
+
+def test_a_loop_not_yet_timed_goes_at_the_pooled_rate_but_no_faster_than_its_window_allows() -> None:
+    estimate = Estimate(18000, STARTED)
+    parts = [{"start": 0, "end": 9000, "done": False, "window": {"seek": 0, "left": 9000}},
+             {"start": 9000, "end": 18000, "done": False, "window": {"seek": 0, "left": 9000}}]  # fmt: skip
+    estimate.observe(Window(0, [], [], "en", parts), 1.0)
+    parts[1] = {**parts[1], "window": {"seek": 3000, "left": 6000}}  # 1500 frames/s
+    estimate.observe(Window(3000, [], [], "en", parts), 3.0)
+    assert estimate.eta(3.0) == pytest.approx(9000 / 1500 - 2), "the first part, 2 s into its window at 1500/s"
+    # 3 s into its first window: 1000 frames/s at most, so 6 s left at least.
+    assert estimate.eta(4.0) == pytest.approx(9000 / 1000 - 3)
 
 
 def test_without_the_counted_frames_a_loop_counts_its_span_and_skipped_frames_look_like_speed() -> None:

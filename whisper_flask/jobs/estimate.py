@@ -2,8 +2,9 @@
 
 A job runs one transcribe loop, or several side by side (engine/parts.py); the job ends when its
 slowest loop does. So each loop's speed is measured on its own (frames done over the time since
-it was first seen, window starts being the only moments its position is known), and the job's
-time left is the longest of its loops' (ARCHITECTURE.md, "The engine"). Frames a loop skips (long
+it was first seen, window starts being the only moments its position is known), steadied by all
+loops' pooled speed while it has ended few windows, and the job's time left is the longest of its
+loops' (ARCHITECTURE.md, "The engine"). Frames a loop skips (long
 stretches without speech) cost nothing: where the engine says how many frames of clips a loop has
 left (`Window.left`), those are what is counted. The percentage is then time: elapsed over elapsed
 plus the time left, never going back. Pure: the caller gives the clock.
@@ -19,6 +20,11 @@ from whisper_flask.engine.windows import Window
 
 #: 100 is kept for "completed": a job still running shows 99.9 at most.
 MAX_SHOWN = 99.9
+#: A timed loop's own rate weighs as many windows as it has ended against this many at the rate of all
+#: loops. One window's rate varies with its tokens (by 15 to 20 % on the Kathleen recording) more than
+#: the parts of one recording differ, and the slowest of several noisy rates is too slow: replaying five
+#: undisturbed runs of bench/eta.py on it, 3 kept the ETA within 25 % in 122 of 149 samples, none in 75.
+POOLED_WINDOWS = 3.0
 
 
 @dataclass
@@ -30,6 +36,7 @@ class _Loop:
     at: float
     left: int
     done: bool
+    windows: int = 0  # ended since it was first seen
 
     def rate(self) -> float | None:
         """Frames per second since it was first seen; None until it has finished a window."""
@@ -65,20 +72,21 @@ class Estimate:
         if loop is None:
             self._loops[index] = _Loop(now, left, now, left, done)
         elif loop.left != left or loop.done != done:  # a state seen again (another part's window) is no news
-            loop.at, loop.left, loop.done = now, left, done
+            loop.at, loop.left, loop.done, loop.windows = now, left, done, loop.windows + 1
 
     def eta(self, now: float) -> float | None:
         """Seconds until the slowest unfinished loop ends; None until some loop has finished a window."""
         running = [loop for loop in self._loops.values() if not loop.done]
         if not running:
             return 0.0 if self._loops else None
-        rates = [rate for loop in self._loops.values() if (rate := loop.rate()) is not None]
-        if not rates:
+        timed = [loop for loop in self._loops.values() if loop.rate() is not None]
+        if not timed:
             return None
-        # Loops share the model thread's steps: one not yet timed goes as the timed ones do, but no faster
-        # than its first window, not ended yet, allows.
-        prior = sum(rates) / len(rates)
-        return max(_time_left(loop, loop.rate() or _bounded(prior, loop, now), now) for loop in running)
+        # Loops share the model thread's steps, so all of them tell of each one's rate: one not yet timed goes
+        # at the rate of all timed (no faster than its running window allows), a timed one's own rate weighs
+        # its windows against POOLED_WINDOWS of theirs (one window's rate is as noisy as its tokens are many).
+        pooled = sum(loop.first_left - loop.left for loop in timed) / sum(loop.at - loop.first_at for loop in timed)
+        return max(_time_left(loop, _rate(loop, pooled, now), now) for loop in running)
 
     def progress(self, now: float) -> float:
         """The percentage: the share of the time gone, once there is an ETA (before it, of the audio); never less."""
@@ -90,6 +98,14 @@ class Estimate:
             share = self._processed / self._frames if self._frames > 0 else 0.0
         self._shown = max(self._shown, min(MAX_SHOWN, round(100 * share, 1)))
         return self._shown
+
+
+def _rate(loop: _Loop, pooled: float, now: float) -> float:
+    """The loop's rate: its own weighed against the pooled one, or the pooled one bounded if it has none yet."""
+    own = loop.rate()
+    if own is None:
+        return _bounded(pooled, loop, now)
+    return (loop.windows * own + POOLED_WINDOWS * pooled) / (loop.windows + POOLED_WINDOWS)
 
 
 def _bounded(rate: float, loop: _Loop, now: float) -> float:
