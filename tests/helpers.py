@@ -92,6 +92,7 @@ class FakeEngine:
         self.loaded = False
         self.gate = Gate()
         self.in_window = threading.Event()
+        self.steps = False  # a window held at the gate still takes decoder steps (calls its check), as a real one
         self.options: list[TranscribeOptions] = []
         self.resumed_from: list[Window | None] = []
         self.diarizations = 0  # diarize() calls begun
@@ -124,7 +125,10 @@ class FakeEngine:
             on_window(Window(index * 3000, list(segments), [], "en"))
             check()  # as before each decoder step of a real window
             self.in_window.set()
-            assert self.gate.wait(30), "test left the gate closed"
+            held = time.monotonic() + 30
+            while not self.gate.wait(0.05 if self.steps else 30):
+                assert self.steps and time.monotonic() < held, "test left the gate closed"
+                check()  # a decoder step of the held window
             if options.initial_prompt == "crash":
                 raise RuntimeError("the fake engine was asked to crash")
             end = min(duration, (index + 1) * 30.0)

@@ -88,7 +88,9 @@ def test_progress_is_real_and_monotonic_while_transcribing(client: FlaskClient, 
     engine.gate.set()
     done = wait_for(client, job_id, "completed")
     assert [body["processed_seconds"] for body in seen] == [0, 30, 60, 90]
-    assert [body["progress"] for body in seen] == [0, 30, 60, 90]
+    # The percentage is time's share (test_estimate.py): here the test's pace, so only its order is known.
+    progress = [body["progress"] for body in seen]
+    assert progress[0] == 0 and progress == sorted(progress) and progress[-1] < 100
     assert all(body["status"] == "in_progress" and body["stage"] == "transcribing" for body in seen)
     assert seen[-1]["eta_seconds"] is not None and seen[-1]["eta_seconds"] >= 0
     assert done["progress"] == 100

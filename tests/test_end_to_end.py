@@ -118,14 +118,16 @@ def test_short_job_finishes_within_two_windows_of_a_long_ones_parts(
 def test_progress_follows_the_decoder_window_by_window(make_real_app, tmp_path: Path) -> None:
     client = make_real_app().test_client()
     job_id = submit(client, speech(tmp_path / "ninety.wav", 90, list(SPOKEN)))
-    seen = []
+    seen, shown = [], []
     deadline = time.monotonic() + 300
     while (body := client.get(f"/progress/{job_id}").get_json())["status"] != "completed":
         assert time.monotonic() < deadline, f"job {job_id} did not complete within 300 s: {body}"
         if body["status"] == "in_progress" and body["stage"] == "transcribing":
             seen.append(body["processed_seconds"])
+            shown.append(body["progress"])
         time.sleep(0.02)
     assert seen == sorted(seen), "progress went backwards"
+    assert shown == sorted(shown), "the percentage went backwards"
     assert len({s for s in seen if s > 0}) >= 2, f"expected several windows, saw {sorted(set(seen))}"
     assert body["progress"] == 100 and body["processed_seconds"] == 90
 

@@ -167,6 +167,7 @@ class Transcriber:
                 return _result([], options.language)
             return _result(resume.segments, options.language or resume.language)
         keywords = {**options.whisper_keywords(), "clip_timestamps": clip_timestamps(spans, mel.shape[-1] - N_FRAMES)}
+        on_window = _counting(on_window, spans)
         if resume is None:
             return self._run_transcribe(model, mel, keywords, on_window, check, ([], []))
 
@@ -217,6 +218,16 @@ class Transcriber:
         return self._thread.run(
             lambda: _language_probabilities(model, log_mel(audio, model.dims.n_mels, first_samples=N_SAMPLES))
         )
+
+
+def _counting(on_window: WindowHook, clips: list[Clip]) -> WindowHook:
+    """The hook, given each window with the frames of `clips` left from its seek (what an ETA counts)."""
+
+    def on_counted_window(window: Window) -> None:
+        left = sum(end - start for start, end in clips_after(clips, window.seek))
+        on_window(dataclasses.replace(window, left=left))
+
+    return on_counted_window
 
 
 def _result(segments: list[dict[str, Any]], language: str | None) -> dict[str, Any]:

@@ -19,6 +19,9 @@ class Window:
     language: str | None
     # A job in parts: each part's span, whether it is done, and its own loop's window.
     parts: list[dict[str, Any]] = field(default_factory=list)
+    # Frames of this loop's clips from seek on, still to transcribe (skipped stretches are not); None
+    # where not counted (a job in parts: each part's own window counts its own).
+    left: int | None = None
 
     @property
     def seconds(self) -> float:

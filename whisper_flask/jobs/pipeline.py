@@ -7,7 +7,6 @@ model work goes through the engine, which shares one model among all running job
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,11 +14,11 @@ from typing import Any, TypeVar
 from whisper_flask.audio.fetch import UrlFetcher
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.engine import Engine
-from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import JobStopped, ServiceError, StorageFull, scrub_paths
+from whisper_flask.jobs.progress import JobInterrupted, JobProgress
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
 from whisper_flask.jobs.registry import JobCancelled, JobRegistry
-from whisper_flask.jobs.resume import load_resume, save_resume
+from whisper_flask.jobs.resume import load_resume
 from whisper_flask.jobs.retention import INCOMING_PREFIX, Retention
 from whisper_flask.jobs.speaker_stage import SpeakerStage
 from whisper_flask.jobs.writers import write_transcripts
@@ -27,17 +26,11 @@ from whisper_flask.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Progress reaches the store at most this often per job; state changes always do.
-PERSIST_INTERVAL_S = 1.0
 #: A step the full disk refused is tried again after this long, the wait doubling up to STORAGE_RETRY_MAX_S.
 STORAGE_RETRY_FIRST_S = 0.25
 STORAGE_RETRY_MAX_S = 10.0
 
 T = TypeVar("T")
-
-
-class JobInterrupted(JobStopped):
-    """The service is stopping; the job goes back to pending and resumes at this window."""
 
 
 class JobPipeline:
@@ -191,8 +184,8 @@ class JobPipeline:
         resume = load_resume(self._transcript_dir, job.id)
         if resume is not None:
             log.info("job %s resumes at %.1f s", job.id, resume.seconds)
-        progress = _Progress(self._registry, self._transcript_dir, job.id, audio.duration)
-        return self._engine.transcribe(audio, job.options, progress.on_window, resume, check)
+        progress = JobProgress(self._registry, self._transcript_dir, job.id, audio.duration)
+        return self._engine.transcribe(audio, job.options, progress.on_window, resume, progress.checked(check))
 
     def _fetch(self, job: Job, path: Path, check: Callable[[], None]) -> float | None:
         """Fetch the job's audio from its URL and probe it; its duration."""
@@ -220,58 +213,3 @@ class JobPipeline:
         view = self._registry.view(job_id)
         if view.job.status.terminal:  # a job put back to pending keeps its upload
             self._retention.release(view.job)
-
-
-class _Progress:
-    """One running job's progress: its position, speed and ETA, reported as each window starts."""
-
-    def __init__(self, registry: JobRegistry, transcript_dir: Path, job_id: str, duration: float) -> None:
-        self._registry = registry
-        self._transcript_dir = transcript_dir
-        self._job_id = job_id
-        self._duration = duration
-        self._started = time.monotonic()
-        self._persisted = 0.0
-        self._processed = 0.0
-        self._resumable_seek = 0  # the furthest window saved for a resume
-        self._resume_refused = False  # the disk was full at the last save (logged once)
-
-    def on_window(self, window: Window) -> None:
-        """Record the decoder's position; save the resume state; raise to stop the job here."""
-        self._processed = round(max(self._processed, min(window.seconds, self._duration)), 3)
-        changes: dict[str, Any] = {"processed_seconds": self._processed}
-        if self._duration > 0:
-            # 100 is kept for "completed", so a finished last window shows 99.9 at most.
-            changes["progress"] = min(99.9, round(100 * self._processed / self._duration, 1))
-        elapsed = time.monotonic() - self._started
-        if self._processed > 0 and elapsed > 0:
-            changes["eta_seconds"] = round((self._duration - self._processed) * elapsed / self._processed, 1)
-        now = time.monotonic()
-        persist = now - self._persisted >= PERSIST_INTERVAL_S
-        if persist:
-            self._persisted = now
-        # Saved before the progress is shown: a stream that sees the job move on reads these
-        # segments. A cancelled job's file goes with its other files when the pipeline ends.
-        if window.seek > self._resumable_seek:
-            self._resumable_seek = window.seek
-            self._save_resume(window)  # WriteFailed: the transcript could not be written either, fail now
-        try:
-            self._registry.update(self._job_id, persist=persist, **changes)  # JobCancelled stops the job here
-        except StorageFull:
-            # Progress may run ahead of its stored record, as between persists; the status never does.
-            self._registry.update(self._job_id, persist=False, **changes)
-        # Checked after saving: a stopped job resumes at exactly this window.
-        if not self._registry.accepting:
-            raise JobInterrupted(self._job_id)
-
-    def _save_resume(self, window: Window) -> None:
-        try:
-            save_resume(self._transcript_dir, self._job_id, window)
-        except StorageFull as exc:
-            # Only a crash needs it, and a later window's state holds this one's: transcribing goes
-            # on, and the job waits for space when it writes its transcript.
-            if not self._resume_refused:
-                log.warning("job %s: resume state not saved: %s", self._job_id, exc)
-            self._resume_refused = True
-        else:
-            self._resume_refused = False
