@@ -17,7 +17,7 @@ from bench.peers import word_error_rate
 from tests.helpers import FIXTURES, assert_same_json_transcript, submit, upload, wait_for
 from tests.servers import AudioSite
 from whisper_flask.engine.chunks import plan_chunks
-from whisper_flask.engine.options import Chunking
+from whisper_flask.engine.options import Chunking, TranscribeOptions
 from whisper_flask.engine.parts import Part
 from whisper_flask.engine.speech import FRAME_SAMPLES
 from whisper_flask.extension import get_service
@@ -85,6 +85,11 @@ def test_padding_never_makes_two_chunks_overlap() -> None:
 def test_the_threshold_decides_what_counts_as_speech(threshold: float, count: int) -> None:
     heard = probabilities((5, 10), seconds=20)
     assert len(chunked(heard, threshold=threshold)) == count
+
+
+def test_a_chunk_is_decoded_once_without_timestamps_nor_the_text_before_it() -> None:
+    keywords = TranscribeOptions(language="en", chunking_strategy=Chunking()).whisper_keywords()
+    assert keywords == {"language": "en", "condition_on_previous_text": False, "without_timestamps": True}
 
 
 # -- asking for it ---------------------------------------------------------------------------------------
@@ -160,6 +165,7 @@ def test_a_chunked_job_transcribes_each_chunk_once_as_accurately_as_the_default(
 
     assert "transcribing 3 chunks of speech" in caplog.text
     segments = json.loads(transcript(app, chunked, "json"))["segments"]
+    assert len(segments) == 3  # each chunk decoded once, as one segment
     starts = [segment["start"] for segment in segments]
     assert starts == sorted(starts) and segments[-1]["end"] <= 70.5
     assert [segment["id"] for segment in segments] == list(range(len(segments)))

@@ -66,7 +66,9 @@ class TranscribeOptions:
         if self.diarize:
             keywords["word_timestamps"] = True
         if self.chunking_strategy is not None:
-            keywords["condition_on_previous_text"] = False
+            # A chunk is one window decoded once, as faster-whisper's batched pipeline does: with timestamps the
+            # model often closes a segment early and Whisper's loop spends a whole encoder pass on the rest.
+            keywords.update(condition_on_previous_text=False, without_timestamps=True)
         return keywords
 
     @classmethod
