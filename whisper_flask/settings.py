@@ -143,9 +143,9 @@ class Settings:
     )
     QUANTIZE: str = _setting(
         "auto",
-        "`int8`: int8 Linear layers on the CPU (faster, see Performance); `bf16`: bf16 weights and matmuls"
-        " (oneDNN) on the CPU; `none`: Whisper's fp32 (fp16 on CUDA); `auto`: the encoder and the decoder each take"
-        " the fastest of these measured on this CPU at the first start (int8 and bf16 only for `base`, where their"
+        "`int8`: int8 Linear layers on the CPU (faster, see Performance); `bf16`: a bf16 encoder (oneDNN) and an fp32"
+        " decoder on the CPU; `none`: Whisper's fp32 (fp16 on CUDA); `auto`: the encoder and the decoder each take the"
+        " fastest of these measured on this CPU at the first start (int8 and bf16 only for `base`, where their"
         " accuracy was measured), kept in MODEL_DIR/arithmetic.json",
         choices=("auto", "none", "int8", "bf16"),
     )

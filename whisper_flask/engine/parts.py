@@ -92,8 +92,8 @@ def run_parts(
     """
     errors: dict[int, BaseException] = {}
     # In order, so that the text a stream sees (an in-order prefix) grows as parts end.
-    waiting = iter([index for index in range(len(progress.parts)) if not progress.done(index)])
-    taking = threading.Lock()
+    unfinished = [index for index in range(len(progress.parts)) if not progress.done(index)]
+    waiting, taking = iter(unfinished), threading.Lock()
 
     def run() -> None:
         while not errors:
@@ -107,9 +107,8 @@ def run_parts(
                 errors[index] = exc
                 progress.fail()
 
-    name = threading.current_thread().name
-    unfinished = sum(not progress.done(index) for index in range(len(progress.parts)))
-    threads = [threading.Thread(target=run, name=f"{name}-part{place}") for place in range(min(places, unfinished))]
+    name, count = threading.current_thread().name, min(places, len(unfinished))
+    threads = [threading.Thread(target=run, name=f"{name}-part{place}") for place in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -108,7 +108,7 @@ class Transcriber:
         if resume is not None:  # the chunks are where the interrupted run cut them
             progress = PartedProgress.resumed(resume, on_window)
         else:
-            content = mel.shape[-1] - N_FRAMES
+            content = mel.shape[-1] - N_FRAMES  # mel is padded by N_FRAMES, as transcribe() takes it
             chunks = plan_chunks(self._speech.probabilities(audio, check), options.chunking_strategy, content)
             if not chunks:  # no speech heard: as for silent audio, no language either
                 return _result([], options.language)
