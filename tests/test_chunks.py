@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +16,18 @@ from flask.testing import FlaskClient
 from whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
 from bench.peers import word_error_rate
-from tests.helpers import FIXTURES, assert_same_json_transcript, submit, upload, wait_for
-from tests.servers import AudioSite
+from tests.helpers import (
+    FIXTURES,
+    LiveClient,
+    assert_same_json_transcript,
+    submit,
+    transcribing,
+    transcripts,
+    upload,
+    wait_for,
+    wait_until,
+)
+from tests.servers import AudioSite, Servers
 from whisper_flask.engine.chunks import plan_chunks
 from whisper_flask.engine.options import Chunking, TranscribeOptions
 from whisper_flask.engine.parts import Part
@@ -199,3 +211,24 @@ def test_a_chunked_job_stopped_part_way_resumes_to_the_uninterrupted_transcript(
         time.sleep(0.1)
     assert f"job {interrupted} resumes at" in caplog.text
     assert_same_json_transcript(transcript(restarted, interrupted, "json").encode(), expected.encode())
+
+
+def test_a_chunked_job_killed_mid_way_resumes_once_to_the_undisturbed_transcript(
+    servers: Servers, api_key: str
+) -> None:
+    port, server = servers.gunicorn(MAX_WORKERS="1", BATCH_SIZE="1")  # one chunk at a time
+    client = LiveClient(port, api_key)
+    killed = submit(client, CHAPTER, chunking_strategy="auto")
+    wait_until(client, killed, transcribing)  # a chunk has ended: its segments are in the resume state
+    os.killpg(server.pid, signal.SIGKILL)  # power loss: arbiter and worker die at once
+    server.wait(timeout=30)
+
+    servers.gunicorn(MAX_WORKERS="1", BATCH_SIZE="1")
+    record = wait_for(client, killed, timeout=300)
+    assert (record["status"], record["attempts"]) == ("completed", 2)
+    assert f"job {killed} resumes at" in (servers.work / "logs" / "whisper_flask.log").read_text()
+    undisturbed = submit(client, CHAPTER, chunking_strategy="auto")
+    wait_for(client, undisturbed, "completed", timeout=300)
+    got, expected = transcripts(client, killed), transcripts(client, undisturbed)
+    assert got["txt"] == expected["txt"] and got["srt"] == expected["srt"]
+    assert_same_json_transcript(got["json"], expected["json"])
