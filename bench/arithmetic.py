@@ -222,7 +222,7 @@ def compiled(arithmetic: Arithmetic) -> Arithmetic:
 
 def build(path: str, model: whisper.Whisper) -> Arithmetic:
     """The path's Arithmetic, on the loaded model or a copy of it."""
-    fp32 = Arithmetic(encoder_in(model), decoder_step(model, whisper_projection(model)))
+    fp32 = Arithmetic(encoder_in(model), decoder_step(model, whisper_projection(model.decoder)))
     if path == "fp32":
         return fp32
     if path == "bf16-autocast":
@@ -329,7 +329,7 @@ def main() -> None:
     model = whisper.load_model(str(ensure_checkpoint(args.model, work / "models", allow_download=False)), "cpu")
     mel, x = inputs(model)
     with torch.no_grad():
-        reference = (model.encoder(mel), decoder_step(model, whisper_projection(model))(x))
+        reference = (model.encoder(mel), decoder_step(model, whisper_projection(model.decoder))(x))
     supported = torch.backends.quantized.supported_engines
     results = []
     for path in args.paths:

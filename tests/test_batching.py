@@ -37,7 +37,7 @@ def start_model_thread(
 def tiny(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
     """The fp32 tiny.en model and its model thread (module-wide: tests must not change it)."""
     model = whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
-    return model, start_model_thread(model, whisper_projection(model))
+    return model, start_model_thread(model, whisper_projection(model.decoder))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_windows_beyond_the_batch_size_wait_for_a_place(
     tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor], widest_steps: Callable[[], int]
 ) -> None:
     model = tiny[0]
-    one_at_a_time = start_model_thread(model, whisper_projection(model), size=1)
+    one_at_a_time = start_model_thread(model, whisper_projection(model.decoder), size=1)
     features = [encode(tiny, mel) for mel in mels[:3]]
     results = decode_at_once(one_at_a_time, features, [OPTIONS] * 3)
     assert widest_steps() == 1

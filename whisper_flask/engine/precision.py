@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import whisper
 from torch import Tensor
+from whisper.model import TextDecoder
 
 from whisper_flask.engine.batching import MODEL_THREADS, Projection, use_torch_threads
 from whisper_flask.engine.quantize import (
@@ -31,7 +32,8 @@ from whisper_flask.engine.quantize import (
     DECODER_ARITHMETICS,
     INT8_MODELS,
     StageArithmetic,
-    apply_arithmetic,
+    projection,
+    swap_linears,
 )
 from whisper_flask.files import atomic_write
 
@@ -82,21 +84,21 @@ def kept_choice(model_dir: Path, name: str, measure: Callable[[], dict[str, floa
 
 def _stage_seconds(model: whisper.Whisper, stage: str, arithmetic: str) -> float:
     """A window's work in one stage under `arithmetic`: an encoder pass, or STEPS_PER_WINDOW decoder steps (their
-    mean over ROWS), on a copy of the model."""
-    copied = copy.deepcopy(model)
-    project: Projection = apply_arithmetic(copied, StageArithmetic(arithmetic, arithmetic))
+    mean over ROWS), on a copy of that stage only."""
+    copied = copy.deepcopy(model.encoder if stage == "encoder" else model.decoder)
+    swap_linears(copied, arithmetic)
     with torch.no_grad():
         if stage == "encoder":
             mel = torch.zeros(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-            return _best_of(2, lambda: copied.encoder(mel))
+            return _best_of(2, lambda: copied(mel))
+        project = projection(copied, arithmetic)
         steps = [_best_of(5, partial(_decoder_step, copied, project, rows)) for rows in ROWS]
     return STEPS_PER_WINDOW * sum(steps) / len(steps)
 
 
-def _decoder_step(model: whisper.Whisper, project: Projection, rows: int) -> Tensor:
+def _decoder_step(decoder: TextDecoder, project: Projection, rows: int) -> Tensor:
     """A decoder step's Linear work on `rows` new tokens (attention over the caches aside), then the logits."""
-    decoder = model.decoder
-    x = torch.zeros(rows, model.dims.n_text_state)
+    x = torch.zeros(rows, decoder.token_embedding.embedding_dim)
     for block in decoder.blocks:
         h = block.attn_ln(x)
         x = x + block.attn.out(block.attn.query(h) + block.attn.key(h) + block.attn.value(h))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import whisper
 from torch import Tensor, nn
+from whisper.model import TextDecoder
 
 from whisper_flask.engine.batching import Projection, whisper_projection
 
@@ -123,7 +124,7 @@ class Bf16Linear(nn.Module):
 _LINEARS: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {"bf16": Bf16Linear, "int8": Int8Linear}
 
 
-def _swap_linears(module: nn.Module, arithmetic: str) -> None:
+def swap_linears(module: nn.Module, arithmetic: str) -> None:
     """Swap the module's Linear layers (Whisper's own subclass included) for the arithmetic's, in place."""
     if arithmetic == "none":
         return
@@ -135,8 +136,13 @@ def _swap_linears(module: nn.Module, arithmetic: str) -> None:
 
 def apply_arithmetic(model: whisper.Whisper, stages: StageArithmetic) -> Projection:
     """Give each stage of the model its arithmetic, in place; return the logits projection in the decoder's."""
-    _swap_linears(model.encoder, stages.encoder)
-    _swap_linears(model.decoder, stages.decoder)
-    if stages.decoder == "none":
-        return whisper_projection(model)
-    return _LINEARS[stages.decoder](model.decoder.token_embedding.weight, None)
+    swap_linears(model.encoder, stages.encoder)
+    swap_linears(model.decoder, stages.decoder)
+    return projection(model.decoder, stages.decoder)
+
+
+def projection(decoder: TextDecoder, arithmetic: str) -> Projection:
+    """The decoder's logits projection in `arithmetic`."""
+    if arithmetic == "none":
+        return whisper_projection(decoder)
+    return _LINEARS[arithmetic](decoder.token_embedding.weight, None)
