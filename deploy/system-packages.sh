@@ -5,9 +5,10 @@ set -euo pipefail
 # ffmpeg decodes audio and util-linux's setpriv ties it to the service's life; the rest
 # serve the tests of the deployment (real nginx, systemd-analyze, shellcheck, curl as the
 # client, openssl for test certificates), the web page's tests (Debian's chromium, driven by
-# Playwright through its path) and the benchmarks (espeak-ng synthesises speech with known
+# Playwright through its path), the cluster mode's (Debian's redis-server and postgresql, started by
+# the tests on loopback ports) and the benchmarks (espeak-ng synthesises speech with known
 # text, bench/peers.py).
-packages=(ffmpeg util-linux curl nginx openssl systemd shellcheck espeak-ng)
+packages=(ffmpeg util-linux curl nginx openssl systemd shellcheck espeak-ng redis-server postgresql)
 # Ubuntu has no chromium package: its chromium-browser installs the snap.
 # shellcheck source=/dev/null
 if (. /etc/os-release && [ "$ID" = ubuntu ]); then packages+=(chromium-browser); else packages+=(chromium); fi

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -151,6 +153,106 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)  # SIGKILL cannot be caught: only a process stuck in the kernel outlives this
+
+
+def _postgres_bin() -> Path:
+    """The newest Debian PostgreSQL's programs (initdb and pg_ctl are not on PATH there)."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    assert versions, "PostgreSQL is not installed: deploy/system-packages.sh installs it"
+    return versions[-1].parent
+
+
+def _as_postgres(*command: str) -> list[str]:
+    # PostgreSQL refuses to run as root: as root, run it as Debian's postgres user.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+class Postgres:
+    """A real PostgreSQL on a free loopback port, its data in a temporary directory; `url` is a database for tests."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        # Not under pytest's directories: they are root's alone (0700), and the server runs as postgres.
+        self.data = Path(tempfile.mkdtemp(prefix="whisper-flask-postgres-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres")
+        bin_dir = _postgres_bin()
+        self._pg_ctl = str(bin_dir / "pg_ctl")
+        subprocess.run(
+            _as_postgres(str(bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"),
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.start()
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-c", "CREATE DATABASE whisper"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/whisper"
+
+    def start(self) -> None:
+        """Start (or start again) the server; returns once it accepts connections."""
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.data} -c fsync=on"
+        subprocess.run(
+            _as_postgres(self._pg_ctl, "-D", str(self.data), "-l", str(self.data / "server.log"), "-o", options,
+                         "-w", "-t", "60", "start"),
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (`immediate` is a crash: no checkpoint, clients cut off)."""
+        subprocess.run(
+            _as_postgres(self._pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop"),
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the server and delete its data."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    def reset(self) -> None:
+        """Empty the test database: every table dropped, as a new deployment finds it."""
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "whisper", "-c",
+             "DROP SCHEMA public CASCADE; CREATE SCHEMA public"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+
+class Redis:
+    """A real redis-server on a free loopback port with an append-only file in `work` (a restart keeps its data)."""
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.dir = work / "redis"
+        self.dir.mkdir()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self, *, persistent: bool = True) -> None:
+        """Start the server; without `persistent` it keeps nothing on disk, so a restart loses every message."""
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes" if persistent else "no", "--save", "", "--protected-mode", "yes"],
+            stdout=(self.dir / "server.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.dir / "server.log").read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"redis-server did not start:\n{(self.dir / 'server.log').read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server (what it had not written to its file is gone)."""
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
 
 
 class Started(NamedTuple):

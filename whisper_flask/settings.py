@@ -75,6 +75,26 @@ def _public_url(name: str, value: Any) -> str:
     return text.rstrip("/")
 
 
+def _service_url(schemes: tuple[str, ...]) -> Callable[[str, Any], str]:
+    """A parser for a database or broker URL of one of `schemes`; its error never repeats the URL (it may hold a password)."""
+
+    def parse(name: str, value: Any) -> str:
+        text = str(value).strip()
+        if not text:
+            return ""
+        try:
+            parts = urlsplit(text)
+            _ = parts.port
+            valid = parts.scheme in schemes
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"{PREFIX}{name} must be a URL starting {' or '.join(s + '://' for s in schemes)}")
+        return text
+
+    return parse
+
+
 def _flag(value: Any) -> bool:
     """A switch as a bool, or as the text an environment variable holds; ValueError otherwise."""
     if isinstance(value, bool):
@@ -229,6 +249,27 @@ class Settings:
         4, "webhooks and e-mails sent at once, at most one per key at a time, keys served in turn", low=1
     )
 
+    DATABASE_URL: str = _setting(
+        "",
+        "`postgresql://user:password@host/db`: jobs, keys and the notification outbox on PostgreSQL (cluster mode,"
+        " see Cluster); empty: SQLite in TRANSCRIPT_DIR",
+        shown="(empty)",
+        parse=_service_url(("postgresql", "postgres")),
+    )
+    BROKER_URL: str = _setting(
+        "",
+        "`redis://host:6379/0`: this process is an API node that stores and enqueues jobs for Celery workers and loads"
+        " no model (needs DATABASE_URL); empty: jobs run in this process",
+        shown="(empty)",
+        parse=_service_url(("redis", "rediss", "amqp", "amqps")),
+    )
+    LEASE_S: float = _setting(
+        30,
+        "cluster mode: a worker renews its jobs' leases every third of this; a job whose lease ran out (its worker"
+        " died) runs again on another worker",
+        low=1,
+    )
+
     @property
     def max_upload_bytes(self) -> int:
         """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
@@ -251,6 +292,8 @@ class Settings:
         for spec in dataclasses.fields(cls):
             value = config.get(spec.name, spec.default)
             values[spec.name] = _check(spec, value)
+        if values["BROKER_URL"] and not values["DATABASE_URL"]:
+            raise ConfigError(f"{PREFIX}BROKER_URL needs {PREFIX}DATABASE_URL: the API node and the workers share one database")
         return cls(**values)
 
     def to_config(self) -> dict[str, Any]:
