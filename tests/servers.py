@@ -62,11 +62,10 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, time
     raise AssertionError(f"{url} did not become ready:\n{log.read_text()}")
 
 
-def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> subprocess.Popen[bytes]:
-    """gunicorn with deploy/gunicorn.conf.py serving tiny.en from `work`; returns once /readyz is 200."""
-    env = {
+def service_env(work: Path, model_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of a server or worker serving tiny.en from `work`, with WHISPER_FLASK_<name>=value settings."""
+    return {
         **os.environ,
-        "WHISPER_FLASK_BIND": f"127.0.0.1:{port}",
         "WHISPER_FLASK_MODEL": "tiny.en",
         "WHISPER_FLASK_MODEL_DIR": str(model_dir),
         "WHISPER_FLASK_MODEL_DOWNLOAD": "false",
@@ -75,6 +74,11 @@ def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> s
         "WHISPER_FLASK_LOG_DIR": str(work / "logs"),
         **{f"WHISPER_FLASK_{name}": value for name, value in settings.items()},
     }
+
+
+def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """gunicorn with deploy/gunicorn.conf.py serving tiny.en from `work`; returns once /readyz is 200."""
+    env = service_env(work, model_dir, BIND=f"127.0.0.1:{port}", **settings)
     log = work / f"gunicorn-{port}-{time.monotonic_ns()}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py"), "wsgi:app"],
@@ -85,6 +89,22 @@ def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> s
         start_new_session=True,  # its own process group, so stop() reaches the worker too
     )
     wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, log)
+    return process
+
+
+def start_worker(work: Path, model_dir: Path, name: str, **settings: str) -> subprocess.Popen[bytes]:
+    """A cluster worker as deployed (`celery -A whisper_flask.worker worker`); returns once Celery says it is ready."""
+    log = work / f"worker-{name}-{time.monotonic_ns()}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "whisper_flask.worker", "worker", "--hostname", f"{name}@%h",
+         "--loglevel", "INFO"],
+        cwd=ROOT, env=service_env(work, model_dir, **settings), stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while b" ready." not in log.read_bytes():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
     return process
 
 
@@ -279,6 +299,11 @@ class Servers:
         """gunicorn with deploy/gunicorn.conf.py and WHISPER_FLASK_<name>=value settings, once /readyz is 200."""
         self._processes.append(start_gunicorn(self.work, self.model_dir, self.port, **settings))
         return Started(self.port, self._processes[-1])
+
+    def worker(self, name: str, **settings: str) -> subprocess.Popen[bytes]:
+        """A cluster worker on the same files, with WHISPER_FLASK_<name>=value settings, once Celery is ready."""
+        self._processes.append(start_worker(self.work, self.model_dir, name, **settings))
+        return self._processes[-1]
 
     def nginx(self, max_body_mb: int | None = None, subpath: bool = False) -> Started:
         """The shipped nginx site in front of this gunicorn, on a port of its own, once it proxies /healthz."""

@@ -60,6 +60,12 @@ class ModelLoading(ModelUnavailable):
     code = "model_loading"
 
 
+class BrokerUnavailable(ServiceError):
+    """A cluster node cannot reach the broker (Redis or RabbitMQ) now; it reconnects by itself."""
+
+    code = "broker_unavailable"
+
+
 class NotMultilingual(ServiceError):
     """The loaded model is English-only and the request needs another language."""
 
@@ -124,10 +130,22 @@ class JobFailed(ServiceError):
         self.code = code
 
 
-class StorageFull(ServiceError):
+class TransientStorageError(ServiceError):
+    """A write that cannot be made now but may be later: a running job waits and tries it again."""
+
+    code = "storage_unavailable"
+
+
+class StorageFull(TransientStorageError):
     """The disk takes no more: an upload, the job database or a transcript (full, over quota, read-only uploads)."""
 
     code = "storage_full"
+
+
+class DatabaseUnavailable(TransientStorageError):
+    """The job database (PostgreSQL) does not answer now; every node reconnects by itself."""
+
+    code = "database_unavailable"
 
 
 class JobNotFound(ServiceError):

@@ -16,6 +16,8 @@ from whisper_flask.exceptions import (
     ApiKeyError,
     AudioDecodeError,
     AudioTooLong,
+    BrokerUnavailable,
+    DatabaseUnavailable,
     InvalidOption,
     JobExpired,
     JobFailed,
@@ -62,6 +64,8 @@ _STATUS: dict[type[ServiceError], int] = {
     ShuttingDown: 503,
     ModelLoading: 503,
     ModelUnavailable: 503,
+    DatabaseUnavailable: 503,
+    BrokerUnavailable: 503,
     StorageFull: 507,
 }
 
@@ -137,7 +141,7 @@ def _headers(error: ServiceError) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="whisper_flask"'}
     if isinstance(error, ShuttingDown):
         return {"Retry-After": "30"}
-    if isinstance(error, ModelLoading):
+    if isinstance(error, ModelLoading | DatabaseUnavailable | BrokerUnavailable):
         return {"Retry-After": "5"}
     return {}
 

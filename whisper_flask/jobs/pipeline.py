@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 from whisper_flask.audio.fetch import UrlFetcher
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.engine import Engine
-from whisper_flask.exceptions import JobStopped, ServiceError, StorageFull, scrub_paths
+from whisper_flask.exceptions import JobStopped, ServiceError, TransientStorageError, scrub_paths
+from whisper_flask.jobs.ports import Registry
 from whisper_flask.jobs.progress import JobInterrupted, JobProgress
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
-from whisper_flask.jobs.registry import JobCancelled, JobRegistry
+from whisper_flask.jobs.registry import JobCancelled
 from whisper_flask.jobs.resume import load_resume
 from whisper_flask.jobs.retention import INCOMING_PREFIX, Retention
 from whisper_flask.jobs.speaker_stage import SpeakerStage
@@ -38,7 +39,7 @@ class JobPipeline:
 
     def __init__(
         self,
-        registry: JobRegistry,
+        registry: Registry,
         engine: Engine,
         media: MediaDecoder,
         fetcher: UrlFetcher,
@@ -108,7 +109,7 @@ class JobPipeline:
     def _put_back(self, job_id: str) -> None:
         try:
             self._registry.put_back(job_id)
-        except StorageFull as exc:  # the store keeps it running: the next start queues it again (crash_rule.py)
+        except TransientStorageError as exc:  # stored as running: the next start queues it again (crash_rule.py)
             log.warning("job %s could not be put back to pending: %s", job_id, exc)
 
     def _until_stored(
@@ -118,9 +119,9 @@ class JobPipeline:
         *,
         show: bool = True,
         cancellable: bool = True,
-        transient: type[Exception] = StorageFull,
+        transient: type[Exception] = TransientStorageError,
     ) -> T:
-        """Run `step`; while it raises `transient` (a full disk, StorageFull) try again, with a bounded backoff.
+        """Run `step`; while it raises `transient` (a full disk, the database away) try again, with a bounded backoff.
 
         Meanwhile the job shows the stage `waiting_for_storage` (if `show`). JobInterrupted if the
         service stops first, JobCancelled if the job is cancelled: the stored record is then the last
@@ -134,7 +135,7 @@ class JobPipeline:
                 if not waiting:
                     # Anything but a full disk is unexpected here (a start refused): its traceback goes along.
                     log.warning("job %s waits until its write is stored: %s", job_id, exc,
-                                exc_info=not isinstance(exc, StorageFull))  # fmt: skip
+                                exc_info=not isinstance(exc, TransientStorageError))  # fmt: skip
                     if show:
                         self._show_waiting(job_id)
                     waiting = True
@@ -155,7 +156,7 @@ class JobPipeline:
         # restart knows the job ran no model step and does not charge it (crash_rule.py).
         try:
             self._registry.update(job_id, stage=JobStage.WAITING_FOR_STORAGE)
-        except StorageFull:
+        except TransientStorageError:
             self._registry.update(job_id, persist=False, stage=JobStage.WAITING_FOR_STORAGE)
 
     def _transcribe(self, job: Job) -> dict[str, Any]:

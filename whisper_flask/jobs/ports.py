@@ -7,9 +7,25 @@ registry, retention, the notifier and the service know only these interfaces (AR
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from whisper_flask.jobs.records import Job, JobStatus, Notification
+from whisper_flask.jobs.records import Job, JobStatus, JobView, Notification, QueueCounts
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a write requires of the stored record: a status among `statuses`, and the lease `lease_owner`'s if given.
+
+    A cluster worker writes its job's record only while it holds the job's lease (jobs/leases.py).
+    """
+
+    statuses: tuple[JobStatus, ...]
+    lease_owner: str | None = None
+
+
+class JobChanged(Exception):
+    """A fenced write found the record changed: cancelled, ended, or taken over by another worker."""
 
 
 class JobStore(Protocol):
@@ -18,15 +34,18 @@ class JobStore(Protocol):
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
 
-    def update(self, job: Job) -> None:
-        """Replace a job's record; an ended job's notifications join the outbox in the same transaction."""
+    def update(self, job: Job, fence: Fence | None = None) -> None:
+        """Replace a job's record; an ended job's notifications join the outbox in the same transaction.
+
+        With a `fence`, only a record that meets it is replaced; JobChanged otherwise.
+        """
 
     def owner(self, job_id: str) -> tuple[bool, str | None]:
         """Whether a job of this id is on record, and its owner: the same one lookup whatever the answer."""
         ...
 
-    def update_all(self, jobs: list[Job]) -> None:
-        """Replace these jobs' records in one transaction: all of them are stored, or none."""
+    def update_all(self, jobs: list[Job], fence: Fence | None = None) -> None:
+        """Replace these jobs' records in one transaction: all or none (JobChanged if one fails `fence`)."""
 
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
@@ -78,3 +97,62 @@ class JobRunner(Protocol):
 
     def stop(self) -> None:
         """Stop taking jobs and wait for the running ones to return."""
+
+
+class Registry(Protocol):
+    """Pending and running jobs: registry.JobRegistry in one process, shared_registry.SharedRegistry in a cluster."""
+
+    @property
+    def accepting(self) -> bool:
+        """True between open() and close()."""
+
+    def open(self) -> None:
+        """Start taking jobs."""
+
+    def close(self) -> None:
+        """Stop taking and starting jobs; running ones stop at their next decoder step."""
+
+    def recover(self) -> tuple[list[str], list[Job]]:
+        """Queue again what a dead process left: (the ids queued, the jobs failed instead)."""
+
+    def check_capacity(self, owner: str | None) -> None:
+        """Raise ShuttingDown, QueueFull or TooManyJobs if no job of `owner` can be accepted now."""
+
+    def add(self, job: Job) -> JobView:
+        """Record a new job durably and make it pending."""
+
+    def view(self, job_id: str) -> JobView:
+        """The job and its queue position, as of one moment; JobNotFound if unknown."""
+
+    def views(self, status: JobStatus | None, owner: str | None, limit: int, offset: int) -> list[JobView]:
+        """Jobs newest first, the pending ones with their queue position."""
+
+    def counts(self) -> QueueCounts:
+        """Pending and running jobs now, and the capacity."""
+
+    def cancel(self, job_id: str) -> tuple[Job, bool]:
+        """Cancel a pending or running job: (its final record, whether it was pending)."""
+
+    def wait_until_ended(self, job_id: str, timeout: float | None) -> bool:
+        """Wait at most `timeout` s for the job to end or the registry to close; whether it ended."""
+
+    def wait_until_closed(self, timeout: float) -> None:
+        """Wait at most `timeout` s, less if the registry closes meanwhile."""
+
+    def start_next(self) -> Job | None:
+        """Start the pending job whose turn it is; None if none may."""
+
+    def check_active(self, job_id: str) -> None:
+        """Raise JobCancelled if the job no longer runs here."""
+
+    def update(self, job_id: str, *, persist: bool = True, **changes: Any) -> Job:
+        """Change a running job's fields (stored if `persist`); JobCancelled if it no longer runs here."""
+
+    def finish(self, job_id: str, status: JobStatus, code: str | None = None, message: str | None = None) -> None:
+        """End a running job."""
+
+    def put_back(self, job_id: str) -> None:
+        """Return a job stopped by a graceful stop to pending, at no attempt's cost."""
+
+    def abandon(self, job_id: str) -> None:
+        """Forget a running job whose end the store refused."""

@@ -16,9 +16,9 @@ from typing import Any
 from whisper.audio import FRAMES_PER_SECOND
 
 from whisper_flask.engine.windows import Window
-from whisper_flask.exceptions import JobStopped, StorageFull
+from whisper_flask.exceptions import JobStopped, TransientStorageError
 from whisper_flask.jobs.estimate import Estimate
-from whisper_flask.jobs.registry import JobRegistry
+from whisper_flask.jobs.ports import Registry
 from whisper_flask.jobs.resume import save_resume
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class JobInterrupted(JobStopped):
 class JobProgress:
     """One running job's progress: its position, percentage and ETA (estimate.py), at each window and between."""
 
-    def __init__(self, registry: JobRegistry, transcript_dir: Path, job_id: str, duration: float) -> None:
+    def __init__(self, registry: Registry, transcript_dir: Path, job_id: str, duration: float) -> None:
         self._registry = registry
         self._transcript_dir = transcript_dir
         self._job_id = job_id
@@ -96,14 +96,14 @@ class JobProgress:
             self._save_resume(window)  # WriteFailed: the transcript could not be written either, fail now
         try:
             self._registry.update(self._job_id, persist=persist, **changes)  # JobCancelled stops the job here
-        except StorageFull:
+        except TransientStorageError:
             # Progress may run ahead of its stored record, as between persists; the status never does.
             self._registry.update(self._job_id, persist=False, **changes)
 
     def _save_resume(self, window: Window) -> None:
         try:
             save_resume(self._transcript_dir, self._job_id, window)
-        except StorageFull as exc:
+        except TransientStorageError as exc:
             # Only a crash needs it, and a later window's state holds this one's: transcribing goes
             # on, and the job waits for space when it writes its transcript.
             if not self._resume_refused:

@@ -110,6 +110,15 @@ def ended(job: Job, status: JobStatus, code: str | None, message: str | None) ->
 
 
 @dataclass(frozen=True)
+class QueueCounts:
+    """How many jobs wait and run, and how many may."""
+
+    pending: int
+    in_progress: int
+    capacity: int
+
+
+@dataclass(frozen=True)
 class NotifyTargets:
     """Whom to tell when a job ends."""
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from whisper_flask.exceptions import JobNotFound, JobStopped, ShuttingDown
 from whisper_flask.jobs.admission import QueueLimits
 from whisper_flask.jobs.crash_rule import judge_and_store, may_start
 from whisper_flask.jobs.ports import JobStore
-from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, ended, pending_again, utcnow
+from whisper_flask.jobs.records import Job, JobStage, JobStatus, JobView, QueueCounts, ended, pending_again, utcnow
 from whisper_flask.jobs.rotation import Turns
 
 log = logging.getLogger(__name__)
@@ -27,15 +26,6 @@ log = logging.getLogger(__name__)
 
 class JobCancelled(JobStopped):
     """The job left the registry (cancelled) while its pipeline ran; it stops at its next decoder step."""
-
-
-@dataclass(frozen=True)
-class QueueCounts:
-    """How many jobs wait and run, and how many may."""
-
-    pending: int
-    in_progress: int
-    capacity: int
 
 
 class JobRegistry:

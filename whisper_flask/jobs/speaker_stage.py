@@ -16,9 +16,9 @@ from whisper_flask.engine.diarization import ProgressHook
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.speakers import label_segments, speaker_names
 from whisper_flask.engine.windows import StepCheck
-from whisper_flask.exceptions import StorageFull
+from whisper_flask.exceptions import TransientStorageError
+from whisper_flask.jobs.ports import Registry
 from whisper_flask.jobs.records import Job, JobStage
-from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.resume import load_diarization, load_transcribed, save_diarization, save_transcribed
 from whisper_flask.settings import Settings
 
@@ -35,7 +35,7 @@ PERSIST_INTERVAL_S = 1.0
 class SpeakerStage:
     """Labels a transcribed job's segments with their speakers."""
 
-    def __init__(self, registry: JobRegistry, engine: Engine, media: MediaDecoder, settings: Settings) -> None:
+    def __init__(self, registry: Registry, engine: Engine, media: MediaDecoder, settings: Settings) -> None:
         self._registry = registry
         self._engine = engine
         self._media = media
@@ -50,7 +50,7 @@ class SpeakerStage:
         """Keep a finished transcription until the job ends (best effort: only a restart needs it); the result."""
         try:
             save_transcribed(self._transcript_dir, job.id, result)
-        except StorageFull as exc:
+        except TransientStorageError as exc:
             log.warning("job %s: transcription not kept: %s", job.id, exc)
         return result
 
@@ -66,7 +66,7 @@ class SpeakerStage:
             log.info("job %s: %d speakers in %.1f s", job.id, len(diarization.voiceprints), time.monotonic() - started)
             try:
                 save_diarization(self._transcript_dir, job.id, diarization)
-            except StorageFull as exc:  # only a restart needs it: the job goes on (and waits to write its transcript)
+            except TransientStorageError as exc:  # only a restart needs it: the job goes on (and waits to write)
                 log.warning("job %s: diarization not kept: %s", job.id, exc)
         names = speaker_names(
             diarization, [self._voiceprint(job, name, check) for name in job.speaker_samples],
@@ -85,7 +85,7 @@ class SpeakerStage:
                 persisted = now
             try:
                 self._registry.update(job_id, persist=persist, stage_progress=min(99.9, round(100 * fraction, 1)))
-            except StorageFull:
+            except TransientStorageError:
                 self._registry.update(job_id, persist=False, stage_progress=min(99.9, round(100 * fraction, 1)))
 
         return on_progress

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from whisper_flask.exceptions import StorageFull
+from whisper_flask.exceptions import TransientStorageError
 from whisper_flask.jobs.ports import JobStore
 from whisper_flask.jobs.records import DeliveryState, Job, Notification, NotificationKind, iso, utcnow
 from whisper_flask.notify import messages
@@ -159,7 +159,7 @@ class Notifier:
                 if not self._stopping.is_set():  # else it stays pending in the outbox for the next start
                     self._attempt(notification)
                 self._unrecorded.pop(notification.id, None)
-            except StorageFull:
+            except TransientStorageError:
                 self._unrecorded[notification.id] = time.monotonic() + RECORD_RETRY_S
                 log.warning("notification %d: the attempt could not be recorded (storage full)", notification.id)
             except Exception:  # the store may be closing or busy; the notification is still due there

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from whisper_flask.access.control import AccessControl, FailureThrottle, LinkSigner
@@ -10,12 +12,18 @@ from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.fetch import FetchLimits, UrlFetcher
 from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.engine.engine import Engine
+from whisper_flask.exceptions import BrokerUnavailable, DatabaseUnavailable
+from whisper_flask.jobs.celery_queue import CeleryRunner, make_celery
+from whisper_flask.jobs.leases import Leases, node_name
 from whisper_flask.jobs.pipeline import JobPipeline
-from whisper_flask.jobs.ports import JobRunner, JobStore
+from whisper_flask.jobs.ports import JobRunner, JobStore, Registry
+from whisper_flask.jobs.records import Job
 from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.retention import Retention
 from whisper_flask.jobs.runner import PoolRunner
+from whisper_flask.jobs.shared_registry import SharedRegistry
 from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.upkeep import Heartbeat, Reconciler
 from whisper_flask.notify.messages import download_links
 from whisper_flask.notify.notifier import Notifier
 from whisper_flask.service.detection import LanguageDetection
@@ -26,6 +34,54 @@ from whisper_flask.service.waits import JobWaits
 from whisper_flask.settings import Settings
 
 
+class Role(enum.Enum):
+    """What this process does: everything (one process), or its part of a cluster (ARCHITECTURE.md, "Cluster")."""
+
+    ALONE = "alone"  # the API and the jobs, SQLite or PostgreSQL
+    API = "api"  # accepts, stores and enqueues jobs; loads no model
+    WORKER = "worker"  # runs the jobs the broker hands it (whisper_flask/worker.py)
+
+    @property
+    def runs_jobs(self) -> bool:
+        """Whether this process loads the model and runs jobs."""
+        return self is not Role.API
+
+    @property
+    def serves(self) -> bool:
+        """Whether this process answers HTTP and sends notifications."""
+        return self is not Role.WORKER
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster node's own parts: its leases, its link to the broker, and the loops that keep them."""
+
+    role: Role
+    leases: Leases
+    runner: CeleryRunner
+    reconciler: Reconciler
+    heartbeat: Heartbeat | None  # workers only
+
+    def start(self) -> None:
+        """Start the heartbeat (a worker) and the reconciler."""
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+        self.reconciler.start()
+
+    def check_reachable(self) -> None:
+        """Return if the database and the broker answer now; DatabaseUnavailable or BrokerUnavailable otherwise."""
+        if not self.leases.reachable():
+            raise DatabaseUnavailable("the job database does not answer; this node retries by itself")
+        if not self.runner.reachable():
+            raise BrokerUnavailable("the broker does not answer; this node retries by itself")
+
+    def stop(self) -> None:
+        """Stop the reconciler and the heartbeat."""
+        self.reconciler.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+
 @dataclass(frozen=True)
 class Parts:
     """What the service is made of; only the face (face.py) and its lifecycle touch these."""
@@ -33,7 +89,8 @@ class Parts:
     settings: Settings
     engine: Engine
     store: JobStore
-    registry: JobRegistry
+    role: Role
+    registry: Registry
     runner: JobRunner
     pipeline: JobPipeline
     access: AccessControl
@@ -46,13 +103,13 @@ class Parts:
     transcripts: TranscriptReader
     detection: LanguageDetection
     waits: JobWaits
+    cluster: Cluster | None
 
 
-def build_parts(settings: Settings, engine: Engine) -> Parts:
+def build_parts(settings: Settings, engine: Engine, role: Role = Role.ALONE) -> Parts:
     """Open the store and build every part; nothing runs until the lifecycle starts it."""
     database = settings.TRANSCRIPT_DIR / "jobs.sqlite3"
     store = SqliteJobStore(database)
-    registry = JobRegistry(store, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY)
     keys = KeyStore(database)
     signer = LinkSigner(settings.TRANSCRIPT_DIR / "link-secret", settings.DOWNLOAD_LINK_TTL_S)
     access = AccessControl(keys, FailureThrottle(settings.AUTH_FAILURES_PER_MINUTE), signer, enabled=settings.AUTH)
@@ -61,6 +118,15 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
     notifier = Notifier(
         store, settings, signer.webhook_secret, functools.partial(download_links, signer, settings.PUBLIC_URL)
     )
+    registry: Registry
+    runner: JobRunner
+    cluster = None
+    if role is Role.ALONE:
+        registry = JobRegistry(store, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY)
+        runner = PoolRunner(settings.MAX_WORKERS)
+    else:
+        registry, cluster = _cluster_parts(settings, store, role, retention.release)
+        runner = cluster.runner
     fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
     pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings)
     owned = OwnedJobs(registry, store)
@@ -68,8 +134,9 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
         settings=settings,
         engine=engine,
         store=store,
+        role=role,
         registry=registry,
-        runner=PoolRunner(settings.MAX_WORKERS),
+        runner=runner,
         pipeline=pipeline,
         access=access,
         keys=keys,
@@ -85,4 +152,19 @@ def build_parts(settings: Settings, engine: Engine) -> Parts:
         waits=JobWaits(
             registry, owned, RequestSlots(settings.MAX_WAITING_REQUESTS, "requests waiting for their transcripts")
         ),
+        cluster=cluster,
     )
+
+
+def _cluster_parts(
+    settings: Settings, store: SqlJobStore, role: Role, release: Callable[[Job], None]
+) -> tuple[SharedRegistry, Cluster]:
+    """A cluster node's registry and loops, on the store's PostgreSQL database and the broker."""
+    leases = Leases(store.engine, settings.LEASE_S)
+    node = node_name()
+    registry = SharedRegistry(store, leases, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY, node)
+    runner = CeleryRunner(make_celery(settings))
+    heartbeat = Heartbeat(registry, leases, node, settings.MODEL, settings.MAX_WORKERS) if role.runs_jobs else None
+    # A third of a lease: a dead worker's jobs are queued again within about 1.3 leases of its death.
+    reconciler = Reconciler(store, leases, runner, release, settings.LEASE_S / 3)
+    return registry, Cluster(role, leases, runner, reconciler, heartbeat)

@@ -7,14 +7,14 @@ from pathlib import Path
 from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.engine.engine import Engine
 from whisper_flask.exceptions import NotMultilingual, ShuttingDown
-from whisper_flask.jobs.registry import JobRegistry
+from whisper_flask.jobs.ports import Registry
 from whisper_flask.service.slots import RequestSlots
 
 
 class LanguageDetection:
     """Detects languages at most MAX_DETECTIONS at a time; each stops when the service stops."""
 
-    def __init__(self, engine: Engine, media: MediaDecoder, registry: JobRegistry, slots: RequestSlots) -> None:
+    def __init__(self, engine: Engine, media: MediaDecoder, registry: Registry, slots: RequestSlots) -> None:
         self._engine = engine
         self._media = media
         self._registry = registry

@@ -19,8 +19,9 @@ from whisper_flask.access.control import Principal
 from whisper_flask.access.keys import ApiKey
 from whisper_flask.engine.engine import Engine
 from whisper_flask.exceptions import ModelLoading, ModelNotFound, ModelUnavailable
+from whisper_flask.jobs.leases import WorkerRecord
 from whisper_flask.jobs.records import Job, JobStatus, JobView, Notification, Submission
-from whisper_flask.service.compose import Parts, build_parts
+from whisper_flask.service.compose import Parts, Role, build_parts
 from whisper_flask.service.lifecycle import Lifecycle
 from whisper_flask.service.speaker_samples import store_samples
 from whisper_flask.settings import Settings
@@ -46,7 +47,8 @@ class QueueStats:
     in_progress: int
     capacity: int
     workers: int
-    arithmetic: dict[str, str]  # what each model runs in (engine.arithmetic)
+    arithmetic: dict[str, str]  # what each model runs in (engine.arithmetic); empty on a cluster's API node
+    worker_nodes: list[WorkerRecord]  # a cluster's workers, by their heartbeats; empty in one process
 
 
 class TranscriptionService:
@@ -54,13 +56,17 @@ class TranscriptionService:
 
     def init_app(self, app: Flask, settings: Settings, engine: Engine) -> None:
         """Build the parts from `settings` (the store opens); nothing runs until start()."""
-        self.settings = settings
-        self._parts = parts = build_parts(settings, engine)
-        self._lifecycle = Lifecycle(parts)
+        self.build(settings, engine, Role.API if settings.BROKER_URL else Role.ALONE)
         app.extensions[EXTENSION] = self
         # Started by the server (gunicorn's post_worker_init) or by the first request, never by
         # a CLI command that builds the app: `flask models ...` must not load the model or take jobs.
         app.before_request(self._lifecycle.ensure_started)
+
+    def build(self, settings: Settings, engine: Engine, role: Role) -> None:
+        """Build the parts for `role` without an app (a cluster worker, whisper_flask/worker.py); nothing runs yet."""
+        self.settings = settings
+        self._parts = build_parts(settings, engine, role)
+        self._lifecycle = Lifecycle(self._parts)
 
     @property
     def parts(self) -> Parts:
@@ -76,6 +82,14 @@ class TranscriptionService:
     def stop(self) -> None:
         """Stop taking work; running jobs stop at their next decoder step and go back to pending; close the store."""
         self._lifecycle.stop()
+
+    def stop_jobs(self) -> None:
+        """Stop starting jobs; running ones stop at their next decoder step and go back to pending."""
+        self._lifecycle.stop_jobs()
+
+    def run_ticket(self, ticket: str) -> None:
+        """Run the pending job whose turn it is to its end (a cluster worker's task; the ticket names who asked)."""
+        self._parts.pipeline.run(ticket)
 
     def drain(self) -> None:
         """The server is stopping: requests waiting for jobs answer now (ShuttingDown); jobs run on until stop()."""
@@ -144,7 +158,7 @@ class TranscriptionService:
         try:
             info = self._parts.media.probe(self.settings.UPLOAD_DIR / upload_name)  # a playlist or an absurd header
             job = request.job(
-                uuid.uuid4().hex, self._parts.engine.model_name, upload_name=upload_name, duration=info.duration
+                uuid.uuid4().hex, self.model_name, upload_name=upload_name, duration=info.duration
             )
             store_samples(self._parts.media, self.settings.UPLOAD_DIR, job.speaker_samples, speaker_samples)
             stored += job.speaker_samples
@@ -161,7 +175,7 @@ class TranscriptionService:
     def submit_url(self, url: str, request: Submission) -> JobView:
         """Queue a new job whose audio the pipeline fetches from `url` when it runs."""
         job_id = uuid.uuid4().hex
-        job = request.job(job_id, self._parts.engine.model_name, upload_name=f"{job_id}.upload", source_url=url)
+        job = request.job(job_id, self.model_name, upload_name=f"{job_id}.upload", source_url=url)
         with self._parts.notifier.reserve(request.owner, request.notify.count):  # TooManyNotifications
             view = self._parts.registry.add(job)
         # Only the host is logged: a URL's path and query may carry a token.
@@ -186,9 +200,11 @@ class TranscriptionService:
     def queue_stats(self) -> QueueStats:
         """Pending and running jobs, and the limits."""
         counts = self._parts.registry.counts()
+        cluster = self._parts.cluster
         return QueueStats(
             counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS,
-            self._parts.engine.arithmetic(),
+            self._parts.engine.arithmetic() if self._parts.role.runs_jobs else {},
+            cluster.leases.workers(forget_after_s=10 * self.settings.LEASE_S) if cluster else [],
         )  # fmt: skip
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
@@ -238,9 +254,14 @@ class TranscriptionService:
 
     # -- the model ------------------------------------------------------------------------
 
+    @property
+    def model_name(self) -> str:
+        """The model jobs run on: the engine's, or on a cluster's API node (which loads none) the setting's."""
+        return self._parts.engine.model_name or self.settings.MODEL
+
     def model_names(self) -> list[str]:
         """The names a request may give for a model: the aliases, the loaded model, and each with DIARIZE_SUFFIX."""
-        names = [*MODEL_ALIASES, self._parts.engine.model_name]
+        names = [*MODEL_ALIASES, self.model_name]
         return [*names, "gpt-4o-transcribe" + DIARIZE_SUFFIX, *(name + DIARIZE_SUFFIX for name in names)]
 
     def resolve_model(self, name: str) -> str:
@@ -248,18 +269,24 @@ class TranscriptionService:
         # One model per service today: this is the seam where choosing among several would go.
         if name not in self.model_names():
             raise ModelNotFound(f"the model {name!r} does not exist here; use one of {', '.join(self.model_names())}")
-        return self._parts.engine.model_name
+        return self.model_name
 
     def check_ready(self) -> None:
-        """Return once the model is loaded; ModelLoading while it loads, ModelUnavailable if it failed."""
+        """Return once the model is loaded (an API node: the database and the broker answer); else why not."""
+        if self._parts.cluster is not None and not self._parts.role.runs_jobs:
+            self._parts.cluster.check_reachable()
+            return
         if self._parts.engine.ready:
             return
         if self._parts.engine.error:  # the reason, with paths, is in the log; /readyz is public
             raise ModelUnavailable(
-                f"model {self._parts.engine.model_name} could not be loaded; the service's log says why"
+                f"model {self.model_name} could not be loaded; the service's log says why"
             )
-        raise ModelLoading(f"model {self._parts.engine.model_name} is loading")
+        raise ModelLoading(f"model {self.model_name} is loading")
 
     def detect_language(self, upload_name: str) -> dict[str, float]:
         """Language probabilities of the first 30 s of a stored upload, which is then deleted; bounded in number."""
+        if not self._parts.role.runs_jobs:
+            (self.settings.UPLOAD_DIR / upload_name).unlink(missing_ok=True)
+            raise ModelUnavailable("a cluster's API node loads no model: submit a job, whose result names its language")
         return self._parts.detection.detect(self.settings.UPLOAD_DIR / upload_name)

@@ -31,7 +31,8 @@ class Lifecycle:
         with self._lock:
             if self._state is not _State.NEW:
                 return
-            parts.access.announce()
+            if parts.role.serves:
+                parts.access.announce()
             # The stored jobs first: if they cannot be recovered nothing has started yet, and a later
             # start tries again from the same state.
             parts.registry.open()
@@ -40,15 +41,24 @@ class Lifecycle:
             except BaseException:
                 parts.registry.close()
                 raise
-            parts.engine.start(parts.settings)
+            if parts.role.runs_jobs:
+                parts.engine.start(parts.settings)
             parts.runner.start(parts.pipeline.run)
             for job in failed:
                 parts.retention.release(job)
             for job_id in queued:
                 parts.runner.submit(job_id)
-            parts.retention.start()
-            parts.notifier.start()
+            if parts.role.serves:  # a cluster's workers leave the sweep and the notifications to the API nodes
+                parts.retention.start()
+                parts.notifier.start()
+            if parts.cluster is not None:
+                parts.cluster.start()
             self._state = _State.RUNNING
+
+    def stop_jobs(self) -> None:
+        """Stop starting jobs; running ones stop at their next decoder step and go back to pending (a worker's
+        warm shutdown: Celery then waits for their runs to return before stop())."""
+        self._parts.registry.close()
 
     def ensure_started(self) -> None:
         """Start on first use; ShuttingDown once stopped."""
@@ -65,9 +75,13 @@ class Lifecycle:
             parts.registry.close()
             parts.runner.stop()
             if self._state is _State.RUNNING:
-                parts.notifier.stop()
-                parts.retention.stop()
-                parts.engine.stop()
+                if parts.cluster is not None:
+                    parts.cluster.stop()
+                if parts.role.serves:
+                    parts.notifier.stop()
+                    parts.retention.stop()
+                if parts.role.runs_jobs:
+                    parts.engine.stop()
             parts.store.close()
             parts.keys.close()
             self._state = _State.STOPPED

@@ -6,9 +6,8 @@ import re
 
 from whisper_flask.access.control import Principal
 from whisper_flask.exceptions import JobExpired, JobNotFound
-from whisper_flask.jobs.ports import JobStore
+from whisper_flask.jobs.ports import JobStore, Registry
 from whisper_flask.jobs.records import JobStatus, JobView
-from whisper_flask.jobs.registry import JobRegistry
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -16,7 +15,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 class OwnedJobs:
     """Looks jobs up for a principal; an unknown, malformed or foreign id all answer JobNotFound alike."""
 
-    def __init__(self, registry: JobRegistry, store: JobStore) -> None:
+    def __init__(self, registry: Registry, store: JobStore) -> None:
         self._registry = registry
         self._store = store
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from whisper_flask.access.control import Principal
 from whisper_flask.exceptions import ShuttingDown
+from whisper_flask.jobs.ports import Registry
 from whisper_flask.jobs.records import Job
-from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.service.owned import OwnedJobs
 from whisper_flask.service.slots import RequestSlots
 
@@ -20,7 +20,7 @@ DRAIN_POLL_S = 1.0
 class JobWaits:
     """Waits for jobs to end, at most MAX_WAITING_REQUESTS at once, and gives up when the server drains."""
 
-    def __init__(self, registry: JobRegistry, owned: OwnedJobs, slots: RequestSlots) -> None:
+    def __init__(self, registry: Registry, owned: OwnedJobs, slots: RequestSlots) -> None:
         self._registry = registry
         self._owned = owned
         self._slots = slots

@@ -1,0 +1,195 @@
+"""Cluster mode with the real programs on loopback: PostgreSQL, redis-server, an API gunicorn and two Celery workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LiveClient, assert_same_json_transcript, submit, transcripts, wait_for, wait_until
+from tests.servers import FIXTURES, Postgres, Redis, Servers
+from whisper_flask.jobs.celery_queue import TASK, make_celery
+from whisper_flask.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+CHAPTER = FIXTURES / "lj001-chapter-70s.opus"
+SHORT = [FIXTURES / name for name in ("fox.wav", "garden.wav", "train.wav", "report.wav")]
+#: A short lease, so that a dead worker's job is taken over within seconds here (the default is 30 s).
+LEASE_S = "3"
+
+
+@dataclass
+class Cluster:
+    """The running cluster: its servers, its broker and database, a client of its API node, and the workers."""
+
+    servers: Servers
+    redis: Redis
+    postgres: Postgres
+    client: LiveClient
+    settings: dict[str, str]
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_worker(self, name: str) -> None:
+        """Start (or start again) the worker called `name`."""
+        self.workers[name] = self.servers.worker(name, **self.settings)
+
+    def sql(self, query: str) -> list[str]:
+        """The rows of a query on the job database, one line each."""
+        out = subprocess.run(
+            ["psql", self.postgres.url, "-At", "-c", query], check=True, capture_output=True, text=True
+        ).stdout
+        return out.splitlines()
+
+    def log(self) -> str:
+        """Every node's log (they share LOG_DIR, as nodes on one machine would)."""
+        return (self.servers.work / "logs" / "whisper_flask.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, postgres: Postgres) -> Iterator[Cluster]:
+    """An API node and two workers (one job at a time each) on a fresh database and broker; stopped after the module."""
+    postgres.reset()
+    work = tmp_path_factory.mktemp("cluster")
+    redis = Redis(work)
+    settings = {"DATABASE_URL": postgres.url, "BROKER_URL": redis.url, "LEASE_S": LEASE_S, "MAX_WORKERS": "1"}
+    key = create_cluster_key(work, model_dir, settings)
+    try:
+        with Servers(work, model_dir) as servers:
+            port, _ = servers.gunicorn(**settings)
+            running = Cluster(servers, redis, postgres, LiveClient(port, key), settings)
+            for name in ("one", "two"):
+                running.start_worker(name)
+            yield running
+    finally:
+        redis.kill()
+
+
+def create_cluster_key(work: Path, model_dir: Path, settings: dict[str, str]) -> str:
+    """An admin key in the cluster's database, made with `flask keys create` as an operator would."""
+    from tests.servers import ROOT, service_env
+
+    out = subprocess.run(
+        ["flask", "--app", "wsgi:app", "keys", "create", "--name", "tests", "--admin"],
+        cwd=ROOT, env=service_env(work, model_dir, **settings), check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return next(word for word in out.split() if word.startswith("wf_"))
+
+
+def transcribing(record: dict[str, object]) -> bool:
+    """A job past its first window: its resume state holds finished segments."""
+    return record["status"] == "in_progress" and float(record["processed_seconds"] or 0) > 0  # type: ignore[arg-type]
+
+
+def test_jobs_spread_over_both_workers_and_each_runs_once(cluster: Cluster) -> None:
+    """Jobs submitted together run on both workers, each once, and every one completes."""
+    ids = [submit(cluster.client, path) for path in SHORT]
+    for job_id in ids:
+        record = wait_for(cluster.client, job_id, timeout=300)
+        assert (record["status"], record["attempts"]) == ("completed", 1), record
+    quoted = ",".join(f"'{job_id}'" for job_id in ids)
+    runners = {row.split("@")[0] for row in cluster.sql(f"SELECT lease_owner FROM jobs WHERE id IN ({quoted})")}
+    assert len(runners) == 2, runners
+
+
+def test_queue_lists_each_worker_with_its_model_and_heartbeat(cluster: Cluster) -> None:
+    """GET /queue names every live worker: its host, model, running jobs and how long ago it beat."""
+    stats = cluster.client.get("/queue").get_json()
+    assert len(stats["worker_nodes"]) == 2, stats
+    for node in stats["worker_nodes"]:
+        assert node["model"] == "tiny.en" and node["capacity"] == 1
+        assert node["seconds_since_heartbeat"] < 5
+
+
+def test_a_worker_killed_mid_job_has_its_job_resumed_elsewhere_to_the_same_transcript(cluster: Cluster) -> None:
+    """SIGKILL of the worker running a job: another worker resumes it at its last window, to the undisturbed text."""
+    job_id = submit(cluster.client, CHAPTER)
+    wait_until(cluster.client, job_id, transcribing, timeout=300)
+    (owner,) = cluster.sql(f"SELECT lease_owner FROM jobs WHERE id = '{job_id}'")
+    pid = int(owner.rsplit(":", 1)[1])
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would: no handler runs, the lease simply stops being renewed
+    record = wait_for(cluster.client, job_id, timeout=120)
+    assert record["status"] == "completed", record
+    assert time.monotonic() - killed_at < 120
+    (resumed_by,) = cluster.sql(f"SELECT lease_owner FROM jobs WHERE id = '{job_id}'")
+    assert resumed_by != owner
+    assert f"job {job_id} resumes at" in cluster.log()
+    for name, process in list(cluster.workers.items()):
+        if process.pid == pid or process.poll() is not None:
+            cluster.servers.stop(process)
+            cluster.start_worker(name)
+
+    undisturbed = submit(cluster.client, CHAPTER)
+    wait_for(cluster.client, undisturbed, "completed", timeout=300)
+    got, expected = transcripts(cluster.client, job_id), transcripts(cluster.client, undisturbed)
+    assert got["txt"] == expected["txt"] and got["srt"] == expected["srt"]
+    assert_same_json_transcript(got["json"], expected["json"])
+
+
+def test_a_ticket_delivered_again_while_its_job_runs_does_not_run_it_twice(cluster: Cluster) -> None:
+    """Tickets delivered again (as Redis redelivers) find the job taken: it runs once, on one worker."""
+    job_id = submit(cluster.client, CHAPTER)
+    wait_until(cluster.client, job_id, transcribing, timeout=300)
+    sender = make_celery(Settings.load(cluster.settings))
+    try:
+        for _ in range(3):
+            sender.send_task(TASK, args=[job_id])
+    finally:
+        sender.close()
+    record = wait_for(cluster.client, job_id, timeout=300)
+    assert (record["status"], record["attempts"]) == ("completed", 1), record
+    assert cluster.log().count(f"job {job_id} in_progress") == 1
+
+
+def test_a_cancel_reaches_the_running_worker_within_two_seconds(cluster: Cluster) -> None:
+    """DELETE of a running job stops it on its worker within 2 s (the heartbeat sees the cancel)."""
+    job_id = submit(cluster.client, CHAPTER)
+    wait_until(cluster.client, job_id, transcribing, timeout=300)
+    cancelled_at = time.monotonic()
+    assert cluster.client.delete(f"/jobs/{job_id}").status == 200
+    while f"job {job_id} no longer runs here" not in cluster.log():
+        assert time.monotonic() - cancelled_at < 2, "the worker did not see the cancel within 2 s"
+        time.sleep(0.05)
+    assert cluster.client.get(f"/jobs/{job_id}").get_json()["status"] == "cancelled"
+
+
+def test_redis_restarted_empty_mid_run_loses_no_job(cluster: Cluster) -> None:
+    """The broker restarted without its data (every queued ticket gone): the reconciler queues the jobs again."""
+    ids = [submit(cluster.client, path) for path in [CHAPTER, CHAPTER, *SHORT]]
+    wait_until(cluster.client, ids[0], transcribing, timeout=300)
+    cluster.redis.kill()
+    for entry in cluster.redis.dir.iterdir():  # its append-only file too: the restart knows no ticket
+        if entry.is_dir():
+            for inner in entry.iterdir():
+                inner.unlink()
+        elif entry.name != "server.log":
+            entry.unlink()
+    cluster.redis.start(persistent=False)
+    for job_id in ids:
+        assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
+
+
+def test_postgres_restarted_mid_run_loses_no_job_and_readyz_recovers(cluster: Cluster) -> None:
+    """PostgreSQL stopped and started mid-run: /readyz says 503 meanwhile, then every job completes."""
+    ids = [submit(cluster.client, path) for path in [CHAPTER, *SHORT[:2]]]
+    wait_until(cluster.client, ids[0], transcribing, timeout=300)
+    cluster.postgres.stop("fast")  # every client cut off
+    try:
+        response = cluster.client.get("/readyz")
+        assert (response.status, response.get_json()["code"]) == (503, "database_unavailable")
+        time.sleep(2)
+    finally:
+        cluster.postgres.start()
+    deadline = time.monotonic() + 30
+    while cluster.client.get("/readyz").status != 200:
+        assert time.monotonic() < deadline, "/readyz did not recover"
+        time.sleep(0.2)
+    for job_id in ids:
+        assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
