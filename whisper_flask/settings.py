@@ -76,7 +76,7 @@ def _public_url(name: str, value: Any) -> str:
 
 
 def _service_url(schemes: tuple[str, ...]) -> Callable[[str, Any], str]:
-    """A parser for a database or broker URL of one of `schemes`; its error never repeats the URL (it may hold a password)."""
+    """A parser for a database or broker URL of one of `schemes`; its error never repeats the URL (a password)."""
 
     def parse(name: str, value: Any) -> str:
         text = str(value).strip()
@@ -293,7 +293,9 @@ class Settings:
             value = config.get(spec.name, spec.default)
             values[spec.name] = _check(spec, value)
         if values["BROKER_URL"] and not values["DATABASE_URL"]:
-            raise ConfigError(f"{PREFIX}BROKER_URL needs {PREFIX}DATABASE_URL: the API node and the workers share one database")
+            raise ConfigError(
+                f"{PREFIX}BROKER_URL needs {PREFIX}DATABASE_URL: the API node and the workers share one database"
+            )
         return cls(**values)
 
     def to_config(self) -> dict[str, Any]:
