@@ -10,12 +10,13 @@ from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.fetch import FetchLimits, UrlFetcher
 from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.engine.engine import Engine
+from whisper_flask.jobs.database import open_engine
 from whisper_flask.jobs.pipeline import JobPipeline
 from whisper_flask.jobs.ports import JobRunner, JobStore
 from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.retention import Retention
 from whisper_flask.jobs.runner import PoolRunner
-from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.store import SqlJobStore
 from whisper_flask.notify.messages import download_links
 from whisper_flask.notify.notifier import Notifier
 from whisper_flask.service.detection import LanguageDetection
@@ -48,12 +49,16 @@ class Parts:
     waits: JobWaits
 
 
+def open_stores(settings: Settings) -> tuple[SqlJobStore, KeyStore]:
+    """The job store and the key store on one engine: DATABASE_URL's PostgreSQL, else TRANSCRIPT_DIR's SQLite."""
+    database = open_engine(settings.DATABASE_URL or settings.TRANSCRIPT_DIR / "jobs.sqlite3")
+    return SqlJobStore(database), KeyStore(database)
+
+
 def build_parts(settings: Settings, engine: Engine) -> Parts:
-    """Open the store and build every part; nothing runs until the lifecycle starts it."""
-    database = settings.TRANSCRIPT_DIR / "jobs.sqlite3"
-    store = SqliteJobStore(database)
+    """Open the stores and build every part; nothing runs until the lifecycle starts it."""
+    store, keys = open_stores(settings)
     registry = JobRegistry(store, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY)
-    keys = KeyStore(database)
     signer = LinkSigner(settings.TRANSCRIPT_DIR / "link-secret", settings.DOWNLOAD_LINK_TTL_S)
     access = AccessControl(keys, FailureThrottle(settings.AUTH_FAILURES_PER_MINUTE), signer, enabled=settings.AUTH)
     retention = Retention(store, settings)
