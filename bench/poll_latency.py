@@ -25,6 +25,7 @@ from bench.peers import joined_speech, speech_passages  # noqa: E402
 from tests.servers import curl, free_port, render_nginx, start_gunicorn, start_nginx, stop  # noqa: E402
 from whisper_flask.access.keys import KeyStore  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
+from whisper_flask.jobs.database import open_engine  # noqa: E402
 
 
 def poll(port: int, path: str, count: int, key: str) -> list[float]:
@@ -57,7 +58,7 @@ def main() -> None:
     model_dir = work / "models"
     ensure_checkpoint(args.model, model_dir, allow_download=False)
     (work / "transcripts").mkdir()
-    keys = KeyStore(work / "transcripts" / "jobs.sqlite3")
+    keys = KeyStore(open_engine(work / "transcripts" / "jobs.sqlite3"))
     key = keys.create("bench", admin=True)
     keys.close()
     auth = ("-H", f"Authorization: Bearer {key}")

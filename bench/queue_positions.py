@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from whisper_flask.engine.options import TranscribeOptions  # noqa: E402
+from whisper_flask.jobs.database import open_engine  # noqa: E402
 from whisper_flask.jobs.records import Job  # noqa: E402
 from whisper_flask.jobs.registry import JobRegistry  # noqa: E402
 from whisper_flask.jobs.rotation import Turns  # noqa: E402
-from whisper_flask.jobs.store import SqliteJobStore  # noqa: E402
+from whisper_flask.jobs.store import SqlJobStore  # noqa: E402
 
 REPEATS = 200
 
@@ -39,7 +40,7 @@ def per_call_ms(call: Callable[[], object], repeats: int = REPEATS) -> float:
 def measure(count: int) -> tuple[float, float]:
     """With `count` pending jobs queued: (a view of the last one, a fresh sort of them all), in ms."""
     with tempfile.TemporaryDirectory() as work:
-        store = SqliteJobStore(Path(work) / "jobs.sqlite3")
+        store = SqlJobStore(open_engine(Path(work) / "jobs.sqlite3"))
         registry = JobRegistry(store, capacity=count + 1, per_owner=count + 1)
         registry.open()
         jobs = [

@@ -31,6 +31,8 @@ from whisper_flask.engine.speakers import Diarization, Turn
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.database import open_engine
+from whisper_flask.jobs.store import SqlJobStore
 from whisper_flask.settings import Settings
 
 #: Words each espeak-ng fixture says that tiny.en reliably hears.
@@ -167,11 +169,16 @@ class FakeEngine:
 def create_key(tmp_path: Path, name: str, *, admin: bool = False) -> str:
     """A new key in the job database of an app or server whose TRANSCRIPT_DIR is tmp_path/transcripts."""
     (tmp_path / "transcripts").mkdir(exist_ok=True)
-    keys = KeyStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    keys = KeyStore(open_engine(tmp_path / "transcripts" / "jobs.sqlite3"))
     try:
         return keys.create(name, admin=admin)
     finally:
         keys.close()
+
+
+def sqlite_store(path: Path) -> SqlJobStore:
+    """A job store on the SQLite file at `path`, migrated as the service opens it."""
+    return SqlJobStore(open_engine(path))
 
 
 def base_config(tmp_path: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from whisper_flask.extension import get_service
 from whisper_flask.jobs.pipeline import JobInterrupted
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobCancelled
-from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.store import SqlJobStore
 
 
 def test_upload_answers_202_with_the_contracts_body_and_location(client: FlaskClient) -> None:
@@ -388,15 +388,15 @@ def test_a_running_jobs_check_never_waits_for_a_cancels_commit_and_sees_the_canc
     job_id = upload(client, wav_bytes(95)).get_json()["transcription_id"]
     assert engine.in_window.wait(10)
     committing, disk = threading.Event(), threading.Event()
-    update = SqliteJobStore.update
+    update = SqlJobStore.update
 
-    def slow_commit(store: SqliteJobStore, job: Job) -> None:
+    def slow_commit(store: SqlJobStore, job: Job) -> None:
         if job.status is JobStatus.CANCELLED:  # a disk slow to fsync, under the registry's lock
             committing.set()
             assert disk.wait(10)
         update(store, job)
 
-    monkeypatch.setattr(SqliteJobStore, "update", slow_commit)
+    monkeypatch.setattr(SqlJobStore, "update", slow_commit)
     deleting = threading.Thread(target=lambda: client.delete(f"/jobs/{job_id}"))
     deleting.start()
     registry = get_service(app).parts.registry

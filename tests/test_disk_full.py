@@ -17,9 +17,10 @@ from tests.helpers import FakeEngine, eventually, keyed, submit, upload, wait_fo
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import StorageFull
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.database import open_engine, storage_errors
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobRegistry
-from whisper_flask.jobs.store import SqliteJobStore, storage_errors
+from whisper_flask.jobs.store import SqlJobStore
 
 
 def mount_small(mountpoint: Path) -> Iterator[Path]:
@@ -152,7 +153,7 @@ def test_a_key_first_used_on_a_full_disk_is_accepted_and_the_failed_bookkeeping_
     assert len(warnings) == 1
 
 
-class RefusingStore(SqliteJobStore):
+class RefusingStore(SqlJobStore):
     """A job store whose updates fail as on a full disk while `full` is set."""
 
     full = False
@@ -165,7 +166,7 @@ class RefusingStore(SqliteJobStore):
 
 @pytest.mark.parametrize("end", ["finish", "cancel"])
 def test_the_registry_keeps_a_job_whose_end_the_store_refuses(tmp_path: Path, end: str) -> None:
-    store = RefusingStore(tmp_path / "jobs.sqlite3")
+    store = RefusingStore(open_engine(tmp_path / "jobs.sqlite3"))
     registry = JobRegistry(store, capacity=10, per_owner=10)
     registry.open()
     job = Job(id="a" * 32, filename="a.wav", upload_name="a.upload", options=TranscribeOptions(), model="fake")
@@ -211,19 +212,19 @@ def test_a_job_whose_end_the_store_refuses_for_another_reason_leaves_no_place_he
     make_app: Callable[..., Flask], engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = make_app(MAX_WORKERS=1)
-    client, update = app.test_client(), SqliteJobStore.update
+    client, update = app.test_client(), SqlJobStore.update
 
-    def locked_at_the_end(store: SqliteJobStore, job: Job) -> None:
+    def locked_at_the_end(store: SqlJobStore, job: Job) -> None:
         if job.status.terminal:
             raise sqlite3.OperationalError("database is locked")
         update(store, job)
 
-    monkeypatch.setattr(SqliteJobStore, "update", locked_at_the_end)
+    monkeypatch.setattr(SqlJobStore, "update", locked_at_the_end)
     abandoned = submit(client, wav_bytes(1))
     eventually(
         lambda: client.get("/queue").get_json()["in_progress"] == 0, timeout=30, message="the job holds its place"
     )
-    monkeypatch.setattr(SqliteJobStore, "update", update)
+    monkeypatch.setattr(SqlJobStore, "update", update)
     assert wait_for(client, submit(client, wav_bytes(1)), timeout=30)["status"] == "completed"
     assert get_service(app).parts.store.get(abandoned).status is JobStatus.IN_PROGRESS, "left to the crash rule"
 

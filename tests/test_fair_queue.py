@@ -8,12 +8,11 @@ from pathlib import Path
 
 from flask import Flask
 
-from tests.helpers import FakeEngine, eventually, keyed, submit, wait_for
+from tests.helpers import FakeEngine, eventually, keyed, sqlite_store, submit, wait_for
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus
 from whisper_flask.jobs.registry import JobRegistry
-from whisper_flask.jobs.store import SqliteJobStore
 
 
 def started_order(engine: FakeEngine) -> list[str | None]:
@@ -66,7 +65,7 @@ def job(owner: str) -> Job:
 
 
 def test_jobs_keep_their_turns_after_a_restart(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store = sqlite_store(tmp_path / "jobs.sqlite3")
     registry = JobRegistry(store, capacity=10, per_owner=10)
     registry.open()
     a1, a2, a3, b1 = (registry.add(job(owner)).job for owner in ("alice", "alice", "alice", "bob"))

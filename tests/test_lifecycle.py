@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import Connection
 
 from tests.helpers import (
     FakeEngine,
@@ -21,6 +22,7 @@ from tests.helpers import (
     create_key,
     eventually,
     keyed_client_class,
+    sqlite_store,
     wait_for,
     wav_bytes,
 )
@@ -29,14 +31,14 @@ from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import StorageFull, WhisperIncompatible
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
-from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.store import SqlJobStore
 
 
 def seed_store(tmp_path: Path, jobs: list[tuple[str, JobStatus, JobStage, int]]) -> None:
     """Leave jobs in the store as a killed process would, each with an upload on disk."""
     (tmp_path / "transcripts").mkdir()
     (tmp_path / "uploads").mkdir()
-    store = SqliteJobStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    store = sqlite_store(tmp_path / "transcripts" / "jobs.sqlite3")
     for job_id, status, stage, attempts in jobs:
         (tmp_path / "uploads" / f"{job_id}.upload").write_bytes(wav_bytes(2))
         job = Job(
@@ -201,23 +203,23 @@ def test_a_recovery_the_store_refuses_part_way_changes_no_record_and_a_later_sta
     a, b = "a" * 32, "b" * 32
     seed_store(tmp_path, [(a, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 1),
                           (b, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 1)])  # fmt: skip
-    write = SqliteJobStore._write
+    write = SqlJobStore._write
 
-    def refuse_the_second(store: SqliteJobStore, job: Job) -> None:
+    def refuse_the_second(store: SqlJobStore, connection: Connection, job: Job) -> None:
         if job.id == b:
             raise StorageFull("database or disk is full")
-        write(store, job)
+        write(store, connection, job)
 
-    monkeypatch.setattr(SqliteJobStore, "_write", refuse_the_second)
+    monkeypatch.setattr(SqlJobStore, "_write", refuse_the_second)
     failing = get_service(create_app(base_config(tmp_path), engine=FakeEngine()))
     with pytest.raises(StorageFull):
         failing.start()
     failing.stop()
-    store = SqliteJobStore(tmp_path / "transcripts" / "jobs.sqlite3")
+    store = sqlite_store(tmp_path / "transcripts" / "jobs.sqlite3")
     left = [store.get(job_id) for job_id in (a, b)]
     store.close()
     assert [(job.status, job.attempts, job.isolated) for job in left if job] == [(JobStatus.IN_PROGRESS, 1, False)] * 2
-    monkeypatch.setattr(SqliteJobStore, "_write", write)
+    monkeypatch.setattr(SqlJobStore, "_write", write)
     client = restarted()  # two suspects: neither is charged, each runs isolated
     assert [wait_for(client, job_id)["attempts"] for job_id in (a, b)] == [1, 1]
 
@@ -228,7 +230,7 @@ def test_a_database_with_a_column_no_field_reads_any_more_still_loads_its_jobs(t
     with contextlib.closing(sqlite3.connect(database)) as db, db:
         db.execute("ALTER TABLE jobs ADD COLUMN link_base")  # written by an older version
         db.execute("UPDATE jobs SET link_base = 'http://old.example'")
-    store = SqliteJobStore(database)
+    store = sqlite_store(database)
     job = store.get("a" * 32)
     store.close()
     assert job is not None and job.status is JobStatus.PENDING

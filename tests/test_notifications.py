@@ -21,7 +21,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from flask import Flask
 
-from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed, submit, upload, wait_for
+from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed, sqlite_store, submit, upload, wait_for
 from tests.servers import free_port, serving
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
@@ -30,7 +30,7 @@ from whisper_flask.exceptions import StorageFull, TooManyNotifications
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import Job, JobStatus, ended, utcnow
 from whisper_flask.jobs.serialize import transcript_link
-from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.store import SqlJobStore
 from whisper_flask.notify.notifier import POLL_S
 from whisper_flask.notify.quota import NotifyQuota
 from whisper_flask.settings import ConfigError
@@ -452,7 +452,7 @@ def test_stopping_the_service_joins_every_notifier_thread(make_app: Callable[...
 
 
 def test_the_outbox_offers_each_key_s_soonest_notification_so_no_backlog_hides_another_key(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store = sqlite_store(tmp_path / "jobs.sqlite3")
     try:
         for owner, count in (("a", 60), ("b", 1)):  # a's backlog is older than b's one webhook
             for _ in range(count):
@@ -472,10 +472,10 @@ def test_a_webhook_whose_attempt_cannot_be_recorded_is_not_sent_again_at_every_r
     hook = receiver([])
     client = make_app(**FAST_RETRIES).test_client()
 
-    def disk_full(store: SqliteJobStore, notification: Any) -> None:
+    def disk_full(store: SqlJobStore, notification: Any) -> None:
         raise StorageFull("database or disk is full")
 
-    monkeypatch.setattr(SqliteJobStore, "record_attempt", disk_full)
+    monkeypatch.setattr(SqlJobStore, "record_attempt", disk_full)
     submit(client, FIXTURES / "fox.wav", callback_url=hook.url)
     eventually(lambda: len(hook.calls) >= 1, timeout=30, message="the webhook was never sent")
     time.sleep(3 * POLL_S)  # three dispatcher rounds, each of which would have sent it again

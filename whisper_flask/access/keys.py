@@ -11,15 +11,18 @@ import hashlib
 import hmac
 import logging
 import secrets
-import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from whisper_flask.exceptions import ApiKeyError
+from whisper_flask.jobs.database import READ_ONLY, database_path, storage_errors
 from whisper_flask.jobs.records import utcnow
-from whisper_flask.jobs.store import connect, storage_errors
+from whisper_flask.jobs.schema import api_keys
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,15 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "wf_"
 #: last_used_at is written at most this often per key, not on every poll.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+# Built once, their values bound at each call (as jobs/store.py's): a request's lookup stays cheap.
+_BY_DIGEST = select(api_keys).where(api_keys.c.digest == bindparam("wanted"))
+_ACTIVE = api_keys.c.revoked_at.is_(None)
+_ANY_ACTIVE = select(api_keys.c.name).where(_ACTIVE).limit(1)
+_IS_ACTIVE = select(api_keys.c.name).where(api_keys.c.name == bindparam("wanted"), _ACTIVE)
+_ALL = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.name)
+_REVOKE = update(api_keys).where(api_keys.c.name == bindparam("wanted"), _ACTIVE)
+_NOTE_USE = update(api_keys).where(api_keys.c.name == bindparam("wanted"))
 
 
 @dataclass(frozen=True)
@@ -45,17 +57,17 @@ def _digest(secret: str) -> str:
 
 
 class KeyStore:
-    """The api_keys table beside the jobs in jobs.sqlite3; safe to share between threads."""
+    """The api_keys table beside the jobs, on the job store's engine; safe to share between threads."""
 
-    def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._path = path
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._reader = engine.execution_options(**{READ_ONLY: True})
+        self._path = database_path(engine)
         self._last_used_failing = False  # logged once per outage, not per request
-        self._db = connect(path)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS api_keys (name TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE,"
-            " admin INTEGER NOT NULL, created_at TEXT NOT NULL, last_used_at TEXT, revoked_at TEXT)"
-        )
+
+    def _read(self, statement: Any, **values: Any) -> list[RowMapping]:
+        with self._reader.connect() as connection:
+            return list(connection.execute(statement, values).mappings())
 
     def create(self, name: str, *, admin: bool) -> str:
         """Make a key named `name` and return its secret, the only time it is ever available."""
@@ -63,62 +75,54 @@ class KeyStore:
             raise ApiKeyError("a key name is 1 to 64 letters, digits, '-', '_' or '.'")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)  # 256 bits
         try:
-            with self._lock, storage_errors(self._path):
-                self._db.execute(
-                    "INSERT INTO api_keys (name, digest, admin, created_at) VALUES (?, ?, ?, ?)",
-                    (name, _digest(secret), int(admin), utcnow()),
+            with storage_errors(self._path), self.engine.begin() as connection:
+                connection.execute(
+                    insert(api_keys).values(name=name, digest=_digest(secret), admin=int(admin), created_at=utcnow())
                 )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise ApiKeyError(f"a key named {name!r} exists already (names are never reused)") from None
         return secret
 
     def revoke(self, name: str) -> None:
         """Stop a key from working, at once; its record and its jobs stay."""
-        with self._lock, storage_errors(self._path):
-            cursor = self._db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (utcnow(), name)
-            )
-        if cursor.rowcount == 0:
+        with storage_errors(self._path), self.engine.begin() as connection:
+            revoked = connection.execute(_REVOKE, {"wanted": name, "revoked_at": utcnow()}).rowcount
+        if revoked == 0:
             raise ApiKeyError(f"no active key named {name!r}")
 
     def keys(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM api_keys ORDER BY created_at, name").fetchall()
-        return [_key(row) for row in rows]
+        return [_key(row) for row in self._read(_ALL)]
 
     def any_active(self) -> bool:
         """True when at least one key works."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
+        return bool(self._read(_ANY_ACTIVE))
 
     def is_active(self, name: str) -> bool:
         """True when a key of this name exists and is not revoked."""
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
-        return row is not None
+        return bool(self._read(_IS_ACTIVE, wanted=name))
 
     def authenticate(self, secret: str) -> ApiKey | None:
         """The active key whose secret this is, or None."""
         digest = _digest(secret)
-        with self._lock:
-            row = self._db.execute("SELECT * FROM api_keys WHERE digest = ?", (digest,)).fetchone()
-            if row is None or row["revoked_at"] is not None or not hmac.compare_digest(row["digest"], digest):
-                return None
-            key = _key(row)
-            now = datetime.now(timezone.utc)
-            if key.last_used_at is None or now - datetime.fromisoformat(key.last_used_at) >= LAST_USED_RESOLUTION:
-                self._note_use(key.name)
+        rows = self._read(_BY_DIGEST, wanted=digest)
+        if not rows or rows[0]["revoked_at"] is not None or not hmac.compare_digest(rows[0]["digest"], digest):
+            return None
+        key = _key(rows[0])
+        now = datetime.now(timezone.utc)
+        if key.last_used_at is None or now - datetime.fromisoformat(key.last_used_at) >= LAST_USED_RESOLUTION:
+            self._note_use(key.name)
         return key
 
     def _note_use(self, name: str) -> None:
-        # Caller holds the lock. Bookkeeping, best effort: a full disk (or any refusal) must not
-        # refuse the request it was made for, and is logged once until a write succeeds again.
+        # Bookkeeping, best effort: a full disk (or any refusal) must not refuse the request it was
+        # made for, and is logged once until a write succeeds again.
         try:
-            self._db.execute("UPDATE api_keys SET last_used_at = ? WHERE name = ?", (utcnow(), name))
-        except sqlite3.Error as exc:
+            with self.engine.begin() as connection:
+                connection.execute(_NOTE_USE, {"wanted": name, "last_used_at": utcnow()})
+        except SQLAlchemyError as exc:
             if not self._last_used_failing:
-                log.warning("could not record when API keys were last used (%s); requests go on", exc)
+                log.warning("could not record when API keys were last used (%s); requests go on", _reason(exc))
             self._last_used_failing = True
         else:
             if self._last_used_failing:
@@ -126,10 +130,14 @@ class KeyStore:
             self._last_used_failing = False
 
     def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._db.close()
+        """Close the engine's connections."""
+        self.engine.dispose()
 
 
-def _key(row: sqlite3.Row) -> ApiKey:
+def _reason(exc: SQLAlchemyError) -> object:
+    # The driver's own message: SQLAlchemy's adds the statement and a link.
+    return getattr(exc, "orig", None) or exc
+
+
+def _key(row: RowMapping) -> ApiKey:
     return ApiKey(row["name"], bool(row["admin"]), row["created_at"], row["last_used_at"], row["revoked_at"])

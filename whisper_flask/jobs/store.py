@@ -1,110 +1,144 @@
-"""Durable job records in SQLite (WAL), one row per job: the one-process JobStore (jobs/ports.py)."""
+"""Durable job records and the notification outbox on SQLAlchemy Core: the JobStore (jobs/ports.py).
+
+One set of queries for SQLite (one process) and PostgreSQL (cluster mode), on schema.py's tables
+and the engine jobs/database.py opens. The cluster's columns (leases, claims) are left to it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import os
-import sqlite3
-import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    RowMapping,
+    Select,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
 from whisper_flask.engine.options import TranscribeOptions
-from whisper_flask.exceptions import StorageFull
-from whisper_flask.files import FILE_MODE, create_private
+from whisper_flask.jobs.database import READ_ONLY, database_path, storage_errors
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
+from whisper_flask.jobs.schema import jobs, notifications
 
 _FIELDS = [f.name for f in dataclasses.fields(Job) if f.name != "seq"]
-#: SQLite's primary result codes SQLITE_FULL and SQLITE_IOERR (extended codes keep them in their low
-#: byte; typeshed lacks the module's constants).
-_SQLITE_FULL, _SQLITE_IOERR = 13, 10
-#: Free space under which an I/O error is taken for a full disk (a WAL write can fail as IOERR on ENOSPC).
-_NEARLY_FULL_BYTES = 1 << 20
+#: The columns a Job is read from (a KeyError here, at import, if schema.py lacks one of its fields).
+_JOB_COLUMNS = [jobs.c[name] for name in (*_FIELDS, "seq")]
+_NOTIFICATION_COLUMNS = [notifications.c[f.name] for f in dataclasses.fields(Notification) if f.name != "owner"]
+_UNFINISHED = (JobStatus.PENDING.value, JobStatus.IN_PROGRESS.value)
+_ENDED = (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+
+# The statements are built once, their values bound at each call: building and hashing a statement
+# costs SQLAlchemy more than SQLite takes to run it. An UPDATE sets the columns its parameters name.
+_INSERT_JOB = insert(jobs).returning(jobs.c.seq)
+_UPDATE_JOB = update(jobs).where(jobs.c.id == bindparam("job_id"))
+_GET_JOB = select(*_JOB_COLUMNS).where(jobs.c.id == bindparam("job_id"))
+# An aggregate answers one row either way, so a known id and an unknown one take the same steps.
+_OWNER = select(func.count().label("count"), func.max(jobs.c.owner).label("owner"))
+_OWNER = _OWNER.where(jobs.c.id == bindparam("job_id"))
+_PER_OWNER = select(jobs.c.owner, func.count().label("count")).group_by(jobs.c.owner)
+_UNFINISHED_JOBS = select(*_JOB_COLUMNS).where(jobs.c.status.in_(_UNFINISHED)).order_by(jobs.c.seq)
+_FINISHED_BEFORE = (
+    select(*_JOB_COLUMNS)
+    .where(jobs.c.status.in_(_ENDED), jobs.c.finished_at < bindparam("cutoff"), jobs.c.expired_at.is_(None))
+    .order_by(jobs.c.seq)
+)
+_FORGET_JOBS = delete(jobs).where(jobs.c.expired_at < bindparam("cutoff"))
+_FORGET_NOTIFICATIONS = delete(notifications).where(notifications.c.job_id.not_in(select(jobs.c.id)))
+_NOTIFICATIONS_OF = (
+    select(*_NOTIFICATION_COLUMNS)
+    .where(notifications.c.job_id == bindparam("job_id"))
+    .order_by(notifications.c.kind.desc())
+)
+_RECORD_ATTEMPT = update(notifications).where(notifications.c.id == bindparam("notification_id"))
 
 
-@contextlib.contextmanager
-def storage_errors(database: Path) -> Iterator[None]:
-    """SQLite refusing a write for want of space raises StorageFull; other errors (a failing disk) pass."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-        if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _nearly_full(database.parent)):
-            raise StorageFull(f"the job database cannot be written: {exc}") from exc
-        raise
+def _due_notifications() -> Select[Any]:
+    # One row per key (the soonest), so that one key's backlog never hides another key's notification.
+    place = func.row_number().over(
+        partition_by=jobs.c.owner, order_by=(notifications.c.next_attempt_at, notifications.c.id)
+    )
+    due = (
+        select(*_NOTIFICATION_COLUMNS, jobs.c.owner, place.label("place"))
+        .select_from(notifications.outerjoin(jobs, jobs.c.id == notifications.c.job_id))
+        .where(notifications.c.state == DeliveryState.PENDING.value)
+        .where(notifications.c.next_attempt_at <= bindparam("now"))
+        .subquery()
+    )
+    return (
+        select(*(due.c[column.name] for column in _NOTIFICATION_COLUMNS), due.c.owner)
+        .where(due.c.place == 1)
+        .order_by(due.c.next_attempt_at, due.c.id)
+        .limit(bindparam("limit"))
+    )
 
 
-def _nearly_full(directory: Path) -> bool:
-    try:
-        stats = os.statvfs(directory)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
+_DUE_NOTIFICATIONS = _due_notifications()
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open jobs.sqlite3 the way both the job store and the key store need it."""
-    # Made 0600 before SQLite opens it: SQLite gives -wal and -shm the database file's mode.
-    create_private(path)
-    for journal in (path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-        if journal.exists():  # left by an older version, made under the umask
-            journal.chmod(FILE_MODE)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA busy_timeout = 5000")  # the other store writes to the same file
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")  # a 202 means the job survives a power cut
-    return db
+@functools.cache
+def _list_jobs(by_status: bool, by_owner: bool) -> Select[Any]:
+    query = select(*_JOB_COLUMNS)
+    if by_status:
+        query = query.where(jobs.c.status == bindparam("status"))
+    if by_owner:
+        query = query.where(jobs.c.owner == bindparam("owner"))
+    return query.order_by(jobs.c.seq.desc()).limit(bindparam("limit")).offset(bindparam("offset"))
 
 
-class SqliteJobStore:
-    """Commits every write before returning; safe to share between threads."""
+class StoreClosed(RuntimeError):
+    """A store was used after close()."""
 
-    def __init__(self, path: Path) -> None:
-        # One connection, serialised by a lock: writes are tiny, and one writer
-        # is what SQLite allows anyway, so no "database is locked" retries.
-        self._lock = threading.Lock()
-        self._path = path
-        with storage_errors(path):
-            self._create(path)
 
-    def _create(self, path: Path) -> None:
-        self._db = connect(path)
-        self._db.execute(
-            f"CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, {', '.join(_FIELDS)},"
-            " UNIQUE (id))"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq)")
-        # A database from an older version lacks the newer fields' columns (they default to NULL).
-        existing = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name in _FIELDS:
-            if name not in existing:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name}")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS notifications (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,"
-            " kind TEXT NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,"
-            " next_attempt_at TEXT NOT NULL, last_error TEXT, delivered_at TEXT, UNIQUE (job_id, kind))"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_at)")
+class SqlJobStore:
+    """Commits every write before returning; safe to share between threads.
+
+    `engine` is public: the cluster mode's operations (leases, claims, workers) run on it too.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._reader = engine.execution_options(**{READ_ONLY: True})
+        self._path = database_path(engine)  # where a full disk is looked for (SQLite)
+        self._closed = False
+        # INSERT ... ON CONFLICT DO NOTHING is each dialect's own construct.
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._insert_notifications = dialect.insert(notifications).on_conflict_do_nothing()
 
     @contextlib.contextmanager
-    def _using(self) -> Iterator[None]:
-        # The connection alone, and a full disk as StorageFull (507, and the pipeline waits for space).
-        with self._lock, storage_errors(self._path):
-            yield
+    def _transaction(self) -> Iterator[Connection]:
+        # Committed when the block ends; a full disk as StorageFull (507, and the pipeline waits for space).
+        if self._closed:
+            raise StoreClosed("the job store is closed")
+        with storage_errors(self._path), self.engine.begin() as connection:
+            yield connection
+
+    def _read(self, statement: Executable, **values: Any) -> Sequence[RowMapping]:
+        # One statement: on SQLite it needs no transaction (READ_ONLY), so no write lock either.
+        if self._closed:
+            raise StoreClosed("the job store is closed")
+        with storage_errors(self._path), self._reader.connect() as connection:
+            return connection.execute(statement, values).mappings().all()
+
+    def _jobs(self, statement: Executable, **values: Any) -> list[Job]:
+        return [_job(row) for row in self._read(statement, **values)]
 
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
-        with self._using():
-            cursor = self._db.execute(
-                f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
-                _values(job),
-            )
-        return int(cursor.lastrowid or 0)
+        with self._transaction() as connection:
+            return int(connection.execute(_INSERT_JOB, _values(job)).scalar_one())
 
     def update(self, job: Job) -> None:
         """Replace a job's stored record with this one; an ended job's notifications join the outbox with it."""
@@ -112,158 +146,114 @@ class SqliteJobStore:
 
     def update_all(self, jobs: list[Job]) -> None:
         """Replace these jobs' records in one transaction: all of them are stored, or none."""
-        with self._using():
-            # One transaction: no crash can leave an ended job without its notifications, nor the
-            # crash rule's verdicts half written (the next start would judge from half of them).
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for job in jobs:
-                    self._write(job)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
-                    self._db.execute("ROLLBACK")
-                raise
+        # One transaction: no crash can leave an ended job without its notifications, nor the
+        # crash rule's verdicts half written (the next start would judge from half of them).
+        with self._transaction() as connection:
+            for job in jobs:
+                self._write(connection, job)
 
-    def _write(self, job: Job) -> None:
-        # Caller holds the lock, in a transaction.
-        self._db.execute(
-            f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in _FIELDS)} WHERE id = ?", [*_values(job), job.id]
-        )
-        if job.status.terminal:
+    def _write(self, connection: Connection, job: Job) -> None:
+        # Inside the caller's transaction.
+        connection.execute(_UPDATE_JOB, {**_values(job), "job_id": job.id})
+        if not job.status.terminal:
+            return
+        rows = [
+            {"job_id": job.id, "kind": kind.value, "target": target, "state": DeliveryState.PENDING.value,
+             "attempts": 0, "next_attempt_at": utcnow()}
             for kind, target in ((NotificationKind.WEBHOOK, job.callback_url),
-                                 (NotificationKind.EMAIL, job.notify_email)):  # fmt: skip
-                if target:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO notifications (job_id, kind, target, state, attempts,"
-                        " next_attempt_at) VALUES (?, ?, ?, ?, 0, ?)",
-                        (job.id, kind.value, target, DeliveryState.PENDING.value, utcnow()),
-                    )
+                                 (NotificationKind.EMAIL, job.notify_email))
+            if target
+        ]  # fmt: skip
+        if rows:  # once per job and kind, however often its end is written
+            connection.execute(self._insert_notifications, rows)
 
     def due_notifications(self, now: str, limit: int) -> list[Notification]:
         """Each key's soonest notification whose time has come (with its `owner`), soonest first."""
-        with self._using():
-            # One row per key, so that one key's backlog never hides another key's notification.
-            rows = self._db.execute(
-                "SELECT id, job_id, kind, target, state, attempts, next_attempt_at, last_error, delivered_at, owner"
-                " FROM (SELECT n.*, j.owner, ROW_NUMBER() OVER (PARTITION BY j.owner ORDER BY n.next_attempt_at,"
-                " n.id) AS place FROM notifications n LEFT JOIN jobs j ON j.id = n.job_id"
-                " WHERE n.state = ? AND n.next_attempt_at <= ?) WHERE place = 1 ORDER BY next_attempt_at LIMIT ?",
-                (DeliveryState.PENDING.value, now, limit),
-            ).fetchall()
-        return [_notification(row) for row in rows]
+        return [_notification(row) for row in self._read(_DUE_NOTIFICATIONS, now=now, limit=limit)]
 
     def notifications(self, job_id: str) -> list[Notification]:
         """A job's notifications, webhook first."""
-        with self._using():
-            rows = self._db.execute("SELECT * FROM notifications WHERE job_id = ? ORDER BY kind DESC", (job_id,))
-            return [_notification(row) for row in rows.fetchall()]
+        return [_notification(row) for row in self._read(_NOTIFICATIONS_OF, job_id=job_id)]
 
     def record_attempt(self, notification: Notification) -> None:
         """Store a notification's state after an attempt."""
-        with self._using():
-            self._db.execute(
-                "UPDATE notifications SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
-                " delivered_at = ? WHERE id = ?",
-                (notification.state.value, notification.attempts, notification.next_attempt_at,
-                 notification.last_error, notification.delivered_at, notification.id),
+        with self._transaction() as connection:
+            connection.execute(
+                _RECORD_ATTEMPT,
+                {"notification_id": notification.id, "state": notification.state.value,
+                 "attempts": notification.attempts, "next_attempt_at": notification.next_attempt_at,
+                 "last_error": notification.last_error, "delivered_at": notification.delivered_at},
             )  # fmt: skip
 
     def owner(self, job_id: str) -> tuple[bool, str | None]:
         """Whether a job of this id is on record, and its owner: the same one lookup whatever the answer."""
-        # An aggregate answers one row either way, so a known id and an unknown one take the same steps.
-        with self._using():
-            count, owner = self._db.execute("SELECT count(*), max(owner) FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return count > 0, owner
+        (row,) = self._read(_OWNER, job_id=job_id)
+        return row["count"] > 0, row["owner"]
 
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
-        with self._using():
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        rows = self._read(_GET_JOB, job_id=job_id)
+        return _job(rows[0]) if rows else None
 
     def list_jobs(self, status: JobStatus | None, owner: str | None, limit: int, offset: int) -> list[Job]:
         """Records newest first, optionally of one status and of one owner only."""
-        conditions, args = [], []
-        if status is not None:
-            conditions.append("status = ?")
-            args.append(status.value)
-        if owner is not None:
-            conditions.append("owner = ?")
-            args.append(owner)
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        with self._using():
-            rows = self._db.execute(
-                f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset]
-            ).fetchall()
-        return [_job(row) for row in rows]
+        query = _list_jobs(status is not None, owner is not None)
+        return self._jobs(query, status=status.value if status else None, owner=owner, limit=limit, offset=offset)
 
     def jobs_per_owner(self) -> dict[str | None, int]:
         """How many jobs each key has on record."""
-        with self._using():
-            rows = self._db.execute("SELECT owner, COUNT(*) FROM jobs GROUP BY owner").fetchall()
-        return {row[0]: row[1] for row in rows}
+        return {row["owner"]: row["count"] for row in self._read(_PER_OWNER)}
 
     def unfinished(self) -> list[Job]:
         """Jobs left pending or in progress, oldest first."""
-        with self._using():
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
-                (JobStatus.PENDING.value, JobStatus.IN_PROGRESS.value),
-            ).fetchall()
-        return [_job(row) for row in rows]
+        return self._jobs(_UNFINISHED_JOBS)
 
     def finished_before(self, cutoff: str) -> list[Job]:
         """Jobs that ended before cutoff and have not expired yet."""
-        with self._using():
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND finished_at < ? AND expired_at IS NULL",
-                (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value, cutoff),
-            ).fetchall()
-        return [_job(row) for row in rows]
+        return self._jobs(_FINISHED_BEFORE, cutoff=cutoff)
 
     def mark_expired(self, job_id: str, moment: str) -> None:
         """Record that an ended job's files were deleted at `moment`."""
-        with self._using():
-            self._db.execute("UPDATE jobs SET expired_at = ? WHERE id = ?", (moment, job_id))
+        with self._transaction() as connection:
+            connection.execute(_UPDATE_JOB, {"job_id": job_id, "expired_at": moment})
 
     def forget_expired_before(self, cutoff: str) -> int:
         """Delete the records of jobs that expired before cutoff; return how many."""
-        with self._using():
-            forgotten = self._db.execute("DELETE FROM jobs WHERE expired_at < ?", (cutoff,)).rowcount
-            self._db.execute("DELETE FROM notifications WHERE job_id NOT IN (SELECT id FROM jobs)")
-            return forgotten
+        with self._transaction() as connection:
+            forgotten = connection.execute(_FORGET_JOBS, {"cutoff": cutoff}).rowcount
+            connection.execute(_FORGET_NOTIFICATIONS)
+        return forgotten
 
     def close(self) -> None:
-        """Close the connection."""
-        with self._using():
-            self._db.close()
+        """Close the engine's connections; the store refuses every later call."""
+        self._closed = True
+        self.engine.dispose()
 
 
-def _values(job: Job) -> list[Any]:
-    values = []
+def _values(job: Job) -> dict[str, Any]:
+    values = {}
     for name in _FIELDS:
         value = getattr(job, name)
         if name == "options":
             value = json.dumps(value.as_dict())
         elif isinstance(value, JobStatus | JobStage):
             value = value.value
-        values.append(value)
+        values[name] = value
     return values
 
 
-def _notification(row: sqlite3.Row) -> Notification:
+def _notification(row: RowMapping) -> Notification:
     data = dict(row)
     data["kind"] = NotificationKind(data["kind"])
     data["state"] = DeliveryState(data["state"])
     return Notification(**data)
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: RowMapping) -> Job:
     # Columns an older version added and no field reads any more (link_base) stay in the table, unread.
-    data = {name: row[name] for name in (*_FIELDS, "seq")}
+    data = dict(row)
     data["options"] = TranscribeOptions.from_dict(json.loads(data["options"]))
     data["status"] = JobStatus(data["status"])
     data["stage"] = JobStage(data["stage"])
-    data["isolated"] = bool(data["isolated"])  # SQLite has no booleans; NULL in older databases
+    data["isolated"] = bool(data["isolated"])  # NULL in databases from before the column
     return Job(**data)

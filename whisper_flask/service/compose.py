@@ -14,6 +14,7 @@ from whisper_flask.audio.media import MediaDecoder
 from whisper_flask.engine.engine import Engine
 from whisper_flask.exceptions import BrokerUnavailable, DatabaseUnavailable
 from whisper_flask.jobs.celery_queue import CeleryRunner, make_celery
+from whisper_flask.jobs.database import open_engine
 from whisper_flask.jobs.leases import Leases, node_name
 from whisper_flask.jobs.pipeline import JobPipeline
 from whisper_flask.jobs.ports import JobRunner, JobStore, Registry
@@ -22,7 +23,7 @@ from whisper_flask.jobs.registry import JobRegistry
 from whisper_flask.jobs.retention import Retention
 from whisper_flask.jobs.runner import PoolRunner
 from whisper_flask.jobs.shared_registry import SharedRegistry
-from whisper_flask.jobs.store import SqliteJobStore
+from whisper_flask.jobs.store import SqlJobStore
 from whisper_flask.jobs.upkeep import Heartbeat, Reconciler
 from whisper_flask.notify.messages import download_links
 from whisper_flask.notify.notifier import Notifier
@@ -106,11 +107,15 @@ class Parts:
     cluster: Cluster | None
 
 
+def open_stores(settings: Settings) -> tuple[SqlJobStore, KeyStore]:
+    """The job store and the key store on one engine: DATABASE_URL's PostgreSQL, else TRANSCRIPT_DIR's SQLite."""
+    database = open_engine(settings.DATABASE_URL or settings.TRANSCRIPT_DIR / "jobs.sqlite3")
+    return SqlJobStore(database), KeyStore(database)
+
+
 def build_parts(settings: Settings, engine: Engine, role: Role = Role.ALONE) -> Parts:
-    """Open the store and build every part; nothing runs until the lifecycle starts it."""
-    database = settings.TRANSCRIPT_DIR / "jobs.sqlite3"
-    store = SqliteJobStore(database)
-    keys = KeyStore(database)
+    """Open the stores and build every part; nothing runs until the lifecycle starts it."""
+    store, keys = open_stores(settings)
     signer = LinkSigner(settings.TRANSCRIPT_DIR / "link-secret", settings.DOWNLOAD_LINK_TTL_S)
     access = AccessControl(keys, FailureThrottle(settings.AUTH_FAILURES_PER_MINUTE), signer, enabled=settings.AUTH)
     retention = Retention(store, settings)
