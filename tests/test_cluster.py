@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ def create_cluster_key(work: Path, model_dir: Path, settings: dict[str, str]) ->
     from tests.servers import ROOT, service_env
 
     out = subprocess.run(
-        ["flask", "--app", "wsgi:app", "keys", "create", "--name", "tests", "--admin"],
+        [sys.executable, "-m", "flask", "--app", "wsgi:app", "keys", "create", "--name", "tests", "--admin"],
         cwd=ROOT, env=service_env(work, model_dir, **settings), check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return next(word for word in out.split() if word.startswith("wf_"))
@@ -116,7 +117,7 @@ def test_a_worker_killed_mid_job_has_its_job_resumed_elsewhere_to_the_same_trans
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)  # as the OOM killer would: no handler runs, the lease simply stops being renewed
     record = wait_for(cluster.client, job_id, timeout=120)
-    assert record["status"] == "completed", record
+    assert (record["status"], record["attempts"]) == ("completed", 2), record  # it ran alone there: charged
     assert time.monotonic() - killed_at < 120
     (resumed_by,) = cluster.sql(f"SELECT lease_owner FROM jobs WHERE id = '{job_id}'")
     assert resumed_by != owner
@@ -153,7 +154,7 @@ def test_a_cancel_reaches_the_running_worker_within_two_seconds(cluster: Cluster
     job_id = submit(cluster.client, CHAPTER)
     wait_until(cluster.client, job_id, transcribing, timeout=300)
     cancelled_at = time.monotonic()
-    assert cluster.client.delete(f"/jobs/{job_id}").status == 200
+    assert cluster.client.delete(f"/jobs/{job_id}").status_code == 200
     while f"job {job_id} no longer runs here" not in cluster.log():
         assert time.monotonic() - cancelled_at < 2, "the worker did not see the cancel within 2 s"
         time.sleep(0.05)
@@ -174,6 +175,7 @@ def test_redis_restarted_empty_mid_run_loses_no_job(cluster: Cluster) -> None:
     cluster.redis.start(persistent=False)
     for job_id in ids:
         assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
+    assert "tickets given for pending jobs the queue did not hold" in cluster.log()
 
 
 def test_postgres_restarted_mid_run_loses_no_job_and_readyz_recovers(cluster: Cluster) -> None:
@@ -183,12 +185,12 @@ def test_postgres_restarted_mid_run_loses_no_job_and_readyz_recovers(cluster: Cl
     cluster.postgres.stop("fast")  # every client cut off
     try:
         response = cluster.client.get("/readyz")
-        assert (response.status, response.get_json()["code"]) == (503, "database_unavailable")
+        assert (response.status_code, response.get_json()["code"]) == (503, "database_unavailable")
         time.sleep(2)
     finally:
         cluster.postgres.start()
     deadline = time.monotonic() + 30
-    while cluster.client.get("/readyz").status != 200:
+    while cluster.client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, "/readyz did not recover"
         time.sleep(0.2)
     for job_id in ids:

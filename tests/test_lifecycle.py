@@ -30,6 +30,7 @@ from whisper_flask import create_app
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.exceptions import StorageFull, WhisperIncompatible
 from whisper_flask.extension import get_service
+from whisper_flask.jobs.ports import Fence
 from whisper_flask.jobs.records import Job, JobStage, JobStatus
 from whisper_flask.jobs.store import SqlJobStore
 
@@ -205,10 +206,10 @@ def test_a_recovery_the_store_refuses_part_way_changes_no_record_and_a_later_sta
                           (b, JobStatus.IN_PROGRESS, JobStage.TRANSCRIBING, 1)])  # fmt: skip
     write = SqlJobStore._write
 
-    def refuse_the_second(store: SqlJobStore, connection: Connection, job: Job) -> None:
+    def refuse_the_second(store: SqlJobStore, connection: Connection, job: Job, fence: Fence | None) -> None:
         if job.id == b:
             raise StorageFull("database or disk is full")
-        write(store, connection, job)
+        write(store, connection, job, fence)
 
     monkeypatch.setattr(SqlJobStore, "_write", refuse_the_second)
     failing = get_service(create_app(base_config(tmp_path), engine=FakeEngine()))

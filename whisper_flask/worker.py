@@ -30,12 +30,10 @@ def _settings() -> Settings:
     return settings
 
 
-@app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(celery_config(_settings()))
 
 
-@signals.worker_init.connect
 def _start(**_: Any) -> None:
     from whisper_flask.audio.subprocesses import media_tool
     from whisper_flask.engine.engine import WhisperEngine
@@ -51,19 +49,24 @@ def _start(**_: Any) -> None:
     _service.start()
 
 
-@signals.worker_shutting_down.connect
 def _stop_jobs(**_: Any) -> None:
     # A warm shutdown waits for running tasks: stopping the jobs first (back to pending, resumable)
     # makes it take one decoder step, not the rest of a long recording.
     _service.stop_jobs()
 
 
-@signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
     _service.stop()
 
 
-@app.task(name=TASK)
-def run_ticket(ticket: str) -> None:
+def _run_ticket(ticket: str) -> None:
     """Run the pending job whose turn it is on this worker (the ticket names the job that asked)."""
     _service.run_ticket(ticket)
+
+
+# Connected by calls, not decorators: Celery is untyped, and its decorators would untype these functions.
+app.on_configure.connect(_configure)
+signals.worker_init.connect(_start)
+signals.worker_shutting_down.connect(_stop_jobs)
+signals.worker_shutdown.connect(_stop)
+run_ticket = app.task(name=TASK)(_run_ticket)

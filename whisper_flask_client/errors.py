@@ -64,6 +64,14 @@ class ModelLoading(RetryLater):
     """model_loading: the model is still loading."""
 
 
+class DatabaseUnavailable(RetryLater):
+    """database_unavailable: the service's job database does not answer now (a cluster's PostgreSQL)."""
+
+
+class BrokerUnavailable(RetryLater):
+    """broker_unavailable: a cluster's API node cannot reach its broker now."""
+
+
 class TooManyJobs(RetryLater):
     """too_many_jobs: this key has as many jobs queued or running as it may."""
 
@@ -197,6 +205,9 @@ CODES: dict[str, type[ServiceError]] = {
     "shutting_down": ShuttingDown,
     "model_loading": ModelLoading,
     "model_unavailable": ModelUnavailable,
+    "database_unavailable": DatabaseUnavailable,
+    "broker_unavailable": BrokerUnavailable,
+    "storage_unavailable": StorageFull,
     "too_many_jobs": TooManyJobs,
     "too_many_failures": TooManyFailures,
     "too_many_notifications": TooManyNotifications,

@@ -17,10 +17,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import QueuePool
 
-from whisper_flask.exceptions import StorageFull
+from whisper_flask.exceptions import DatabaseUnavailable, StorageFull
 from whisper_flask.files import FILE_MODE, create_private
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -131,6 +131,10 @@ def storage_errors(database: Path | None) -> Iterator[None]:
         original: Any = exc.orig if isinstance(exc, DBAPIError) else exc
         if _full(original, database):
             raise StorageFull(f"the job database cannot be written: {original}") from exc
+        if database is None and isinstance(exc, OperationalError | InterfaceError):
+            # PostgreSQL gone (a restart, the network): the caller waits and tries again (a job), or
+            # answers 503 (a request). The error's text may name the server: it is logged, not shown.
+            raise DatabaseUnavailable("the job database does not answer; retrying") from exc
         raise
 
 

@@ -93,19 +93,23 @@ class Leases:
             chosen = next((job for job in self.pending_order(connection) if may_start(job, running)), None)
             if chosen is None:
                 return None
-            row = connection.execute(
-                update(schema.jobs)
-                .where(schema.jobs.c.id == chosen.id, schema.jobs.c.status == JobStatus.PENDING.value)
-                .values(
-                    status=JobStatus.IN_PROGRESS.value,
-                    stage=JobStage.DECODING_AUDIO.value,
-                    started_at=utcnow(),
-                    attempts=schema.jobs.c.attempts + 1,
-                    lease_owner=worker,
-                    lease_until=func.now() + text(f"interval '{self._lease}'"),
+            row = (
+                connection.execute(
+                    update(schema.jobs)
+                    .where(schema.jobs.c.id == chosen.id, schema.jobs.c.status == JobStatus.PENDING.value)
+                    .values(
+                        status=JobStatus.IN_PROGRESS.value,
+                        stage=JobStage.DECODING_AUDIO.value,
+                        started_at=utcnow(),
+                        attempts=schema.jobs.c.attempts + 1,
+                        lease_owner=worker,
+                        lease_until=func.now() + text(f"interval '{self._lease}'"),
+                    )
+                    .returning(schema.jobs)
                 )
-                .returning(schema.jobs)
-            ).mappings().one()
+                .mappings()
+                .one()
+            )
             return job_from_row(row)
 
     def renew(self, worker: str, job_ids: list[str]) -> set[str]:
@@ -173,4 +177,3 @@ class Leases:
                          row.heartbeat_at.isoformat(), round(float(row.age), 1))
             for row in rows
         ]  # fmt: skip
-

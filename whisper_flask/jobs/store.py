@@ -19,6 +19,7 @@ from sqlalchemy import (
     Executable,
     RowMapping,
     Select,
+    Update,
     bindparam,
     delete,
     func,
@@ -30,6 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from whisper_flask.engine.options import TranscribeOptions
 from whisper_flask.jobs.database import READ_ONLY, database_path, storage_errors
+from whisper_flask.jobs.ports import Fence, JobChanged
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, NotificationKind, utcnow
 from whisper_flask.jobs.schema import jobs, notifications
 
@@ -133,28 +135,34 @@ class SqlJobStore:
             return connection.execute(statement, values).mappings().all()
 
     def _jobs(self, statement: Executable, **values: Any) -> list[Job]:
-        return [_job(row) for row in self._read(statement, **values)]
+        return [job_from_row(row) for row in self._read(statement, **values)]
 
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
         with self._transaction() as connection:
             return int(connection.execute(_INSERT_JOB, _values(job)).scalar_one())
 
-    def update(self, job: Job) -> None:
-        """Replace a job's stored record with this one; an ended job's notifications join the outbox with it."""
-        self.update_all([job])
+    def update(self, job: Job, fence: Fence | None = None) -> None:
+        """Replace a job's stored record with this one; an ended job's notifications join the outbox with it.
 
-    def update_all(self, jobs: list[Job]) -> None:
-        """Replace these jobs' records in one transaction: all of them are stored, or none."""
+        With a `fence`, only a record that meets it is replaced; JobChanged otherwise.
+        """
+        self.update_all([job], fence)
+
+    def update_all(self, jobs: list[Job], fence: Fence | None = None) -> None:
+        """Replace these jobs' records in one transaction: all or none (JobChanged if one fails `fence`)."""
         # One transaction: no crash can leave an ended job without its notifications, nor the
         # crash rule's verdicts half written (the next start would judge from half of them).
         with self._transaction() as connection:
             for job in jobs:
-                self._write(connection, job)
+                self._write(connection, job, fence)
 
-    def _write(self, connection: Connection, job: Job) -> None:
-        # Inside the caller's transaction.
-        connection.execute(_UPDATE_JOB, {**_values(job), "job_id": job.id})
+    def _write(self, connection: Connection, job: Job, fence: Fence | None) -> None:
+        # Inside the caller's transaction; JobChanged rolls it back.
+        if fence is None:
+            connection.execute(_UPDATE_JOB, {**_values(job), "job_id": job.id})
+        elif connection.execute(_fenced(fence), {**_values(job), "job_id": job.id}).rowcount != 1:
+            raise JobChanged(job.id)
         if not job.status.terminal:
             return
         rows = [
@@ -193,7 +201,7 @@ class SqlJobStore:
     def get(self, job_id: str) -> Job | None:
         """The stored record, or None."""
         rows = self._read(_GET_JOB, job_id=job_id)
-        return _job(rows[0]) if rows else None
+        return job_from_row(rows[0]) if rows else None
 
     def list_jobs(self, status: JobStatus | None, owner: str | None, limit: int, offset: int) -> list[Job]:
         """Records newest first, optionally of one status and of one owner only."""
@@ -230,6 +238,12 @@ class SqlJobStore:
         self.engine.dispose()
 
 
+def _fenced(fence: Fence) -> Update:
+    """An update of the job whose id is bound, only if its record meets `fence` (status, lease holder)."""
+    statement = _UPDATE_JOB.where(jobs.c.status.in_([status.value for status in fence.statuses]))
+    return statement if fence.lease_owner is None else statement.where(jobs.c.lease_owner == fence.lease_owner)
+
+
 def _values(job: Job) -> dict[str, Any]:
     values = {}
     for name in _FIELDS:
@@ -249,9 +263,9 @@ def _notification(row: RowMapping) -> Notification:
     return Notification(**data)
 
 
-def _job(row: RowMapping) -> Job:
-    # Columns an older version added and no field reads any more (link_base) stay in the table, unread.
-    data = dict(row)
+def job_from_row(row: RowMapping) -> Job:
+    """The Job of a row of the jobs table; other columns (the cluster's lease, an old version's link_base) are left."""
+    data = {name: row[name] for name in (*_FIELDS, "seq")}
     data["options"] = TranscribeOptions.from_dict(json.loads(data["options"]))
     data["status"] = JobStatus(data["status"])
     data["stage"] = JobStage(data["stage"])

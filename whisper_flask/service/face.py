@@ -157,9 +157,7 @@ class TranscriptionService:
         stored = [upload_name]
         try:
             info = self._parts.media.probe(self.settings.UPLOAD_DIR / upload_name)  # a playlist or an absurd header
-            job = request.job(
-                uuid.uuid4().hex, self.model_name, upload_name=upload_name, duration=info.duration
-            )
+            job = request.job(uuid.uuid4().hex, self.model_name, upload_name=upload_name, duration=info.duration)
             store_samples(self._parts.media, self.settings.UPLOAD_DIR, job.speaker_samples, speaker_samples)
             stored += job.speaker_samples
             with self._parts.notifier.reserve(request.owner, request.notify.count):
@@ -279,9 +277,7 @@ class TranscriptionService:
         if self._parts.engine.ready:
             return
         if self._parts.engine.error:  # the reason, with paths, is in the log; /readyz is public
-            raise ModelUnavailable(
-                f"model {self.model_name} could not be loaded; the service's log says why"
-            )
+            raise ModelUnavailable(f"model {self.model_name} could not be loaded; the service's log says why")
         raise ModelLoading(f"model {self.model_name} is loading")
 
     def detect_language(self, upload_name: str) -> dict[str, float]:
