@@ -227,7 +227,11 @@ def openapi_document() -> dict[str, Any]:
             ),
             "options": _operation("What may be done to a job", described, security=[], parameters=[job_id]),
         },
-        "/queue": {"get": _operation("Jobs, limits, each model's arithmetic, a cluster's workers", {"200": _ok("counts"), **_errors(401)})},
+        "/queue": {
+            "get": _operation(
+                "Jobs, limits, each model's arithmetic, a cluster's workers", {"200": _ok("counts"), **_errors(401)}
+            )
+        },
         "/detect-language": {
             "post": _operation(
                 "The language of the first 30 s of a file",

@@ -15,15 +15,18 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, func, select, text, update
+from sqlalchemy import Connection, Engine, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from whisper_flask.jobs import schema
-from whisper_flask.jobs.records import Job, JobStage, JobStatus, utcnow
+from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, Notification, utcnow
 from whisper_flask.jobs.rotation import start_order
 from whisper_flask.jobs.store import job_from_row
 
+#: How long a node's claim on a notification lasts if the node dies before recording its attempt (an
+#: attempt takes at most 30 s for a webhook, SMTP's timeout for an e-mail).
+NOTIFICATION_CLAIM_S = 120
 #: Advisory lock keys (arbitrary, fixed): claims and admissions are serialised cluster-wide by them,
 #: and one reconciler at a time runs.
 CLAIM_LOCK = 0x57464C01
@@ -140,6 +143,24 @@ class Leases:
         for row in rows:
             by_worker.setdefault(row["lease_owner"] or "", []).append(job_from_row(row))
         return by_worker
+
+    def claim_notification(self, notification: Notification, node: str) -> bool:
+        """Take a due notification for this node to send, unless another node holds it; whether it is ours."""
+        with self._engine.begin() as connection:
+            claimed = connection.execute(
+                update(schema.notifications)
+                .where(
+                    schema.notifications.c.id == notification.id,
+                    schema.notifications.c.state == DeliveryState.PENDING.value,
+                    schema.notifications.c.next_attempt_at <= utcnow(),
+                    or_(
+                        schema.notifications.c.claimed_until.is_(None),
+                        schema.notifications.c.claimed_until < func.now(),
+                    ),
+                )
+                .values(claimed_by=node, claimed_until=func.now() + text(f"interval '{NOTIFICATION_CLAIM_S} seconds'"))
+            ).rowcount
+        return claimed == 1
 
     def reachable(self) -> bool:
         """Whether the database answers now."""

@@ -190,7 +190,8 @@ class SqlJobStore:
                 _RECORD_ATTEMPT,
                 {"notification_id": notification.id, "state": notification.state.value,
                  "attempts": notification.attempts, "next_attempt_at": notification.next_attempt_at,
-                 "last_error": notification.last_error, "delivered_at": notification.delivered_at},
+                 "last_error": notification.last_error, "delivered_at": notification.delivered_at,
+                 "claimed_by": None, "claimed_until": None},  # a cluster's claim on it ends with the attempt
             )  # fmt: skip
 
     def owner(self, job_id: str) -> tuple[bool, str | None]:

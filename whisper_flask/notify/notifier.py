@@ -63,8 +63,12 @@ class Notifier:
         settings: Settings,
         webhook_secret: Callable[[str | None], str],
         links: Callable[[Job], dict[str, str]],
+        claim: Callable[[Notification], bool] | None = None,
     ) -> None:
         self._store = store
+        # In a cluster every API node runs a notifier: each notification is claimed in the database first,
+        # so exactly one node sends it (its claim ends when the attempt is recorded, or after CLAIM_S).
+        self._claim = claim
         self._allowed = settings.URL_ALLOW
         self._retry = RetryPolicy(settings.NOTIFY_RETRY_BASE_S, settings.NOTIFY_MAX_ATTEMPTS)
         self._smtp = smtp_settings(settings)
@@ -136,6 +140,9 @@ class Notifier:
                 owner: self._served.get(owner, 0) for owner in busy
             }
             chosen = sorted(due, key=lambda n: self._served[n.owner])[:free]  # stable: soonest first among equals
+        if self._claim is not None:  # a cluster: another API node may be sending it already
+            chosen = [notification for notification in chosen if self._claim(notification)]
+        with self._changed:
             for notification in chosen:
                 self._in_flight[notification.id] = notification.owner
                 self._served[notification.owner] = next(self._turns)

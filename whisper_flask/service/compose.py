@@ -58,6 +58,7 @@ class Cluster:
     """A cluster node's own parts: its leases, its link to the broker, and the loops that keep them."""
 
     role: Role
+    node: str  # this process's name in the cluster (leases.node_name)
     leases: Leases
     runner: CeleryRunner
     reconciler: Reconciler
@@ -120,9 +121,6 @@ def build_parts(settings: Settings, engine: Engine, role: Role = Role.ALONE) -> 
     access = AccessControl(keys, FailureThrottle(settings.AUTH_FAILURES_PER_MINUTE), signer, enabled=settings.AUTH)
     retention = Retention(store, settings)
     media = MediaDecoder(settings.UPLOAD_DIR, settings.MAX_AUDIO_HOURS * 3600)
-    notifier = Notifier(
-        store, settings, signer.webhook_secret, functools.partial(download_links, signer, settings.PUBLIC_URL)
-    )
     registry: Registry
     runner: JobRunner
     cluster = None
@@ -132,6 +130,10 @@ def build_parts(settings: Settings, engine: Engine, role: Role = Role.ALONE) -> 
     else:
         registry, cluster = _cluster_parts(settings, store, role, retention.release)
         runner = cluster.runner
+    notifier = Notifier(
+        store, settings, signer.webhook_secret, functools.partial(download_links, signer, settings.PUBLIC_URL),
+        claim=functools.partial(cluster.leases.claim_notification, node=cluster.node) if cluster else None,
+    )  # fmt: skip
     fetcher = UrlFetcher(settings.URL_ALLOW, FetchLimits(settings.max_upload_bytes, settings.URL_FETCH_TIMEOUT_S))
     pipeline = JobPipeline(registry, engine, media, fetcher, retention, settings)
     owned = OwnedJobs(registry, store)
@@ -172,4 +174,4 @@ def _cluster_parts(
     heartbeat = Heartbeat(registry, leases, node, settings.MODEL, settings.MAX_WORKERS) if role.runs_jobs else None
     # A third of a lease: a dead worker's jobs are queued again within about 1.3 leases of its death.
     reconciler = Reconciler(store, leases, runner, release, settings.LEASE_S / 3)
-    return registry, Cluster(role, leases, runner, reconciler, heartbeat)
+    return registry, Cluster(role, node, leases, runner, reconciler, heartbeat)
