@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.helpers import LiveClient, assert_same_json_transcript, submit, transcripts, wait_for, wait_until
-from tests.servers import FIXTURES, Postgres, Redis, Servers
+from tests.servers import FIXTURES, Postgres, Receiver, Redis, Servers, free_port, serving, start_gunicorn, stop
 from whisper_flask.jobs.celery_queue import TASK, make_celery
 from whisper_flask.settings import Settings
 
@@ -59,10 +60,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, postgres:
     postgres.reset()
     work = tmp_path_factory.mktemp("cluster")
     redis = Redis(work)
-    settings = {"DATABASE_URL": postgres.url, "BROKER_URL": redis.url, "LEASE_S": LEASE_S, "MAX_WORKERS": "1"}
+    settings = {"DATABASE_URL": postgres.url, "BROKER_URL": redis.url, "LEASE_S": LEASE_S, "MAX_WORKERS": "1",
+                "URL_ALLOW": "127.0.0.1"}  # fmt: skip
     key = create_cluster_key(work, model_dir, settings)
     try:
         with Servers(work, model_dir) as servers:
+            settings["PUBLIC_URL"] = f"http://127.0.0.1:{servers.port}"
             port, _ = servers.gunicorn(**settings)
             running = Cluster(servers, redis, postgres, LiveClient(port, key), settings)
             for name in ("one", "two"):
@@ -106,6 +109,35 @@ def test_queue_lists_each_worker_with_its_model_and_heartbeat(cluster: Cluster) 
     for node in stats["worker_nodes"]:
         assert node["model"] == "tiny.en" and node["capacity"] == 1
         assert node["seconds_since_heartbeat"] < 5
+
+
+def test_two_api_nodes_deliver_a_jobs_webhook_exactly_once(cluster: Cluster) -> None:
+    """With two API nodes (each runs a notifier), a finished job's webhook is sent once."""
+    second = free_port()
+    process = start_gunicorn(cluster.servers.work, cluster.servers.model_dir, second, **cluster.settings)
+    try:
+        with serving(Receiver([])) as receiver:
+            job_id = submit(cluster.client, SHORT[0], callback_url=receiver.url)
+            assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
+            deadline = time.monotonic() + 30
+            while not receiver.calls:
+                assert time.monotonic() < deadline, "no webhook came"
+                time.sleep(0.1)
+            time.sleep(3)  # both notifiers poll every second: a second delivery would have come by now
+            assert len(receiver.calls) == 1
+            assert job_id.encode() in receiver.calls[0][1]
+    finally:
+        stop(process)
+
+
+def test_the_openai_api_answers_with_the_text_a_worker_transcribed(cluster: Cluster) -> None:
+    """/v1/audio/transcriptions on the API node waits for the job a worker runs, then answers its text."""
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{cluster.servers.port}/v1", api_key=cluster.client.key, max_retries=0
+    )
+    with SHORT[0].open("rb") as audio:
+        text = client.audio.transcriptions.create(model="whisper-1", file=audio).text
+    assert "lazy dog" in text.lower()
 
 
 def test_a_worker_killed_mid_job_has_its_job_resumed_elsewhere_to_the_same_transcript(cluster: Cluster) -> None:

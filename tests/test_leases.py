@@ -1,4 +1,4 @@
-"""The cluster's leases, claims, fences and reconciler on a real PostgreSQL (jobs/leases.py, shared_registry.py, upkeep.py)."""
+"""Cluster leases, claims, fences and the reconciler, on a real PostgreSQL (leases.py, shared_registry.py, upkeep.py)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from aiosmtpd.controller import Controller
 from flask import Flask
 
 from tests.helpers import FIXTURES, FakeEngine, base_config, eventually, keyed, sqlite_store, submit, upload, wait_for
-from tests.servers import free_port, serving
+from tests.servers import Receiver, free_port, serving
 from whisper_flask import create_app
 from whisper_flask.access.control import UNRESTRICTED
 from whisper_flask.engine.options import TranscribeOptions
@@ -45,44 +45,6 @@ FAST_RETRIES = {
     "NOTIFY_MAX_ATTEMPTS": 5,
     "PUBLIC_URL": PUBLIC_URL,
 }
-
-
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on loopback that answers the scripted statuses in turn, then 200, each after `delay_s`."""
-
-    daemon_threads = True
-
-    def __init__(self, statuses: list[int], delay_s: float = 0) -> None:
-        super().__init__(("127.0.0.1", 0), _ReceiverHandler)
-        self.statuses = statuses
-        self.delay_s = delay_s
-        self.released = threading.Event()  # set after the test: a slow receiver answers at once
-        self.calls: list[tuple[dict[str, str], bytes]] = []
-        self.answered: list[float] = []  # time.monotonic() of each answer
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hooks/whisper"
-
-    def shutdown(self) -> None:
-        self.released.set()
-        super().shutdown()
-
-
-class _ReceiverHandler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.calls.append((dict(self.headers), body))
-        self.server.released.wait(self.server.delay_s)
-        self.send_response(self.server.statuses.pop(0) if self.server.statuses else 200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        self.server.answered.append(time.monotonic())
 
 
 @pytest.fixture
