@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from whisper_flask.exceptions import TransientStorageError
 from whisper_flask.jobs.celery_queue import CeleryRunner
 from whisper_flask.jobs.crash_rule import after_crash, suspects
 from whisper_flask.jobs.leases import RECONCILE_LOCK, Leases
@@ -40,9 +41,11 @@ class _Loop:
         while not self._stopping.wait(period):
             try:
                 step()
-            except (SQLAlchemyError, OSError) as exc:  # the database or the broker away: try again next period
+            except Exception as exc:  # the database or the broker away (each client raises its own kinds)
+                # The loop must outlive any failure: without it no dead worker's job would be taken over.
                 if not self._failing:
-                    log.warning("%s: %s; retrying", self._thread.name, type(exc).__name__)
+                    log.warning("%s: %s; retrying every %.1f s", self._thread.name, type(exc).__name__, period,
+                                exc_info=not isinstance(exc, SQLAlchemyError | TransientStorageError))  # fmt: skip
                 self._failing = True
             else:
                 if self._failing:
