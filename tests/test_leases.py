@@ -1,4 +1,4 @@
-"""Cluster leases, claims, fences and the reconciler, on a real PostgreSQL (leases.py, shared_registry.py, upkeep.py)."""
+"""Cluster leases, claims, fences and the reconciler on a real PostgreSQL (leases.py, shared_registry.py, upkeep.py)."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_a_cancel_on_the_api_node_stops_the_job_at_its_workers_next_heartbeat(st
     api, worker = node(store, "api"), node(store, "worker")
     job_id = api.add(new_job(1)).job.id
     assert worker.start_next() is not None
-    heartbeat = Heartbeat(worker, Leases(store.engine, 30), "worker", "m", 1)
+    heartbeat = Heartbeat(worker, Leases(store.engine, 30), "worker", "m", 1, 30)
     heartbeat.beat()
     worker.check_active(job_id)  # still its own
     cancelled, was_pending = api.cancel(job_id)

@@ -25,7 +25,7 @@ from whisper_flask.jobs.shared_registry import SharedRegistry
 
 log = logging.getLogger(__name__)
 
-#: The heartbeat's period: a cancel reaches the job's worker within it (plus one decoder step).
+#: The heartbeat's longest period: a cancel reaches the job's worker within it (plus one decoder step).
 HEARTBEAT_S = 1.0
 
 
@@ -64,13 +64,16 @@ class _Loop:
 class Heartbeat:
     """A worker's lease renewals and its row in `workers`, every HEARTBEAT_S."""
 
-    def __init__(self, registry: SharedRegistry, leases: Leases, node: str, model: str, capacity: int) -> None:
+    def __init__(
+        self, registry: SharedRegistry, leases: Leases, node: str, model: str, capacity: int, lease_s: float
+    ) -> None:
         self._registry = registry
         self._leases = leases
         self._node = node
         self._model = model
         self._capacity = capacity
-        self._loop = _Loop("whisper-heartbeat", HEARTBEAT_S, self.beat)
+        # At least three beats per lease, so that one slow beat never lets a live worker's lease run out.
+        self._loop = _Loop("whisper-heartbeat", min(HEARTBEAT_S, lease_s / 3), self.beat)
 
     def beat(self) -> None:
         """Renew the leases of this worker's jobs; jobs it no longer holds stop here."""

@@ -171,7 +171,11 @@ def _cluster_parts(
     node = node_name()
     registry = SharedRegistry(store, leases, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY, node)
     runner = CeleryRunner(make_celery(settings))
-    heartbeat = Heartbeat(registry, leases, node, settings.MODEL, settings.MAX_WORKERS) if role.runs_jobs else None
+    heartbeat = (
+        Heartbeat(registry, leases, node, settings.MODEL, settings.MAX_WORKERS, settings.LEASE_S)
+        if role.runs_jobs
+        else None
+    )
     # A third of a lease: a dead worker's jobs are queued again within about 1.3 leases of its death.
     reconciler = Reconciler(store, leases, runner, release, settings.LEASE_S / 3)
     return registry, Cluster(role, node, leases, runner, reconciler, heartbeat)
