@@ -211,7 +211,8 @@ else
   check_url --broker-url "$BROKER_URL" "redis rediss amqp amqps"
   database_addresses=$(url_addresses "$DATABASE_URL" database)
   broker_addresses=$(url_addresses "$BROKER_URL" broker)
-  ALLOW=$(printf '%s\n' "$database_addresses" "$broker_addresses" "$(name_servers)" | grep -v -e '^$' -e '^127\.' -e '^::1$' | sort -u | tr '\n' ' ')
+  ALLOW=$(printf '%s\n' "$database_addresses" "$broker_addresses" "$(name_servers)" |
+    { grep -v -e '^$' -e '^127\.' -e '^::1$' || true; } | sort -u | tr '\n' ' ')
   ALLOW=${ALLOW% }
 fi
 
