@@ -9,6 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -18,6 +19,12 @@ from tests.servers import DEPLOY, ROOT, Servers, curl, free_port, render_nginx
 from whisper_flask.settings import Settings
 
 UNIT = DEPLOY / "systemd" / "whisper-flask.service"
+WORKER_UNIT = DEPLOY / "systemd" / "whisper-flask-worker.service"
+UNITS = pytest.mark.parametrize("shipped", [UNIT, WORKER_UNIT], ids=["gunicorn", "worker"])
+INSTALL = DEPLOY / "install.sh"
+#: Cluster URLs with passwords, at addresses (resolving needs no DNS); no output may show a password.
+DATABASE_URL = "postgresql://whisper:db-s3cret@192.0.2.10:5432/whisper"
+BROKER_URL = "redis://:broker-s3cret@192.0.2.11:6379/0"
 
 
 @pytest.mark.nginx
@@ -139,25 +146,131 @@ def test_upload_flood_gets_429_json_and_polling_is_not_limited(stack: LiveClient
     assert all(curl(*key, f"{base}/queue")[0] == 200 for _ in range(20))
 
 
-def test_systemd_unit_verifies_cleanly(tmp_path: Path) -> None:
-    # The unit as shipped, with its /opt/whisper-flask install prefix pointed at this checkout.
-    unit = tmp_path / "whisper-flask.service"
+def local_unit(shipped: Path, directory: Path) -> Path:
+    """The unit as shipped, with its /opt/whisper-flask install prefix pointed at this checkout."""
+    unit = directory / shipped.name
     unit.write_text(
-        UNIT.read_text()
+        shipped.read_text()
         .replace("/opt/whisper-flask/venv", str(Path(sys.executable).parent.parent))
         .replace("/opt/whisper-flask/app", str(ROOT))
     )
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path)
-    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    return unit
 
 
-def test_systemd_unit_exposure_is_at_most_2() -> None:
+def verify(unit: Path) -> tuple[int, str]:
+    result = subprocess.run(["systemd-analyze", "verify", unit.name], capture_output=True, text=True, cwd=unit.parent)
+    return result.returncode, result.stdout + result.stderr
+
+
+def exposure(unit: Path) -> float:
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)], capture_output=True, text=True
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)], capture_output=True, text=True
     )
-    score = re.search(r"Overall exposure level for whisper-flask.service: (\d+\.\d+)", result.stdout)
+    score = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)", result.stdout)
     assert score is not None, result.stdout + result.stderr
-    assert float(score.group(1)) <= 2.0
+    return float(score.group(1))
+
+
+@UNITS
+def test_systemd_unit_verifies_cleanly(tmp_path: Path, shipped: Path) -> None:
+    assert verify(local_unit(shipped, tmp_path)) == (0, "")
+
+
+@UNITS
+def test_systemd_unit_exposure_is_at_most_2(shipped: Path) -> None:
+    # The worker's sandbox is the gunicorn unit's; only its program and its stop differ.
+    assert exposure(shipped) <= 2.0
+
+
+def install(*options: str) -> subprocess.CompletedProcess[str]:
+    """deploy/install.sh with these options; only ever with --dry-run here (it changes nothing)."""
+    assert "--dry-run" in options
+    return subprocess.run([str(INSTALL), *options], capture_output=True, text=True, timeout=60)
+
+
+def dropin(output: str) -> str:
+    """The cluster drop-in a dry run shows, indented under its `drop-in:` line."""
+    return "".join(line[4:] + "\n" for line in output.splitlines() if line.startswith("    "))
+
+
+@pytest.mark.parametrize(("role", "unit"), [("api", UNIT), ("worker", WORKER_UNIT)], ids=["api", "worker"])
+def test_a_cluster_roles_unit_with_its_dropin_verifies_and_reaches_only_its_hosts(
+    tmp_path: Path, role: str, unit: Path
+) -> None:
+    result = install("--dry-run", "--role", role, "--database-url", DATABASE_URL, "--broker-url", BROKER_URL)
+    assert result.returncode == 0, result.stderr
+    assert f"unit: /etc/systemd/system/{unit.name}" in result.stdout
+    assert ("nginx" in result.stdout) is (role == "api")
+    assert ("models fetch" in result.stdout) is (role == "worker"), "an API node loads no model"
+    assert "s3cret" not in result.stdout + result.stderr, "the URLs hold passwords"
+    conf = dropin(result.stdout)
+    allowed = re.findall(r"^IPAddressAllow=(.*)$", conf, re.MULTILINE)
+    assert len(allowed) == 1 and {"192.0.2.10", "192.0.2.11"} <= set(allowed[0].split()), conf
+    assert not {"127.0.0.1", "::1", "localhost", "any"} & set(allowed[0].split()), "loopback is the unit's own"
+    # systemd-analyze reads the drop-in from <unit>.d beside the unit: any line it refuses fails here.
+    local = local_unit(unit, tmp_path)
+    (tmp_path / f"{unit.name}.d").mkdir()
+    (tmp_path / f"{unit.name}.d" / "cluster.conf").write_text(conf)
+    assert verify(local) == (0, "")
+    assert exposure(local) <= 2.0
+
+
+def test_the_one_machine_install_gets_no_dropin_and_no_worker() -> None:
+    result = install("--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "unit: /etc/systemd/system/whisper-flask.service" in result.stdout
+    assert "nginx" in result.stdout and "models fetch" in result.stdout
+    assert "drop-in" not in result.stdout and "worker" not in result.stdout
+    assert install("--dry-run", "--role", "single").stdout == result.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--role", "cluster"], "--role is single, api or worker"),
+        (["--role", "worker"], "--role worker needs --database-url and --broker-url"),
+        (["--role", "api", "--database-url", DATABASE_URL], "--role api needs --database-url and --broker-url"),
+        (["--broker-url", BROKER_URL], "are for --role api and worker"),
+        (["--role", "worker", "--database-url", BROKER_URL, "--broker-url", BROKER_URL],
+         "--database-url must be a URL starting postgresql:// or postgres://"),
+        (["--role", "worker", "--database-url", DATABASE_URL, "--broker-url", DATABASE_URL],
+         "--broker-url must be a URL starting redis:// or rediss:// or amqp:// or amqps://"),
+        (["--role", "worker", "--database-url", DATABASE_URL.replace("db-s3cret", "it's-s3cret"),
+          "--broker-url", BROKER_URL], "percent-encode it"),
+        (["--role", "worker", "--database-url", DATABASE_URL, "--broker-url", BROKER_URL, "--uninstall"], "usage:"),
+        (["--role"], "usage:"),
+    ],
+)  # fmt: skip
+def test_install_refuses_wrong_options_without_showing_a_password(options: list[str], says: str) -> None:
+    result = install("--dry-run", *options)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_install_names_a_host_it_cannot_resolve() -> None:
+    url = DATABASE_URL.replace("192.0.2.10", "whisper-db.invalid")
+    result = install("--dry-run", "--role", "worker", "--database-url", url, "--broker-url", BROKER_URL)
+    assert result.returncode == 1 and "cannot resolve whisper-db.invalid (the database's host)" in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("postgresql://u:p@db.example:5432/whisper", ["db.example"]),
+        ("postgresql://u:p%2Fq@[2001:db8::5]:5432/whisper?sslmode=require", ["2001:db8::5"]),
+        ("postgresql://u:p@db1.example:5432,db2.example/whisper", ["db1.example", "db2.example"]),
+        ("redis://:p@cache.example/0", ["cache.example"]),
+        ("amqp://u:p:q@mq.example//", ["mq.example"]),
+    ],
+)
+def test_install_allows_the_hosts_python_reads_in_each_url(url: str, hosts: list[str]) -> None:
+    # The same hosts as the settings' parser (urlsplit) finds in a URL with one host.
+    script = f'source <(sed -n "/^url_hosts()/,/^}}/p" {INSTALL}); url_hosts "$1"'
+    result = subprocess.run(["bash", "-c", script, "bash", url], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == hosts
+    if len(hosts) == 1:
+        assert urlsplit(url).hostname == hosts[0]
 
 
 def test_unit_stops_gunicorn_within_its_graceful_timeout() -> None:
@@ -166,6 +279,20 @@ def test_unit_stops_gunicorn_within_its_graceful_timeout() -> None:
     graceful = re.search(r'"WHISPER_FLASK_GRACEFUL_TIMEOUT", "(\d+)"', (DEPLOY / "gunicorn.conf.py").read_text())
     assert graceful is not None and stop_after > int(graceful.group(1))
     assert "KillMode=mixed" in unit
+
+
+def test_worker_unit_gives_celery_a_warm_shutdown() -> None:
+    # SIGTERM to Celery alone (its warm shutdown puts the running jobs back to pending), and time for it.
+    unit = WORKER_UNIT.read_text()
+    assert {"KillMode=mixed", "KillSignal=SIGTERM", "TimeoutStopSec=90"} <= set(unit.splitlines())
+    start = re.search(r"^ExecStart=(.*)$", unit, re.MULTILINE)
+    assert start is not None and " -A whisper_flask.worker worker --hostname whisper-flask@%H" in start.group(1)
+    # The same files and settings as the gunicorn unit.
+    shared = ("User=", "Group=", "WorkingDirectory=", "Environment=WHISPER_FLASK_", "EnvironmentFile=", "UMask=")
+    lines = {line for line in UNIT.read_text().splitlines() if line.startswith(shared)} - {
+        "Environment=WHISPER_FLASK_PROXY_FIX=1"
+    }
+    assert lines <= set(unit.splitlines())
 
 
 @pytest.mark.parametrize(
