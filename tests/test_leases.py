@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from tests.servers import Postgres
 from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.exceptions import QueueFull
 from whisper_flask.jobs.database import open_engine
 from whisper_flask.jobs.leases import Leases
 from whisper_flask.jobs.records import Job, JobStage, JobStatus, ended
@@ -84,6 +85,28 @@ def test_two_workers_claiming_at_once_start_each_pending_job_exactly_once(store:
         thread.join(60)
     assert sorted(job_id for job_id, _ in claimed) == sorted(ids)
     assert all(store.get(job_id).attempts == 1 for job_id in ids)  # type: ignore[union-attr]
+
+
+def test_two_api_nodes_admitting_at_once_never_pass_the_capacity(store: SqlJobStore) -> None:
+    nodes = [SharedRegistry(store, Leases(store.engine, 30), capacity=5, per_owner=100, node=f"api{n}") for n in (1, 2)]
+    for api in nodes:
+        api.open()
+    outcomes: list[str] = []
+
+    def add(n: int) -> None:
+        try:
+            nodes[n % 2].add(new_job(n))
+            outcomes.append("admitted")
+        except QueueFull:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(16)]  # more than the pool's connections
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["admitted"] * 5 + ["refused"] * 11
+    assert len(store.unfinished()) == 5
 
 
 def test_a_worker_that_lost_its_lease_can_no_longer_write_its_job(store: SqlJobStore) -> None:

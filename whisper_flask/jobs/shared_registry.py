@@ -18,9 +18,10 @@ from whisper_flask.exceptions import JobNotFound, ShuttingDown
 from whisper_flask.jobs.admission import QueueLimits
 from whisper_flask.jobs.crash_rule import may_start
 from whisper_flask.jobs.leases import ADMIT_LOCK, Leases
-from whisper_flask.jobs.ports import Fence, JobChanged, JobStore
+from whisper_flask.jobs.ports import Fence, JobChanged
 from whisper_flask.jobs.records import Job, JobStatus, JobView, QueueCounts, ended, pending_again, utcnow
 from whisper_flask.jobs.registry import JobCancelled
+from whisper_flask.jobs.store import SqlJobStore
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _ACTIVE = (JobStatus.PENDING, JobStatus.IN_PROGRESS)
 class SharedRegistry:
     """Jobs of the whole cluster, read from and changed in the database; this node's running jobs in memory."""
 
-    def __init__(self, store: JobStore, leases: Leases, capacity: int, per_owner: int, node: str) -> None:
+    def __init__(self, store: SqlJobStore, leases: Leases, capacity: int, per_owner: int, node: str) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a local job ended or left, or the registry closed
         self._running: dict[str, Job] = {}
@@ -73,9 +74,10 @@ class SharedRegistry:
 
     def add(self, job: Job) -> JobView:
         """Record a new job durably and make it pending, the cluster's capacity checked under its lock."""
-        with self._leases.holding(ADMIT_LOCK):  # no other node admits a job between the count and the insert
-            self.check_capacity(job.owner)
-            job = dataclasses.replace(job, seq=self._store.insert(job))
+        if not self._open:
+            raise ShuttingDown("the service is not accepting jobs")
+        # Counted and inserted under a cluster-wide lock: no other node takes the last place between.
+        self._store.insert_admitted(job, lambda active: self._limits.refuse_if_full(active, job.owner), ADMIT_LOCK)
         return self.view(job.id)
 
     def view(self, job_id: str) -> JobView:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -140,6 +140,17 @@ class SqlJobStore:
     def insert(self, job: Job) -> int:
         """Store a new job and return its sequence number (submission order)."""
         with self._transaction() as connection:
+            return int(connection.execute(_INSERT_JOB, _values(job)).scalar_one())
+
+    def insert_admitted(self, job: Job, admit: Callable[[list[Job]], None], lock: int) -> int:
+        """Insert `job` if `admit` (shown the unfinished jobs) does not raise, under a PostgreSQL advisory lock.
+
+        One transaction and one connection: nodes admit one at a time, and a waiting admission holds
+        no second connection that the one holding the lock might need.
+        """
+        with self._transaction() as connection:
+            connection.execute(select(func.pg_advisory_xact_lock(lock)))
+            admit([job_from_row(row) for row in connection.execute(_UNFINISHED_JOBS).mappings()])
             return int(connection.execute(_INSERT_JOB, _values(job)).scalar_one())
 
     def update(self, job: Job, fence: Fence | None = None) -> None:
