@@ -17,7 +17,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class
-from tests.servers import AudioSite, Servers, serving
+from tests.servers import AudioSite, Postgres, Servers, serving
 from whisper_flask import create_app
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.extension import get_service
@@ -96,6 +96,26 @@ def audio_site() -> Iterator[AudioSite]:
     """A loopback web server of audio, redirects and misbehaving bodies (tests/servers.py); stopped after the test."""
     with serving(AudioSite()) as site:
         yield site
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL on a loopback port for the whole run (tests/servers.py); `reset()` empties its database."""
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's job database is, once on each backend: an SQLite file's path, or an emptied PostgreSQL's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    server: Postgres = request.getfixturevalue("postgres")
+    server.reset()
+    return server.url
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,9 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK = zlib.crc32(b"whisper_flask.migrations")
 #: An execution option: a read, one statement, needs no transaction (nor, on SQLite, the write lock).
 READ_ONLY = "whisper_flask_read_only"
+
+# Alembic keeps the running migration's context in module globals: one migration at a time per process.
+_migrating = threading.Lock()
 
 #: SQLite's primary result codes SQLITE_FULL and SQLITE_IOERR (extended codes keep them in their low
 #: byte; typeshed lacks the module's constants).
@@ -116,7 +120,7 @@ def migrate(engine: Engine) -> None:
     """Bring the database's tables to this version (whisper_flask/migrations/); run at every open."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.connect() as connection:
+    with _migrating, engine.connect() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
         connection.commit()
