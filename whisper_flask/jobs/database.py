@@ -17,7 +17,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
@@ -77,7 +77,7 @@ def _sqlite_engine(path: Path) -> Engine:
     # One connection for both stores, handed to one caller at a time: the pool of one is the lock
     # that serialises them (no waiting for a timeout-based retry), as one writer is all SQLite allows.
     engine = create_engine(
-        f"sqlite:///{path}",
+        URL.create("sqlite", database=str(path)),  # the path as it is, whatever its characters
         creator=lambda: connect(path),
         poolclass=QueuePool,
         pool_size=1,
