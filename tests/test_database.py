@@ -173,6 +173,13 @@ def test_ended_jobs_expire_and_are_forgotten_with_their_notifications(store: Sql
     assert {job.id for job in store.list_jobs(None, None, 10, 0)} == {recent.id, running.id}
 
 
+def test_a_forgotten_job_s_sequence_number_is_never_given_again(store: SqlJobStore) -> None:
+    first, newest = stored(store, new_job(1)), stored(store, new_job(2))
+    store.mark_expired(newest.id, "2026-01-01T00:00:00.000+00:00")
+    assert store.forget_expired_before("2026-02-01T00:00:00.000+00:00") == 1
+    assert stored(store, new_job(3)).seq > newest.seq > first.seq
+
+
 def test_keys_are_created_authenticated_and_revoked(store: SqlJobStore) -> None:
     keys = KeyStore(store.engine)
     assert not keys.any_active() and keys.keys() == []
