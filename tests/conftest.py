@@ -108,6 +108,16 @@ def postgres() -> Iterator[Postgres]:
         server.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's job database is, once on each backend: an SQLite file's path, or an emptied PostgreSQL's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    server: Postgres = request.getfixturevalue("postgres")
+    server.reset()
+    return server.url
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A MODEL_DIR holding tiny.en, converted once from its registry pack."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import QueuePool
 
@@ -28,6 +29,9 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK = zlib.crc32(b"whisper_flask.migrations")
 #: An execution option: a read, one statement, needs no transaction (nor, on SQLite, the write lock).
 READ_ONLY = "whisper_flask_read_only"
+
+# Alembic keeps the running migration's context in module globals: one migration at a time per process.
+_migrating = threading.Lock()
 
 #: SQLite's primary result codes SQLITE_FULL and SQLITE_IOERR (extended codes keep them in their low
 #: byte; typeshed lacks the module's constants).
@@ -62,8 +66,10 @@ def _postgres_engine(url: str) -> Engine:
     return create_engine(
         f"{scheme}://{rest}",
         pool_pre_ping=True,
-        pool_size=4,
-        max_overflow=4,
+        # gunicorn's 16 HTTP threads (each holds one connection at a time), or a worker's job threads,
+        # heartbeat and reconciler, without waiting for one another: a node at most 24 of PostgreSQL's 100.
+        pool_size=8,
+        max_overflow=16,
         hide_parameters=True,  # errors are logged; parameters hold callback URLs and addresses
         connect_args={"connect_timeout": 10},
     )
@@ -73,7 +79,7 @@ def _sqlite_engine(path: Path) -> Engine:
     # One connection for both stores, handed to one caller at a time: the pool of one is the lock
     # that serialises them (no waiting for a timeout-based retry), as one writer is all SQLite allows.
     engine = create_engine(
-        f"sqlite:///{path}",
+        URL.create("sqlite", database=str(path)),  # the path as it is, whatever its characters
         creator=lambda: connect(path),
         poolclass=QueuePool,
         pool_size=1,
@@ -116,7 +122,7 @@ def migrate(engine: Engine) -> None:
     """Bring the database's tables to this version (whisper_flask/migrations/); run at every open."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.connect() as connection:
+    with _migrating, engine.connect() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
         connection.commit()

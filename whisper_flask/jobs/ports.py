@@ -1,6 +1,6 @@
 """The two places where the cluster mode plugs in: where jobs are stored, and where they are handed to run.
 
-Today's implementations are `store.SqliteJobStore` and `runner.PoolRunner` (one process). The
+Today's implementations are `store.SqlJobStore` (SQLite or PostgreSQL) and `runner.PoolRunner` (one process). The
 registry, retention, the notifier and the service know only these interfaces (ARCHITECTURE.md, "Ports").
 """
 

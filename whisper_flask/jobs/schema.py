@@ -61,6 +61,7 @@ jobs = Table(
     Column("lease_until", DateTime(timezone=True)),
     Index("jobs_status", "status", "seq"),
     Index("jobs_owner", "owner", "seq"),
+    sqlite_autoincrement=True,  # on SQLite a deleted seq (or id) is never reused, as on PostgreSQL
 )
 
 notifications = Table(
@@ -80,6 +81,7 @@ notifications = Table(
     Column("claimed_until", DateTime(timezone=True)),
     UniqueConstraint("job_id", "kind"),
     Index("notifications_due", "state", "next_attempt_at"),
+    sqlite_autoincrement=True,
 )
 
 api_keys = Table(

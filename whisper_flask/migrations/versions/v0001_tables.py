@@ -45,6 +45,7 @@ def _tables() -> sa.MetaData:
         sa.Column("lease_until", sa.DateTime(timezone=True)),
         sa.Index("jobs_status", "status", "seq"),
         sa.Index("jobs_owner", "owner", "seq"),
+        sqlite_autoincrement=True,  # as the tables made before migrations: a deleted seq is never reused
     )  # fmt: skip
     sa.Table(
         "notifications",
@@ -57,6 +58,7 @@ def _tables() -> sa.MetaData:
         sa.Column("claimed_until", sa.DateTime(timezone=True)),
         sa.UniqueConstraint("job_id", "kind"),
         sa.Index("notifications_due", "state", "next_attempt_at"),
+        sqlite_autoincrement=True,
     )
     sa.Table(
         "api_keys",
