@@ -22,9 +22,10 @@ from tests.helpers import submit, wait_for
 from tests.servers import ROOT, Postgres, free_port
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.engine.options import Chunking, Task, TranscribeOptions
-from whisper_flask.exceptions import ApiKeyError, StorageFull
+from whisper_flask.exceptions import ApiKeyError, DatabaseUnavailable, StorageFull
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.database import open_engine, storage_errors
+from whisper_flask.jobs.ports import Fence
 from whisper_flask.jobs.records import DeliveryState, Job, JobStage, JobStatus, NotificationKind, ended
 from whisper_flask.jobs.schema import metadata
 from whisper_flask.jobs.store import SqlJobStore
@@ -78,10 +79,10 @@ def test_update_all_stores_every_job_or_none(store: SqlJobStore, monkeypatch: py
     a, b = stored(store, new_job(1, callback_url="https://h.example/a")), stored(store, new_job(2))
     write = SqlJobStore._write
 
-    def refuse_b(self: SqlJobStore, connection: Connection, job: Job) -> None:
+    def refuse_b(self: SqlJobStore, connection: Connection, job: Job, fence: Fence | None) -> None:
         if job.id == b.id:
             raise StorageFull("refused")
-        write(self, connection, job)  # a's row and its notification are sent before b fails
+        write(self, connection, job, fence)  # a's row and its notification are sent before b fails
 
     monkeypatch.setattr(SqlJobStore, "_write", refuse_b)
     with pytest.raises(StorageFull):
@@ -321,21 +322,22 @@ def test_a_restarted_postgresql_is_reconnected_to_by_the_next_call(postgres: Pos
         store.close()
 
 
-def test_a_full_postgresql_disk_is_storage_full() -> None:
+def test_a_full_postgresql_disk_is_storage_full_and_a_lost_connection_is_database_unavailable() -> None:
     class DiskFull(Exception):
         sqlstate = "53100"
 
     with pytest.raises(StorageFull), storage_errors(None):
         raise OperationalError("INSERT ...", {}, DiskFull("could not extend file: No space left on device"))
-    with pytest.raises(OperationalError), storage_errors(None):
-        raise OperationalError("INSERT ...", {}, Exception("another refusal"))
+    with pytest.raises(DatabaseUnavailable), storage_errors(None):
+        raise OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
 
 
 def test_a_database_url_s_password_is_never_told(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    with pytest.raises(OperationalError) as refused:
+    with pytest.raises(DatabaseUnavailable) as refused:
         open_engine(f"postgres://whisper:s3cret-pw@127.0.0.1:{free_port()}/whisper")
-    assert "s3cret-pw" not in str(refused.value) and "s3cret-pw" not in caplog.text
+    assert "s3cret-pw" not in str(refused.value) and "s3cret-pw" not in str(refused.value.__cause__)
+    assert "s3cret-pw" not in caplog.text
 
 
 def test_the_service_keeps_its_jobs_and_keys_in_database_url_s_postgresql(
