@@ -11,8 +11,10 @@ worker; then the same with two workers. Each worker and the one process run MAX_
 - throughput: `--files` copies of a real recording (tests/fixtures/lj001-chapter-70s.opus, 70 s)
   submitted at once, wall time from the first upload to the last completion.
 
-On one machine two workers share its cores, so their figure shows the mode's overhead and
-scheduling, not the gain of a second machine.
+On one machine two unpinned workers share its cores (and their OpenMP teams spin against each
+other), so that figure shows contention, not the gain of a second machine. The last two setups pin
+each worker to a core of its own (taskset, one torch thread): two such workers against one is what a
+second machine adds.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def one_process(work: Path, model_dir: Path, model: str, files: int, latency_job
 
 
 def cluster(
-    work: Path, model_dir: Path, model: str, workers: int, files: int, latency_jobs: int
+    work: Path, model_dir: Path, model: str, workers: int, files: int, latency_jobs: int, pinned: bool = False
 ) -> tuple[list[float], float]:
+    work.mkdir(parents=True)
     postgres, redis = Postgres(), Redis(work)
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -107,7 +110,9 @@ def cluster(
         key = make_key(postgres.url)
         port = free_port()
         processes.append(start_gunicorn(work, model_dir, port, **settings))
-        processes += [start_worker(work, model_dir, f"bench{n}", **settings) for n in range(workers)]
+        processes += [
+            start_worker(work, model_dir, f"bench{n}", [n] if pinned else None, **settings) for n in range(workers)
+        ]
         return measure(f"http://127.0.0.1:{port}", key, files, latency_jobs)
     finally:
         for process in reversed(processes):
@@ -130,16 +135,23 @@ def main() -> None:
         "one process": one_process(work / "alone", model_dir, args.model, args.files, args.latency_jobs),
         "cluster, 1 worker": cluster(work / "one", model_dir, args.model, 1, args.files, args.latency_jobs),
         "cluster, 2 workers": cluster(work / "two", model_dir, args.model, 2, args.files, args.latency_jobs),
+        "1 worker, 1 core": cluster(work / "one-pinned", model_dir, args.model, 1, args.files, args.latency_jobs, True),
+        "2 workers, 1 core each": cluster(
+            work / "two-pinned", model_dir, args.model, 2, args.files, args.latency_jobs, True
+        ),
     }
     alone_latency, alone_wall = statistics.median(results["one process"][0]), results["one process"][1]
     print(f"model {args.model}; {args.files} x {RECORDING.name} at once; latency over {args.latency_jobs} jobs")  # noqa: T201
-    print(f"{'setup':<20} {'start ms p50':>12} {'max':>8} {'wall s':>8} {'audio-s/s':>10} {'vs one process':>15}")  # noqa: T201
+    print(f"{'setup':<24} {'start ms p50':>12} {'max':>8} {'wall s':>8} {'audio-s/s':>10} {'vs one process':>15}")  # noqa: T201
     for name, (latencies, wall) in results.items():
         p50 = statistics.median(latencies)
         print(  # noqa: T201
-            f"{name:<20} {p50:12.0f} {max(latencies):8.0f} {wall:8.1f} {args.files * 70 / wall:10.1f}"
+            f"{name:<24} {p50:12.0f} {max(latencies):8.0f} {wall:8.1f} {args.files * 70 / wall:10.1f}"
             f"   latency x{p50 / alone_latency:.1f}, throughput x{alone_wall / wall:.2f}"
         )
+    pinned_one, pinned_two = results["1 worker, 1 core"][1], results["2 workers, 1 core each"][1]
+    scaling = pinned_one / pinned_two
+    print(f"two workers on a core each against one on one core (two machines against one): x{scaling:.2f}")  # noqa: T201
 
 
 if __name__ == "__main__":

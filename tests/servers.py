@@ -92,14 +92,23 @@ def start_gunicorn(work: Path, model_dir: Path, port: int, **settings: str) -> s
     return process
 
 
-def start_worker(work: Path, model_dir: Path, name: str, **settings: str) -> subprocess.Popen[bytes]:
-    """A cluster worker as deployed (`celery -A whisper_flask.worker worker`); returns once Celery says it is ready."""
+def start_worker(
+    work: Path, model_dir: Path, name: str, cpus: list[int] | None = None, **settings: str
+) -> subprocess.Popen[bytes]:
+    """A cluster worker as deployed (`celery -A whisper_flask.worker worker`); returns once Celery says it is ready.
+
+    With `cpus`, it runs on those cores alone, with as many torch threads: a machine of its own, in small.
+    """
     log = work / f"worker-{name}-{time.monotonic_ns()}.log"
+    env = service_env(work, model_dir, **settings)
+    pinned: list[str] = []
+    if cpus is not None:
+        pinned = ["taskset", "-c", ",".join(map(str, cpus))]
+        env["OMP_NUM_THREADS"] = str(len(cpus))
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "whisper_flask.worker", "worker", "--hostname", f"{name}@%h",
-         "--loglevel", "INFO"],
-        cwd=ROOT, env=service_env(work, model_dir, **settings), stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-        start_new_session=True,
+        [*pinned, sys.executable, "-m", "celery", "-A", "whisper_flask.worker", "worker", "--hostname",
+         f"{name}@%h", "--loglevel", "INFO"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while b" ready." not in log.read_bytes():

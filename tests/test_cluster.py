@@ -130,14 +130,21 @@ def test_two_api_nodes_deliver_a_jobs_webhook_exactly_once(cluster: Cluster) -> 
         stop(process)
 
 
-def test_the_openai_api_answers_with_the_text_a_worker_transcribed(cluster: Cluster) -> None:
-    """/v1/audio/transcriptions on the API node waits for the job a worker runs, then answers its text."""
+def test_the_openai_api_streams_a_workers_windows_then_its_whole_text(cluster: Cluster) -> None:
+    """/v1 on the API node streams each window a worker finishes before the job ends, then the whole text."""
     client = openai.OpenAI(
         base_url=f"http://127.0.0.1:{cluster.servers.port}/v1", api_key=cluster.client.key, max_retries=0
     )
-    with SHORT[0].open("rb") as audio:
-        text = client.audio.transcriptions.create(model="whisper-1", file=audio).text
-    assert "lazy dog" in text.lower()
+    deltas: list[str] = []
+    with CHAPTER.open("rb") as audio:
+        for event in client.audio.transcriptions.create(file=audio, model="whisper-1", stream=True):
+            if event.type == "transcript.text.delta":
+                deltas.append(event.delta)
+            else:
+                done = event
+    assert len(deltas) >= 2  # a 70 s recording is three windows: they came one by one
+    assert done.type == "transcript.text.done" and done.text == "".join(deltas).strip()
+    assert "printing" in done.text.lower()
 
 
 def test_a_worker_killed_mid_job_has_its_job_resumed_elsewhere_to_the_same_transcript(cluster: Cluster) -> None:
@@ -164,6 +171,21 @@ def test_a_worker_killed_mid_job_has_its_job_resumed_elsewhere_to_the_same_trans
     got, expected = transcripts(cluster.client, job_id), transcripts(cluster.client, undisturbed)
     assert got["txt"] == expected["txt"] and got["srt"] == expected["srt"]
     assert_same_json_transcript(got["json"], expected["json"])
+
+
+def test_a_worker_stopped_with_sigterm_puts_its_job_back_for_another_at_no_cost(cluster: Cluster) -> None:
+    """SIGTERM (systemctl stop): the worker's job goes back to pending at once, and another completes it."""
+    job_id = submit(cluster.client, CHAPTER)
+    wait_until(cluster.client, job_id, transcribing, timeout=300)
+    (owner,) = cluster.sql(f"SELECT lease_owner FROM jobs WHERE id = '{job_id}'")
+    name, process = next((n, p) for n, p in cluster.workers.items() if p.pid == int(owner.rsplit(":", 1)[1]))
+    os.kill(process.pid, signal.SIGTERM)  # Celery's warm shutdown
+    process.wait(timeout=60)
+    assert f"job {job_id} back to pending for another worker" in cluster.log()
+    record = wait_for(cluster.client, job_id, timeout=120)
+    assert (record["status"], record["attempts"]) == ("completed", 1), record  # the stop cost it nothing
+    cluster.servers.stop(process)
+    cluster.start_worker(name)
 
 
 def test_a_ticket_delivered_again_while_its_job_runs_does_not_run_it_twice(cluster: Cluster) -> None:
@@ -198,6 +220,8 @@ def test_redis_restarted_empty_mid_run_loses_no_job(cluster: Cluster) -> None:
     ids = [submit(cluster.client, path) for path in [CHAPTER, CHAPTER, *SHORT]]
     wait_until(cluster.client, ids[0], transcribing, timeout=300)
     cluster.redis.kill()
+    response = cluster.client.get("/readyz")
+    assert (response.status_code, response.get_json()["code"]) == (503, "broker_unavailable")
     for entry in cluster.redis.dir.iterdir():  # its append-only file too: the restart knows no ticket
         if entry.is_dir():
             for inner in entry.iterdir():
