@@ -229,6 +229,10 @@ def test_redis_restarted_empty_mid_run_loses_no_job(cluster: Cluster) -> None:
         elif entry.name != "server.log":
             entry.unlink()
     cluster.redis.start(persistent=False)
+    deadline = time.monotonic() + 30
+    while cluster.client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "/readyz did not recover with the broker"
+        time.sleep(0.2)
     for job_id in ids:
         assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
     assert "tickets given for pending jobs the queue did not hold" in cluster.log()

@@ -184,6 +184,19 @@ def test_tickets_are_topped_up_to_the_pending_jobs_the_broker_does_not_hold(stor
     assert enough.sent == []
 
 
+def test_a_job_put_back_by_a_stopping_worker_gets_a_ticket_at_once_and_costs_no_attempt(store: SqlJobStore) -> None:
+    api, tickets = node(store, "api"), Tickets()
+    stopping = SharedRegistry(store, Leases(store.engine, 30), 100, 100, "stopping", requeue=tickets.submit)
+    stopping.open()
+    job_id = api.add(new_job(1)).job.id
+    assert stopping.start_next() is not None
+    stopping.close()
+    stopping.put_back(job_id)
+    assert tickets.sent == [job_id]
+    stored = store.get(job_id)
+    assert stored is not None and (stored.status, stored.attempts) == (JobStatus.PENDING, 0)
+
+
 def test_an_isolated_job_waits_for_an_empty_worker(store: SqlJobStore) -> None:
     api, busy, idle = node(store, "api"), node(store, "busy"), node(store, "idle")
     api.add(new_job(1))

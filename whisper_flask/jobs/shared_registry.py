@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from whisper_flask.exceptions import JobNotFound, ShuttingDown
@@ -33,7 +34,15 @@ _ACTIVE = (JobStatus.PENDING, JobStatus.IN_PROGRESS)
 class SharedRegistry:
     """Jobs of the whole cluster, read from and changed in the database; this node's running jobs in memory."""
 
-    def __init__(self, store: SqlJobStore, leases: Leases, capacity: int, per_owner: int, node: str) -> None:
+    def __init__(
+        self,
+        store: SqlJobStore,
+        leases: Leases,
+        capacity: int,
+        per_owner: int,
+        node: str,
+        requeue: Callable[[str], None] = lambda job_id: None,
+    ) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a local job ended or left, or the registry closed
         self._running: dict[str, Job] = {}
@@ -43,6 +52,7 @@ class SharedRegistry:
         self._node = node
         self._fence = Fence((JobStatus.IN_PROGRESS,), node)
         self._open = False
+        self._requeue = requeue  # a ticket for a job this node put back, so that another worker takes it at once
 
     @property
     def accepting(self) -> bool:
@@ -206,6 +216,7 @@ class SharedRegistry:
             del self._running[job_id]
             self._changed.notify_all()
         log.info("job %s back to pending for another worker", job_id)
+        self._requeue(job_id)
 
     def abandon(self, job_id: str) -> None:
         """Forget a running job whose end the database refused; its lease runs out and the reconciler takes it."""

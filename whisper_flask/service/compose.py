@@ -169,8 +169,10 @@ def _cluster_parts(
     """A cluster node's registry and loops, on the store's PostgreSQL database and the broker."""
     leases = Leases(store.engine, settings.LEASE_S)
     node = node_name()
-    registry = SharedRegistry(store, leases, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY, node)
     runner = CeleryRunner(make_celery(settings))
+    registry = SharedRegistry(
+        store, leases, settings.MAX_QUEUED_JOBS, settings.MAX_JOBS_PER_KEY, node, requeue=runner.submit
+    )
     heartbeat = (
         Heartbeat(registry, leases, node, settings.MODEL, settings.MAX_WORKERS, settings.LEASE_S)
         if role.runs_jobs
