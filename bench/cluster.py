@@ -103,9 +103,11 @@ def cluster(
     work: Path, model_dir: Path, model: str, workers: int, files: int, latency_jobs: int, pinned: bool = False
 ) -> tuple[list[float], float]:
     work.mkdir(parents=True)
-    postgres, redis = Postgres(), Redis(work)
     processes: list[subprocess.Popen[bytes]] = []
+    postgres = Postgres()
+    redis: Redis | None = None
     try:
+        redis = Redis(work)
         settings = {"MODEL": model, "MAX_WORKERS": "2", "DATABASE_URL": postgres.url, "BROKER_URL": redis.url}
         key = make_key(postgres.url)
         port = free_port()
@@ -117,8 +119,9 @@ def cluster(
     finally:
         for process in reversed(processes):
             stop(process)
-        redis.kill()
-        postgres.close()
+        if redis is not None:
+            redis.kill()
+        postgres.close()  # also when Redis failed to start: no server outlives the bench
 
 
 def main() -> None:
