@@ -323,7 +323,9 @@ def test_a_known_speakers_sample_names_their_turns_and_the_other_gets_a_letter(s
     by_speaker = {speaker: [s.start for s in result.segments if s.speaker == speaker] for speaker in ("Linda", "A")}
     assert set(segment.speaker for segment in result.segments) == {"Linda", "A"}
     assert min(by_speaker["Linda"]) < 1 and any(13 < start < 20 for start in by_speaker["Linda"]), by_speaker
-    assert all(6 < start < 13.5 or start > 19.5 for start in by_speaker["A"]), by_speaker
+    # Kathleen speaks from 6.04 s to 13.48 s and from 19.97 s (the RTTM); Whisper's segment may start a
+    # timestamp step before her voice (6.0 s was seen), never inside Linda's first turn (to 5.64 s).
+    assert all(5.9 <= start < 13.5 or start > 19.5 for start in by_speaker["A"]), by_speaker
 
 
 def test_a_diarized_stream_sends_deltas_then_each_segment_with_its_speaker(served: dict[str, Any]) -> None:
