@@ -28,19 +28,12 @@ class JobCancelled(JobStopped):
     """The job left the registry (cancelled) while its pipeline ran; it stops at its next decoder step."""
 
 
-class JobRegistry:
-    """Pending and running jobs, changed and read under one lock."""
+class Gate:
+    """A registry's lock, its condition, and whether it is open: what both registries (ports.Registry) share."""
 
-    def __init__(self, store: JobStore, capacity: int, per_owner: int) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a job came, ended or left: the next one may start
-        self._active: dict[str, Job] = {}
-        self._turns = Turns()  # each key's turn in the rotation
-        # Pending jobs' queue positions; None once a job has joined, started or left. Polls read it, and a
-        # window's progress does not change it, so it is not sorted again per /progress poll.
-        self._positions: dict[str, int] | None = None
-        self._store = store
-        self._limits = QueueLimits(capacity, per_owner)
+        self._changed = threading.Condition(self._lock)  # a job came, ended or left, or the registry closed
         self._open = False
 
     @property
@@ -58,6 +51,25 @@ class JobRegistry:
         with self._lock:
             self._open = False
             self._changed.notify_all()
+
+    def wait_until_closed(self, timeout: float) -> None:
+        """Wait at most `timeout` s, less if the registry closes meanwhile (the service stopping)."""
+        with self._lock:
+            self._changed.wait_for(lambda: not self._open, timeout)
+
+
+class JobRegistry(Gate):
+    """Pending and running jobs, changed and read under one lock."""
+
+    def __init__(self, store: JobStore, capacity: int, per_owner: int) -> None:
+        super().__init__()
+        self._active: dict[str, Job] = {}
+        self._turns = Turns()  # each key's turn in the rotation
+        # Pending jobs' queue positions; None once a job has joined, started or left. Polls read it, and a
+        # window's progress does not change it, so it is not sorted again per /progress poll.
+        self._positions: dict[str, int] | None = None
+        self._store = store
+        self._limits = QueueLimits(capacity, per_owner)
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -170,11 +182,6 @@ class JobRegistry:
         with self._lock:
             self._changed.wait_for(lambda: job_id not in self._active or not self._open, timeout)
             return job_id not in self._active
-
-    def wait_until_closed(self, timeout: float) -> None:
-        """Wait at most `timeout` s, less if the registry closes meanwhile (the service stopping)."""
-        with self._lock:
-            self._changed.wait_for(lambda: not self._open, timeout)
 
     def abandon(self, job_id: str) -> None:
         """Forget a running job whose end the store refused; its stored record is left to the crash rule."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from whisper_flask.jobs.crash_rule import may_start
 from whisper_flask.jobs.leases import ADMIT_LOCK, Leases
 from whisper_flask.jobs.ports import Fence, JobChanged
 from whisper_flask.jobs.records import Job, JobStatus, JobView, QueueCounts, ended, pending_again, utcnow
-from whisper_flask.jobs.registry import JobCancelled
+from whisper_flask.jobs.registry import Gate, JobCancelled
 from whisper_flask.jobs.store import SqlJobStore
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ POLL_S = 0.25
 _ACTIVE = (JobStatus.PENDING, JobStatus.IN_PROGRESS)
 
 
-class SharedRegistry:
+class SharedRegistry(Gate):
     """Jobs of the whole cluster, read from and changed in the database; this node's running jobs in memory."""
 
     def __init__(
@@ -43,32 +42,14 @@ class SharedRegistry:
         node: str,
         requeue: Callable[[str], None] = lambda job_id: None,
     ) -> None:
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a local job ended or left, or the registry closed
+        super().__init__()
         self._running: dict[str, Job] = {}
         self._store = store
         self._leases = leases
         self._limits = QueueLimits(capacity, per_owner)
         self._node = node
         self._fence = Fence((JobStatus.IN_PROGRESS,), node)
-        self._open = False
         self._requeue = requeue  # a ticket for a job this node put back, so that another worker takes it at once
-
-    @property
-    def accepting(self) -> bool:
-        """True between open() and close()."""
-        return self._open
-
-    def open(self) -> None:
-        """Start taking jobs."""
-        with self._lock:
-            self._open = True
-
-    def close(self) -> None:
-        """Stop taking and starting jobs; this node's running ones stop at their next decoder step."""
-        with self._lock:
-            self._open = False
-            self._changed.notify_all()
 
     def recover(self) -> tuple[list[str], list[Job]]:
         """Nothing to recover at a node's start: the reconciler takes over dead workers' jobs (upkeep.py)."""
@@ -141,11 +122,6 @@ class SharedRegistry:
             with self._lock:
                 if left <= 0 or self._changed.wait_for(lambda: not self._open, left):
                     return False
-
-    def wait_until_closed(self, timeout: float) -> None:
-        """Wait at most `timeout` s, less if this node closes meanwhile."""
-        with self._lock:
-            self._changed.wait_for(lambda: not self._open, timeout)
 
     # -- a job's life on this worker -------------------------------------------------------
 
