@@ -115,7 +115,7 @@ def test_a_worker_that_lost_its_lease_can_no_longer_write_its_job(store: SqlJobS
     assert first.start_next() is not None
     first.update(job_id, stage=JobStage.TRANSCRIBING, progress=40.0)
     expire_leases(store, "first")
-    Reconciler(store, Leases(store.engine, 30), Tickets(), lambda job: None, 1).reconcile()
+    Reconciler(store, Leases(store.engine, 30), Tickets(), lambda job: None, 3).reconcile()
     taken = second.start_next()
     assert taken is not None and taken.id == job_id
     with pytest.raises(JobCancelled):
@@ -142,7 +142,7 @@ def test_a_dead_workers_jobs_are_judged_by_the_crash_rule_and_nothing_else_is_to
     expire_leases(store, "alone")
     released: list[str] = []
     tickets = Tickets()
-    Reconciler(store, Leases(store.engine, 30), tickets, lambda job: released.append(job.id), 1).reconcile()
+    Reconciler(store, Leases(store.engine, 30), tickets, lambda job: released.append(job.id), 3).reconcile()
 
     for job in together:
         after = store.get(job.id)  # type: ignore[union-attr]
@@ -169,7 +169,7 @@ def test_a_job_its_worker_ended_while_the_reconciler_judged_keeps_its_end(store:
         return found
 
     leases.expired = ended_meanwhile  # type: ignore[method-assign]
-    Reconciler(store, leases, Tickets(), lambda job: None, 1).reconcile()
+    Reconciler(store, leases, Tickets(), lambda job: None, 3).reconcile()
     assert store.get(job_id).status is JobStatus.COMPLETED  # type: ignore[union-attr]
 
 
@@ -177,10 +177,10 @@ def test_tickets_are_topped_up_to_the_pending_jobs_the_broker_does_not_hold(stor
     api = node(store, "api")
     ids = [api.add(new_job(n)).job.id for n in range(3)]
     tickets = Tickets(waiting=1)
-    Reconciler(store, Leases(store.engine, 30), tickets, lambda job: None, 1).reconcile()
+    Reconciler(store, Leases(store.engine, 30), tickets, lambda job: None, 3).reconcile()
     assert len(tickets.sent) == 2 and set(tickets.sent) <= set(ids)
     enough = Tickets(waiting=3)
-    Reconciler(store, Leases(store.engine, 30), enough, lambda job: None, 1).reconcile()
+    Reconciler(store, Leases(store.engine, 30), enough, lambda job: None, 3).reconcile()
     assert enough.sent == []
 
 
@@ -234,3 +234,16 @@ def test_exactly_one_node_claims_a_due_notification(store: SqlJobStore) -> None:
     assert claims == [True, False, False]
     store.record_attempt(dataclasses.replace(due, attempts=1, next_attempt_at="0000"))  # failed: due again now
     assert leases.claim_notification(due, "api-2")  # the claim ended with the attempt
+
+
+def test_the_reconciler_forgets_a_worker_that_died_without_leaving_and_keeps_the_live_one(store: SqlJobStore) -> None:
+    leases = Leases(store.engine, 3)
+    for name in ("dead", "alive"):
+        assert leases.beat(name, [], "m", 2) == set()
+    with store.engine.begin() as connection:
+        connection.execute(text("UPDATE workers SET heartbeat_at = now() - interval '1 hour' WHERE name = 'dead'"))
+    assert [worker.name for worker in leases.workers()] == ["alive", "dead"]  # reading forgets nothing
+    Reconciler(store, leases, Tickets(), lambda job: None, 3).reconcile()
+    (alive,) = leases.workers()
+    assert (alive.name, alive.model, alive.running, alive.capacity) == ("alive", "m", 0, 2)
+    assert alive.seconds_since_heartbeat < 5

@@ -115,12 +115,14 @@ class Leases:
             )
             return job_from_row(row)
 
-    def renew(self, worker: str, job_ids: list[str]) -> set[str]:
-        """Extend this worker's leases on these running jobs; the ids it still holds (the others were taken)."""
-        if not job_ids:
-            return set()
+    def beat(self, worker: str, job_ids: list[str], model: str, capacity: int) -> set[str]:
+        """A worker's heartbeat, one transaction: extend its leases on these jobs, refresh its row in `workers`.
+
+        Returns the ids it still holds; the others were cancelled or taken over.
+        """
+        values = {"host": socket.gethostname(), "model": model, "capacity": capacity, "heartbeat_at": func.now()}
         with self._engine.begin() as connection:
-            rows = connection.execute(
+            held = {row[0] for row in connection.execute(
                 update(schema.jobs)
                 .where(
                     schema.jobs.c.id.in_(job_ids),
@@ -129,8 +131,14 @@ class Leases:
                 )
                 .values(lease_until=func.now() + text(f"interval '{self._lease}'"))
                 .returning(schema.jobs.c.id)
-            ).all()
-        return {row[0] for row in rows}
+            )} if job_ids else set()  # fmt: skip
+            values["running"] = len(held)
+            connection.execute(
+                insert(schema.workers)
+                .values(name=worker, started_at=func.now(), **values)
+                .on_conflict_do_update(index_elements=["name"], set_=values)
+            )
+        return held
 
     def expired(self, connection: Connection) -> dict[str, list[Job]]:
         """Running jobs whose lease ran out (their worker died or stalled), oldest first, by their worker."""
@@ -171,27 +179,20 @@ class Leases:
             return False
         return True
 
-    def beat(self, worker: str, model: str, running: int, capacity: int) -> None:
-        """Record this worker's heartbeat (GET /queue lists the workers)."""
-        values = {"host": socket.gethostname(), "model": model, "running": running, "capacity": capacity,
-                  "heartbeat_at": func.now()}  # fmt: skip
-        with self._engine.begin() as connection:
-            connection.execute(
-                insert(schema.workers)
-                .values(name=worker, started_at=func.now(), **values)
-                .on_conflict_do_update(index_elements=["name"], set_=values)
-            )
-
     def leave(self, worker: str) -> None:
         """Remove this worker's row at a clean stop."""
         with self._engine.begin() as connection:
             connection.execute(schema.workers.delete().where(schema.workers.c.name == worker))
 
-    def workers(self, forget_after_s: float) -> list[WorkerRecord]:
-        """The workers heard from within `forget_after_s`, by name; older rows are deleted."""
+    def forget_workers(self, connection: Connection, after_s: float) -> None:
+        """Delete the rows of workers not heard from for `after_s` (they died without leaving)."""
         age = func.extract("epoch", func.now() - schema.workers.c.heartbeat_at)
-        with self._engine.begin() as connection:
-            connection.execute(schema.workers.delete().where(age > forget_after_s))
+        connection.execute(schema.workers.delete().where(age > after_s))
+
+    def workers(self) -> list[WorkerRecord]:
+        """The workers' rows, by name, with how long ago each beat."""
+        age = func.extract("epoch", func.now() - schema.workers.c.heartbeat_at)
+        with self._engine.connect() as connection:
             rows = connection.execute(select(schema.workers, age.label("age")).order_by(schema.workers.c.name)).all()
         return [
             WorkerRecord(row.name, row.host, row.model, row.running, row.capacity, row.started_at.isoformat(),

@@ -25,6 +25,8 @@ from whisper_flask.jobs.shared_registry import SharedRegistry
 
 log = logging.getLogger(__name__)
 
+#: A worker not heard from for this many leases is dropped from `workers` (GET /queue): it died without leaving.
+WORKER_MEMORY_LEASES = 10
 #: The heartbeat's longest period: a cancel reaches the job's worker within it (plus one decoder step).
 HEARTBEAT_S = 1.0
 
@@ -78,9 +80,8 @@ class Heartbeat:
     def beat(self) -> None:
         """Renew the leases of this worker's jobs; jobs it no longer holds stop here."""
         running = self._registry.running_ids()
-        held = self._leases.renew(self._node, running)
+        held = self._leases.beat(self._node, running, self._model, self._capacity)
         self._registry.lost(set(running) - held)
-        self._leases.beat(self._node, self._model, len(held), self._capacity)
 
     def start(self) -> None:
         """Start beating."""
@@ -104,13 +105,15 @@ class Reconciler:
         leases: Leases,
         runner: CeleryRunner,
         release: Callable[[Job], None],
-        period: float,
+        lease_s: float,
     ) -> None:
         self._store = store
         self._leases = leases
         self._runner = runner
         self._release = release
-        self._loop = _Loop("whisper-reconciler", period, self.reconcile)
+        self._forget_workers_after_s = WORKER_MEMORY_LEASES * lease_s
+        # A third of a lease: a dead worker's jobs are queued again within about 1.3 leases of its death.
+        self._loop = _Loop("whisper-reconciler", lease_s / 3, self.reconcile)
 
     def reconcile(self) -> None:
         """One round: expired leases judged and put back (or failed), then tickets topped up to the pending jobs."""
@@ -127,6 +130,7 @@ class Reconciler:
                 judged += verdicts
                 log.warning("worker %s lost: its %d jobs are taken over", worker, len(jobs))
             pending = self._leases.pending_order(connection)
+            self._leases.forget_workers(connection, self._forget_workers_after_s)
         for job in judged:
             if job.status is JobStatus.FAILED:
                 self._release(job)

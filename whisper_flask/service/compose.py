@@ -178,6 +178,5 @@ def _cluster_parts(
         if role.runs_jobs
         else None
     )
-    # A third of a lease: a dead worker's jobs are queued again within about 1.3 leases of its death.
-    reconciler = Reconciler(store, leases, runner, release, settings.LEASE_S / 3)
+    reconciler = Reconciler(store, leases, runner, release, settings.LEASE_S)
     return registry, Cluster(role, node, leases, runner, reconciler, heartbeat)

@@ -202,7 +202,7 @@ class TranscriptionService:
         return QueueStats(
             counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS,
             self._parts.engine.arithmetic() if self._parts.role.runs_jobs else {},
-            cluster.leases.workers(forget_after_s=10 * self.settings.LEASE_S) if cluster else [],
+            cluster.leases.workers() if cluster else [],
         )  # fmt: skip
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
