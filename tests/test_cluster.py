@@ -14,8 +14,20 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import LiveClient, assert_same_json_transcript, submit, transcripts, wait_for, wait_until
-from tests.servers import FIXTURES, Postgres, Receiver, Redis, Servers, free_port, serving, start_gunicorn, stop
+from tests.helpers import LiveClient, assert_same_json_transcript, eventually, submit, transcripts, wait_for, wait_until
+from tests.servers import (
+    FIXTURES,
+    ROOT,
+    Postgres,
+    Receiver,
+    Redis,
+    Servers,
+    free_port,
+    service_env,
+    serving,
+    start_gunicorn,
+    stop,
+)
 from whisper_flask.jobs.celery_queue import TASK, make_celery
 from whisper_flask.settings import Settings
 
@@ -34,7 +46,8 @@ class Cluster:
     servers: Servers
     redis: Redis
     postgres: Postgres
-    client: LiveClient
+    client: LiveClient  # an admin key's
+    user: LiveClient  # an ordinary key's
     settings: dict[str, str]
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -62,12 +75,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, postgres:
     redis = Redis(work)
     settings = {"DATABASE_URL": postgres.url, "BROKER_URL": redis.url, "LEASE_S": LEASE_S, "MAX_WORKERS": "1",
                 "URL_ALLOW": "127.0.0.1"}  # fmt: skip
-    key = create_cluster_key(work, model_dir, settings)
+    key = create_cluster_key(work, model_dir, settings, "operator", admin=True)
+    user = create_cluster_key(work, model_dir, settings, "user", admin=False)
     try:
         with Servers(work, model_dir) as servers:
             settings["PUBLIC_URL"] = f"http://127.0.0.1:{servers.port}"
             port, _ = servers.gunicorn(**settings)
-            running = Cluster(servers, redis, postgres, LiveClient(port, key), settings)
+            running = Cluster(servers, redis, postgres, LiveClient(port, key), LiveClient(port, user), settings)
             for name in ("one", "two"):
                 running.start_worker(name)
             yield running
@@ -75,12 +89,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, postgres:
         redis.kill()
 
 
-def create_cluster_key(work: Path, model_dir: Path, settings: dict[str, str]) -> str:
-    """An admin key in the cluster's database, made with `flask keys create` as an operator would."""
-    from tests.servers import ROOT, service_env
-
+def create_cluster_key(work: Path, model_dir: Path, settings: dict[str, str], name: str, *, admin: bool) -> str:
+    """A key in the cluster's database, made with `flask keys create` as an operator would."""
     out = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi:app", "keys", "create", "--name", "tests", "--admin"],
+        [sys.executable, "-m", "flask", "--app", "wsgi:app", "keys", "create", "--name", name,
+         *(["--admin"] if admin else [])],
         cwd=ROOT, env=service_env(work, model_dir, **settings), check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return next(word for word in out.split() if word.startswith("wf_"))
@@ -102,13 +115,15 @@ def test_jobs_spread_over_both_workers_and_each_runs_once(cluster: Cluster) -> N
     assert len(runners) == 2, runners
 
 
-def test_queue_lists_each_worker_with_its_model_and_heartbeat(cluster: Cluster) -> None:
-    """GET /queue names every live worker: its host, model, running jobs and how long ago it beat."""
+def test_queue_lists_each_worker_to_admin_keys_only(cluster: Cluster) -> None:
+    """GET /queue names every live worker (host, model, running jobs, last beat) to an admin key; not to others."""
     stats = cluster.client.get("/queue").get_json()
     assert len(stats["worker_nodes"]) == 2, stats
     for node in stats["worker_nodes"]:
         assert node["model"] == "tiny.en" and node["capacity"] == 1
         assert node["seconds_since_heartbeat"] < 5
+    ordinary = cluster.user.get("/queue").get_json()
+    assert ordinary["worker_nodes"] is None and ordinary["capacity"] == stats["capacity"]
 
 
 def test_two_api_nodes_deliver_a_jobs_webhook_exactly_once(cluster: Cluster) -> None:
@@ -119,10 +134,7 @@ def test_two_api_nodes_deliver_a_jobs_webhook_exactly_once(cluster: Cluster) -> 
         with serving(Receiver([])) as receiver:
             job_id = submit(cluster.client, SHORT[0], callback_url=receiver.url)
             assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
-            deadline = time.monotonic() + 30
-            while not receiver.calls:
-                assert time.monotonic() < deadline, "no webhook came"
-                time.sleep(0.1)
+            eventually(lambda: bool(receiver.calls), 30, "no webhook came")
             time.sleep(3)  # both notifiers poll every second: a second delivery would have come by now
             assert len(receiver.calls) == 1
             assert job_id.encode() in receiver.calls[0][1]
@@ -229,10 +241,7 @@ def test_redis_restarted_empty_mid_run_loses_no_job(cluster: Cluster) -> None:
         elif entry.name != "server.log":
             entry.unlink()
     cluster.redis.start(persistent=False)
-    deadline = time.monotonic() + 30
-    while cluster.client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "/readyz did not recover with the broker"
-        time.sleep(0.2)
+    eventually(lambda: cluster.client.get("/readyz").status_code == 200, 30, "/readyz did not recover with the broker")
     for job_id in ids:
         assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"
     assert "tickets given for pending jobs the queue did not hold" in cluster.log()
@@ -249,9 +258,6 @@ def test_postgres_restarted_mid_run_loses_no_job_and_readyz_recovers(cluster: Cl
         time.sleep(2)
     finally:
         cluster.postgres.start()
-    deadline = time.monotonic() + 30
-    while cluster.client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "/readyz did not recover"
-        time.sleep(0.2)
+    eventually(lambda: cluster.client.get("/readyz").status_code == 200, 30, "/readyz did not recover")
     for job_id in ids:
         assert wait_for(cluster.client, job_id, timeout=300)["status"] == "completed"

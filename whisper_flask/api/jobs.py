@@ -91,4 +91,4 @@ def cancel_job(job_id: str) -> Response:
 @bp.get("/queue")
 def get_queue() -> Response:
     """How many jobs wait and run, the limits, and the arithmetic each model runs in."""
-    return jsonify(dataclasses.asdict(get_service().queue_stats()))
+    return jsonify(dataclasses.asdict(get_service().queue_stats(principal())))

@@ -48,7 +48,8 @@ class QueueStats:
     capacity: int
     workers: int
     arithmetic: dict[str, str]  # what each model runs in (engine.arithmetic); empty on a cluster's API node
-    worker_nodes: list[WorkerRecord]  # a cluster's workers, by their heartbeats; empty in one process
+    # A cluster's workers, by their heartbeats: shown to admin keys (None to others); empty in one process.
+    worker_nodes: list[WorkerRecord] | None
 
 
 class TranscriptionService:
@@ -195,14 +196,14 @@ class TranscriptionService:
         view = self.view(job_id, principal)
         return view, self._parts.store.notifications(view.job.id)
 
-    def queue_stats(self) -> QueueStats:
-        """Pending and running jobs, and the limits."""
+    def queue_stats(self, principal: Principal) -> QueueStats:
+        """Pending and running jobs, and the limits; a cluster's workers for admin keys only (their hosts)."""
         counts = self._parts.registry.counts()
         cluster = self._parts.cluster
+        workers = None if cluster and not principal.admin else cluster.leases.workers() if cluster else []
         return QueueStats(
             counts.pending, counts.in_progress, counts.capacity, self.settings.MAX_WORKERS,
-            self._parts.engine.arithmetic() if self._parts.role.runs_jobs else {},
-            cluster.leases.workers() if cluster else [],
+            self._parts.engine.arithmetic() if self._parts.role.runs_jobs else {}, workers,
         )  # fmt: skip
 
     def cancel(self, job_id: str, principal: Principal) -> Job:
