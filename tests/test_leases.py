@@ -247,3 +247,19 @@ def test_the_reconciler_forgets_a_worker_that_died_without_leaving_and_keeps_the
     (alive,) = leases.workers()
     assert (alive.name, alive.model, alive.running, alive.capacity) == ("alive", "m", 0, 2)
     assert alive.seconds_since_heartbeat < 5
+
+
+def test_claims_follow_the_rotation_a_key_without_a_start_first_then_the_longest_waiting(store: SqlJobStore) -> None:
+    api, worker = node(store, "api"), node(store, "worker")
+    for n, owner in ((0, "a"), (1, None)):  # each key's history: a started first, then the ownerless key
+        api.add(new_job(n, owner=owner))
+        started = worker.start_next()
+        assert started is not None
+        worker.finish(started.id, JobStatus.COMPLETED)
+    for n, owner in ((10, None), (11, "a"), (12, "b")):
+        api.add(new_job(n, owner=owner))
+    claimed = []
+    while (job := worker.start_next()) is not None:
+        claimed.append(job.owner)
+        worker.finish(job.id, JobStatus.COMPLETED)
+    assert claimed == ["b", "a", None]

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, false, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -67,15 +67,6 @@ class Leases:
             connection.execute(select(func.pg_advisory_xact_lock(key)))
             yield connection
 
-    def turn_ranks(self, connection: Connection) -> dict[str | None, int]:
-        """Each key's last start as a rank (rotation.py): the key whose last start is longest ago ranks lowest."""
-        rows = connection.execute(
-            select(schema.jobs.c.owner, func.max(schema.jobs.c.started_at))
-            .where(schema.jobs.c.started_at.is_not(None))
-            .group_by(schema.jobs.c.owner)
-        ).all()
-        return {owner: rank for rank, (owner, _) in enumerate(sorted(rows, key=lambda row: row[1]))}
-
     def pending_order(self, connection: Connection | None = None) -> list[Job]:
         """The pending jobs of the whole cluster in the order they will start (round-robin over keys)."""
         with contextlib.ExitStack() as stack:
@@ -84,7 +75,7 @@ class Leases:
             pending = [job_from_row(row) for row in connection.execute(
                 select(schema.jobs).where(schema.jobs.c.status == JobStatus.PENDING.value)
             ).mappings()]  # fmt: skip
-            return start_order(pending, self.turn_ranks(connection))
+            return start_order(pending, _turn_ranks(connection, {job.owner for job in pending}))
 
     def claim(self, worker: str, may_start: Callable[[Job, list[Job]], bool]) -> Job | None:
         """Start the first pending job (in turn order) that may start on this worker; None if none may."""
@@ -199,3 +190,19 @@ class Leases:
                          row.heartbeat_at.isoformat(), round(float(row.age), 1))
             for row in rows
         ]  # fmt: skip
+
+
+def _turn_ranks(connection: Connection, owners: set[str | None]) -> dict[str | None, int]:
+    """These keys' last starts as ranks (rotation.py): the key whose last start is longest ago ranks lowest."""
+    # Only the keys with pending jobs: every queue position and claim asks, and the table holds
+    # RETENTION_DAYS of every key's jobs.
+    if not owners:
+        return {}
+    named = [owner for owner in owners if owner is not None]
+    of_these = or_(schema.jobs.c.owner.in_(named), schema.jobs.c.owner.is_(None) if None in owners else false())
+    rows = connection.execute(
+        select(schema.jobs.c.owner, func.max(schema.jobs.c.started_at))
+        .where(schema.jobs.c.started_at.is_not(None), of_these)
+        .group_by(schema.jobs.c.owner)
+    ).all()
+    return {owner: rank for rank, (owner, _) in enumerate(sorted(rows, key=lambda row: row[1]))}
