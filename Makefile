@@ -23,7 +23,12 @@ $(VENV)/.editable: pyproject.toml $(VENV)/.installed
 run: install
 	$(BIN)/gunicorn -c deploy/gunicorn.conf.py wsgi:app
 
-test: install
+# The tests' system packages (nginx, Chromium, redis-server, PostgreSQL...), which `make run` does not install.
+$(VENV)/.test-packages: deploy/system-packages.sh $(VENV)/.installed
+	deploy/system-packages.sh --tests
+	touch $@
+
+test: install $(VENV)/.test-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
