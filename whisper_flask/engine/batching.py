@@ -69,6 +69,7 @@ class _Work:
     tokens: Tensor | None = None  # the window's new tokens, (rows, tokens)
     call: Callable[[], Any] | None = None  # any other use of the model
     background: bool = False  # a call that lets a decoder step run between two of its kind (diarization)
+    urgent: bool = False  # a live session's call: before every other call
     owner: int = field(default_factory=threading.get_ident)
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
@@ -90,6 +91,7 @@ class ModelThread:
         self._cond = threading.Condition()
         self._queue: list[_Work] = []
         self._decoding = 0  # windows admitted to the steps and not yet finished
+        self._urgent = 0  # of which live sessions' windows
         self._busy = False  # running work (set and cleared under the lock)
         self._background_ran = False  # the last work run was a background call
         self._reserved: deque[int] = deque()  # threads owning, then waiting for, the model alone
@@ -116,21 +118,34 @@ class ModelThread:
         if self._thread is not None:
             self._thread.join()
 
-    def run(self, call: Callable[[], T], *, background: bool = False) -> T:
+    def run(self, call: Callable[[], T], *, background: bool = False, urgent: bool = False) -> T:
         """Run `call` (which uses the model) on the model thread and return what it returns.
 
-        Calls run before decoder steps; a `background` call, after another background call, only once
-        the windows decoding have had a step: a long run of them takes at most every other turn.
+        Calls run before decoder steps, `urgent` ones (a live session's) first; a `background` call, after
+        another background call, only once the windows decoding have had a step: a long run of them takes
+        at most every other turn.
         """
-        return self._submit(_Work(call=call, background=background))
+        return self._submit(_Work(call=call, background=background, urgent=urgent))
 
     @torch.no_grad()
     def decode(
-        self, features: Tensor, options: DecodingOptions, seed: int, check: Callable[[], None] = lambda: None
+        self,
+        features: Tensor,
+        options: DecodingOptions,
+        seed: int,
+        check: Callable[[], None] = lambda: None,
+        *,
+        urgent: bool = False,
     ) -> DecodingResult:
-        """Decode one encoded window with Whisper's DecodingTask (seeded by `seed`); `check` may stop it at a step."""
+        """Decode one encoded window with Whisper's DecodingTask (seeded by `seed`); `check` may stop it at a step.
+
+        An `urgent` window (a live session's) joins the steps at once, even past the batch's size.
+        """
         task = DecodingTask(self._model, options)
-        task.inference = WindowInference(self, self._model.decoder, task.sot_index, check)
+        # The window is encoded already, perhaps from fewer than 30 s (a live buffer, live_window.py): the
+        # task would encode anything not shaped as a whole window once more.
+        task._get_audio_features = lambda mel: mel
+        task.inference = WindowInference(self, self._model.decoder, task.sot_index, check, urgent=urgent)
         if isinstance(task.decoder, BeamSearchDecoder):
             task.decoder.inference = task.inference  # it kept a reference to the one replaced
         elif options.temperature > 0:
@@ -179,6 +194,7 @@ class ModelThread:
             if window.admitted:
                 window.admitted = False
                 self._decoding -= 1
+                self._urgent -= window.urgent
                 self._cond.notify_all()
 
     def _take(self) -> list[_Work]:
@@ -192,7 +208,7 @@ class ModelThread:
                     return calls[:1]
                 self._cond.wait()
                 continue
-            calls = [work for work in self._queue if work.call is not None]
+            calls = sorted((work for work in self._queue if work.call is not None), key=lambda work: not work.urgent)
             if self._background_ran and self._decoding:
                 calls = [work for work in calls if not work.background]
             if calls:
@@ -200,7 +216,16 @@ class ModelThread:
                 return calls[:1]
             steps = [work for work in self._queue if work.window and work.window.admitted]
             joining = [work for work in self._queue if work.window and not work.window.admitted]
-            joining = joining[: self._size - self._decoding]
+            expected = self._decoding
+            # A live session's window never waits for a place, and while any decodes the steps are theirs
+            # alone: their text is due within seconds, and the sessions are bounded (MAX_LIVE_SESSIONS). File
+            # jobs' windows take the places and the steps left.
+            urgent = [work for work in joining if work.window and work.window.urgent]
+            if urgent or self._urgent:
+                steps = [work for work in steps if work.window and work.window.urgent]
+                joining, expected = urgent, self._urgent
+            else:
+                joining = joining[: max(0, self._size - self._decoding)]
             # Every admitted window sends its next tokens within a millisecond of the last step;
             # waiting for all of them keeps the steps full. The wait is bounded, so a job thread
             # the OS has put aside holds nobody up for long.
@@ -209,10 +234,11 @@ class ModelThread:
                 self._cond.wait()
                 continue
             left = min(work.arrived for work in batch) + self._wait_s - time.monotonic()
-            if len(steps) >= self._decoding or left <= 0:
+            if len(steps) >= expected or left <= 0:
                 for work in joining:
                     assert work.window is not None
                     work.window.admitted = True
+                    self._urgent += work.window.urgent
                 self._decoding += len(joining)
                 self._background_ran = False
                 return batch

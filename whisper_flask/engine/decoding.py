@@ -34,9 +34,16 @@ class WindowInference(Inference):
     """One window's kv-cache, its forward passes run by the model thread among other windows'."""
 
     def __init__(
-        self, thread: StepRunner, decoder: whisper.model.TextDecoder, sot_index: int, check: Callable[[], None]
+        self,
+        thread: StepRunner,
+        decoder: whisper.model.TextDecoder,
+        sot_index: int,
+        check: Callable[[], None],
+        *,
+        urgent: bool = False,
     ) -> None:
         self._thread = thread
+        self.urgent = urgent  # a live session's window: it joins the steps before file jobs' (batching.py)
         self._check = check  # raises to stop the window before its next step (a cancel, a stop)
         self._decoder = decoder
         self._sot_index = sot_index

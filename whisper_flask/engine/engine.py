@@ -29,10 +29,12 @@ import torch
 import whisper
 
 from whisper_flask.audio.media import DecodedAudio
-from whisper_flask.engine.batching import ModelThread
+from whisper_flask.engine.batching import ModelThread, use_torch_threads
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.diarization import ProgressHook, SpeakerDiarizer
-from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.engine.live import LiveStream
+from whisper_flask.engine.live_window import LiveDecoder
+from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.engine.precision import measured_arithmetic
 from whisper_flask.engine.quantize import StageArithmetic, apply_arithmetic, choose_precision
 from whisper_flask.engine.speakers import Diarization
@@ -80,6 +82,8 @@ class Engine(Protocol):
     def voiceprint(self, audio: DecodedAudio, check: StepCheck) -> tuple[float, ...] | None: ...
 
     def arithmetic(self) -> dict[str, str]: ...
+
+    def open_stream(self, language: str | None, task: Task, *, commit_on_pause: bool) -> LiveStream: ...
 
 
 class WhisperEngine:
@@ -188,6 +192,15 @@ class WhisperEngine:
         """The voice in a short sample (a known speaker's reference); None if it holds no speech."""
         self.wait_until_ready()
         return self._diarizer.voiceprint(audio, check)
+
+    def open_stream(self, language: str | None, task: Task, *, commit_on_pause: bool) -> LiveStream:
+        """A live session's stream on the model (engine/live.py); ModelLoading at once if it is not loaded yet."""
+        model = self.wait_until_ready(timeout=0)
+        # The session's thread computes spectrograms and runs the speech detector: on one torch thread, as a
+        # job's thread, or its OpenMP team slows the model thread's (batching.ModelThread); measured 2x per decode.
+        use_torch_threads(1)
+        decoder = LiveDecoder(model, self._thread, language, task)
+        return LiveStream(decoder, self._speech.stream_detector(), commit_on_pause=commit_on_pause)
 
     def arithmetic(self) -> dict[str, str]:
         """What each model (and Whisper's each stage) runs in, as measured (QUANTIZE=auto) or set; a model not loaded

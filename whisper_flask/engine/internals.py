@@ -74,6 +74,15 @@ ASSUMPTIONS: tuple[tuple[str, Callable[[], bool]], ...] = (
         ),
     ),
     ("DecodingTask.run exists", _has(decoding.DecodingTask, "run")),
+    ("DecodingTask._get_audio_features exists", _has(decoding.DecodingTask, "_get_audio_features")),
+    (
+        "AudioEncoder has conv1, conv2, blocks and ln_post, and a positional_embedding buffer (a live buffer's"
+        " short encoding)",
+        lambda: (
+            _sets(model.AudioEncoder, "conv1", "conv2", "blocks", "ln_post")()
+            and "positional_embedding" in inspect.getsource(model.AudioEncoder.__init__)
+        ),
+    ),
     (
         "Inference has logits, rearrange_kv_cache and cleanup_caching",
         _has(decoding.Inference, "logits", "rearrange_kv_cache", "cleanup_caching"),

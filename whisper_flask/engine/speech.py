@@ -63,6 +63,13 @@ class SpeechDetector:
         # A copy (20 ms) rather than a lock: one 12-hour recording would hold the others up for 30 s.
         return speech_probabilities(copy.deepcopy(self._model), audio, check)
 
+    def stream_detector(self) -> torch.nn.Module:
+        """A copy of the detector, its state reset, for one live stream (engine/live.py)."""
+        assert self._model is not None, "load() comes first"
+        detector = copy.deepcopy(self._model)
+        detector.reset_states()  # type: ignore[operator]
+        return detector
+
     def clips(self, audio: DecodedAudio, mel: Tensor, check: StepCheck) -> list[Clip]:
         """The spans of the audio (whose spectrogram is `mel`, unpadded) to transcribe: all of it less
         the long stretches without speech.

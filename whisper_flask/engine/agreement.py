@@ -1,0 +1,91 @@
+"""LocalAgreement: live text is confirmed once two successive decodes of the growing audio agree on it.
+
+The policy of ufal's whisper_streaming (LocalAgreement-2): each decode of a live session's buffer is a
+hypothesis of its words; the longest prefix that the previous hypothesis shares with the new one is
+confirmed and never changes again, the rest stays tentative (ARCHITECTURE.md, "Live transcription").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: When no confirmed word is found again in a hypothesis, its words starting this long before the last
+#: confirmed word's end are taken as confirmed ones (times within a segment are estimates).
+OVERLAP_S = 0.1
+#: The confirmed words' last ones (up to this many) are looked for in each new hypothesis: what follows is new.
+TAIL_WORDS = 3
+_NOT_WORD = re.compile(r"[^\w]+")
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word of a live stream, its times in seconds from the stream's start (estimated within its segment)."""
+
+    text: str  # as Whisper wrote it, with its leading space
+    start: float
+    end: float
+
+
+def _same(first: Word, second: Word) -> bool:
+    """Two hypotheses' words agree when they differ only in case and punctuation."""
+    return _NOT_WORD.sub("", first.text).casefold() == _NOT_WORD.sub("", second.text).casefold()
+
+
+class LocalAgreement:
+    """A live stream's confirmed words still in its buffer, and its tentative rest."""
+
+    def __init__(self) -> None:
+        self._pending: list[Word] = []  # the last hypothesis, less what is confirmed
+        self._kept: list[Word] = []  # confirmed words whose audio is still in the buffer, timed by the last hypothesis
+
+    @property
+    def tentative(self) -> list[Word]:
+        """The last hypothesis's words after the confirmed ones: they may still change."""
+        return list(self._pending)
+
+    @property
+    def confirmed_until(self) -> float:
+        """The end of the last confirmed word still in the buffer (0 if none)."""
+        return self._kept[-1].end if self._kept else 0.0
+
+    def confirm(self, hypothesis: list[Word], *, everything: bool = False) -> list[Word]:
+        """The words `hypothesis` confirms: what it shares with the previous one (all of it if `everything`)."""
+        done, new = self._split(hypothesis)
+        agreed = new if everything else []
+        if not everything:
+            for previous, word in zip(self._pending, new, strict=False):
+                if not _same(previous, word):
+                    break
+                agreed.append(word)
+        self._pending = new[len(agreed) :]
+        self._kept = done + agreed
+        return agreed
+
+    def cut(self, at: float) -> list[Word]:
+        """The buffer now starts at `at` (s): the confirmed words before it, which leave it."""
+        gone = [word for word in self._kept if word.end <= at + 1e-6]
+        self._kept = self._kept[len(gone) :]
+        return gone
+
+    def restart(self) -> list[Word]:
+        """An empty buffer, nothing tentative: the confirmed words that were in it."""
+        gone, self._kept, self._pending = self._kept, [], []
+        return gone
+
+    def _split(self, hypothesis: list[Word]) -> tuple[list[Word], list[Word]]:
+        """The hypothesis as (the confirmed words it repeats, the rest), found by the confirmed words' last ones."""
+        if not self._kept:
+            return [], hypothesis
+        for count in range(min(TAIL_WORDS, len(self._kept)), 0, -1):
+            tail = self._kept[-count:]
+            ends = [
+                index + count
+                for index in range(len(hypothesis) - count + 1)
+                if all(_same(a, b) for a, b in zip(tail, hypothesis[index : index + count], strict=True))
+            ]
+            if ends:  # the place nearest to where the confirmed words should end
+                end = min(ends, key=lambda found: abs(found - len(self._kept)))
+                return hypothesis[:end], hypothesis[end:]
+        until = self.confirmed_until - OVERLAP_S
+        return self._kept, [word for word in hypothesis if word.start >= until]

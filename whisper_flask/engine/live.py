@@ -1,0 +1,206 @@
+"""One live session's audio turned into text as it arrives: partial text that may change, final text that will not.
+
+Silero VAD hears each 32 ms of audio as it arrives. While someone speaks, the buffer since the start of
+their utterance is decoded again every STEP_S of new audio (live_window.py, on the shared model thread),
+and words two successive decodes agree on are final (agreement.py). A pause of PAUSE_S ends the
+utterance: its last decode is final as a whole and the buffer starts afresh, so silence costs no model
+time and the buffer stays short (ARCHITECTURE.md, "Live transcription").
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from whisper.audio import SAMPLE_RATE
+
+from whisper_flask.engine.agreement import LocalAgreement, Word
+from whisper_flask.engine.live_window import Hypothesis
+
+#: New audio, while speech goes on, that makes the next decode (the floor of a partial's delay).
+STEP_S = 0.5
+#: Silence after speech that ends an utterance (its text final at once).
+PAUSE_S = 0.5
+#: Audio kept from before speech starts: the detector hears a word's onset late.
+PREROLL_S = 0.4
+#: A longer buffer is cut at its last segment whose words are all final: what is final leaves the buffer for
+#: the prompt, so each decode reads only the speech since (bench/live.py: 12 s kept one session's decodes
+#: too slow to keep up with 4).
+TRIM_S = 4.0
+#: A longer one (no final segment end in it) is made final whole: a window holds 30 s at most.
+MAX_BUFFER_S = 24.0
+#: Confirmed text, its last characters, is the prompt of every decode (as whisper_streaming does).
+PROMPT_CHARS = 200
+#: Silero's thresholds for entering and leaving speech (its defaults).
+SPEECH, NON_SPEECH = 0.5, 0.35
+FRAME = 512  # samples per detector frame at 16 kHz
+
+#: Decodes a buffer after a prompt (LiveDecoder.hypothesis with the session's language and task).
+Decode = Callable[[np.ndarray, str], Hypothesis]
+
+
+class LiveEventKind(enum.Enum):
+    """What a live stream reports."""
+
+    SPEECH_STARTED = "speech_started"
+    SPEECH_STOPPED = "speech_stopped"
+    PARTIAL = "partial"  # the tentative text after the final text so far; replaces the last partial
+    FINAL = "final"  # text that follows the last final text and will not change
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    """A live stream's report; times in seconds from the stream's first sample."""
+
+    kind: LiveEventKind
+    start: float
+    end: float
+    text: str = ""
+
+
+class LiveStream:
+    """A live session's buffer, detector state and text; fed audio by one thread (the session's)."""
+
+    def __init__(self, decode: Decode, detector: torch.nn.Module, *, commit_on_pause: bool = True) -> None:
+        self._decode = decode
+        self._detector = detector  # a copy of Silero's model: it keeps this stream's state
+        self._commit_on_pause = commit_on_pause  # a pause ends the utterance (else only commit() does)
+        self._buffer = np.zeros(0, np.float32)
+        self._buffer_start = 0  # the buffer's first sample, counted from the stream's start
+        self._heard = 0  # samples received
+        self._decoded_at = 0  # samples received at the last decode
+        self._unheard = np.zeros(0, np.float32)  # samples the detector has not heard (under a frame)
+        self._speaking = False
+        self._quiet = 0  # samples of silence since speech, while speaking
+        self._speech_since: int | None = None  # where the utterance being decoded began
+        self._agreement = LocalAgreement()
+        self._context = (
+            ""  # final text whose audio has left the buffer: the prompt (Whisper takes it as what came before)
+        )
+        self._partial = ""
+
+    @property
+    def seconds(self) -> float:
+        """Audio received so far."""
+        return self._heard / SAMPLE_RATE
+
+    def feed(self, samples: np.ndarray) -> list[LiveEvent]:
+        """Take 16 kHz float samples; what they make known (a decode runs here when due)."""
+        self._buffer = np.concatenate([self._buffer, samples])
+        self._heard += len(samples)
+        events = self._listen(samples)
+        if self._speech_since is not None and self._heard - self._decoded_at >= STEP_S * SAMPLE_RATE:
+            events += self._update()
+        elif self._speech_since is None:
+            self._cut(self._heard - int(PREROLL_S * SAMPLE_RATE))
+        return events
+
+    def commit(self) -> list[LiveEvent]:
+        """Make everything heard final now (the end of the stream, or a client's commit)."""
+        events = self._end_utterance(self._heard)
+        if self._speaking:
+            self._speaking = False
+            events.append(LiveEvent(LiveEventKind.SPEECH_STOPPED, self.seconds, self.seconds))
+        return events
+
+    def clear(self) -> None:
+        """Drop the audio and the tentative text not yet final."""
+        self._restart(self._heard)
+        self._speech_since = None
+        self._partial = ""
+
+    def _listen(self, samples: np.ndarray) -> list[LiveEvent]:
+        """The detector's verdict on each whole frame: speech starting, or a pause long enough to end it."""
+        audio = np.concatenate([self._unheard, samples])
+        whole = len(audio) // FRAME * FRAME
+        self._unheard = audio[whole:]
+        first = self._heard - len(audio)  # the sample `audio` starts at
+        events: list[LiveEvent] = []
+        with torch.no_grad():
+            for at in range(0, whole, FRAME):
+                probability = float(self._detector(torch.from_numpy(audio[at : at + FRAME]), SAMPLE_RATE))
+                end = first + at + FRAME
+                if probability >= SPEECH:
+                    self._quiet = 0
+                    if not self._speaking:
+                        self._speaking = True
+                        start = max(self._buffer_start, end - FRAME - int(PREROLL_S * SAMPLE_RATE))
+                        self._speech_since = start if self._speech_since is None else self._speech_since
+                        events.append(LiveEvent(LiveEventKind.SPEECH_STARTED, start / SAMPLE_RATE, start / SAMPLE_RATE))
+                elif self._speaking and probability < NON_SPEECH:
+                    self._quiet += FRAME
+                    if self._quiet >= PAUSE_S * SAMPLE_RATE:
+                        self._speaking = False
+                        if self._commit_on_pause:
+                            events += self._end_utterance(end)
+                        stopped = (end - self._quiet) / SAMPLE_RATE
+                        events.append(LiveEvent(LiveEventKind.SPEECH_STOPPED, stopped, stopped))
+        return events
+
+    def _update(self) -> list[LiveEvent]:
+        """Decode the buffer again: the words it confirms are final, the rest partial."""
+        hypothesis = self._hypothesis(len(self._buffer))
+        events = self._final(self._agreement.confirm(list(hypothesis.words)))
+        if len(self._buffer) > TRIM_S * SAMPLE_RATE:
+            done = [end for end in hypothesis.segment_ends if end <= self._agreement.confirmed_until + 1e-6]
+            if done:
+                self._cut(int(done[-1] * SAMPLE_RATE))
+            elif len(self._buffer) > MAX_BUFFER_S * SAMPLE_RATE:
+                events += self._final(self._agreement.confirm(list(hypothesis.words), everything=True))
+                self._restart(self._heard)
+        return events + self._tentative()
+
+    def _end_utterance(self, upto: int) -> list[LiveEvent]:
+        """The utterance's audio up to sample `upto`, decoded once more and final as a whole."""
+        events: list[LiveEvent] = []
+        if self._speech_since is not None:
+            hypothesis = self._hypothesis(upto - self._buffer_start)
+            events = self._final(self._agreement.confirm(list(hypothesis.words), everything=True))
+            self._restart(upto - int(PREROLL_S * SAMPLE_RATE))
+            events += self._tentative()
+        self._speech_since = None
+        self._cut(upto - int(PREROLL_S * SAMPLE_RATE))
+        return events
+
+    def _hypothesis(self, samples: int) -> Hypothesis:
+        """The first `samples` of the buffer decoded, its words' times moved to the stream's clock."""
+        self._decoded_at = self._heard
+        found = self._decode(self._buffer[:samples], self._context)
+        offset = self._buffer_start / SAMPLE_RATE
+        words = tuple(Word(word.text, word.start + offset, word.end + offset) for word in found.words)
+        return Hypothesis(words, tuple(end + offset for end in found.segment_ends))
+
+    def _final(self, words: list[Word]) -> list[LiveEvent]:
+        if not words:
+            return []
+        text = "".join(word.text for word in words)
+        return [LiveEvent(LiveEventKind.FINAL, words[0].start, words[-1].end, text)]
+
+    def _tentative(self) -> list[LiveEvent]:
+        """A partial event when the tentative text changed."""
+        words = self._agreement.tentative
+        text = "".join(word.text for word in words)
+        if text == self._partial:
+            return []
+        self._partial = text
+        start, end = (words[0].start, words[-1].end) if words else (self.seconds, self.seconds)
+        return [LiveEvent(LiveEventKind.PARTIAL, start, end, text)]
+
+    def _cut(self, sample: int) -> None:
+        """Drop the buffer's audio before `sample` (counted from the stream's start)."""
+        drop = min(max(0, sample - self._buffer_start), len(self._buffer))
+        self._buffer = self._buffer[drop:]
+        self._buffer_start += drop
+        self._remember(self._agreement.cut(self._buffer_start / SAMPLE_RATE))
+
+    def _restart(self, sample: int) -> None:
+        """The buffer from `sample` on, its confirmed words all gone from it."""
+        self._remember(self._agreement.restart())
+        self._cut(sample)
+
+    def _remember(self, words: list[Word]) -> None:
+        """Final words whose audio left the buffer become the prompt's end."""
+        self._context = (self._context + "".join(word.text for word in words))[-PROMPT_CHARS:]
