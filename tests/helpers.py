@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import math
+import subprocess
 import threading
 import time
 import uuid
@@ -20,13 +21,19 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 import pytest
+import torch
 from flask import Flask
 from flask.testing import FlaskClient
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 from tests.servers import FIXTURES
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
-from whisper_flask.engine.options import TranscribeOptions
+from whisper_flask.engine.agreement import Word
+from whisper_flask.engine.live import LiveStream
+from whisper_flask.engine.live_window import Hypothesis
+from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.engine.speakers import Diarization, Turn
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
@@ -164,6 +171,27 @@ class FakeEngine:
         if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model
             raise ModelLoading("model fake is loading")
         return {"de": 0.9, "en": 0.1}
+
+    def open_stream(self, language: str | None, task: Task, *, commit_on_pause: bool) -> LiveStream:
+        """A real LiveStream whose decodes read a word per loud half second and whose detector hears loudness."""
+        if not self.loaded:
+            raise ModelLoading("model fake is loading")
+        return LiveStream(_loud_words, _loudness, commit_on_pause=commit_on_pause)
+
+
+def _loudness(frame: torch.Tensor, rate: int) -> float:
+    """The fake speech detector: speech wherever the frame is louder than a whisper."""
+    return 1.0 if float(frame.abs().mean()) > 0.01 else 0.0
+
+
+def _loud_words(audio: np.ndarray, prompt: str) -> Hypothesis:
+    """The fake live decode: a word `w<second>` for each loud half second of the buffer."""
+    words = tuple(
+        Word(f" w{index / 2:g}", index / 2, index / 2 + 0.5)
+        for index in range(len(audio) // 8000)
+        if float(np.abs(audio[index * 8000 : (index + 1) * 8000]).mean()) > 0.01
+    )
+    return Hypothesis(words, ())
 
 
 def create_key(tmp_path: Path, name: str, *, admin: bool = False) -> str:
@@ -442,3 +470,48 @@ def windows_per_step(caplog: pytest.LogCaptureFixture) -> list[int]:
     """For each window decoded, the most windows that shared one of its steps (the decoding log)."""
     messages = [record.getMessage() for record in caplog.records]
     return [int(message.split()[-4]) for message in messages if message.endswith("windows per step")]
+
+
+# -- live sessions -----------------------------------------------------------------------------
+
+
+def tone(seconds: float, amplitude: float = 0.25) -> bytes:
+    """16 kHz 16-bit PCM of a tone: speech to the fake engine's detector."""
+    samples = amplitude * np.sin(2 * np.pi * 220 * np.arange(int(seconds * 16000)) / 16000)
+    return (samples * 32767).astype("<i2").tobytes()
+
+
+def silence(seconds: float) -> bytes:
+    """16 kHz 16-bit PCM of silence."""
+    return bytes(2 * int(seconds * 16000))
+
+
+def pcm_of(path: Path, rate: int = 16000) -> bytes:
+    """A recording as 16-bit mono PCM at `rate`."""
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", str(rate), "-"]
+    return subprocess.run(command, capture_output=True, check=True).stdout
+
+
+def send_paced(ws: ClientConnection, pcm: bytes, frame_s: float = 0.1, rate: int = 16000) -> None:
+    """Send PCM in frames of `frame_s`, each when its audio would have been spoken."""
+    step = int(rate * frame_s) * 2
+    started = time.monotonic()
+    for index in range(0, len(pcm), step):
+        time.sleep(max(0.0, started + index / (2 * rate) - time.monotonic()))
+        ws.send(pcm[index : index + step])
+
+
+def received(ws: ClientConnection, timeout: float = 60) -> tuple[list[dict[str, Any]], int | None]:
+    """Every message until the server closes the socket (within `timeout`), and its close code."""
+    messages: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            messages.append(json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic()))))
+    except ConnectionClosed as closed:
+        return messages, closed.rcvd.code if closed.rcvd else None
+
+
+def final_text(messages: list[dict[str, Any]]) -> str:
+    """The final text of a /ws/transcribe session's messages, joined."""
+    return "".join(message["text"] for message in messages if message["type"] == "final")

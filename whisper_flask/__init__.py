@@ -19,7 +19,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     `engine` replaces the Whisper engine (tests pass a fake). Nothing runs yet: the service starts
     with the server (deploy/gunicorn.conf.py) or at the first request.
     """
-    from whisper_flask.api import describe, health, jobs, openai_audio, page, transcription
+    from whisper_flask.api import describe, health, jobs, live, openai_audio, page, realtime, transcription
     from whisper_flask.api.body import BodyGuard
     from whisper_flask.api.errors import register_error_handlers
     from whisper_flask.api.uploads import UploadRequest
@@ -47,7 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, engine: Engine |
     app.request_class = UploadRequest
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app)
-    for module in (transcription, jobs, health, openai_audio, page, describe):
+    for module in (transcription, jobs, health, openai_audio, live, realtime, page, describe):
         app.register_blueprint(module.bp)
     app.cli.add_command(models_cli)
     app.cli.add_command(keys_cli)

@@ -78,6 +78,10 @@ class AudioDecodeError(ServiceError):
     code = "invalid_audio"
 
 
+class InvalidAudio(AudioDecodeError):
+    """A live session's frame is not the audio it must be (16 kHz 16-bit mono PCM), or arrives too fast."""
+
+
 class AudioTooLong(ServiceError):
     """The audio lasts longer than MAX_AUDIO_HOURS."""
 

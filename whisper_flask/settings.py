@@ -190,6 +190,15 @@ class Settings:
         " `WHISPER_FLASK_HTTP_THREADS`); more get 503 `busy`",
         low=1,
     )
+    MAX_LIVE_SESSIONS: int = _setting(
+        4,
+        "live sessions (`/ws/transcribe`, `/v1/realtime`) at once; each holds an HTTP thread (keep it and"
+        " `MAX_WAITING_REQUESTS` below `WHISPER_FLASK_HTTP_THREADS`); more are refused with 503 `busy`",
+        low=1,
+    )
+    LIVE_IDLE_S: float = _setting(
+        30, "a live session that sends nothing for this long is closed (`idle`)", low=0, above=True
+    )
     LOG_DIR: Path = _setting(Path("logs"), "rotating log `whisper_flask.log` (also on stderr)")
     KEEP_UPLOADS: bool = _setting(False, "keep the audio after its job ends")
     RETENTION_DAYS: float = _setting(

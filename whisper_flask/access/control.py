@@ -6,8 +6,10 @@ key all of them. A signed link opens one transcript without a key until it expir
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
 import logging
 import math
 import secrets
@@ -147,6 +149,26 @@ class LinkSigner:
         if int(expires) < time.time():
             raise LinkExpired("the link has expired; ask for a new one with your API key")
 
+    def live_token(self, principal: Principal, ttl_s: int) -> str:
+        """A token that opens live sessions as `principal` for `ttl_s` seconds (a browser cannot send headers)."""
+        payload = base64.urlsafe_b64encode(
+            json.dumps({"key": principal.name, "admin": principal.admin, "expires": int(time.time()) + ttl_s}).encode()
+        ).decode()
+        return f"{payload}.{self._token_signature(payload)}"
+
+    def token_principal(self, token: str) -> Principal | None:
+        """Who a genuine, unexpired live token stands for; None for any other text."""
+        payload, _, signature = token.partition(".")
+        if not hmac.compare_digest(self._token_signature(payload).encode(), signature.encode()):
+            return None
+        fields = json.loads(base64.urlsafe_b64decode(payload))
+        if fields["expires"] < time.time():
+            return None
+        return Principal(fields["key"], bool(fields["admin"]))
+
+    def _token_signature(self, payload: str) -> str:
+        return hmac.new(self._secret, f"live\n{payload}".encode(), hashlib.sha256).hexdigest()
+
     def webhook_secret(self, owner: str | None) -> str:
         """The secret that signs the webhooks of one key's jobs: another key's receiver cannot forge them."""
         return hmac.new(self._secret, f"webhook\n{owner or ''}".encode(), hashlib.sha256).hexdigest()
@@ -200,6 +222,17 @@ class AccessControl:
         self._throttle.check(address)
         self._throttle.fail(address)
         raise Unauthenticated("the API key is not valid")
+
+    def authenticate_token(self, token: str, address: str) -> Principal:
+        """The principal of a live token (LinkSigner.live_token) whose key is still active; else as a wrong key."""
+        if not self.enabled:
+            return UNRESTRICTED
+        principal = self.signer.token_principal(token)
+        if principal is not None and principal.name is not None and self.keys.is_active(principal.name):
+            return principal
+        self._throttle.check(address)
+        self._throttle.fail(address)
+        raise Unauthenticated("the live token is not valid, has expired, or its key was revoked")
 
     def owner_active(self, owner: str | None) -> bool:
         """Whether a job of `owner` may still be opened by a signed link: its key is not revoked.

@@ -23,6 +23,7 @@ from whisper_flask.jobs.leases import WorkerRecord
 from whisper_flask.jobs.records import Job, JobStatus, JobView, Notification, Submission
 from whisper_flask.service.compose import Parts, Role, build_parts
 from whisper_flask.service.lifecycle import Lifecycle
+from whisper_flask.service.live import LiveRequest, LiveSession, LiveSessions
 from whisper_flask.service.speaker_samples import store_samples
 from whisper_flask.settings import Settings
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 EXTENSION = "whisper_flask"
 #: Other names requests may use for the loaded model: OpenAI's clients send "whisper-1".
 MODEL_ALIASES = ("whisper-1",)
+#: How long a live token (for browsers, which cannot set a WebSocket's headers) opens sessions.
+LIVE_TOKEN_TTL_S = 60
 #: A model name with this ending asks for speakers (OpenAI's diarizing model is gpt-4o-transcribe-diarize).
 DIARIZE_SUFFIX = "-diarize"
 
@@ -68,6 +71,8 @@ class TranscriptionService:
         self.settings = settings
         self._parts = build_parts(settings, engine, role)
         self._lifecycle = Lifecycle(self._parts)
+        # Here, not in build_parts: a saved session becomes a job through submit() below, as an upload does.
+        self._live = LiveSessions(engine, settings.MAX_LIVE_SESSIONS, settings.UPLOAD_DIR, self.submit)
 
     @property
     def parts(self) -> Parts:
@@ -82,6 +87,7 @@ class TranscriptionService:
 
     def stop(self) -> None:
         """Stop taking work; running jobs stop at their next decoder step and go back to pending; close the store."""
+        self._live.stop()
         self._lifecycle.stop()
 
     def stop_jobs(self) -> None:
@@ -93,8 +99,26 @@ class TranscriptionService:
         self._parts.pipeline.run(ticket)
 
     def drain(self) -> None:
-        """The server is stopping: requests waiting for jobs answer now (ShuttingDown); jobs run on until stop()."""
+        """The server is stopping: requests waiting for jobs answer now (ShuttingDown), live sessions end; jobs run
+        on until stop()."""
         self._parts.waits.drain()
+        self._live.stop()
+
+    # -- live sessions --------------------------------------------------------------------
+
+    def open_live(self, request: LiveRequest) -> LiveSession:
+        """A live session (service/live.py); Busy past MAX_LIVE_SESSIONS, ModelUnavailable on a cluster's API node."""
+        if not self._parts.role.runs_jobs:
+            raise ModelUnavailable("live transcription needs the model, which a cluster's API node does not load")
+        return self._live.open(request)
+
+    def live_token(self, principal: Principal) -> str:
+        """A short-lived token that opens live sessions as `principal` (LIVE_TOKEN_TTL_S)."""
+        return self._parts.signer.live_token(principal, LIVE_TOKEN_TTL_S)
+
+    def authenticate_token(self, token: str, address: str) -> Principal:
+        """Who a live token stands for; Unauthenticated if it is not genuine, has expired or its key was revoked."""
+        return self._parts.access.authenticate_token(token, address)
 
     # -- access ---------------------------------------------------------------------------
 

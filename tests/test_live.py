@@ -1,0 +1,200 @@
+"""Live transcription over WebSocket on the fake engine: the protocol, its bounds, its keys and tokens, bad frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+from werkzeug.serving import make_server
+
+from tests.helpers import eventually, final_text, keyed, received, send_paced, silence, tone
+from tests.servers import serving
+from whisper_flask.extension import get_service
+
+#: Loud enough for the fake detector for 2 s, then a pause that ends the utterance.
+UTTERANCE = tone(2.0) + silence(1.0)
+
+
+class Served:
+    """An app on the fake engine behind werkzeug's server on loopback, and a key for it."""
+
+    def __init__(self, app: Flask, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.key = get_service(app).create_key("speaker", admin=False)
+
+    def connect(self, path: str = "/ws/transcribe", key: str | None = "", **options: Any) -> ClientConnection:
+        """A WebSocket to `path` with this key (or `key`; None sends none)."""
+        key = self.key if key == "" else key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, open_timeout=10, **options)
+
+
+@pytest.fixture
+def serve(make_app: Callable[..., Flask]) -> Iterator[Callable[..., Served]]:
+    """Serve apps made with these settings over real sockets; the servers stop after the test."""
+    stack: list[Any] = []
+
+    def start(**config: Any) -> Served:
+        app = make_app(**config)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        stack.append(serving(server))
+        stack[-1].__enter__()
+        return Served(app, server.server_port)
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+
+
+def refusal(served: Served, **options: Any) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body with which the handshake is refused."""
+    with pytest.raises(InvalidStatus) as refused:
+        served.connect(**options).close()
+    return refused.value.response.status_code, json.loads(refused.value.response.body)
+
+
+def test_a_session_sends_partial_then_final_text_and_ends_when_asked(serve: Callable[..., Served]) -> None:
+    """Audio yields partial text, then final text that never changes, then an end once the client asks."""
+    with serve().connect() as ws:
+        send_paced(ws, UTTERANCE)
+        ws.send(json.dumps({"type": "end"}))
+        messages, code = received(ws)
+    kinds = [message["type"] for message in messages]
+    assert kinds.index("partial") < kinds.index("final")
+    assert final_text(messages) == " w0 w0.5 w1 w1.5"
+    assert messages[-1] == {"type": "end", "reason": "end"}
+    assert code == 1000
+
+
+def test_a_saved_session_becomes_a_job_whose_transcript_downloads(serve: Callable[..., Served]) -> None:
+    """save=true queues the session's audio as a job, named in the end message, downloadable in every format."""
+    served = serve()
+    with served.connect("/ws/transcribe?save=true") as ws:
+        send_paced(ws, UTTERANCE)
+        ws.send(json.dumps({"type": "end"}))
+        messages, _ = received(ws)
+    job = messages[-1]["job"]
+    assert job["filename"] == "live-session.wav" and job["duration"] == pytest.approx(3.0)
+    client = keyed(served.app, "reader", admin=True)
+    eventually(lambda: client.get(f"/progress/{job['transcription_id']}").json["status"] == "completed", 30)
+    for fmt in ("txt", "srt", "vtt", "json", "tsv"):
+        assert client.get(f"/download/{job['transcription_id']}.{fmt}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "code"),
+    [(None, 401, "missing_api_key"), ("not-a-key", 401, "invalid_api_key")],
+)
+def test_a_session_without_a_valid_key_is_refused_before_the_handshake(
+    serve: Callable[..., Served], key: str | None, status: int, code: str
+) -> None:
+    """No key or a wrong one gets the JSON error contract and its status instead of a WebSocket."""
+    got, body = refusal(serve(), key=key)
+    assert (got, body["code"]) == (status, code) and body["error"]
+
+
+def test_sessions_past_the_bound_are_refused_and_a_vanished_client_frees_its_slot(
+    serve: Callable[..., Served],
+) -> None:
+    """With MAX_LIVE_SESSIONS=1 a second session gets 503 busy; once the first client vanishes, it is let in."""
+    served = serve(MAX_LIVE_SESSIONS=1)
+    first = served.connect()
+    first.send(tone(0.2))
+    status, body = refusal(served)
+    assert (status, body["code"]) == (503, "busy")
+    first.socket.close()  # gone without a close frame, as a client whose network dropped
+
+    def admitted() -> bool:
+        try:
+            served.connect().close()
+        except InvalidStatus:
+            return False
+        return True
+
+    eventually(admitted, 10, "the vanished client's slot was never freed")
+
+
+@pytest.mark.parametrize(
+    ("frame", "says"),
+    [
+        (os.urandom(3200), "as loud as random bytes"),
+        (b"\x01\x02\x03", "even number of bytes"),
+        (b"\x1a\x45\xdf\xa3" + bytes(200), "WebM"),
+        ("not json", "JSON objects"),
+        (json.dumps({"type": "play"}), "unknown message type"),
+    ],
+)
+def test_a_bad_frame_ends_its_session_with_a_clear_error_and_spares_the_others(
+    serve: Callable[..., Served], frame: bytes | str, says: str
+) -> None:
+    """Garbage gets an error message and close code 1003; a session beside it still gets its text."""
+    served = serve()
+    with served.connect() as bystander, served.connect() as ws:
+        speaking = threading.Thread(target=send_paced, args=(bystander, UTTERANCE))
+        speaking.start()
+        ws.send(frame)
+        messages, code = received(ws, timeout=10)
+        speaking.join()
+        bystander.send(json.dumps({"type": "end"}))
+        spared, _ = received(bystander)
+    assert messages[-1]["type"] == "error" and says in messages[-1]["error"]
+    assert code == 1003
+    assert final_text(spared) == " w0 w0.5 w1 w1.5"
+
+
+def test_an_idle_session_is_closed(serve: Callable[..., Served]) -> None:
+    """A session that sends nothing for LIVE_IDLE_S is ended with reason idle and close code 1008."""
+    with serve(LIVE_IDLE_S=0.5).connect() as ws:
+        messages, code = received(ws, timeout=10)
+    assert messages == [{"type": "end", "reason": "idle"}]
+    assert code == 1008
+
+
+def test_a_stopping_service_ends_its_sessions_with_their_text(serve: Callable[..., Served]) -> None:
+    """On drain (gunicorn's SIGTERM) a session's held text is made final, then it ends with close code 1001."""
+    served = serve()
+    with served.connect() as ws:
+        send_paced(ws, tone(1.2))
+        get_service(served.app).drain()
+        messages, code = received(ws)
+    assert final_text(messages).strip()
+    assert messages[-1] == {"type": "end", "reason": "shutting_down"}
+    assert code == 1001
+
+
+def test_a_browser_token_opens_live_sessions_and_nothing_else(serve: Callable[..., Served]) -> None:
+    """A token from /live/token, offered as a subprotocol, opens a session; it is no key for other routes."""
+    served = serve()
+    client = keyed(served.app, "browser")
+    token = client.post("/live/token").json["token"]
+    with served.connect(key=None, subprotocols=["whisper-flask", f"token.{token}"]) as ws:
+        assert ws.subprotocol == "whisper-flask"
+        send_paced(ws, UTTERANCE)
+        ws.send(json.dumps({"type": "end"}))
+        messages, _ = received(ws)
+    assert final_text(messages).strip()
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    status, body = refusal(served, key=None, subprotocols=["whisper-flask", f"token.{token[:-2]}00"])
+    assert (status, body["code"]) == (401, "invalid_api_key")
+
+
+def test_a_revoked_keys_token_no_longer_opens_a_session(serve: Callable[..., Served]) -> None:
+    """A token stands for its key: revoking the key refuses the token at once."""
+    served = serve()
+    token = keyed(served.app, "leaving").post("/live/token").json["token"]
+    get_service(served.app).revoke_key("leaving")
+    assert refusal(served, key=None, subprotocols=[f"token.{token}"])[0] == 401
+
+
+def test_a_plain_request_to_the_socket_is_a_json_error(serve: Callable[..., Served]) -> None:
+    """GET /ws/transcribe without the WebSocket handshake answers 400 in the JSON error contract."""
+    response = keyed(serve().app, "curious").get("/ws/transcribe")
+    assert response.status_code == 400 and "code" in response.json
