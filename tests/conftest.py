@@ -6,6 +6,7 @@ A test is marked for what it needs from the fixtures it uses, and `slow` follows
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +16,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from playwright.sync_api import Browser, Page, sync_playwright
+from werkzeug.serving import make_server
 
-from tests.helpers import FakeEngine, base_config, create_key, keyed_client_class
+from tests.helpers import FakeEngine, Served, base_config, create_key, keyed_client_class
 from tests.servers import AudioSite, Postgres, Servers, serving
 from whisper_flask import create_app
 from whisper_flask.engine.checkpoints import ensure_checkpoint
@@ -83,6 +85,20 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def serve(make_app: Callable[..., Flask]) -> Iterator[Callable[..., Served]]:
+    """Serve apps on the fake engine, made with these settings, over real sockets (werkzeug's server on loopback:
+    WebSockets need one); the servers stop after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**config: Any) -> Served:
+            app = make_app(**config)
+            server = stack.enter_context(serving(make_server("127.0.0.1", 0, app, threaded=True)))
+            return Served(app, server.server_port)
+
+        yield start
 
 
 @pytest.fixture

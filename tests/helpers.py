@@ -24,8 +24,8 @@ import pytest
 import torch
 from flask import Flask
 from flask.testing import FlaskClient
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
 
 from tests.servers import FIXTURES
 from whisper_flask.access.keys import KeyStore
@@ -490,6 +490,28 @@ def pcm_of(path: Path, rate: int = 16000) -> bytes:
     """A recording as 16-bit mono PCM at `rate`."""
     command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", str(rate), "-"]
     return subprocess.run(command, capture_output=True, check=True).stdout
+
+
+class Served:
+    """An app on the fake engine behind werkzeug's server on loopback (conftest's `serve`), and a key for it."""
+
+    def __init__(self, app: Flask, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.key = get_service(app).create_key("speaker", admin=False)
+
+    def connect(self, path: str = "/ws/transcribe", key: str | None = "", **options: Any) -> ClientConnection:
+        """A WebSocket to `path` with this key (or `key`; None sends none)."""
+        key = self.key if key == "" else key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, open_timeout=10, **options)
+
+
+def refusal(served: Served, path: str = "/ws/transcribe", **options: Any) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body with which the handshake is refused."""
+    with pytest.raises(InvalidStatus) as refused:
+        served.connect(path, **options).close()
+    return refused.value.response.status_code, json.loads(refused.value.response.body)
 
 
 def send_paced(ws: ClientConnection, pcm: bytes, frame_s: float = 0.1, rate: int = 16000) -> None:

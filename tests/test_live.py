@@ -5,60 +5,27 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-from flask import Flask
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import ClientConnection, connect
-from werkzeug.serving import make_server
 
-from tests.helpers import eventually, final_text, keyed, received, send_paced, silence, tone
-from tests.servers import serving
+from tests.helpers import (
+    Served,
+    eventually,
+    final_text,
+    keyed,
+    received,
+    refusal,
+    send_paced,
+    silence,
+    tone,
+    transcripts,
+)
 from whisper_flask.extension import get_service
 
 #: Loud enough for the fake detector for 2 s, then a pause that ends the utterance.
 UTTERANCE = tone(2.0) + silence(1.0)
-
-
-class Served:
-    """An app on the fake engine behind werkzeug's server on loopback, and a key for it."""
-
-    def __init__(self, app: Flask, port: int) -> None:
-        self.app = app
-        self.port = port
-        self.key = get_service(app).create_key("speaker", admin=False)
-
-    def connect(self, path: str = "/ws/transcribe", key: str | None = "", **options: Any) -> ClientConnection:
-        """A WebSocket to `path` with this key (or `key`; None sends none)."""
-        key = self.key if key == "" else key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, open_timeout=10, **options)
-
-
-@pytest.fixture
-def serve(make_app: Callable[..., Flask]) -> Iterator[Callable[..., Served]]:
-    """Serve apps made with these settings over real sockets; the servers stop after the test."""
-    stack: list[Any] = []
-
-    def start(**config: Any) -> Served:
-        app = make_app(**config)
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        stack.append(serving(server))
-        stack[-1].__enter__()
-        return Served(app, server.server_port)
-
-    yield start
-    for context in reversed(stack):
-        context.__exit__(None, None, None)
-
-
-def refusal(served: Served, **options: Any) -> tuple[int, dict[str, Any]]:
-    """The status and JSON body with which the handshake is refused."""
-    with pytest.raises(InvalidStatus) as refused:
-        served.connect(**options).close()
-    return refused.value.response.status_code, json.loads(refused.value.response.body)
 
 
 def test_a_session_sends_partial_then_final_text_and_ends_when_asked(serve: Callable[..., Served]) -> None:
@@ -85,8 +52,8 @@ def test_a_saved_session_becomes_a_job_whose_transcript_downloads(serve: Callabl
     assert job["filename"] == "live-session.wav" and job["duration"] == pytest.approx(3.0)
     client = keyed(served.app, "reader", admin=True)
     eventually(lambda: client.get(f"/progress/{job['transcription_id']}").json["status"] == "completed", 30)
-    for fmt in ("txt", "srt", "vtt", "json", "tsv"):
-        assert client.get(f"/download/{job['transcription_id']}.{fmt}").status_code == 200
+    downloads = transcripts(client, job["transcription_id"])
+    assert set(downloads) >= {"txt", "srt", "vtt", "json", "tsv"} and all(downloads.values())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,107 @@
+"""Live transcription as deployed: the real tiny.en model in gunicorn behind the shipped nginx, real speech at real-time
+pace, over both protocols."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from openai import OpenAI
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from bench.peers import word_error_rate
+from tests.helpers import LiveClient, create_key, eventually, final_text, pcm_of, received, send_paced, submit, wait_for
+from tests.servers import FIXTURES, Servers
+
+RECORDING = FIXTURES / "lj001-0001.flac"  # 10 s of LJSpeech, one sentence
+REFERENCE = (
+    "Printing, in the only sense with which we are at present concerned, differs from most if not from all the arts"
+    " and crafts represented in the Exhibition"
+)
+
+
+@pytest.fixture(scope="module")
+def deployed(module_servers: Servers) -> dict[str, Any]:
+    """gunicorn with one live session at most, the shipped nginx in front, and a key."""
+    key = create_key(module_servers.work, "speaker")
+    gunicorn, _ = module_servers.gunicorn(MAX_LIVE_SESSIONS="1")
+    nginx, _ = module_servers.nginx()
+    return {"key": key, "gunicorn": gunicorn, "nginx": nginx}
+
+
+def open_socket(deployed: dict[str, Any], path: str = "/ws/transcribe") -> ClientConnection:
+    """A WebSocket through nginx, with the key in its header."""
+    headers = {"Authorization": f"Bearer {deployed['key']}"}
+    return connect(f"ws://127.0.0.1:{deployed['nginx']}{path}", additional_headers=headers, open_timeout=30)
+
+
+def test_speech_streamed_through_nginx_comes_back_as_partial_then_final_text(deployed: dict[str, Any]) -> None:
+    """Real speech at real-time pace: partial text before final text, and final text as good as the file's."""
+    with open_socket(deployed) as ws:
+        send_paced(ws, pcm_of(RECORDING))
+        ws.send(json.dumps({"type": "end"}))
+        messages, code = received(ws, timeout=60)
+    kinds = [message["type"] for message in messages]
+    assert kinds.index("partial") < kinds.index("final") and code == 1000
+    client = LiveClient(deployed["gunicorn"], deployed["key"])
+    job = submit(client, RECORDING)
+    wait_for(client, job, "completed")
+    file_text = client.get(f"/download/{job}.txt").data.decode()
+    assert word_error_rate(REFERENCE, final_text(messages)) <= word_error_rate(REFERENCE, file_text) + 0.05
+
+
+def test_openais_client_transcribes_speech_through_nginx(deployed: dict[str, Any]) -> None:
+    """OpenAI's client, 24 kHz PCM16 appends at real-time pace: its completed transcripts hold the speech."""
+    base = f"127.0.0.1:{deployed['nginx']}/v1"
+    client = OpenAI(api_key=deployed["key"], base_url=f"http://{base}", websocket_base_url=f"ws://{base}")
+    pcm = pcm_of(RECORDING, rate=24000)
+    transcripts = []
+    with client.realtime.connect(extra_query={"intent": "transcription"}, max_retries=0) as connection:
+        assert connection.recv().type == "session.created"
+
+        def speak() -> None:
+            for index in range(0, len(pcm), 4800):  # 100 ms a frame, paced by the send loop below
+                connection.input_audio_buffer.append(audio=base64.b64encode(pcm[index : index + 4800]).decode())
+                time.sleep(0.1)
+            connection.input_audio_buffer.commit()
+
+        speaker = threading.Thread(target=speak)
+        speaker.start()
+        while True:
+            event = connection.recv()
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                transcripts.append(event.transcript)
+                if not speaker.is_alive():
+                    break
+        speaker.join()
+    heard = " ".join(transcripts)
+    assert word_error_rate(REFERENCE, heard) <= 0.25, heard
+
+
+def test_a_client_that_vanishes_mid_sentence_frees_its_slot_at_once(deployed: dict[str, Any]) -> None:
+    """A client gone without a close frame (its network dropped) leaves no session behind: the next is let in."""
+    ws = open_socket(deployed)
+    send_paced(ws, pcm_of(RECORDING)[: 16000 * 2 * 3])  # 3 s: mid-sentence
+    ws.socket.close()
+
+    def admitted() -> bool:
+        try:
+            open_socket(deployed).close()
+        except InvalidStatus:
+            return False
+        return True
+
+    eventually(admitted, 10, "the vanished client's session still holds the only slot")
+
+
+def test_past_the_bound_the_handshake_is_refused_with_a_json_error(deployed: dict[str, Any]) -> None:
+    """With MAX_LIVE_SESSIONS=1, a second session through nginx is refused 503 busy, in the JSON error contract."""
+    with open_socket(deployed), pytest.raises(InvalidStatus) as refused:
+        open_socket(deployed)
+    assert refused.value.response.status_code == 503
+    assert json.loads(refused.value.response.body)["code"] == "busy"
