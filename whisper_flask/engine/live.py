@@ -22,6 +22,8 @@ from whisper_flask.engine.live_window import Hypothesis
 
 #: New audio, while speech goes on, that makes the next decode (the floor of a partial's delay).
 STEP_S = 0.5
+#: The most new audio one decode takes in (a session catching up after the model was busy).
+MAX_PIECE_S = 2.0
 #: Silence after speech that ends an utterance (its text final at once).
 PAUSE_S = 0.5
 #: Audio kept from before speech starts: the detector hears a word's onset late.
@@ -88,7 +90,19 @@ class LiveStream:
         return self._heard / SAMPLE_RATE
 
     def feed(self, samples: np.ndarray) -> list[LiveEvent]:
-        """Take 16 kHz float samples; what they make known (a decode runs here when due)."""
+        """Take 16 kHz float samples; what they make known (decodes run here when due).
+
+        Audio that piled up while the model was busy is heard MAX_PIECE_S at a time, each piece decoded:
+        the buffer never grows past what a decode can trim, and a session behind decodes less often per
+        second of audio (each piece is longer), which is what lets it catch up.
+        """
+        events: list[LiveEvent] = []
+        piece = int(MAX_PIECE_S * SAMPLE_RATE)
+        for start in range(0, len(samples), piece):
+            events += self._feed(samples[start : start + piece])
+        return events
+
+    def _feed(self, samples: np.ndarray) -> list[LiveEvent]:
         self._buffer = np.concatenate([self._buffer, samples])
         self._heard += len(samples)
         events = self._listen(samples)
