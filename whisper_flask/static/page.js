@@ -129,20 +129,20 @@
     return `${(Math.ceil(bytes / 1024 / 102.4) / 10).toFixed(1)} MB`; // rounded up: 2 MB + 1 byte is 2.1
   }
 
-  // ---- one card per file: upload, progress, cancel, downloads, transcript ----
+  // ---- one card per file or saved recording: upload, progress, cancel, downloads, transcript ----
 
   class Card {
-    constructor(file, options) {
-      this.file = file;
-      this.options = options;
+    // `name` is a file's, or a recording's; `note` says how big it is (a size, a length).
+    constructor(name, note) {
+      this.name = name;
       this.jobId = null;
       this.ended = false;
       this.closed = false;
       this.node = byId("card-template").content.firstElementChild.cloneNode(true);
       this.part = (selector) => this.node.querySelector(selector);
-      this.part(".name").textContent = file.name;
-      this.part(".size").textContent = megabytes(file.size);
-      this.part("progress").setAttribute("aria-label", `Progress of ${file.name}`);
+      this.part(".name").textContent = name;
+      this.part(".size").textContent = note;
+      this.part("progress").setAttribute("aria-label", `Progress of ${name}`);
       this.part(".cancel").addEventListener("click", () => this.cancel());
       this.part(".show-transcript").addEventListener("click", () => this.toggleTranscript());
       this.part(".copy").addEventListener("click", () => this.copy());
@@ -185,17 +185,17 @@
       this.node.classList.add("cancelled");
     }
 
-    upload() {
+    upload(file, options) {
       if (this.ended || this.closed) return Promise.resolve();
-      if (this.file.size > maxUploadBytes) {
+      if (file.size > maxUploadBytes) {
         this.state("Not sent");
-        this.fail(`This file is too large: ${megabytes(this.file.size)}; the limit is ${megabytes(maxUploadBytes)}.`);
+        this.fail(`This file is too large: ${megabytes(file.size)}; the limit is ${megabytes(maxUploadBytes)}.`);
         return Promise.resolve();
       }
       return new Promise((resolve) => {
         const form = new FormData();
-        form.append("file", this.file, this.file.name);
-        for (const [name, value] of this.options) form.append(name, value);
+        form.append("file", file, file.name);
+        for (const [name, value] of options) form.append(name, value);
         const xhr = new XMLHttpRequest(); // fetch cannot report upload progress
         this.xhr = xhr;
         xhr.open("POST", `${root}/upload`);
@@ -283,7 +283,7 @@
         const link = document.createElement("a");
         link.href = url;
         link.textContent = fmt;
-        link.download = `${this.file.name.replace(/\.[^.]*$/, "")}.${fmt}`;
+        link.download = `${this.name.replace(/\.[^.]*$/, "")}.${fmt}`;
         downloads.append(" ", link);
       }
       this.formats = formats;
@@ -415,10 +415,10 @@
   function addFiles(files) {
     const options = chosenOptions();
     for (const file of files) {
-      const card = new Card(file, options);
+      const card = new Card(file.name, megabytes(file.size));
       cards.push(card);
       // A card that throws must not stop the files after it.
-      uploads = uploads.then(() => card.upload()).catch((error) => card.fail(`The page failed: ${error.message}`));
+      uploads = uploads.then(() => card.upload(file, options)).catch((error) => card.fail(`The page failed: ${error.message}`));
     }
   }
 
