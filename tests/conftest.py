@@ -7,7 +7,6 @@ A test is marked for what it needs from the fixtures it uses, and `slow` follows
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 from werkzeug.serving import make_server
 
-from tests.helpers import FakeEngine, Served, base_config, create_key, keyed_client_class
+from tests.helpers import FakeEngine, Served, base_config, chromium, create_key, keyed_client_class, watched_page
 from tests.servers import AudioSite, Postgres, Servers, serving
 from whisper_flask import create_app
 from whisper_flask.engine.checkpoints import ensure_checkpoint
@@ -29,7 +28,7 @@ NEEDED_BY_FIXTURE = {
     "model_dir": "model",  # the real tiny.en (or base): make_real_app, the servers, models loaded by hand
     "servers": "gunicorn",
     "module_servers": "gunicorn",
-    "browser": "browser",
+    "playwright": "browser",  # under every browser: `browser`, and those launched with flags of their own
 }
 #: Needs that make a test slow: a real model to load, a server process to start, a browser to drive.
 SLOW_NEEDS = ("model", "gunicorn", "nginx", "browser")
@@ -185,14 +184,18 @@ def module_servers(
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium, driven by Playwright through its executable path (no browser download)."""
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's, or Ubuntu's snap
-    assert executable, "chromium is missing: deploy/system-packages.sh installs it"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
-        yield browser
-        browser.close()
+def playwright() -> Iterator[Playwright]:
+    """Playwright for the whole run: its sync API runs once at a time, so every browser is launched from this one."""
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="session")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    """Chromium as a person runs it (chromium())."""
+    launched = playwright.chromium.launch(executable_path=chromium())
+    yield launched
+    launched.close()
 
 
 @pytest.fixture(scope="session")
@@ -204,15 +207,5 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     """A fresh tab whose script errors, CSP violations, dialogs and requests off loopback fail the test."""
-    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"], accept_downloads=True)
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    tab.on("console", lambda note: problems.append(note.text) if "Content Security Policy" in note.text else None)
-    tab.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
-    # Nothing may come from another host (a CDN): every asset is served by the service itself.
-    local = ("http://127.0.0.1:", "data:", "blob:")
-    tab.on("request", lambda sent: None if sent.url.startswith(local) else problems.append(f"fetched {sent.url}"))
-    yield tab
-    context.close()
-    assert not problems, problems
+    with watched_page(browser) as tab:
+        yield tab

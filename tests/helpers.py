@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: speech fixtures, a fake engine, uploads and polling.
+"""Helpers shared by the tests: speech fixtures, a fake engine, uploads and polling, browser tabs.
 
 Uploading and polling work alike on Flask's test client and on a LiveClient (real gunicorn or
 nginx on loopback), so every test waits for jobs the same way.
@@ -6,16 +6,18 @@ nginx on loopback), so every test waits for jobs the same way.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import math
+import shutil
 import subprocess
 import threading
 import time
 import uuid
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -24,6 +26,7 @@ import pytest
 import torch
 from flask import Flask
 from flask.testing import FlaskClient
+from playwright.sync_api import Browser, Page
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -537,3 +540,30 @@ def received(ws: ClientConnection, timeout: float = 60) -> tuple[list[dict[str, 
 def final_text(messages: list[dict[str, Any]]) -> str:
     """The final text of a /ws/transcribe session's messages, joined."""
     return "".join(message["text"] for message in messages if message["type"] == "final")
+
+
+# -- browsers --------------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    """Debian's Chromium (Ubuntu's snap), which Playwright drives through its executable path: no browser download."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert executable, "chromium is missing: deploy/system-packages.sh installs it"
+    return executable
+
+
+@contextlib.contextmanager
+def watched_page(browser: Browser) -> Iterator[Page]:
+    """A new tab of `browser` as the `page` fixture gives it: after the block, what went wrong fails the test."""
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"], accept_downloads=True)
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    tab.on("console", lambda note: problems.append(note.text) if "Content Security Policy" in note.text else None)
+    tab.on("dialog", lambda dialog: problems.append(f"a dialog opened: {dialog.message}"))
+    # Nothing may come from another host (a CDN): every asset is served by the service itself.
+    local = ("http://127.0.0.1:", "data:", "blob:")
+    tab.on("request", lambda sent: None if sent.url.startswith(local) else problems.append(f"fetched {sent.url}"))
+    yield tab
+    context.close()
+    assert not problems, problems

@@ -5,14 +5,16 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Browser, Locator, Page, Playwright, expect
 
-from tests.helpers import FIXTURES, LiveClient, create_key, submit, upload
+from tests.helpers import FIXTURES, LiveClient, chromium, create_key, submit, upload, watched_page
 from tests.servers import Servers
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 
@@ -23,6 +25,10 @@ SPEECH = FIXTURES / "lj001-0001.flac"  # LJ Speech, read aloud: "Printing, in th
 XSS_NAME = "<img src=x onerror=alert(1)>.wav"
 # LJ Speech's reader, espeak-ng (two sentences), the reader again: three turns, two speakers.
 CONVERSATION = (SPEECH, FIXTURES / "fox.wav", FIXTURES / "report.wav", SPEECH)
+#: The microphone's recording: SPEECH (9.7 s) after a second of quiet, two more after it.
+SPOKEN_S = 12.7
+#: Words of SPEECH that tiny.en hears, live or not; a few may come out misspelt.
+SPOKEN_WORDS = ("printing", "only", "sense", "present", "differs", "arts", "crafts", "exhibition")
 
 
 # -- served by Flask ---------------------------------------------------------------------------
@@ -331,3 +337,85 @@ def test_the_job_list_pages_through_a_keys_jobs_newest_first(page: Page, site: d
     expect(page.get_by_role("button", name="Older")).to_be_disabled()
     page.get_by_role("button", name="Newer").click()
     expect(rows).to_have_count(10)
+
+
+# -- recording from the microphone -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def speaking_browser(playwright: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """Chromium whose microphone, once opened, says SPEECH (SPOKEN_S in all), then nothing; granted without asking."""
+    recording = tmp_path_factory.mktemp("microphone") / "speech.wav"  # Chromium plays 16-bit PCM WAV only
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(SPEECH), "-af", "adelay=1000,apad=pad_dur=2", "-ac", "1",
+         "-c:a", "pcm_s16le", str(recording)],
+        check=True,
+    )  # fmt: skip
+    flags = [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={recording}%noloop",
+    ]
+    launched = playwright.chromium.launch(executable_path=chromium(), args=flags)
+    yield launched
+    launched.close()
+
+
+#: Notes, in the page, each text the partial span showed and how it looked: partials come and go faster
+#: than the test could look, and one may be replaced before its style could be read.
+WATCH_PARTIALS = """() => {
+    window.partialsShown = [];
+    const partial = document.querySelector("#live-text .partial");
+    new MutationObserver(() => {
+        if (!partial.textContent.trim()) return;
+        const style = getComputedStyle(partial);
+        window.partialsShown.push({text: partial.textContent, fontStyle: style.fontStyle, color: style.color});
+    }).observe(partial, {childList: true, characterData: true, subtree: true});
+}"""
+
+
+def test_a_recording_shows_its_text_as_spoken_and_is_kept_as_a_job_whose_transcript_downloads(
+    speaking_browser: Browser, servers: Servers, tmp_path: Path, screenshots: Path
+) -> None:
+    key = create_key(tmp_path, "speaker")
+    port, _ = servers.gunicorn()
+    with watched_page(speaking_browser) as page:  # a CSP that refused the socket or the worklet fails it too
+        open_with_key(page, f"http://127.0.0.1:{port}", key)
+        page.evaluate(WATCH_PARTIALS)
+        final, state = page.locator("#live-text .final"), page.locator("#live-state")
+        page.get_by_role("button", name="Record").click()
+        spoken_by = time.monotonic() + SPOKEN_S  # the microphone starts at once: the page asks for it first
+        expect(state).to_have_text("Recording", timeout=30_000)
+        expect(page.get_by_role("button", name="Stop")).to_be_focused()
+        # Before Stop: text made final as the session goes on (here at the pause after the speech, at the latest).
+        expect(final).to_have_text(re.compile(r"\w"), timeout=60_000)
+        page.screenshot(path=screenshots / "6-recording.png", full_page=True)
+        page.wait_for_timeout(max(0.0, spoken_by - time.monotonic()) * 1000)
+        page.get_by_role("button", name="Stop").click()
+        expect(state).to_have_text("Done", timeout=60_000)
+
+        text = final.inner_text().lower()
+        heard = [word for word in SPOKEN_WORDS if word in text]
+        assert len(heard) >= 5, text
+        expect(page.locator("#live-text .partial")).to_be_empty()
+        # Partials, when the server sent any (on a busy machine a decode may reach the pause first), looked
+        # tentative; so does the place they are shown in.
+        shown = page.evaluate("window.partialsShown")
+        looks = page.locator("#live-text .partial").evaluate(
+            "(node) => [getComputedStyle(node).fontStyle, getComputedStyle(node).color]"
+        )
+        assert looks == ["italic", "rgb(85, 89, 95)"]
+        assert all([note["fontStyle"], note["color"]] == looks for note in shown), shown
+        expect(page.locator("#live-error")).to_be_empty()
+
+        saved = card(page, "live-session.wav")  # as the server names a recording, in the job list too
+        expect(saved.locator(".size")).to_have_text(re.compile(r"^0:\d\d, recorded at "))
+        minutes, seconds = saved.locator(".size").inner_text().split(",")[0].split(":")
+        assert 60 * int(minutes) + int(seconds) >= int(SPOKEN_S)  # all that was sent, from Record to Stop
+        expect(saved.locator(".state")).to_have_text("Done", timeout=120_000)
+        expect(saved.locator(".downloads a")).to_have_text(["txt", "srt", "vtt", "json", "tsv"])
+        with page.expect_download() as download:
+            saved.get_by_role("link", name="txt").click()
+        assert download.value.suggested_filename.endswith(".txt")  # named by the server (the recording has no name)
+        assert "printing" in Path(download.value.path()).read_text().lower()
+        page.screenshot(path=screenshots / "7-recorded.png", full_page=True)

@@ -23,6 +23,8 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "script-src 'self'",
         "style-src 'self'",
         "img-src 'self' data:",  # Swagger UI's icons
+        # 'self' also matches the origin's own ws:/wss: (CSP Level 3; Chromium checked in tests/test_page.py),
+        # so the recorder's socket to /ws/transcribe needs no source of its own.
         "connect-src 'self'",
         "base-uri 'none'",
         "form-action 'none'",

@@ -17,6 +17,12 @@
     waiting_for_storage: "Waiting for disk space",
     done: "Done",
   };
+  // What the recorder says when a live session ends, by the server's reason for ending it.
+  const ENDINGS = {
+    end: "Done",
+    idle: "Ended: nothing was heard for too long.",
+    shutting_down: "Ended early: the server is restarting. The text so far is kept.",
+  };
   const STATUSES = { completed: "Done", failed: "Failed", cancelled: "Cancelled", pending: "Queued", in_progress: "Working" };
 
   const root = document.body.dataset.root; // "" at /, "/prefix" under a sub-path (request.script_root)
@@ -45,6 +51,7 @@
     sessionStorage.removeItem(KEY_ITEM);
     for (const card of cards) card.close();
     cards = [];
+    leaveRecording();
     uploads = Promise.resolve();
     byId("cards").replaceChildren();
     byId("jobs-body").replaceChildren();
@@ -129,20 +136,20 @@
     return `${(Math.ceil(bytes / 1024 / 102.4) / 10).toFixed(1)} MB`; // rounded up: 2 MB + 1 byte is 2.1
   }
 
-  // ---- one card per file: upload, progress, cancel, downloads, transcript ----
+  // ---- one card per file or saved recording: upload, progress, cancel, downloads, transcript ----
 
   class Card {
-    constructor(file, options) {
-      this.file = file;
-      this.options = options;
+    // `name` is a file's, or a recording's; `note` says how big it is (a size, a length).
+    constructor(name, note) {
+      this.name = name;
       this.jobId = null;
       this.ended = false;
       this.closed = false;
       this.node = byId("card-template").content.firstElementChild.cloneNode(true);
       this.part = (selector) => this.node.querySelector(selector);
-      this.part(".name").textContent = file.name;
-      this.part(".size").textContent = megabytes(file.size);
-      this.part("progress").setAttribute("aria-label", `Progress of ${file.name}`);
+      this.part(".name").textContent = name;
+      this.part(".size").textContent = note;
+      this.part("progress").setAttribute("aria-label", `Progress of ${name}`);
       this.part(".cancel").addEventListener("click", () => this.cancel());
       this.part(".show-transcript").addEventListener("click", () => this.toggleTranscript());
       this.part(".copy").addEventListener("click", () => this.copy());
@@ -185,17 +192,17 @@
       this.node.classList.add("cancelled");
     }
 
-    upload() {
+    upload(file, options) {
       if (this.ended || this.closed) return Promise.resolve();
-      if (this.file.size > maxUploadBytes) {
+      if (file.size > maxUploadBytes) {
         this.state("Not sent");
-        this.fail(`This file is too large: ${megabytes(this.file.size)}; the limit is ${megabytes(maxUploadBytes)}.`);
+        this.fail(`This file is too large: ${megabytes(file.size)}; the limit is ${megabytes(maxUploadBytes)}.`);
         return Promise.resolve();
       }
       return new Promise((resolve) => {
         const form = new FormData();
-        form.append("file", this.file, this.file.name);
-        for (const [name, value] of this.options) form.append(name, value);
+        form.append("file", file, file.name);
+        for (const [name, value] of options) form.append(name, value);
         const xhr = new XMLHttpRequest(); // fetch cannot report upload progress
         this.xhr = xhr;
         xhr.open("POST", `${root}/upload`);
@@ -283,7 +290,7 @@
         const link = document.createElement("a");
         link.href = url;
         link.textContent = fmt;
-        link.download = `${this.file.name.replace(/\.[^.]*$/, "")}.${fmt}`;
+        link.download = `${this.name.replace(/\.[^.]*$/, "")}.${fmt}`;
         downloads.append(" ", link);
       }
       this.formats = formats;
@@ -395,12 +402,18 @@
     return turns;
   }
 
-  function chosenOptions() {
+  function languageAndTask() {
+    // Only a multilingual model's page offers them: an English-only one has neither field.
     const options = [];
     const language = byId("language")?.value.trim();
     if (language) options.push(["language", language]);
     const task = byId("task")?.value;
     if (task && task !== "transcribe") options.push(["task", task]);
+    return options;
+  }
+
+  function chosenOptions() {
+    const options = languageAndTask();
     if (byId("word-timestamps").checked) options.push(["word_timestamps", "true"]);
     if (byId("diarize").checked) {
       options.push(["diarize", "true"]);
@@ -415,11 +428,106 @@
   function addFiles(files) {
     const options = chosenOptions();
     for (const file of files) {
-      const card = new Card(file, options);
+      const card = new Card(file.name, megabytes(file.size));
       cards.push(card);
       // A card that throws must not stop the files after it.
-      uploads = uploads.then(() => card.upload()).catch((error) => card.fail(`The page failed: ${error.message}`));
+      uploads = uploads.then(() => card.upload(file, options)).catch((error) => card.fail(`The page failed: ${error.message}`));
     }
+  }
+
+  // ---- live transcription from the microphone (live.js), kept as a job with a card of its own ----
+
+  let recording = null; // the one LiveRecording this page runs, while it runs
+
+  const liveText = () => byId("live-text");
+
+  function liveState(words) {
+    if (byId("live-state").textContent !== words) byId("live-state").textContent = words;
+  }
+
+  function recordingStopped() {
+    recording = null;
+    const stop = byId("stop-recording");
+    const hadFocus = document.activeElement === stop;
+    stop.disabled = true;
+    byId("record").disabled = false;
+    if (hadFocus) byId("record").focus(); // keyboard focus stays on the recorder
+    liveText().querySelector(".partial").textContent = ""; // tentative text never outlives its session
+    liveText().classList.remove("recording");
+  }
+
+  async function record() {
+    const text = liveText();
+    const final = text.querySelector(".final");
+    const partial = text.querySelector(".partial");
+    byId("live-error").textContent = "";
+    final.textContent = "";
+    partial.textContent = "";
+    byId("record").disabled = true;
+    liveState("Asking for the microphone");
+    const recordedAt = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const current = new window.WhisperLive.LiveRecording({
+      root,
+      workletUrl: document.body.dataset.worklet,
+      query: [["save", "true"], ...languageAndTask()],
+      token: async () => (await api("POST", "/live/token")).token,
+      events: {
+        state: liveState,
+        partial: (message) => {
+          partial.textContent = message.text;
+        },
+        final: (message) => {
+          final.textContent += message.text; // Whisper's leading space parts it from the text before
+          partial.textContent = ""; // the next partial follows the new final text
+        },
+        ended: (message) => {
+          recordingStopped();
+          liveState(ENDINGS[message.reason] ?? "Done");
+          if (!final.textContent.trim()) final.textContent = "(Nothing was heard.)";
+          if (message.job) {
+            // The saved recording, transcribed again whole, as an upload would be: its card follows
+            // the job to its downloads in every format and its transcript.
+            const card = new Card(message.job.filename ?? "Recording", `${clock(current.seconds)}, recorded at ${recordedAt}`);
+            cards.push(card);
+            card.follow(message.job);
+          }
+        },
+        failed: (words) => {
+          recordingStopped();
+          liveState("Stopped");
+          byId("live-error").textContent = words;
+        },
+      },
+    });
+    recording = current;
+    text.hidden = false;
+    text.classList.add("recording");
+    try {
+      await current.start();
+    } catch (error) {
+      if (recording !== current) return; // left meanwhile (a forgotten key): nothing to tell
+      recordingStopped();
+      liveState("");
+      byId("live-error").textContent = error.message;
+      return;
+    }
+    if (recording !== current) return;
+    byId("stop-recording").disabled = false;
+    byId("stop-recording").focus();
+  }
+
+  function stopRecording() {
+    byId("stop-recording").disabled = true;
+    recording?.stop();
+  }
+
+  function leaveRecording() {
+    recording?.close();
+    recordingStopped();
+    liveState("");
+    byId("live-error").textContent = "";
+    liveText().hidden = true;
+    liveText().querySelector(".final").textContent = "";
   }
 
   // ---- the key's jobs, newest first, paged ----
@@ -502,6 +610,8 @@
   byId("jobs-newer").addEventListener("click", () => loadJobs(Math.max(0, jobsPage - 1)));
   byId("jobs-older").addEventListener("click", () => loadJobs(jobsPage + 1));
   byId("jobs-refresh").addEventListener("click", () => loadJobs(jobsPage));
+  byId("record").addEventListener("click", record);
+  byId("stop-recording").addEventListener("click", stopRecording);
   wireDropZone();
   if (key()) showApp();
   else askForKey("");
