@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from websockets.exceptions import InvalidStatus
 
@@ -15,6 +16,7 @@ from tests.helpers import (
     eventually,
     final_text,
     keyed,
+    pcm_of,
     received,
     refusal,
     send_paced,
@@ -22,7 +24,10 @@ from tests.helpers import (
     tone,
     transcripts,
 )
+from tests.servers import FIXTURES
+from whisper_flask.exceptions import InvalidAudio
 from whisper_flask.extension import get_service
+from whisper_flask.service.live import pcm_samples
 
 #: Loud enough for the fake detector for 2 s, then a pause that ends the utterance.
 UTTERANCE = tone(2.0) + silence(1.0)
@@ -92,7 +97,7 @@ def test_sessions_past_the_bound_are_refused_and_a_vanished_client_frees_its_slo
 @pytest.mark.parametrize(
     ("frame", "says"),
     [
-        (os.urandom(3200), "as loud as random bytes"),
+        (os.urandom(3200), "like random bytes"),
         (b"\x01\x02\x03", "even number of bytes"),
         (b"\x1a\x45\xdf\xa3" + bytes(200), "WebM"),
         ("not json", "JSON objects"),
@@ -165,3 +170,16 @@ def test_a_plain_request_to_the_socket_is_a_json_error(serve: Callable[..., Serv
     """GET /ws/transcribe without the WebSocket handshake answers 400 in the JSON error contract."""
     response = keyed(serve().app, "curious").get("/ws/transcribe")
     assert response.status_code == 400 and "code" in response.json
+
+
+def test_shouted_clipped_speech_is_heard_where_random_bytes_are_refused() -> None:
+    """A frame of real speech driven into clipping (louder than random bytes on average) is not taken for noise."""
+    speech = np.frombuffer(pcm_of(FIXTURES / "lj001-0001.flac"), "<i2").astype(np.float32)
+    loudest = max(
+        range(0, len(speech) - 1600, 1600), key=lambda start: float(np.abs(speech[start : start + 1600]).mean())
+    )
+    shouted = np.clip(speech[loudest : loudest + 1600] * 40, -32768, 32767).astype("<i2")
+    assert np.abs(shouted / 32768).mean() > 0.5
+    assert len(pcm_samples(shouted.tobytes())) == 1600
+    with pytest.raises(InvalidAudio, match="random bytes"):
+        pcm_samples(os.urandom(3200))

@@ -105,3 +105,15 @@ def test_past_the_bound_the_handshake_is_refused_with_a_json_error(deployed: dic
         open_socket(deployed)
     assert refused.value.response.status_code == 503
     assert json.loads(refused.value.response.body)["code"] == "busy"
+
+
+def test_a_session_works_under_the_shipped_sub_path(deployed: dict[str, Any], module_servers: Servers) -> None:
+    """Behind the /speech/ snippet the socket is /speech/ws/transcribe, and its speech comes back as text."""
+    port, nginx = module_servers.nginx(subpath=True)
+    headers = {"Authorization": f"Bearer {deployed['key']}"}
+    with connect(f"ws://127.0.0.1:{port}/speech/ws/transcribe", additional_headers=headers, open_timeout=30) as ws:
+        send_paced(ws, pcm_of(RECORDING)[: 16000 * 2 * 4])  # "Printing, in the only sense"
+        ws.send(json.dumps({"type": "end"}))
+        messages, code = received(ws, timeout=60)
+    module_servers.stop(nginx)
+    assert "printing" in final_text(messages).lower() and code == 1000

@@ -245,6 +245,29 @@ def openapi_document() -> dict[str, Any]:
         "/webhook-secret": {
             "get": _operation("The secret that signs this key's webhooks", {"200": _ok("the secret"), **_errors(401)})
         },
+        "/live/token": {
+            "post": _operation(
+                "A token that opens live sessions for 60 s: a browser offers it as the subprotocol `token.<token>`",
+                {"200": _ok("the token and its lifetime", _json({"type": "object"})), **_errors(401)},
+            )
+        },
+        "/ws/transcribe": {
+            "get": _operation(
+                "Live transcription over WebSocket: 16 kHz PCM16 frames in, partial and final text out (README)",
+                {"101": _ok("the WebSocket"), **_errors(400, 401, 503)},
+                parameters=[
+                    *(_query(name, options[name]) for name in ("language", "task")),
+                    _query("save", {"type": "boolean"}),
+                ],
+            )
+        },
+        "/v1/realtime": {
+            "get": _operation(
+                "OpenAI's Realtime API over WebSocket, transcription sessions only",
+                {"101": _ok("the WebSocket"), **_errors(400, 401, 503, openai=True)},
+                parameters=[{**_query("intent", {"type": "string", "enum": ["transcription"]}), "required": True}],
+            )
+        },
         "/healthz": {"get": _operation("Liveness", {"200": _ok("alive")}, security=[])},
         "/readyz": {
             "get": _operation("Readiness: the model is loaded", {"200": _ok("ready"), **_errors(503)}, security=[])
