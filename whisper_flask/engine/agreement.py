@@ -15,6 +15,10 @@ from dataclasses import dataclass
 OVERLAP_S = 0.1
 #: The confirmed words' last ones (up to this many) are looked for in each new hypothesis: what follows is new.
 TAIL_WORDS = 3
+#: New words that begin with the last confirmed words (MIN_REPEAT to REPEAT_WORDS of them) repeat them: after
+#: a cut, Whisper's segment end can come before the audio of the segment's last words; and a window can say
+#: its text twice (seen at the end of a stream, where the repeat would have been made final).
+REPEAT_WORDS, MIN_REPEAT = 12, 3
 _NOT_WORD = re.compile(r"[^\w]+")
 
 
@@ -38,6 +42,7 @@ class LocalAgreement:
     def __init__(self) -> None:
         self._pending: list[Word] = []  # the last hypothesis, less what is confirmed
         self._kept: list[Word] = []  # confirmed words whose audio is still in the buffer, timed by the last hypothesis
+        self._recent: list[Word] = []  # the last REPEAT_WORDS confirmed words, in the buffer or not
 
     @property
     def tentative(self) -> list[Word]:
@@ -60,6 +65,7 @@ class LocalAgreement:
                 agreed.append(word)
         self._pending = new[len(agreed) :]
         self._kept = done + agreed
+        self._recent = (self._recent + agreed)[-REPEAT_WORDS:]
         return agreed
 
     def cut(self, at: float) -> list[Word]:
@@ -74,7 +80,13 @@ class LocalAgreement:
         return gone
 
     def _split(self, hypothesis: list[Word]) -> tuple[list[Word], list[Word]]:
-        """The hypothesis as (the confirmed words it repeats, the rest), found by the confirmed words' last ones."""
+        """The hypothesis as (the confirmed words it repeats, the rest)."""
+        done, new = self._align(hypothesis)
+        repeated = _repeats(self._recent, new)
+        return done + new[:repeated], new[repeated:]
+
+    def _align(self, hypothesis: list[Word]) -> tuple[list[Word], list[Word]]:
+        """The hypothesis split after the confirmed words still in the buffer, found by their last words."""
         if not self._kept:
             return [], hypothesis
         for count in range(min(TAIL_WORDS, len(self._kept)), 0, -1):
@@ -89,3 +101,11 @@ class LocalAgreement:
                 return hypothesis[:end], hypothesis[end:]
         until = self.confirmed_until - OVERLAP_S
         return self._kept, [word for word in hypothesis if word.start >= until]
+
+
+def _repeats(confirmed: list[Word], new: list[Word]) -> int:
+    """How many of the new words, at least MIN_REPEAT, only repeat the last confirmed ones (0 if they do not)."""
+    for count in range(min(len(confirmed), len(new)), MIN_REPEAT - 1, -1):
+        if all(_same(a, b) for a, b in zip(confirmed[-count:], new[:count], strict=True)):
+            return count
+    return 0

@@ -1,0 +1,55 @@
+"""LocalAgreement, the rule that makes live text final (engine/agreement.py)."""
+
+from __future__ import annotations
+
+from whisper_flask.engine.agreement import LocalAgreement, Word
+
+
+def words(text: str, start: float = 0.0) -> list[Word]:
+    """A hypothesis of `text`, a word every 0.3 s from `start`."""
+    return [Word(f" {word}", start + 0.3 * index, start + 0.3 * index + 0.3) for index, word in enumerate(text.split())]
+
+
+def spoken(confirmed: list[Word]) -> str:
+    return "".join(word.text for word in confirmed).strip()
+
+
+def test_words_are_final_once_two_successive_hypotheses_agree_on_them() -> None:
+    """The prefix two decodes share is confirmed; what the second adds stays tentative."""
+    agreement = LocalAgreement()
+    assert agreement.confirm(words("the cat sat")) == []
+    assert spoken(agreement.confirm(words("the cat sat on"))) == "the cat sat"
+    assert spoken(agreement.tentative) == "on"
+
+
+def test_a_hypothesis_that_changes_its_mind_confirms_only_what_it_kept() -> None:
+    """Where the new hypothesis differs from the last, confirmation stops (case and punctuation aside)."""
+    agreement = LocalAgreement()
+    agreement.confirm(words("printing in the only"))
+    assert spoken(agreement.confirm(words("Printing, in the early days"))) == "Printing, in the"
+
+
+def test_confirmed_words_are_found_again_by_their_text_not_their_estimated_times() -> None:
+    """A hypothesis whose times moved still repeats the confirmed words: none of them comes out twice."""
+    agreement = LocalAgreement()
+    agreement.confirm(words("one two three"))
+    agreement.confirm(words("one two three four"))
+    assert spoken(agreement.confirm(words("one two three four five", start=0.8))) == "four"
+
+
+def test_after_a_cut_a_hypothesis_repeating_the_last_final_words_does_not_repeat_them() -> None:
+    """When a cut came before the audio of final words, the next hypothesis's repeat of them is not final again."""
+    agreement = LocalAgreement()
+    agreement.confirm(words("if not from all the arts"))
+    agreement.confirm(words("if not from all the arts and"))
+    agreement.cut(10.0)  # every confirmed word has left the buffer, by its estimated time
+    assert spoken(agreement.confirm(words("from all the arts and crafts"), everything=True)) == "and crafts"
+
+
+def test_a_window_that_says_its_text_twice_is_final_once() -> None:
+    """A forced final decode whose window repeats the confirmed words adds nothing twice."""
+    agreement = LocalAgreement()
+    agreement.confirm(words("represented in the exhibition"))
+    agreement.confirm(words("represented in the exhibition"))
+    twice = words("represented in the exhibition represented in the exhibition")
+    assert agreement.confirm(twice, everything=True) == []
