@@ -117,6 +117,9 @@ def test_openais_client_runs_a_transcription_session(serve: Callable[..., Served
         {"type": "session.update", "session": {"type": "realtime"}},
         {"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}},
         {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": "klingon"}}}}},
+        {"type": "session.update", "session": {"audio": "loud"}},
+        {"type": "session.update", "session": {"audio": {"input": {"format": [], "turn_detection": 7}}}},
+        {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": ["en"]}}}}},
     ],
 )
 def test_an_event_it_does_not_serve_answers_an_error_and_the_session_goes_on(

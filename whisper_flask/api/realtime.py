@@ -121,14 +121,16 @@ class RealtimeProtocol:
         settings = event.get("session")
         if not isinstance(settings, dict) or settings.get("type", "transcription") != "transcription":
             raise InvalidOption("session.type", 'only "transcription" sessions are served')
-        audio = settings.get("audio", {}).get("input", {})
-        fmt = audio.get("format", {"type": "audio/pcm", "rate": self._rate})
+        audio = _object(_object(settings.get("audio"), "session.audio").get("input"), "session.audio.input")
+        fmt = _object(audio.get("format", {"type": "audio/pcm", "rate": self._rate}), "session.audio.input.format")
         if fmt.get("type") != "audio/pcm" or fmt.get("rate", RATES[0]) not in RATES:
             raise InvalidOption("session.audio.input.format", "audio/pcm at 24000 (or 16000) Hz only")
-        language = (audio.get("transcription") or {}).get("language")
+        language = _object(audio.get("transcription"), "session.audio.input.transcription").get("language")
+        if language is not None and not isinstance(language, str):
+            raise InvalidOption("session.audio.input.transcription.language", "a language code or name")
         parsed = FIELDS["language"].parse(language, get_service().is_multilingual) if language else None
         turn_detection = audio.get("turn_detection", SERVER_VAD)
-        if turn_detection is not None and turn_detection.get("type") != "server_vad":
+        if turn_detection is not None and _object(turn_detection, "turn_detection").get("type") != "server_vad":
             raise InvalidOption("session.audio.input.turn_detection", "server_vad or null")
         self._session.reconfigure(
             dataclasses.replace(self._session.request, language=parsed, commit_on_pause=turn_detection is not None)
@@ -214,6 +216,15 @@ class RealtimeProtocol:
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {"type": kind, "event_id": f"event_{next(self._events)}", **fields}
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    """A client's JSON object (an absent one is empty); InvalidOption naming it if it is something else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidOption(name, "must be a JSON object")
+    return value
 
 
 def _ms(seconds: float) -> int:

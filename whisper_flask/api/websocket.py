@@ -92,6 +92,10 @@ def serve(session: LiveSession, make_protocol: Callable[[LiveSession], LiveProto
         code = UNSUPPORTED if isinstance(error, InvalidAudio | InvalidOption) else INTERNAL
         code = GOING_AWAY if isinstance(error, ShuttingDown) else code
         _send_quietly(socket, [protocol.error(error)])
+    except Exception:  # a bug must not leave the client waiting: it is logged, and the session ends with 1011
+        log.exception("live session failed")
+        code = INTERNAL
+        _send_quietly(socket, [protocol.error(ServiceError("the live session failed on the server"))])
     finally:
         session.close()
         log.info("live session ended (%s) after %.1f s of audio", reason, session.seconds)
