@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 import whisper
 from torch import Tensor
-from whisper.decoding import BeamSearchDecoder, DecodingOptions, DecodingResult, DecodingTask
+from whisper.decoding import BeamSearchDecoder, DecodingOptions, DecodingResult, DecodingTask, LogitFilter
 from whisper.model import TextDecoder
 
 from whisper_flask.engine.decoding import SeededSampler, WindowInference
@@ -136,12 +136,16 @@ class ModelThread:
         check: Callable[[], None] = lambda: None,
         *,
         urgent: bool = False,
+        logit_filter: LogitFilter | None = None,
     ) -> DecodingResult:
         """Decode one encoded window with Whisper's DecodingTask (seeded by `seed`); `check` may stop it at a step.
 
-        An `urgent` window (a live session's) joins the steps at once, even past the batch's size.
+        An `urgent` window (a live session's) joins the steps at once, even past the batch's size;
+        `logit_filter` runs after Whisper's own.
         """
         task = DecodingTask(self._model, options)
+        if logit_filter is not None:
+            task.logit_filters.append(logit_filter)
         # The window is encoded already, perhaps from fewer than 30 s (a live buffer, live_window.py): the
         # task would encode anything not shaped as a whole window once more.
         task._get_audio_features = lambda mel: mel

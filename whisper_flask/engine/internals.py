@@ -64,7 +64,7 @@ ASSUMPTIONS: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("Whisper.set_alignment_heads exists", _has(model.Whisper, "set_alignment_heads")),
     (
         "DecodingTask sets inference, decoder, sot_index and tokenizer",
-        _sets(decoding.DecodingTask, "inference", "decoder", "sot_index", "tokenizer"),
+        _sets(decoding.DecodingTask, "inference", "decoder", "sot_index", "tokenizer", "logit_filters"),
     ),
     (
         "DecodingOptions has fp16, prompt, language, temperature and beam_size",
