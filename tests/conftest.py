@@ -72,6 +72,7 @@ def make_app(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., Flask
 
     yield make
     engine.gate.set()
+    engine.live_gate.set()
     for app in apps:
         get_service(app).stop()
 

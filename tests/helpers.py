@@ -109,6 +109,8 @@ class FakeEngine:
         self.resumed_from: list[Window | None] = []
         self.diarizations = 0  # diarize() calls begun
         self.speaker_gate = Gate()  # holds diarize() while closed, as `gate` holds windows
+        self.live_gate = Gate()  # holds live decodes while closed, as a busy model thread would
+        self.in_live_decode = threading.Event()
         self.in_diarization = threading.Event()
 
     @property
@@ -179,7 +181,12 @@ class FakeEngine:
         """A real LiveStream whose decodes read a word per loud half second and whose detector hears loudness."""
         if not self.loaded:
             raise ModelLoading("model fake is loading")
-        return LiveStream(_loud_words, _loudness, commit_on_pause=commit_on_pause)
+        return LiveStream(self._live_decode, _loudness, commit_on_pause=commit_on_pause)
+
+    def _live_decode(self, audio: np.ndarray, prompt: str) -> Hypothesis:
+        self.in_live_decode.set()
+        assert self.live_gate.wait(30), "test left the live gate closed"
+        return _loud_words(audio, prompt)
 
 
 def _loudness(frame: torch.Tensor, rate: int) -> float:
@@ -508,6 +515,15 @@ class Served:
         key = self.key if key == "" else key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return connect(f"ws://127.0.0.1:{self.port}{path}", additional_headers=headers, open_timeout=10, **options)
+
+
+def admits(served: Served) -> bool:
+    """Whether a live session can be opened now (the handshake is not refused)."""
+    try:
+        with served.connect():
+            return True
+    except InvalidStatus:
+        return False
 
 
 def refusal(served: Served, path: str = "/ws/transcribe", **options: Any) -> tuple[int, dict[str, Any]]:

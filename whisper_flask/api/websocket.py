@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from socket import SHUT_RDWR
-from typing import Any, Protocol
+from typing import Any, Protocol, SupportsIndex
 
 from flask import Response, request
 from simple_websocket import ConnectionClosed, Server
@@ -29,6 +30,9 @@ SUBPROTOCOL = "whisper-flask"
 TOKEN_PREFIX = "token."
 #: The largest frame taken (8 s of 16 kHz 16-bit PCM; 4 s of OpenAI's 24 kHz as base64 in JSON).
 MAX_FRAME_BYTES = 256 * 1024
+#: Frames received and not yet heard, in bytes, past which the socket is not read: the client's sends then
+#: wait (TCP's own flow control), so one flooding while a decode runs holds at most this much memory here.
+MAX_QUEUED_BYTES = 1024 * 1024
 #: The most frames heard together (a burst bounds the audio one decode may have to catch up on).
 MAX_BURST = 100
 #: How often the loop looks up from an idle socket (the service stopping, the idle limit).
@@ -73,7 +77,7 @@ def offered_token() -> str | None:
 def serve(session: LiveSession, make_protocol: Callable[[LiveSession], LiveProtocol], idle_s: float) -> Response:
     """Accept the WebSocket and run the session to its end; the slot is free as soon as it ends."""
     try:
-        socket = Server.accept(request.environ, subprotocols=[SUBPROTOCOL], max_message_size=MAX_FRAME_BYTES)
+        socket = _BoundedServer.accept(request.environ, subprotocols=[SUBPROTOCOL], max_message_size=MAX_FRAME_BYTES)
     except BaseException:
         session.close()
         raise
@@ -150,6 +154,43 @@ def _send_quietly(socket: Server, messages: list[dict[str, Any]]) -> None:
         _send(socket, messages)
     except (ConnectionClosed, OSError, ServiceError):
         pass
+
+
+class _Frames(list[str | bytes]):
+    """simple-websocket's buffer of received frames, bounded: its reader thread waits in append() while the
+    buffer holds MAX_QUEUED_BYTES, and so stops reading the socket until receive() takes frames out."""
+
+    def __init__(self, socket: Server) -> None:
+        super().__init__()
+        self._socket = socket
+        self._room = threading.Condition()
+        self._bytes = 0
+
+    def append(self, frame: str | bytes) -> None:
+        """Queue a frame once there is room (or at once if the socket has closed)."""
+        with self._room:
+            # A close from the session's thread does not notify: the wait looks again every RECEIVE_S.
+            while self._bytes >= MAX_QUEUED_BYTES and self._socket.connected:
+                self._room.wait(RECEIVE_S)
+            super().append(frame)
+            self._bytes += len(frame)
+
+    def pop(self, index: SupportsIndex = -1) -> str | bytes:
+        """Take a frame out, making room."""
+        with self._room:
+            frame = super().pop(index)
+            self._bytes -= len(frame)
+            self._room.notify_all()
+            return frame
+
+
+class _BoundedServer(Server):
+    """simple-websocket's server with a bounded buffer of received frames (_Frames)."""
+
+    def handshake(self) -> None:
+        """The handshake, then the bounded buffer, before the reader thread starts (Base.__init__'s order)."""
+        super().handshake()
+        self.input_buffer = _Frames(self)
 
 
 class _EndedResponse(Response):
