@@ -4,6 +4,7 @@ pace, over both protocols."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from bench.peers import word_error_rate
@@ -117,3 +118,28 @@ def test_a_session_works_under_the_shipped_sub_path(deployed: dict[str, Any], mo
         messages, code = received(ws, timeout=60)
     module_servers.stop(nginx)
     assert "printing" in final_text(messages).lower() and code == 1000
+
+
+def test_a_saved_session_cut_off_by_sigkill_becomes_its_keys_job_at_the_next_start(servers: Servers) -> None:
+    """SIGKILL mid-session: the next start queues the saved session's audio so far as the key's job, transcribed."""
+    key = create_key(servers.work, "speaker")
+    port, process = servers.gunicorn()
+    pcm = pcm_of(RECORDING)
+    half = len(pcm) // 4 * 2
+    recordings = servers.work / "uploads"
+    with contextlib.suppress(ConnectionClosed):
+        headers = {"Authorization": f"Bearer {key}"}
+        with connect(f"ws://127.0.0.1:{port}/ws/transcribe?save=true", additional_headers=headers) as ws:
+            ws.send(pcm[:half])  # all 10 s at once: within 10 s of real time
+            ws.send(pcm[half:])
+            eventually(lambda: any(path.stat().st_size > len(pcm) for path in recordings.glob(".live-*.wav")), 60,
+                       "the session's audio never reached the disk")  # fmt: skip
+            servers.stop(process)  # SIGKILL, the session still open
+    servers.gunicorn()
+    client = LiveClient(port, key)
+    jobs = client.get("/jobs").get_json()["jobs"]
+    assert [job["filename"] for job in jobs] == ["live-session.wav"]
+    wait_for(client, jobs[0]["transcription_id"], "completed")
+    text = client.get(f"/download/{jobs[0]['transcription_id']}.txt").data.decode()
+    assert word_error_rate(REFERENCE, text) <= 0.1
+    assert not list(recordings.glob(".live-*"))

@@ -70,9 +70,10 @@ class TranscriptionService:
         """Build the parts for `role` without an app (a cluster worker, whisper_flask/worker.py); nothing runs yet."""
         self.settings = settings
         self._parts = build_parts(settings, engine, role)
-        self._lifecycle = Lifecycle(self._parts)
         # Here, not in build_parts: a saved session becomes a job through submit() below, as an upload does.
         self._live = LiveSessions(engine, settings.MAX_LIVE_SESSIONS, settings.UPLOAD_DIR, self.submit)
+        # Only one process serves live sessions (a cluster's API nodes refuse them), so only it finds recordings.
+        self._lifecycle = Lifecycle(self._parts, self._live.recover if role is Role.ALONE else None)
 
     @property
     def parts(self) -> Parts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 
 from whisper_flask.exceptions import ShuttingDown
 from whisper_flask.service.compose import Parts
@@ -18,8 +19,9 @@ class _State(enum.Enum):
 class Lifecycle:
     """Owns the order in which parts start and stop; a stopped service never starts again."""
 
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, on_started: Callable[[], None] | None = None) -> None:
         self._parts = parts
+        self._on_started = on_started  # run once everything has started (it may queue jobs)
         self._lock = threading.Lock()
         self._state = _State.NEW
 
@@ -54,6 +56,8 @@ class Lifecycle:
             if parts.cluster is not None:
                 parts.cluster.start()
             self._state = _State.RUNNING
+            if self._on_started is not None:
+                self._on_started()
 
     def stop_jobs(self) -> None:
         """Stop starting jobs; running ones stop at their next decoder step and go back to pending (a worker's

@@ -9,8 +9,10 @@ model; its audio is 16 kHz 16-bit mono PCM, checked before the stream hears it (
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
@@ -25,10 +27,9 @@ from whisper_flask.audio.resample import Resampler
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.live import LiveEvent, LiveStream
 from whisper_flask.engine.options import Task, TranscribeOptions
-from whisper_flask.exceptions import InvalidAudio, InvalidOption, ShuttingDown
-from whisper_flask.files import create_private
+from whisper_flask.exceptions import InvalidAudio, InvalidOption, ServiceError, ShuttingDown
+from whisper_flask.files import atomic_write, create_private
 from whisper_flask.jobs.records import JobView, Submission
-from whisper_flask.jobs.retention import INCOMING_PREFIX
 from whisper_flask.service.slots import RequestSlots
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ AHEAD_S = 10.0
 NOISE_LEVEL, NOISE_CORRELATION = 0.25, 0.3
 #: The first bytes of containers a client might send instead of raw PCM.
 CONTAINERS = {b"\x1a\x45\xdf\xa3": "WebM/Matroska", b"OggS": "Ogg", b"RIFF": "WAV", b"fLaC": "FLAC", b"ID3": "MP3"}
+
+#: A saved session's recording (.wav) and the request it was saved for (.json), named apart from partial uploads so
+#: that their sweep leaves them: a process killed mid-session leaves both, and the next start queues the recording.
+RECORDING_PREFIX = ".live-"
+#: The wave module's header of a PCM file: the RIFF, fmt and data chunks' headers, each size where it is written.
+WAV_HEADER, RIFF_SIZE_AT, DATA_AT = 44, 4, 36
 
 #: Queues a saved session's recording as a job (TranscriptionService.submit).
 Submit = Callable[[str, Submission], JobView]
@@ -77,7 +84,7 @@ class LiveSessions:
         self._slots.take()
         try:
             stream = self.stream(request)
-            recording = _Recording(self._upload_dir) if request.save else None
+            recording = _Recording(self._upload_dir, request) if request.save else None
         except BaseException:
             self._slots.give()
             raise
@@ -96,17 +103,38 @@ class LiveSessions:
         """Whether sessions should end now."""
         return self._stopping.is_set()
 
+    def recover(self) -> None:
+        """Queue the recordings of saved sessions that a killed process left, each as the job its session would
+        have become; one that cannot be queued now (a full queue) is kept for the next start."""
+        for request_path in sorted(self._upload_dir.glob(f"{RECORDING_PREFIX}*.json")):
+            recording = request_path.with_suffix(".wav")
+            try:
+                request = _stored_request(request_path)
+                frames = _mend_header(recording)
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("removed a saved live session's recording that could not be read")
+                frames = 0
+            if frames:
+                try:
+                    job = self._queue(_as_upload(recording, self._upload_dir), request)
+                except ServiceError as error:
+                    log.warning("kept a saved live session's recording for the next start (%s)", error.code)
+                    continue
+                log.info("job %s is the recording of a saved live session that a stopped process left", job.job.id)
+            recording.unlink(missing_ok=True)
+            request_path.unlink(missing_ok=True)
+
     def _closed(self, session: LiveSession) -> JobView | None:
         """A session ended: its slot back, its recording queued as a job if it asked."""
         self._slots.give()
         if session.recording is None:
             return None
         name = session.recording.finish()
-        if name is None:  # no audio at all
-            return None
-        request = session.request
+        return None if name is None else self._queue(name, session.request)  # None: no audio at all
+
+    def _queue(self, upload_name: str, request: LiveRequest) -> JobView:
         options = TranscribeOptions(language=request.language, task=request.task)
-        return self._submit(name, Submission("live-session.wav", options, request.owner, request.client))
+        return self._submit(upload_name, Submission("live-session.wav", options, request.owner, request.client))
 
 
 class LiveSession:
@@ -139,6 +167,8 @@ class LiveSession:
             raise InvalidOption("session", "a session's settings are fixed once its audio has started")
         self._stream = self._sessions.stream(request)
         self.request = dataclasses.replace(request, save=self.request.save)
+        if self.recording is not None:
+            self.recording.describe(self.request)
 
     def feed(self, data: bytes, rate: int = SAMPLE_RATE) -> list[LiveEvent]:
         """Hear a frame of 16-bit little-endian mono PCM at `rate`; InvalidAudio if it is something else."""
@@ -185,18 +215,28 @@ def pcm_samples(data: bytes, rate: int = SAMPLE_RATE) -> np.ndarray:
 
 
 class _Recording:
-    """A saved session's audio, written to UPLOAD_DIR as it arrives (never held in memory) as a WAV file."""
+    """A saved session's audio, written to UPLOAD_DIR as it arrives (never held in memory) as a WAV file, beside
+    the request it is saved for (LiveSessions.recover queues what a killed process left)."""
 
-    def __init__(self, upload_dir: Path) -> None:
+    def __init__(self, upload_dir: Path, request: LiveRequest) -> None:
         self._upload_dir = upload_dir
-        # Named as an incoming file until it is complete: the sweep removes one a killed process left.
-        self._path = upload_dir / f"{INCOMING_PREFIX}{uuid.uuid4().hex}.wav"
+        stem = upload_dir / f"{RECORDING_PREFIX}{uuid.uuid4().hex}"
+        self._path, self._request_path = stem.with_suffix(".wav"), stem.with_suffix(".json")
+        self.describe(request)
         create_private(self._path)
-        self._wave = wave.open(str(self._path), "wb")  # noqa: SIM115 (closed by finish)
+        # Unbuffered: what a killed process had received is on disk, not in its memory.
+        self._file = self._path.open("wb", buffering=0)
+        self._wave = wave.open(self._file, "wb")  # noqa: SIM115 (closed by finish)
         self._wave.setnchannels(1)
         self._wave.setsampwidth(2)
         self._wave.setframerate(SAMPLE_RATE)
         self._frames = 0
+
+    def describe(self, request: LiveRequest) -> None:
+        """Store the request the recording is saved for (the job it becomes is the request's)."""
+        fields = {"owner": request.owner, "client": request.client, "language": request.language}
+        with atomic_write(self._request_path) as file:
+            json.dump({**fields, "task": request.task.value}, file)
 
     def write(self, data: bytes) -> None:
         """Append PCM frames."""
@@ -206,9 +246,38 @@ class _Recording:
     def finish(self) -> str | None:
         """Close the file under a server-made upload name and return it; None (and no file) if it holds no audio."""
         self._wave.close()
-        if not self._frames:
-            self._path.unlink(missing_ok=True)
-            return None
-        name = f"{uuid.uuid4().hex}.upload"
-        os.rename(self._path, self._upload_dir / name)
+        self._file.close()
+        name = _as_upload(self._path, self._upload_dir) if self._frames else None
+        self._path.unlink(missing_ok=True)
+        self._request_path.unlink(missing_ok=True)
         return name
+
+
+def _as_upload(recording: Path, upload_dir: Path) -> str:
+    """Link a recording under a new server-made upload name (the job owns that name, the recording stays)."""
+    name = f"{uuid.uuid4().hex}.upload"
+    os.link(recording, upload_dir / name)
+    return name
+
+
+def _stored_request(path: Path) -> LiveRequest:
+    """The request a recording was saved for (_Recording.describe)."""
+    fields = json.loads(path.read_text())
+    return LiveRequest(fields["owner"], fields["client"], fields["language"], Task(fields["task"]), save=True)
+
+
+def _mend_header(path: Path) -> int:
+    """Write a WAV file's sizes from its length (a killed process never wrote them); its frames (0: no audio)."""
+    with path.open("r+b") as file:
+        header = file.read(WAV_HEADER)
+        if len(header) < WAV_HEADER:
+            return 0
+        if header[:4] != b"RIFF" or header[DATA_AT : DATA_AT + 4] != b"data":
+            raise ValueError("not the wave module's PCM header")
+        data = (os.fstat(file.fileno()).st_size - WAV_HEADER) // 2 * 2
+        file.truncate(WAV_HEADER + data)
+        file.seek(RIFF_SIZE_AT)
+        file.write(struct.pack("<I", WAV_HEADER - 8 + data))
+        file.seek(DATA_AT + 4)
+        file.write(struct.pack("<I", data))
+    return data // 2
