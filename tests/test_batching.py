@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 import torch
 import whisper
-from whisper.audio import N_FRAMES
+from whisper.audio import N_FRAMES, SAMPLE_RATE
 from whisper.decoding import DecodingResult
 
 from tests.helpers import FIXTURES, SPOKEN, windows_per_step
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.job_model import JobModel
+from whisper_flask.engine.live_window import LiveDecoder
+from whisper_flask.engine.options import Task
 from whisper_flask.engine.quantize import Int8Linear, StageArithmetic, apply_arithmetic
 from whisper_flask.engine.spectrogram import LogMel, accept_precomputed
 
@@ -252,3 +254,41 @@ def test_a_window_that_would_keep_whispers_loop_where_it_is_is_skipped_once_seen
     assert not loop.is_alive(), "Whisper's loop never ended"
     assert thread.decoded_at == [0, 0, 3000, 3000]  # each stuck window decoded once more, then skipped
     assert len(result["segments"]) == 2  # each stuck window's first decode (instantaneous, so without text)
+
+
+@pytest.mark.parametrize("kind", ["whole", "half", "wrong-from-the-fifth", "longer"])
+def test_a_greedy_decode_given_a_draft_ends_as_without_one_in_fewer_steps(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Each token a draft gets right saves a decoder step, and the result is the one decoded without a draft."""
+    thread = tiny[1]
+    features = encode(tiny, mels[0])
+    steps: list[int] = []
+    step = thread.step
+    monkeypatch.setattr(thread, "step", lambda window, tokens: steps.append(1) or step(window, tokens))
+    plain = thread.decode(features, OPTIONS, 0)
+    plain_steps, tokens = len(steps), list(plain.tokens)
+    drafts = {
+        "whole": (tokens, len(tokens)),
+        "half": (tokens[: len(tokens) // 2], len(tokens) // 2),
+        "wrong-from-the-fifth": (tokens[:4] + [tokens[5], tokens[4]] + tokens[6:], 4),
+        "longer": (tokens + tokens[:5], len(tokens)),
+    }
+    draft, right = drafts[kind]
+    steps.clear()
+    drafted = thread.decode(features, OPTIONS, 0, draft=draft)
+    assert drafted.tokens == plain.tokens and drafted.text == plain.text
+    assert drafted.avg_logprob == pytest.approx(plain.avg_logprob, abs=1e-4)
+    assert drafted.no_speech_prob == pytest.approx(plain.no_speech_prob, abs=1e-4)
+    assert len(steps) == plain_steps - right
+
+
+def test_a_live_buffer_growing_decodes_as_each_buffer_would_alone(tiny: tuple[whisper.Whisper, ModelThread]) -> None:
+    """A live session's decodes of its growing buffer (each drafted from the last) read as fresh decodes of each."""
+    model, thread = tiny
+    audio = whisper.load_audio(str(FIXTURES / "lj001-0001.flac"))
+    session = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)
+    for seconds in (2.0, 2.5, 3.0, 4.5, 5.0):
+        buffer = audio[: int(seconds * SAMPLE_RATE)]
+        fresh = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)
+        assert session(buffer, "") == fresh(buffer, "")

@@ -11,11 +11,12 @@ when its task ends, so no window waits for a longer one to finish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from whisper.decoding import BeamSearchDecoder, DecodingOptions, DecodingResult,
 from whisper.model import TextDecoder
 
 from whisper_flask.engine.decoding import SeededSampler, WindowInference
+from whisper_flask.engine.drafts import drafted_main_loop
 from whisper_flask.exceptions import ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -137,15 +139,20 @@ class ModelThread:
         *,
         urgent: bool = False,
         logit_filter: LogitFilter | None = None,
+        draft: Sequence[int] = (),
     ) -> DecodingResult:
         """Decode one encoded window with Whisper's DecodingTask (seeded by `seed`); `check` may stop it at a step.
 
         An `urgent` window (a live session's) joins the steps at once, even past the batch's size;
-        `logit_filter` runs after Whisper's own.
+        `logit_filter` runs after Whisper's own; a greedy decode checks `draft`, the tokens it expects, in its
+        first pass (drafts.py).
         """
         task = DecodingTask(self._model, options)
         if logit_filter is not None:
             task.logit_filters.append(logit_filter)
+        if draft:
+            assert options.temperature == 0 and options.beam_size is None, "a draft is for greedy decoding"
+            task._main_loop = functools.partial(drafted_main_loop, task, draft)
         # The window is encoded already, perhaps from fewer than 30 s (a live buffer, live_window.py): the
         # task would encode anything not shaped as a whole window once more.
         task._get_audio_features = lambda mel: mel

@@ -54,6 +54,7 @@ class WindowInference(Inference):
         self._rows = 0
         self._new = 0  # tokens per row in the pass being run
         self._read: list[int] = []  # the positions of those whose logits DecodingTask reads
+        self.read_from: int | None = None  # on a pass with a draft: every position from here on is read too
         self._audio: Tensor | None = None
         self._self_kv: list[tuple[Tensor, Tensor]] = []
         self._cross_kv: list[tuple[Tensor, Tensor]] = []
@@ -65,6 +66,8 @@ class WindowInference(Inference):
             self._audio, self.dtype = audio_features[:1], audio_features.dtype
         self._rows, self._new = tokens.shape[0], tokens.shape[1] - self.length
         self._read = [0] if self._new == 1 else sorted({self._sot_index, self._new - 1})  # see read_positions
+        if self.read_from is not None:  # a draft checked in one pass (drafts.py): the logits at each of its tokens
+            self._read = sorted({*self._read, *range(self.read_from - self.length, self._new)})
         self._check()
         return self._thread.step(self, tokens[:, self.length :])
 
@@ -116,6 +119,11 @@ class WindowInference(Inference):
 
     def _rowwise(self, x: Tensor) -> Tensor:
         return x.view(self._rows, -1, x.shape[-1])
+
+    def truncate(self, length: int) -> None:
+        """Forget the cached tokens from `length` on (a draft's tokens the model did not choose)."""
+        self.length = length
+        self._self_kv = [(key[..., :length], value[:, :, :length]) for key, value in self._self_kv]
 
     def rearrange_kv_cache(self, source_indices: list[int]) -> None:
         """Follow beam search's reordering of the rows (the audio is the same for all)."""

@@ -63,8 +63,11 @@ ASSUMPTIONS: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("whisper._MODELS is a dict of download URLs", lambda: isinstance(getattr(whisper, "_MODELS", None), dict)),
     ("Whisper.set_alignment_heads exists", _has(model.Whisper, "set_alignment_heads")),
     (
-        "DecodingTask sets inference, decoder, sot_index and tokenizer",
-        _sets(decoding.DecodingTask, "inference", "decoder", "sot_index", "tokenizer", "logit_filters"),
+        "DecodingTask sets inference, decoder, sot_index, tokenizer, logit_filters, sample_len and n_ctx",
+        _sets(
+            decoding.DecodingTask,
+            *("inference", "decoder", "sot_index", "tokenizer", "logit_filters", "sample_len", "n_ctx"),
+        ),
     ),
     (
         "DecodingOptions has fp16, prompt, language, temperature and beam_size",
@@ -74,6 +77,7 @@ ASSUMPTIONS: tuple[tuple[str, Callable[[], bool]], ...] = (
         ),
     ),
     ("DecodingTask.run exists", _has(decoding.DecodingTask, "run")),
+    ("DecodingTask._main_loop exists (a live decode's draft replaces it)", _has(decoding.DecodingTask, "_main_loop")),
     ("DecodingTask._get_audio_features exists", _has(decoding.DecodingTask, "_get_audio_features")),
     (
         "AudioEncoder has conv1, conv2, blocks and ln_post, and a positional_embedding buffer (a live buffer's"

@@ -35,6 +35,9 @@ CONTEXT_MARGIN_S = 2.0
 TOKENS_PER_S = 8
 #: Text tokens that, once they appear a second time in one decode, end it (RepeatStop).
 REPEAT_TOKENS = 6
+#: A buffer whose first samples (0.1 s) and prompt are the last decode's is that buffer grown: the last
+#: decode's tokens are this one's draft (drafts.py).
+SAME_START = 1600
 _WORDS = re.compile(r"\s*\S+")
 
 
@@ -54,6 +57,7 @@ class LiveDecoder:
         self._thread = thread
         self._language = language if model.is_multilingual else "en"
         self._task = task
+        self._last: tuple[np.ndarray, str, list[int]] | None = None  # the last decode's start, prompt and tokens
 
     def __call__(self, audio: np.ndarray, prompt: str) -> Hypothesis:
         """Decode `audio` (16 kHz float samples, under 30 s) after `prompt`: its words (none if Whisper hears none)."""
@@ -77,9 +81,13 @@ class LiveDecoder:
             task=self._task.value,
         )
         repeats = RepeatStop(tokenizer.eot)
+        start = audio[:SAME_START]
+        last = self._last
+        draft = last[2] if last and last[1] == prompt and np.array_equal(last[0], start) else []
         # greedy: the seed is unused
-        result = self._thread.decode(features, options, seed=0, urgent=True, logit_filter=repeats)
+        result = self._thread.decode(features, options, seed=0, urgent=True, logit_filter=repeats, draft=draft)
         tokens = result.tokens[: repeats.kept]
+        self._last = (start.copy(), prompt, tokens)
         text = tokenizer.decode([token for token in tokens if token < tokenizer.eot])
         if result.no_speech_prob > NO_SPEECH and result.avg_logprob < LOW_LOGPROB:
             return Hypothesis((), ())
