@@ -8,10 +8,13 @@ import os
 import socket
 import threading
 import time
+import wave
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from flask import Flask
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import (
@@ -90,6 +93,28 @@ def test_sessions_past_the_bound_are_refused_and_a_vanished_client_frees_its_slo
     assert (status, body["code"]) == (503, "busy")
     first.socket.close()  # gone without a close frame, as a client whose network dropped
     eventually(lambda: admits(served), 10, "the vanished client's slot was never freed")
+
+
+def test_a_saved_session_already_queued_when_the_process_died_is_not_queued_again(
+    serve: Callable[..., Served], make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """A recording left beside the job it became (killed between the two) is removed at the next start, not queued."""
+    served = serve()
+    with served.connect("/ws/transcribe?save=true") as ws:
+        send_paced(ws, UTTERANCE)
+        ws.send(json.dumps({"type": "end"}))
+        messages, _ = received(ws)
+    job_id = messages[-1]["job"]["transcription_id"]
+    get_service(served.app).stop()
+    left = tmp_path / "uploads" / f".live-{job_id}"
+    with wave.open(str(left.with_suffix(".wav")), "wb") as recording:
+        recording.setnchannels(1), recording.setsampwidth(2), recording.setframerate(16000)
+        recording.writeframes(UTTERANCE)
+    left.with_suffix(".json").write_text(json.dumps({"owner": "speaker", "client": None, "language": None,
+                                                     "task": "transcribe"}))  # fmt: skip
+    client = keyed(make_app(), "reader", admin=True)  # started on the same files: recover() runs
+    assert [job["transcription_id"] for job in client.get("/jobs").get_json()["jobs"]] == [job_id]
+    assert not list((tmp_path / "uploads").glob(".live-*"))
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ class TranscriptionService:
         self.settings = settings
         self._parts = build_parts(settings, engine, role)
         # Here, not in build_parts: a saved session becomes a job through submit() below, as an upload does.
-        self._live = LiveSessions(engine, settings.MAX_LIVE_SESSIONS, settings.UPLOAD_DIR, self.submit)
+        self._live = LiveSessions(engine, settings.MAX_LIVE_SESSIONS, settings.UPLOAD_DIR, self._submit_once)
         # Only one process serves live sessions (a cluster's API nodes refuse them), so only it finds recordings.
         self._lifecycle = Lifecycle(self._parts, self._live.recover if role is Role.ALONE else None)
 
@@ -175,15 +175,20 @@ class TranscriptionService:
         """Raise QueueFull, TooManyJobs or ShuttingDown if no job can be accepted now (before an upload is read)."""
         self._parts.registry.check_capacity(principal.name)
 
-    def submit(self, upload_name: str, request: Submission, speaker_samples: Sequence[bytes] = ()) -> JobView:
+    def submit(
+        self, upload_name: str, request: Submission, speaker_samples: Sequence[bytes] = (), job_id: str | None = None
+    ) -> JobView:
         """Probe a stored upload and queue it as a new job; the upload is the service's from now on.
 
-        `speaker_samples` are the voices of `request.options.known_speakers`, in order (speaker_samples.py).
+        `speaker_samples` are the voices of `request.options.known_speakers`, in order (speaker_samples.py); `job_id`
+        is the id a saved live session's recording gives its job (service/live.py), else a new one.
         """
         stored = [upload_name]
         try:
             info = self._parts.media.probe(self.settings.UPLOAD_DIR / upload_name)  # a playlist or an absurd header
-            job = request.job(uuid.uuid4().hex, self.model_name, upload_name=upload_name, duration=info.duration)
+            job = request.job(
+                job_id or uuid.uuid4().hex, self.model_name, upload_name=upload_name, duration=info.duration
+            )
             store_samples(self._parts.media, self.settings.UPLOAD_DIR, job.speaker_samples, speaker_samples)
             stored += job.speaker_samples
             with self._parts.notifier.reserve(request.owner, request.notify.count):
@@ -195,6 +200,14 @@ class TranscriptionService:
         log.info("job %s pending: %s from %s (%s)", job.id, request.filename, request.client, info.format_name)
         self._parts.runner.submit(job.id)
         return view
+
+    def _submit_once(self, upload_name: str, request: Submission, job_id: str) -> JobView:
+        """submit() as the job `job_id`, or that job if it exists already (its upload then is not needed)."""
+        known = self._parts.store.get(job_id)
+        if known is not None:
+            (self.settings.UPLOAD_DIR / upload_name).unlink(missing_ok=True)
+            return JobView(known)
+        return self.submit(upload_name, request, job_id=job_id)
 
     def submit_url(self, url: str, request: Submission) -> JobView:
         """Queue a new job whose audio the pipeline fetches from `url` when it runs."""

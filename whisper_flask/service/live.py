@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -50,9 +51,11 @@ CONTAINERS = {b"\x1a\x45\xdf\xa3": "WebM/Matroska", b"OggS": "Ogg", b"RIFF": "WA
 RECORDING_PREFIX = ".live-"
 #: The wave module's header of a PCM file: the RIFF, fmt and data chunks' headers, each size where it is written.
 WAV_HEADER, RIFF_SIZE_AT, DATA_AT = 44, 4, 36
+_RECORDING_ID = re.compile(r"[0-9a-f]{32}")
 
-#: Queues a saved session's recording as a job (TranscriptionService.submit).
-Submit = Callable[[str, Submission], JobView]
+#: Queues a saved session's recording (an upload name) as the job with this id, or answers with that job if it is
+#: queued already (TranscriptionService.submit with job_id).
+Submit = Callable[[str, Submission, str], JobView]
 
 
 @dataclass(frozen=True)
@@ -105,36 +108,44 @@ class LiveSessions:
 
     def recover(self) -> None:
         """Queue the recordings of saved sessions that a killed process left, each as the job its session would
-        have become; one that cannot be queued now (a full queue) is kept for the next start."""
+        have become (once: the job's id is the recording's); one that cannot be queued now (a full queue) is kept
+        for the next start."""
         for request_path in sorted(self._upload_dir.glob(f"{RECORDING_PREFIX}*.json")):
-            recording = request_path.with_suffix(".wav")
+            recording = _Recording.found(request_path)
             try:
+                if not _RECORDING_ID.fullmatch(recording.id):
+                    raise ValueError("not a recording's name")
                 request = _stored_request(request_path)
-                frames = _mend_header(recording)
+                frames = _mend_header(recording.path)
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("removed a saved live session's recording that could not be read")
                 frames = 0
             if frames:
                 try:
-                    job = self._queue(_as_upload(recording, self._upload_dir), request)
+                    job = self._queue(recording, request)
                 except ServiceError as error:
                     log.warning("kept a saved live session's recording for the next start (%s)", error.code)
                     continue
                 log.info("job %s is the recording of a saved live session that a stopped process left", job.job.id)
-            recording.unlink(missing_ok=True)
-            request_path.unlink(missing_ok=True)
+            recording.remove()
 
     def _closed(self, session: LiveSession) -> JobView | None:
         """A session ended: its slot back, its recording queued as a job if it asked."""
         self._slots.give()
-        if session.recording is None:
+        recording = session.recording
+        if recording is None:
             return None
-        name = session.recording.finish()
-        return None if name is None else self._queue(name, session.request)  # None: no audio at all
+        # Removed only once queued: a process killed in between leaves it for recover(), which finds its job.
+        job = self._queue(recording, session.request) if recording.finish() else None  # None: no audio at all
+        recording.remove()
+        return job
 
-    def _queue(self, upload_name: str, request: LiveRequest) -> JobView:
+    def _queue(self, recording: _Recording, request: LiveRequest) -> JobView:
         options = TranscribeOptions(language=request.language, task=request.task)
-        return self._submit(upload_name, Submission("live-session.wav", options, request.owner, request.client))
+        upload_name = f"{uuid.uuid4().hex}.upload"
+        os.link(recording.path, self._upload_dir / upload_name)  # the job owns this name; the recording stays
+        submission = Submission("live-session.wav", options, request.owner, request.client)
+        return self._submit(upload_name, submission, recording.id)
 
 
 class LiveSession:
@@ -216,21 +227,28 @@ def pcm_samples(data: bytes, rate: int = SAMPLE_RATE) -> np.ndarray:
 
 class _Recording:
     """A saved session's audio, written to UPLOAD_DIR as it arrives (never held in memory) as a WAV file, beside
-    the request it is saved for (LiveSessions.recover queues what a killed process left)."""
+    the request it is saved for (LiveSessions.recover queues what a killed process left); its id is its job's."""
 
-    def __init__(self, upload_dir: Path, request: LiveRequest) -> None:
-        self._upload_dir = upload_dir
-        stem = upload_dir / f"{RECORDING_PREFIX}{uuid.uuid4().hex}"
-        self._path, self._request_path = stem.with_suffix(".wav"), stem.with_suffix(".json")
+    def __init__(self, upload_dir: Path, request: LiveRequest | None = None, recording_id: str | None = None) -> None:
+        self.id = recording_id or uuid.uuid4().hex
+        stem = upload_dir / f"{RECORDING_PREFIX}{self.id}"
+        self.path, self._request_path = stem.with_suffix(".wav"), stem.with_suffix(".json")
+        self._frames = 0
+        if request is None:  # found on disk (found())
+            return
         self.describe(request)
-        create_private(self._path)
+        create_private(self.path)
         # Unbuffered: what a killed process had received is on disk, not in its memory.
-        self._file = self._path.open("wb", buffering=0)
+        self._file = self.path.open("wb", buffering=0)
         self._wave = wave.open(self._file, "wb")  # noqa: SIM115 (closed by finish)
         self._wave.setnchannels(1)
         self._wave.setsampwidth(2)
         self._wave.setframerate(SAMPLE_RATE)
-        self._frames = 0
+
+    @classmethod
+    def found(cls, request_path: Path) -> _Recording:
+        """The recording whose request is at `request_path` (left by a killed process)."""
+        return cls(request_path.parent, recording_id=request_path.stem[len(RECORDING_PREFIX) :])
 
     def describe(self, request: LiveRequest) -> None:
         """Store the request the recording is saved for (the job it becomes is the request's)."""
@@ -243,21 +261,16 @@ class _Recording:
         self._wave.writeframesraw(data)
         self._frames += len(data) // 2
 
-    def finish(self) -> str | None:
-        """Close the file under a server-made upload name and return it; None (and no file) if it holds no audio."""
+    def finish(self) -> bool:
+        """Close the file (its header written); whether it holds any audio."""
         self._wave.close()
         self._file.close()
-        name = _as_upload(self._path, self._upload_dir) if self._frames else None
-        self._path.unlink(missing_ok=True)
+        return self._frames > 0
+
+    def remove(self) -> None:
+        """Delete the recording and its request (its job, if any, has its own link to the audio)."""
+        self.path.unlink(missing_ok=True)
         self._request_path.unlink(missing_ok=True)
-        return name
-
-
-def _as_upload(recording: Path, upload_dir: Path) -> str:
-    """Link a recording under a new server-made upload name (the job owns that name, the recording stays)."""
-    name = f"{uuid.uuid4().hex}.upload"
-    os.link(recording, upload_dir / name)
-    return name
 
 
 def _stored_request(path: Path) -> LiveRequest:
