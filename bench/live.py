@@ -1,7 +1,7 @@
 """Live transcription on real speech played at real-time pace: how late partial and final text come, and its
 word error rate against the same audio transcribed as a file, one session alone and 4 at once beside a file job.
 
-    .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR]
+    .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR]   (--sessions 0: step 2 only)
 
 Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 

@@ -17,6 +17,7 @@ from whisper.audio import N_FRAMES, SAMPLE_RATE
 from whisper.decoding import DecodingResult
 
 from tests.helpers import FIXTURES, SPOKEN, windows_per_step
+from whisper_flask.engine import live_window
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.job_model import JobModel
 from whisper_flask.engine.live_window import LiveDecoder
@@ -292,3 +293,21 @@ def test_a_live_buffer_growing_decodes_as_each_buffer_would_alone(tiny: tuple[wh
         buffer = audio[: int(seconds * SAMPLE_RATE)]
         fresh = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)
         assert session(buffer, "") == fresh(buffer, "")
+
+
+def test_a_short_live_buffer_that_whisper_reads_over_and_over_keeps_its_words(
+    tiny: tuple[whisper.Whisper, ModelThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tiny.en reads the first second of a recording again and again until the compression rule drops it all; cut
+    at the repeat (RepeatStop), the decode keeps the words said once."""
+    model, thread = tiny
+    second = whisper.load_audio(str(FIXTURES / "lj001-0001.flac"))[:SAMPLE_RATE]
+    kept = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)(second, "")
+    assert "".join(word.text for word in kept.words).lower().split()[0] == "printing"
+
+    class NeverStops(live_window.RepeatStop):
+        def apply(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+            pass
+
+    monkeypatch.setattr(live_window, "RepeatStop", NeverStops)
+    assert LiveDecoder(model, thread, "en", Task.TRANSCRIBE)(second, "").words == ()
