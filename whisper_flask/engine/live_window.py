@@ -111,9 +111,9 @@ class RepeatStop(LogitFilter):
     Given a few seconds of audio, Whisper often transcribes it and then starts again from its first
     word, or says one word again and again, until the token limit: on the LJSpeech chapter fed a frame
     at a time (base, int8; AMD EPYC, 2 cores), 36 decodes of 140 did, taking up to 0.9 s instead of
-    0.3 s, clearing the partial text and twice confirming repeated words as final. Once the last REPEAT_TOKENS text tokens
-    already appeared in this decode, only the end of text may follow; speech seldom says six tokens
-    twice within one buffer of a few seconds.
+    0.3 s, clearing the partial text and twice confirming repeated words as final. Once the last
+    REPEAT_TOKENS text tokens already appeared in this decode, only the end of text may follow; speech
+    seldom says six tokens twice within one buffer of a few seconds.
     """
 
     def __init__(self, eot: int) -> None:
