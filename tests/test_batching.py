@@ -311,3 +311,35 @@ def test_a_short_live_buffer_that_whisper_reads_over_and_over_keeps_its_words(
 
     monkeypatch.setattr(live_window, "RepeatStop", NeverStops)
     assert LiveDecoder(model, thread, "en", Task.TRANSCRIBE)(second, "").words == ()
+
+
+def test_a_file_jobs_call_waits_while_a_live_decode_is_between_its_steps(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    """A file job's encoder pass (0.35 s on `base`) does not run in the gap between a live decode's steps."""
+    model, thread = tiny
+    features = encode(tiny, mels[0])
+    paused, resume = threading.Event(), threading.Event()
+    steps = 0
+
+    def pause_at_third_step() -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            paused.set()
+            assert resume.wait(30), "the test never resumed the live decode"
+
+    live = threading.Thread(target=lambda: thread.decode(features, OPTIONS, 0, pause_at_third_step, urgent=True))
+    live.start()
+    encoded = threading.Event()
+    assert paused.wait(60), "the live decode never reached its third step"
+    file_job = threading.Thread(target=lambda: (encode(tiny, mels[1]), encoded.set()))
+    file_job.start()
+    try:
+        assert not encoded.wait(0.5)
+    finally:
+        resume.set()
+    live.join(60)
+    assert not live.is_alive()
+    assert encoded.wait(60)
+    file_job.join(60)

@@ -123,9 +123,9 @@ class ModelThread:
     def run(self, call: Callable[[], T], *, background: bool = False, urgent: bool = False) -> T:
         """Run `call` (which uses the model) on the model thread and return what it returns.
 
-        Calls run before decoder steps, `urgent` ones (a live session's) first; a `background` call, after
-        another background call, only once the windows decoding have had a step: a long run of them takes
-        at most every other turn.
+        Calls run before decoder steps, `urgent` ones (a live session's) first, and others only while no live
+        window decodes; a `background` call, after another background call, only once the windows decoding
+        have had a step: a long run of them takes at most every other turn.
         """
         return self._submit(_Work(call=call, background=background, urgent=urgent))
 
@@ -220,6 +220,8 @@ class ModelThread:
                 self._cond.wait()
                 continue
             calls = sorted((work for work in self._queue if work.call is not None), key=lambda work: not work.urgent)
+            if self._urgent:  # a live decode, once started, ends before a file job's encoder pass (0.35 s) runs
+                calls = [work for work in calls if work.urgent]
             if self._background_ran and self._decoding:
                 calls = [work for work in calls if not work.background]
             if calls:
