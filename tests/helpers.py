@@ -502,6 +502,13 @@ def pcm_of(path: Path, rate: int = 16000) -> bytes:
     return subprocess.run(command, capture_output=True, check=True).stdout
 
 
+def webm_of(pcm: bytes) -> bytes:
+    """16 kHz 16-bit PCM as a browser's MediaRecorder would send it: WebM with Opus at 48 kHz."""
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-"]
+    command += ["-ar", "48000", "-c:a", "libopus", "-f", "webm", "-"]
+    return subprocess.run(command, input=pcm, capture_output=True, check=True).stdout
+
+
 class Served:
     """An app on the fake engine behind werkzeug's server on loopback (conftest's `serve`), and a key for it."""
 
@@ -531,6 +538,16 @@ def refusal(served: Served, path: str = "/ws/transcribe", **options: Any) -> tup
     with pytest.raises(InvalidStatus) as refused:
         served.connect(path, **options).close()
     return refused.value.response.status_code, json.loads(refused.value.response.body)
+
+
+def send_stream_paced(ws: ClientConnection, stream: bytes, seconds: float, frame_s: float = 0.1) -> None:
+    """Send an encoded stream of `seconds` of audio in equal pieces, one every `frame_s`, as a recorder would."""
+    pieces = max(1, round(seconds / frame_s))
+    size = -(-len(stream) // pieces)
+    started = time.monotonic()
+    for index in range(pieces):
+        time.sleep(max(0.0, started + index * frame_s - time.monotonic()))
+        ws.send(stream[index * size : (index + 1) * size])
 
 
 def send_paced(ws: ClientConnection, pcm: bytes, frame_s: float = 0.1, rate: int = 16000) -> None:

@@ -28,9 +28,11 @@ from tests.helpers import (
     received,
     refusal,
     send_paced,
+    send_stream_paced,
     silence,
     tone,
     transcripts,
+    webm_of,
 )
 from tests.servers import FIXTURES
 from whisper_flask.api.websocket import MAX_FRAME_BYTES
@@ -143,6 +145,37 @@ def test_a_bad_frame_ends_its_session_with_a_clear_error_and_spares_the_others(
     assert messages[-1]["type"] == "error" and says in messages[-1]["error"]
     assert code == 1003
     assert final_text(spared) == " w0 w0.5 w1 w1.5"
+
+
+def test_a_browsers_webm_opus_stream_is_decoded_as_it_arrives(serve: Callable[..., Served]) -> None:
+    """input_audio_format=webm: a MediaRecorder's stream, sent in pieces as it is recorded, gives the PCM's text."""
+    with serve().connect("/ws/transcribe?input_audio_format=webm") as ws:
+        send_stream_paced(ws, webm_of(UTTERANCE), len(UTTERANCE) / 32000)
+        ws.send(json.dumps({"type": "end"}))
+        messages, code = received(ws)
+    assert "partial" in [message["type"] for message in messages]
+    assert final_text(messages) == " w0 w0.5 w1 w1.5"
+    assert code == 1000
+
+
+@pytest.mark.parametrize("start", [b"", b"\x1a\x45\xdf\xa3"], ids=["random", "webm-header-then-random"])
+def test_random_bytes_named_webm_end_the_session_with_a_clear_error(serve: Callable[..., Served], start: bytes) -> None:
+    """Random bytes sent as WebM, from the first frame or after a WebM header, get an error message and code 1003."""
+    with serve().connect("/ws/transcribe?input_audio_format=webm") as ws:
+        with contextlib.suppress(ConnectionClosed):
+            ws.send(start + os.urandom(8000))
+            for _ in range(50):  # ffmpeg refuses the stream within a few frames; the next send after is refused
+                time.sleep(0.1)
+                ws.send(os.urandom(800))
+        messages, code = received(ws, timeout=10)
+    assert messages[-1]["type"] == "error" and "not WebM/Opus audio" in messages[-1]["error"], messages
+    assert code == 1003
+
+
+def test_a_format_not_offered_is_refused_at_the_handshake(serve: Callable[..., Served]) -> None:
+    """input_audio_format=mp3 is answered 400 with the formats there are."""
+    status, body = refusal(serve(), "/ws/transcribe?input_audio_format=mp3")
+    assert status == 400 and "must be one of pcm16, webm" in body["error"], body
 
 
 def test_a_client_flooding_the_socket_while_a_decode_runs_is_held_back(

@@ -16,7 +16,19 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from bench.peers import word_error_rate
-from tests.helpers import LiveClient, create_key, eventually, final_text, pcm_of, received, send_paced, submit, wait_for
+from tests.helpers import (
+    LiveClient,
+    create_key,
+    eventually,
+    final_text,
+    pcm_of,
+    received,
+    send_paced,
+    send_stream_paced,
+    submit,
+    wait_for,
+    webm_of,
+)
 from tests.servers import FIXTURES, Servers
 
 RECORDING = FIXTURES / "lj001-0001.flac"  # 10 s of LJSpeech, one sentence
@@ -54,6 +66,17 @@ def test_speech_streamed_through_nginx_comes_back_as_partial_then_final_text(dep
     wait_for(client, job, "completed")
     file_text = client.get(f"/download/{job}.txt").data.decode()
     assert word_error_rate(REFERENCE, final_text(messages)) <= word_error_rate(REFERENCE, file_text) + 0.05
+
+
+def test_a_browsers_webm_opus_stream_through_nginx_comes_back_as_text(deployed: dict[str, Any]) -> None:
+    """Real speech encoded as a MediaRecorder's WebM/Opus, sent in pieces at real-time pace: its words come back."""
+    pcm = pcm_of(RECORDING)
+    with open_socket(deployed, "/ws/transcribe?input_audio_format=webm") as ws:
+        send_stream_paced(ws, webm_of(pcm), len(pcm) / 32000, frame_s=0.25)
+        ws.send(json.dumps({"type": "end"}))
+        messages, code = received(ws, timeout=60)
+    assert "partial" in [message["type"] for message in messages] and code == 1000
+    assert word_error_rate(REFERENCE, final_text(messages)) <= 0.15, final_text(messages)
 
 
 def test_openais_client_transcribes_speech_through_nginx(deployed: dict[str, Any]) -> None:

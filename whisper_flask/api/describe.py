@@ -18,6 +18,7 @@ from whisper_flask.api.jobs import PAGING
 from whisper_flask.api.openai_audio import GRANULARITIES, OPTION_FIELDS, RESPONSE_FORMATS
 from whisper_flask.api.speakers import SPEAKER_FIELDS
 from whisper_flask.api.uploads import RAW_BODY_TYPES
+from whisper_flask.audio.stream_decode import LiveAudioFormat
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.records import JobStage, JobStatus
 from whisper_flask.jobs.serialize import DOWNLOAD_PATH
@@ -253,11 +254,14 @@ def openapi_document() -> dict[str, Any]:
         },
         "/ws/transcribe": {
             "get": _operation(
-                "Live transcription over WebSocket: 16 kHz PCM16 frames in, partial and final text out (README)",
+                "Live transcription over WebSocket: PCM16 or WebM/Opus frames in, partial and final text out (README)",
                 {"101": _ok("the WebSocket"), **_errors(400, 401, 503)},
                 parameters=[
                     *(_query(name, options[name]) for name in ("language", "task")),
                     _query("save", {"type": "boolean"}),
+                    _query(
+                        "input_audio_format", {"type": "string", "enum": [audio.value for audio in LiveAudioFormat]}
+                    ),
                 ],
             )
         },

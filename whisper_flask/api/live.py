@@ -1,6 +1,7 @@
 """Live transcription over WebSocket: /ws/transcribe (this service's protocol) and the browser's /live/token.
 
-The client sends binary frames of 16 kHz 16-bit little-endian mono PCM, and `{"type": "end"}` (or a
+The client sends binary frames of 16 kHz 16-bit little-endian mono PCM (or, with `input_audio_format=webm`, a
+browser MediaRecorder's WebM/Opus stream), and `{"type": "end"}` (or a
 close) when done; the server sends `{"type": "partial", "text", "start", "end"}` (the tentative text
 after the final text so far: each partial replaces the last) and `{"type": "final", "text", "start",
 "end"}` (text that follows the last final text and will not change), then `{"type": "end"}`
@@ -18,6 +19,7 @@ from whisper_flask.api import download_url, progress_body
 from whisper_flask.api.auth import presented_key, principal
 from whisper_flask.api.fields import FIELDS, parse_flag
 from whisper_flask.api.websocket import SessionClosed, offered_token, serve
+from whisper_flask.audio.stream_decode import LiveAudioFormat
 from whisper_flask.engine.live import LiveEvent, LiveEventKind
 from whisper_flask.engine.options import Task
 from whisper_flask.exceptions import InvalidOption, ServiceError
@@ -61,9 +63,19 @@ def transcribe_live() -> Response:
         language=FIELDS["language"].parse(language, multilingual) if language else None,
         task=FIELDS["task"].parse(task, multilingual) if task else Task.TRANSCRIBE,
         save=parse_flag("save", request.args.get("save", "false")),
+        audio=parse_audio_format(request.args.get("input_audio_format", LiveAudioFormat.PCM16.value)),
     )
     session = service.open_live(live)
     return serve(session, TranscribeProtocol, service.settings.LIVE_IDLE_S)
+
+
+def parse_audio_format(value: str) -> LiveAudioFormat:
+    """The `input_audio_format` query field; InvalidOption for a format not offered."""
+    try:
+        return LiveAudioFormat(value)
+    except ValueError:
+        formats = ", ".join(audio.value for audio in LiveAudioFormat)
+        raise InvalidOption("input_audio_format", f"must be one of {formats}") from None
 
 
 def event_message(event: LiveEvent) -> dict[str, Any] | None:
@@ -84,12 +96,13 @@ class TranscribeProtocol:
         return []
 
     def receive(self, frames: list[str | bytes]) -> list[dict[str, Any]]:
-        """PCM heard (consecutive frames as one), or the client's `{"type": "end"}`."""
+        """Audio heard (consecutive frames as one), or the client's `{"type": "end"}`."""
         messages: list[dict[str, Any]] = []
         audio = b""
         for frame in frames:
             if isinstance(frame, bytes):
-                pcm_samples(frame)  # each frame is checked on its own, as sent
+                if self._session.request.audio is LiveAudioFormat.PCM16:
+                    pcm_samples(frame)  # each frame is checked on its own, as sent
                 audio += frame
                 continue
             if audio:

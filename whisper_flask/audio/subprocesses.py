@@ -49,7 +49,8 @@ def media_tool(name: str) -> str:
 
 
 @functools.cache
-def _death_signal_prefix() -> tuple[str, ...]:
+def death_signal_prefix() -> tuple[str, ...]:
+    """setpriv's prefix that has the tool killed when this process dies, where util-linux is installed."""
     setpriv = shutil.which("setpriv")
     return (setpriv, "--pdeathsig", "KILL", "--") if setpriv else ()
 
@@ -58,7 +59,7 @@ def run_bounded(command: list[str], stdout: IO[bytes], timeout: float, check: Ca
     """Run a tool to its end; DecodeTimeout past `timeout` s; whatever `check` raises stops it first."""
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            [*_death_signal_prefix(), *command],
+            [*death_signal_prefix(), *command],
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
@@ -77,13 +78,13 @@ def run_bounded(command: list[str], stdout: IO[bytes], timeout: float, check: Ca
                 check()
         finally:
             if process.returncode is None:
-                _kill(process)
+                kill_group(process)
         size = stderr.seek(0, os.SEEK_END)
         stderr.seek(max(0, size - STDERR_TAIL))
         return ToolResult(returncode, stderr.read().decode("utf-8", "replace"))
 
 
-def _kill(process: subprocess.Popen[bytes]) -> None:
+def kill_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the tool's group, SIGKILL it after the grace period, and reap it."""
     for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
         try:

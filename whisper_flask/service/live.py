@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from whisper_flask.audio.resample import Resampler
+from whisper_flask.audio.stream_decode import LiveAudioFormat, WebmDecoder
 from whisper_flask.engine.engine import Engine
 from whisper_flask.engine.live import LiveEvent, LiveStream
 from whisper_flask.engine.options import Task, TranscribeOptions
@@ -68,6 +69,7 @@ class LiveRequest:
     task: Task = Task.TRANSCRIBE
     save: bool = False  # the session's audio becomes a job whose transcript downloads in every format
     commit_on_pause: bool = True  # a pause ends an utterance (OpenAI's server VAD); else only commit() does
+    audio: LiveAudioFormat = LiveAudioFormat.PCM16  # what the client's binary frames hold
 
 
 class LiveSessions:
@@ -161,6 +163,7 @@ class LiveSession:
         self._opened = time.monotonic()
         self._closed = False
         self._resamplers: dict[int, Resampler] = {}
+        self._webm = WebmDecoder() if request.audio is LiveAudioFormat.WEBM else None  # stopped by close()
 
     @property
     def seconds(self) -> float:
@@ -182,8 +185,15 @@ class LiveSession:
             self.recording.describe(self.request)
 
     def feed(self, data: bytes, rate: int = SAMPLE_RATE) -> list[LiveEvent]:
-        """Hear a frame of 16-bit little-endian mono PCM at `rate`; InvalidAudio if it is something else."""
-        samples = pcm_samples(data, rate)
+        """Hear a frame of 16-bit little-endian mono PCM at `rate` (or of the session's WebM stream); InvalidAudio
+        if it is something else."""
+        if self._webm is not None:
+            return self._hear(self._webm.write(data))
+        pcm_samples(data, rate)  # checked as the client sent it
+        return self._hear(data, rate)
+
+    def _hear(self, data: bytes, rate: int = SAMPLE_RATE) -> list[LiveEvent]:
+        samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768
         if rate != SAMPLE_RATE:
             samples = self._resamplers.setdefault(rate, Resampler(rate))(samples)
         if self._stream.seconds + len(samples) / SAMPLE_RATE > time.monotonic() - self._opened + AHEAD_S:
@@ -195,8 +205,11 @@ class LiveSession:
         return self._stream.feed(samples)
 
     def commit(self) -> list[LiveEvent]:
-        """Make all the text heard so far final."""
-        return self._stream.commit()
+        """Make all the text heard so far final (a WebM stream's last frames decoded first: no audio may follow)."""
+        events: list[LiveEvent] = []
+        if self._webm is not None:
+            events = self._hear(self._webm.finish())
+        return events + self._stream.commit()
 
     def clear(self) -> None:
         """Drop the audio whose text is not final yet."""
@@ -207,6 +220,8 @@ class LiveSession:
         if self._closed:
             return None
         self._closed = True
+        if self._webm is not None:
+            self._webm.stop()
         return self._sessions._closed(self)
 
 
