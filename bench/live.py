@@ -1,7 +1,7 @@
 """Live transcription on real speech played at real-time pace: how late partial and final text come, and its
 word error rate against the same audio transcribed as a file, one session alone and 4 at once beside a file job.
 
-    .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR]   (--sessions 0: step 2 only)
+    .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR] [--webm]   (--sessions 0: step 2 only)
 
 Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 
@@ -53,6 +53,12 @@ def pcm(path: Path) -> bytes:
     return subprocess.run(command, capture_output=True, check=True).stdout
 
 
+def webm(audio: bytes) -> bytes:
+    """16 kHz PCM16 as a browser's MediaRecorder sends it: WebM with Opus at 48 kHz."""
+    command = ["ffmpeg", "-v", "error", "-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-", "-ar", "48000"]
+    return subprocess.run([*command, "-c:a", "libopus", "-f", "webm", "-"], input=audio, capture_output=True).stdout
+
+
 def norm(word: str) -> str:
     return str(_normalizer()(word)).strip()
 
@@ -75,8 +81,8 @@ def file_words(base: str, key: str) -> tuple[list[tuple[str, float]], str]:
 class Session:
     """One client streaming the recording at real-time pace and timing what comes back."""
 
-    def __init__(self, url: str, key: str, audio: bytes) -> None:
-        self._url, self._key, self._audio = url, key, audio
+    def __init__(self, url: str, key: str, audio: bytes, webm: bytes = b"") -> None:
+        self._url, self._key, self._audio, self._webm = url, key, audio, webm
         self.events: list[tuple[float, dict[str, object]]] = []  # (seconds since the first frame, message)
         self.started = 0.0
 
@@ -86,9 +92,11 @@ class Session:
             self.started = time.monotonic()
             reader.start()
             step = int(16000 * FRAME_S) * 2
-            for index in range(0, len(self._audio), step):
-                time.sleep(max(0.0, self.started + index / 32000 - time.monotonic()))
-                ws.send(self._audio[index : index + step])
+            pieces = -(-len(self._audio) // step)
+            stream, size = (self._webm, -(-len(self._webm) // pieces)) if self._webm else (self._audio, step)
+            for index in range(pieces):  # a piece of PCM or of the WebM stream, when its audio has been spoken
+                time.sleep(max(0.0, self.started + index * FRAME_S - time.monotonic()))
+                ws.send(stream[index * size : (index + 1) * size])
             ws.send(json.dumps({"type": "end"}))
             reader.join(120)
 
@@ -155,6 +163,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=4, help="0: one session alone only")
     parser.add_argument("--speech", type=Path, default=ROOT.parent / "shared" / "speech")
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--webm", action="store_true", help="step 2 also as a MediaRecorder's WebM/Opus stream")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-live-"))
     model_dir = work / "models"
@@ -178,6 +187,11 @@ def main() -> None:
         alone = Session(url, key, audio)
         alone.run()
         report("1 session alone", [alone], clock, reference, file_wer, work)
+        if args.webm:
+            webm_url = url + "&input_audio_format=webm"
+            as_webm = Session(webm_url, key, audio, webm(audio))
+            as_webm.run()
+            report("1 session alone, WebM/Opus", [as_webm], clock, reference, file_wer, work)
         if not args.sessions:
             return
         long_file = args.speech / "en" / "long" / "kathleen_arctic_a0061_a0140_concat.wav"
