@@ -54,17 +54,17 @@ class WebmDecoder:
         self._lock = threading.Lock()
         self._pending = bytearray()  # decoded, not yet taken (guarded by _lock)
         self._overflow = False
-        self._started = False  # the stream's first bytes were checked
+        self._head = b""  # the stream's first bytes, up to the length of EBML_MAGIC
         self._reader = threading.Thread(target=self._drain, name="webm-decoder", daemon=True)
         self._reader.start()
 
     def write(self, data: bytes) -> bytes:
         """Send part of the stream; the PCM decoded so far. InvalidAudio once ffmpeg refuses the stream."""
         assert self._process.stdin is not None
-        if not self._started:
-            if not data.startswith(EBML_MAGIC[: len(data)]) or not data:
+        if len(self._head) < len(EBML_MAGIC):
+            self._head += data[: len(EBML_MAGIC) - len(self._head)]
+            if not EBML_MAGIC.startswith(self._head):
                 raise InvalidAudio(_NOT_WEBM)
-            self._started = len(data) >= len(EBML_MAGIC)
         try:
             self._process.stdin.write(data)
             self._process.stdin.flush()
