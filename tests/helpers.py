@@ -37,6 +37,7 @@ from whisper_flask.engine.agreement import Word
 from whisper_flask.engine.live import LiveStream
 from whisper_flask.engine.live_window import Hypothesis
 from whisper_flask.engine.options import Task, TranscribeOptions
+from whisper_flask.engine.quantize import onednn_bf16
 from whisper_flask.engine.speakers import Diarization, Turn
 from whisper_flask.engine.windows import Window
 from whisper_flask.exceptions import ModelLoading
@@ -53,6 +54,8 @@ SPOKEN = {
     "garden.wav": ["yellow flowers", "garden"],
 }
 TERMINAL = ("completed", "failed", "cancelled")
+#: oneDNN's bf16 kernels run only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT (quantize.onednn_bf16).
+needs_bf16_kernels = pytest.mark.skipif(not onednn_bf16(), reason="this CPU has no bf16 matrix kernels")
 
 
 class Gate:

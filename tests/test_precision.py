@@ -10,9 +10,10 @@ import pytest
 import torch
 import whisper
 
-from whisper_flask.engine import precision
+from tests.helpers import needs_bf16_kernels
+from whisper_flask.engine import precision, quantize
 from whisper_flask.engine.checkpoints import ensure_checkpoint
-from whisper_flask.engine.quantize import Bf16Linear, Int8Linear, StageArithmetic, apply_arithmetic
+from whisper_flask.engine.quantize import Bf16Linear, Int8Linear, StageArithmetic, apply_arithmetic, onednn_bf16
 
 #: Seconds of a window's work by stage and arithmetic, as measured on an AMD EPYC with AVX512-BF16 (no AMX).
 AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43}, "decoder": {"none": 3.6, "int8": 1.15}}
@@ -21,11 +22,12 @@ INT8_EVERYWHERE = {"encoder": {"none": 0.40, "bf16": 0.33, "int8": 0.29}, "decod
 
 
 @pytest.mark.parametrize(
-    ("model", "seconds", "chosen"),
+    ("model", "seconds", "bf16_kernels", "chosen"),
     [
-        ("base", AMD, StageArithmetic("bf16", "int8")),
-        ("base", INT8_EVERYWHERE, StageArithmetic("int8", "int8")),
-        ("small", AMD, StageArithmetic("none", "none")),  # neither's accuracy was measured: no timing
+        ("base", AMD, True, StageArithmetic("bf16", "int8")),
+        ("base", INT8_EVERYWHERE, True, StageArithmetic("int8", "int8")),
+        ("base", AMD, False, StageArithmetic("int8", "int8")),  # bf16 not measured where it would be emulated
+        ("small", AMD, True, StageArithmetic("none", "none")),  # neither's accuracy was measured: no timing
     ],
 )
 def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
@@ -33,6 +35,7 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
     monkeypatch: pytest.MonkeyPatch,
     model: str,
     seconds: dict[str, dict[str, float]],
+    bf16_kernels: bool,
     chosen: StageArithmetic,
 ) -> None:
     measured: list[tuple[str, str]] = []
@@ -42,8 +45,10 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
         return seconds[stage][arithmetic]
 
     monkeypatch.setattr(precision, "_stage_seconds", stage_seconds)
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: bf16_kernels)
     assert precision.measured_arithmetic(object(), model, tmp_path) == chosen  # type: ignore[arg-type]
-    every = [("encoder", "none"), ("encoder", "bf16"), ("encoder", "int8"), ("decoder", "none"), ("decoder", "int8")]
+    encoder = ["none", "bf16", "int8"] if bf16_kernels else ["none", "int8"]
+    every = [*(("encoder", arithmetic) for arithmetic in encoder), ("decoder", "none"), ("decoder", "int8")]
     assert measured == (every if model == "base" else [])  # never bf16 in the decoder: see quantize.py
 
 
@@ -67,7 +72,7 @@ def test_a_choice_is_kept_per_cpu_model_and_stage_so_a_later_start_measures_noth
         precision.measured_arithmetic(object(), "base", tmp_path)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("linear", [Bf16Linear, Int8Linear])
+@pytest.mark.parametrize("linear", [pytest.param(Bf16Linear, marks=needs_bf16_kernels), Int8Linear])
 def test_each_arithmetics_linear_layer_gives_fp32_close_to_the_fp32_layer(linear: type[torch.nn.Module]) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 2048)
@@ -83,6 +88,25 @@ def test_an_explicit_setting_is_bf16_for_the_encoder_only(setting: str, stages: 
     assert StageArithmetic.chosen(setting) == StageArithmetic(*stages)
 
 
+def test_an_explicit_bf16_runs_fp32_with_a_warning_on_a_cpu_without_bf16_kernels(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(quantize, "onednn_bf16", lambda: False)
+    assert quantize.choose_precision("bf16", "cpu") == "none"
+    assert "no bf16 matrix kernels" in caplog.text
+    assert quantize.choose_precision("int8", "cpu") == "int8"
+
+
+def test_the_bf16_kernels_probe_says_what_building_a_bf16_layer_finds() -> None:
+    try:
+        Bf16Linear(torch.zeros(8, 8), None)
+    except RuntimeError:
+        assert not onednn_bf16()
+    else:
+        assert onednn_bf16()
+
+
+@needs_bf16_kernels
 def test_each_stage_gets_its_own_arithmetic_and_the_projection_follows_the_decoder(model_dir: Path) -> None:
     model = whisper.load_model(str(ensure_checkpoint("tiny.en", model_dir, allow_download=False)))
     project = apply_arithmetic(model, StageArithmetic("bf16", "int8"))
@@ -103,7 +127,8 @@ def test_the_real_models_stages_are_timed_under_each_arithmetic_and_the_model_is
     kept = {key.rsplit("|", 1)[1]: entry for key, entry in stored.items()}
     for stage in ("encoder", "decoder"):
         seconds = kept[f"base {stage}"]["seconds"]
-        assert set(seconds) == {"none", "bf16", "int8"} - ({"bf16"} if stage == "decoder" else set())
+        bf16 = stage == "encoder" and onednn_bf16()  # never in the decoder, nor where bf16 has no kernels
+        assert set(seconds) == {"none", "int8", *(["bf16"] if bf16 else [])}
         assert all(value > 0 for value in seconds.values())
         assert getattr(chosen, stage) == min(seconds, key=seconds.get)
     assert "arithmetic for base encoder measured" in caplog.text

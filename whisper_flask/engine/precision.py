@@ -6,7 +6,8 @@ stage's real work is timed under each arithmetic it may use (quantize.py; the de
 window; the Linear work of a decoder step (its layers and the logits projection, as the model thread runs them)
 at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8 and bf16 are
 candidates only for the models whose word error rate with them was measured within 0.5 points of fp32
-(quantize.INT8_MODELS, BF16_MODELS); any other model runs Whisper's fp32, unmeasured. The choices are kept in
+(quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels (quantize.onednn_bf16);
+any other model runs Whisper's fp32, unmeasured. The choices are kept in
 MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
 """
 
@@ -32,6 +33,7 @@ from whisper_flask.engine.quantize import (
     DECODER_ARITHMETICS,
     INT8_MODELS,
     StageArithmetic,
+    onednn_bf16,
     projection,
     swap_linears,
 )
@@ -49,7 +51,8 @@ STAGES = ("encoder", "decoder")
 
 def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> StageArithmetic:
     """Each stage's arithmetic measured fastest for the model here (the model is left as it is); kept in model_dir."""
-    candidates = ["none", *(["bf16"] if name in BF16_MODELS else []), *(["int8"] if name in INT8_MODELS else [])]
+    bf16 = name in BF16_MODELS and onednn_bf16()
+    candidates = ["none", *(["bf16"] if bf16 else []), *(["int8"] if name in INT8_MODELS else [])]
     if candidates == ["none"]:
         return StageArithmetic("none", "none")
 
