@@ -11,7 +11,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from flask import Flask
 from flask.testing import FlaskClient
 from pyannote.core import Annotation, Segment
@@ -36,6 +38,7 @@ from tests.servers import Servers
 from whisper_flask import create_app
 from whisper_flask.audio.subprocesses import media_tool
 from whisper_flask.engine.diarization import EMBEDDINGS
+from whisper_flask.engine.filterbank import MEL_BINS, slice_features
 from whisper_flask.engine.precision import CACHE_NAME
 from whisper_flask.engine.speakers import Diarization, Turn, label_segments, letters, speaker_names, turns_from
 from whisper_flask.extension import get_service
@@ -71,6 +74,15 @@ def test_overlapping_slices_of_two_speakers_become_turns_split_halfway() -> None
 def test_a_short_interruption_between_one_speakers_turns_is_dropped_and_the_turns_joined() -> None:
     slices = [(0.0, 1.5), (1.5, 3.0), (3.2, 3.8), (4.0, 5.5)]
     assert turns_from(slices, [0, 0, 1, 0]) == [Turn(0.0, 5.5, 0)]
+
+
+def test_a_slices_filterbanks_are_kaldi_frames_less_their_mean_and_a_slice_under_a_frame_is_padded_to_one() -> None:
+    samples = np.random.default_rng(0).standard_normal(48000).astype(np.float32) / 10
+    features = slice_features(samples, 1.0, 2.5)
+    assert features.shape == (148, MEL_BINS)  # 25 ms frames every 10 ms over 1.5 s
+    assert float(features.mean(dim=0).abs().max()) < 1e-4
+    assert torch.equal(slice_features(samples[8000:], 1.0, 2.5, offset=8000), features)  # cut by recording time
+    assert slice_features(samples, 1.0, 1.01).shape == (1, MEL_BINS)
 
 
 @pytest.mark.parametrize(("index", "label"), [(0, "A"), (1, "B"), (25, "Z"), (26, "AA"), (27, "AB")])

