@@ -166,7 +166,8 @@ class Settings:
         "`int8`: int8 Linear layers on the CPU (faster, see Performance); `bf16`: a bf16 encoder (oneDNN) and an fp32"
         " decoder on the CPU; `none`: Whisper's fp32 (fp16 on CUDA); `auto`: the encoder and the decoder each take the"
         " fastest of these measured on this CPU at the first start (int8 and bf16 only for `base`, where their"
-        " accuracy was measured), kept in MODEL_DIR/arithmetic.json",
+        " accuracy was measured; bf16 only where the CPU has oneDNN's bf16 kernels, AVX512-BW/VL/DQ or"
+        " AVX-NE-CONVERT), kept in MODEL_DIR/arithmetic.json",
         choices=("auto", "none", "int8", "bf16"),
     )
     MAX_QUEUED_JOBS: int = _setting(100, "pending + running; beyond it uploads get 503 with `Retry-After`", low=1)
