@@ -133,7 +133,7 @@ class SpeakerDiarizer:
     @staticmethod
     @torch.no_grad()
     def _forward(model: torch.nn.Module, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
-        # Explicit either way: the model thread itself runs under bf16 autocast with QUANTIZE=bf16.
+        # Autocast here only: the measured choice for this model, whatever Whisper's arithmetic is.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             embeddings: torch.Tensor = model(batch)
         return embeddings.float()

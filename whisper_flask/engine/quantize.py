@@ -5,10 +5,10 @@ each): a CPU's matrix units can pay off on one and not on the other (ARCHITECTUR
 so each stage's Linear layers get their own arithmetic:
 
 - "none": Whisper's fp32;
-- "bf16" (the encoder only): weights stored in bf16 once and multiplied by oneDNN's prepacked bf16 kernels
-  (AMX or AVX512-BF16 where the CPU has them); inputs cast to bf16, outputs back to fp32. Not autocast, which
-  casts the weights again at every call (the logits projection's 106 MB at every decoder step: 21.3 ms a
-  step against 2.2 ms in fp32 on an Intel Xeon with AMX);
+- "bf16" (the encoder only, on CPUs where oneDNN has bf16 kernels: onednn_bf16): weights stored in bf16 once and
+  multiplied by oneDNN's prepacked bf16 kernels (AMX or AVX512-BF16 where the CPU has them); inputs cast to bf16,
+  outputs back to fp32. Not autocast, which casts the weights again at every call (the logits projection's 106 MB
+  at every decoder step: 21.3 ms a step against 2.2 ms in fp32 on an Intel Xeon with AMX);
 - "int8": weights quantized once, per output channel; activations per row at each call, multiplied in
   exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's result independent of the other
   windows in its batch, which torch's dynamic quantization (one scale per tensor) would not.
