@@ -153,6 +153,9 @@ def command(served: dict[str, Any], tmp_path: Path, key: str, *args: str) -> sub
     return subprocess.Popen(
         [sys.executable, "-m", "whisper_flask_client", "transcribe", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # SIGINT as a terminal's Ctrl-C reaches it, even when the tests themselves run as a background job,
+        # which starts with SIGINT ignored (and a Python started so never turns it into KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
