@@ -8,6 +8,8 @@ torchaudio's Kaldi fbank to 6e-4 on values up to 16 (ARCHITECTURE.md, "Speakers"
 
 from __future__ import annotations
 
+import functools
+
 import kaldi_native_fbank as knf
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ MEL_BINS = 80
 MIN_SAMPLES = 400
 
 
+@functools.cache
 def _options() -> knf.FbankOptions:
     options = knf.FbankOptions()
     options.frame_opts.samp_freq = SAMPLE_RATE
