@@ -28,17 +28,17 @@ from tests.helpers import (
     windows_per_step,
 )
 from whisper_flask.audio.subprocesses import media_tool
-from whisper_flask.engine.quantize import onednn_bf16
+from whisper_flask.engine.quantize import StageArithmetic, onednn_bf16
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "bf16"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "bf16", "fp16"])
 def test_spoken_words_come_back_in_every_format(
     make_real_app: Callable[..., Flask], quantize: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="whisper_flask.engine.engine"):
         client = make_real_app(QUANTIZE=quantize).test_client()
-    encoder = "none" if quantize == "bf16" and not onednn_bf16() else quantize  # fp32 where bf16 has no kernels
-    assert f"(encoder: {encoder}, decoder: {'none' if quantize == 'bf16' else quantize})" in caplog.text
+    stages = StageArithmetic.chosen(quantize if quantize != "bf16" or onednn_bf16() else "none")  # bf16 needs kernels
+    assert f"(encoder: {stages.encoder}, decoder: {stages.decoder})" in caplog.text
     job_id = submit(client, FIXTURES / "fox.wav")
     done = wait_for(client, job_id, "completed", "failed")
     assert done["status"] == "completed" and done["language"] == "en"
@@ -52,7 +52,7 @@ def test_spoken_words_come_back_in_every_format(
     assert json.loads(files["json"])["language"] == "en"
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", pytest.param("bf16", marks=needs_bf16_kernels)])
+@pytest.mark.parametrize("quantize", ["none", "int8", pytest.param("bf16", marks=needs_bf16_kernels), "fp16"])
 def test_concurrent_jobs_give_the_transcripts_of_jobs_run_alone(
     make_real_app, tmp_path: Path, caplog: pytest.LogCaptureFixture, quantize: str
 ) -> None:

@@ -2,13 +2,14 @@
 
 A default tuned on one CPU loses on another, and a stage's winner may lose the other stage: bf16 can win the
 encoder's 1500-row matmuls and int8 the decoder's few rows (ARCHITECTURE.md, "The engine"). So at load each
-stage's real work is timed under each arithmetic it may use (quantize.py; the decoder never bf16): an encoder
-window; the Linear work of a decoder step (its layers and the logits projection, as the model thread runs them)
-at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8 and bf16 are
-candidates only for the models whose word error rate with them was measured within 0.5 points of fp32
-(quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels (quantize.onednn_bf16);
-any other model runs Whisper's fp32, unmeasured. The choices are kept in
-MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
+stage's real work is timed under each arithmetic it may use (quantize.py: the decoder never bf16, the encoder
+never fp16): an encoder window; the Linear work of a decoder step (its layers and the logits projection, as the
+model thread runs them) at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8
+and bf16 are candidates only for the models whose word error rate with them was measured within 0.5 points of
+fp32 (quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels
+(quantize.onednn_bf16); fp16 weights lose nothing (Whisper's checkpoints are fp16) and are a candidate for every
+model where fbgemm runs (quantize.fbgemm_fp16). A stage with one candidate runs it unmeasured. The choices are
+kept in MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from whisper_flask.engine.batching import MODEL_THREADS, Projection, use_torch_t
 from whisper_flask.engine.quantize import (
     BF16_MODELS,
     DECODER_ARITHMETICS,
+    ENCODER_ARITHMETICS,
     INT8_MODELS,
     StageArithmetic,
+    fbgemm_fp16,
     onednn_bf16,
     projection,
     swap_linears,
@@ -51,18 +54,27 @@ STAGES = ("encoder", "decoder")
 
 def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> StageArithmetic:
     """Each stage's arithmetic measured fastest for the model here (the model is left as it is); kept in model_dir."""
-    bf16 = name in BF16_MODELS and onednn_bf16()
-    candidates = ["none", *(["bf16"] if bf16 else []), *(["int8"] if name in INT8_MODELS else [])]
-    if candidates == ["none"]:
-        return StageArithmetic("none", "none")
 
-    def measure(stage: str) -> dict[str, float]:
+    def measure(stage: str, candidates: list[str]) -> dict[str, float]:
         use_torch_threads(MODEL_THREADS)  # as the model thread will run it
-        allowed = [arithmetic for arithmetic in candidates if stage == "encoder" or arithmetic in DECODER_ARITHMETICS]
-        return {arithmetic: _stage_seconds(model, stage, arithmetic) for arithmetic in allowed}
+        return {arithmetic: _stage_seconds(model, stage, arithmetic) for arithmetic in candidates}
 
-    encoder, decoder = (kept_choice(model_dir, f"{name} {stage}", partial(measure, stage)) for stage in STAGES)
-    return StageArithmetic(encoder, decoder)
+    chosen = []
+    for stage in STAGES:
+        candidates = _candidates(name, stage)
+        # The candidates are part of the name kept: a new arithmetic, or one no longer allowed, measures again.
+        kept_as = f"{name} {stage} ({', '.join(candidates)})"
+        measured = partial(measure, stage, candidates)
+        chosen.append(candidates[0] if len(candidates) == 1 else kept_choice(model_dir, kept_as, measured))
+    return StageArithmetic(*chosen)
+
+
+def _candidates(name: str, stage: str) -> list[str]:
+    """The arithmetics the stage of model `name` may run on this CPU, fp32 first."""
+    runs_here = {"none": True, "fp16": fbgemm_fp16(), "bf16": name in BF16_MODELS and onednn_bf16(),
+                 "int8": name in INT8_MODELS}  # fmt: skip
+    allowed = ENCODER_ARITHMETICS if stage == "encoder" else DECODER_ARITHMETICS
+    return [arithmetic for arithmetic, runs in runs_here.items() if runs and arithmetic in allowed]
 
 
 def kept_choice(model_dir: Path, name: str, measure: Callable[[], dict[str, float]]) -> str:

@@ -1,10 +1,14 @@
-"""The model's arithmetic (WHISPER_FLASK_QUANTIZE), chosen per stage: fp32, bf16 or int8 Linear layers.
+"""The model's arithmetic (WHISPER_FLASK_QUANTIZE), chosen per stage: fp32, fp16-weight, bf16 or int8 Linear layers.
 
 A Whisper model's work is its encoder (a window's 1500 rows at once) and its decoder steps (a few rows
 each): a CPU's matrix units can pay off on one and not on the other (ARCHITECTURE.md, "The engine"),
 so each stage's Linear layers get their own arithmetic:
 
 - "none": Whisper's fp32;
+- "fp16" (on CPUs where fbgemm runs: fbgemm_fp16): weights stored in fp16 and multiplied in fp32 by fbgemm, which
+  reads half the bytes. Whisper's checkpoints are stored in fp16, so the weights are exactly the loaded fp32 ones
+  and the results differ from fp32 by summation order only (5e-7 relative). A decoder step is memory-bound: the
+  logits projection at one row took 1.8 ms against 7.8 ms in fp32 (AMD EPYC with AVX2 only, 2 threads);
 - "bf16" (the encoder only, on CPUs where oneDNN has bf16 kernels: onednn_bf16): weights stored in bf16 once and
   multiplied by oneDNN's prepacked bf16 kernels (AMX or AVX512-BF16 where the CPU has them); inputs cast to bf16,
   outputs back to fp32. Not autocast, which casts the weights again at every call (the logits projection's 106 MB
@@ -31,8 +35,12 @@ from whisper_flask.engine.batching import Projection, whisper_projection
 log = logging.getLogger(__name__)
 
 #: The decoder's candidates: in bf16 a window's timestamps and scores changed with the windows beside it in a
-#: step (tests/test_end_to_end.py); int8 rows never do. The encoder runs one window at a time: bf16 is safe there.
-DECODER_ARITHMETICS = ("none", "int8")
+#: step (tests/test_end_to_end.py); int8 and fp16 rows never do. The encoder runs one window at a time: bf16 is safe
+#: there.
+DECODER_ARITHMETICS = ("none", "fp16", "int8")
+#: fp16 weights gain nothing on the encoder's 1500-row matmuls, which are compute-bound: 17.4 to 18.7 ms against
+#: 17.4 to 17.8 ms in fp32 for a 512 x 2048 layer (AMD EPYC with AVX2 only, 2 threads).
+ENCODER_ARITHMETICS = ("none", "bf16", "int8")
 #: Models whose word error rate with int8 and with bf16 was measured within 0.5 points of fp32 (bench/long_file.py).
 INT8_MODELS = frozenset({"base"})
 BF16_MODELS = frozenset({"base"})
@@ -47,8 +55,12 @@ class StageArithmetic:
 
     @classmethod
     def chosen(cls, setting: str) -> StageArithmetic:
-        """What an explicit QUANTIZE (none, bf16 or int8) means per stage: bf16 for the encoder only."""
-        return cls(setting, setting if setting in DECODER_ARITHMETICS else "none")
+        """What an explicit QUANTIZE (none, fp16, bf16 or int8) means per stage: bf16 for the encoder only, fp16 for
+        the decoder only."""
+        return cls(
+            setting if setting in ENCODER_ARITHMETICS else "none",
+            setting if setting in DECODER_ARITHMETICS else "none",
+        )
 
     def as_dict(self) -> dict[str, str]:
         """Each stage's arithmetic, by stage."""
@@ -56,11 +68,14 @@ class StageArithmetic:
 
 
 def choose_precision(setting: str, device: str) -> str:
-    """The arithmetic a setting means on a device: "none" (fp32; fp16 on CUDA is Whisper's own), "bf16", "int8",
+    """The arithmetic a setting means on a device: "none" (fp32; fp16 on CUDA is Whisper's own), "fp16", "bf16", "int8",
     or "auto" (on the CPU: precision.py measures it)."""
     if device != "cpu":
         if setting in ("int8", "bf16"):
             log.warning("WHISPER_FLASK_QUANTIZE=%s applies to the CPU only; %s runs as Whisper does", setting, device)
+        return "none"
+    if setting == "fp16" and not fbgemm_fp16():
+        log.warning("WHISPER_FLASK_QUANTIZE=fp16: torch has no fbgemm fp16 kernels on this CPU; the model runs in fp32")
         return "none"
     if setting == "bf16" and not onednn_bf16():
         log.warning("WHISPER_FLASK_QUANTIZE=bf16: this CPU has no bf16 matrix kernels (oneDNN needs AVX512-BW/VL/DQ"
@@ -83,6 +98,30 @@ def onednn_bf16() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@functools.cache
+def fbgemm_fp16() -> bool:
+    """Whether fbgemm's fp16-weight matmul runs here (an x86 build of torch on a CPU with AVX2)."""
+    try:
+        torch.ops.quantized.linear_prepack_fp16(torch.zeros(16, 16), None)
+    except RuntimeError:
+        return False
+    return True
+
+
+class Fp16Linear(nn.Module):
+    """y = x W^T + b with W stored in fp16 and prepacked for fbgemm, multiplied in fp32 (fbgemm_fp16() CPUs)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float(), None if bias is None else bias.detach().float()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Multiply by the fp16 weights; the rest of the model goes on in fp32."""
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
 class Int8Linear(nn.Module):
@@ -135,7 +174,9 @@ class Bf16Linear(nn.Module):
 
 
 #: Each arithmetic's Linear layer, made from a weight and a bias.
-_LINEARS: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {"bf16": Bf16Linear, "int8": Int8Linear}
+_LINEARS: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {
+    "bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear,
+}  # fmt: skip
 
 
 def swap_linears(module: nn.Module, arithmetic: str) -> None:
