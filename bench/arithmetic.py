@@ -18,6 +18,8 @@ precision.py's estimate. Paths:
   a decoder step moves a quarter of fp32's bytes, and no row's scale depends on another);
 - int8: the service's Int8Linear (quantize.py: per-channel weights, per-row activations, torch._int_mm);
   bf16-linear: the service's Bf16Linear (quantize.py: oneDNN's prepacked bf16 linear, fp32 between layers);
+  fp16-linear: the service's Fp16Linear (quantize.py: fbgemm's fp16-weight linear; Whisper's checkpoints are fp16),
+  in both stages here, though the service keeps it to the decoder;
 - dynamic-<engine>: torch.ao quantize_dynamic (qint8, per-channel weights, per-tensor activations), the
   projection as an nn.Linear too, under each quantized engine torch supports among x86, fbgemm, onednn;
 - compile-fp32, compile-int8: torch.compile(dynamic=False) of the decoder step, once per row count; the
@@ -73,10 +75,13 @@ PATHS = (
     "int8-weights",
     "int8",
     "bf16-linear",
+    "fp16-linear",
     *(f"dynamic-{e}" for e in ENGINES),
     "compile-fp32",
     "compile-int8",
 )
+#: The service's own Linear layers other than int8, by path.
+SERVICE_LINEAR = {"bf16-linear": "bf16", "fp16-linear": "fp16"}
 UNITS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
 Fn = Callable[[Tensor], Tensor]
 
@@ -229,9 +234,9 @@ def build(path: str, model: whisper.Whisper) -> Arithmetic:
         return Arithmetic(fp32.encoder, fp32.step, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     if path in BF16_LINEAR:
         return bf16_copy(model, BF16_LINEAR[path])
-    if path.endswith("int8") or path == "bf16-linear":
+    if path.endswith("int8") or path in SERVICE_LINEAR:
         quantized = copy.deepcopy(model)
-        kind = "bf16" if path == "bf16-linear" else "int8"
+        kind = SERVICE_LINEAR.get(path, "int8")
         project = apply_arithmetic(quantized, StageArithmetic(kind, kind))
         service = Arithmetic(encoder_in(quantized), decoder_step(quantized, project))
         return compiled(service) if path == "compile-int8" else service
