@@ -15,33 +15,30 @@ from whisper_flask.engine import precision, quantize
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.quantize import (
     Bf16Linear,
-    FbgemmInt8Linear,
     Fp16Linear,
     Int8Linear,
     StageArithmetic,
     apply_arithmetic,
-    fbgemm,
+    fbgemm_fp16,
     onednn_bf16,
 )
 
 #: Seconds of a window's work by stage and arithmetic, as measured on an AMD EPYC with AVX512-BF16 (no AMX).
-AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43, "int8-fbgemm": 0.5},
-       "decoder": {"none": 3.6, "fp16": 1.4, "int8": 1.15}}  # fmt: skip
+AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43}, "decoder": {"none": 3.6, "fp16": 1.4, "int8": 1.15}}
 #: A CPU whose int8 kernels win the encoder too.
-INT8_EVERYWHERE = {"encoder": {"none": 0.40, "bf16": 0.33, "int8": 0.29, "int8-fbgemm": 0.31},
+INT8_EVERYWHERE = {"encoder": {"none": 0.40, "bf16": 0.33, "int8": 0.29},
                    "decoder": {"none": 1.0, "fp16": 0.7, "int8": 0.6}}  # fmt: skip
 #: As measured on an AMD EPYC with AVX2 only: torch._int_mm has no fast kernel there.
-AVX2 = {"encoder": {"none": 0.62, "int8": 9.66, "int8-fbgemm": 0.55},
-        "decoder": {"none": 2.40, "fp16": 0.90, "int8": 6.95}}  # fmt: skip
+AVX2 = {"encoder": {"none": 0.67, "int8": 9.66}, "decoder": {"none": 2.40, "fp16": 0.90, "int8": 6.95}}
 
 
 @pytest.mark.parametrize(
-    ("model", "seconds", "bf16_kernels", "fbgemm_kernels", "chosen"),
+    ("model", "seconds", "bf16_kernels", "fp16_kernels", "chosen"),
     [
         ("base", AMD, True, True, StageArithmetic("bf16", "int8")),
         ("base", INT8_EVERYWHERE, True, True, StageArithmetic("int8", "int8")),
         ("base", AMD, False, True, StageArithmetic("int8", "int8")),  # bf16 not measured where it would be emulated
-        ("base", AVX2, False, True, StageArithmetic("int8-fbgemm", "fp16")),
+        ("base", AVX2, False, True, StageArithmetic("none", "fp16")),
         ("base", AVX2, False, False, StageArithmetic("none", "none")),
         ("small", AVX2, False, True, StageArithmetic("none", "fp16")),  # fp16 loses nothing: measured for any model
         ("small", AMD, True, False, StageArithmetic("none", "none")),  # int8 and bf16 unmeasured for accuracy
@@ -53,7 +50,7 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
     model: str,
     seconds: dict[str, dict[str, float]],
     bf16_kernels: bool,
-    fbgemm_kernels: bool,
+    fp16_kernels: bool,
     chosen: StageArithmetic,
 ) -> None:
     measured: list[tuple[str, str]] = []
@@ -64,15 +61,14 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
 
     monkeypatch.setattr(precision, "_stage_seconds", stage_seconds)
     monkeypatch.setattr(precision, "onednn_bf16", lambda: bf16_kernels)
-    monkeypatch.setattr(precision, "fbgemm", lambda: fbgemm_kernels)
+    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: fp16_kernels)
     assert precision.measured_arithmetic(object(), model, tmp_path) == chosen  # type: ignore[arg-type]
     base = model == "base"
-    encoder = ["none", *(["bf16"] if base and bf16_kernels else []), *(["int8"] if base else []),
-               *(["int8-fbgemm"] if base and fbgemm_kernels else [])]  # fmt: skip
-    decoder = ["none", *(["fp16"] if fbgemm_kernels else []), *(["int8"] if base else [])]
+    encoder = ["none", *(["bf16"] if base and bf16_kernels else []), *(["int8"] if base else [])]
+    decoder = ["none", *(["fp16"] if fp16_kernels else []), *(["int8"] if base else [])]
     every = [(stage, arithmetic) for stage, each in (("encoder", encoder), ("decoder", decoder)) if len(each) > 1
              for arithmetic in each]  # fmt: skip
-    assert measured == every  # never bf16 or int8-fbgemm in the decoder, nor fp16 in the encoder: see quantize.py
+    assert measured == every  # never bf16 in the decoder nor fp16 in the encoder: see quantize.py
 
 
 def test_a_choice_is_kept_per_cpu_model_stage_and_candidates_so_a_later_start_measures_nothing(
@@ -80,11 +76,11 @@ def test_a_choice_is_kept_per_cpu_model_stage_and_candidates_so_a_later_start_me
 ) -> None:
     monkeypatch.setattr(precision, "_stage_seconds", lambda model, stage, kind: INT8_EVERYWHERE[stage][kind])
     monkeypatch.setattr(precision, "onednn_bf16", lambda: True)
-    monkeypatch.setattr(precision, "fbgemm", lambda: True)
+    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: True)
     assert precision.measured_arithmetic(object(), "base", tmp_path) == StageArithmetic("int8", "int8")  # type: ignore[arg-type]
     kept = json.loads((tmp_path / precision.CACHE_NAME).read_text())
     assert {key.rsplit("|", 1)[1]: entry["chosen"] for key, entry in kept.items()} == {
-        "base encoder (none, bf16, int8, int8-fbgemm)": "int8", "base decoder (none, fp16, int8)": "int8",
+        "base encoder (none, bf16, int8)": "int8", "base decoder (none, fp16, int8)": "int8",
     }  # fmt: skip
 
     def measure_again(model: object, stage: str, arithmetic: str) -> float:
@@ -92,18 +88,16 @@ def test_a_choice_is_kept_per_cpu_model_stage_and_candidates_so_a_later_start_me
 
     monkeypatch.setattr(precision, "_stage_seconds", measure_again)
     assert precision.measured_arithmetic(object(), "base", tmp_path) == StageArithmetic("int8", "int8")  # type: ignore[arg-type]
-    monkeypatch.setattr(precision, "fbgemm", lambda: False)
+    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: False)
     with pytest.raises(AssertionError, match="measured again"):  # other candidates are measured afresh
         precision.measured_arithmetic(object(), "base", tmp_path)  # type: ignore[arg-type]
-    monkeypatch.setattr(precision, "fbgemm", lambda: True)
+    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: True)
     monkeypatch.setattr(precision, "_cpu_model", lambda: "another CPU (amx_bf16)")
     with pytest.raises(AssertionError, match="measured again"):  # another CPU measures for itself
         precision.measured_arithmetic(object(), "base", tmp_path)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    "linear", [pytest.param(Bf16Linear, marks=needs_bf16_kernels), Fp16Linear, Int8Linear, FbgemmInt8Linear]
-)
+@pytest.mark.parametrize("linear", [pytest.param(Bf16Linear, marks=needs_bf16_kernels), Fp16Linear, Int8Linear])
 def test_each_arithmetics_linear_layer_gives_fp32_close_to_the_fp32_layer(linear: type[torch.nn.Module]) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 2048)
@@ -124,7 +118,7 @@ def test_an_explicit_setting_is_bf16_for_the_encoder_only_and_fp16_for_the_decod
 
 @pytest.mark.parametrize(
     ("setting", "probe", "warning"),
-    [("bf16", "onednn_bf16", "no bf16 matrix kernels"), ("fp16", "fbgemm", "no fbgemm fp16 kernels")],
+    [("bf16", "onednn_bf16", "no bf16 matrix kernels"), ("fp16", "fbgemm_fp16", "no fbgemm fp16 kernels")],
 )
 def test_an_explicit_setting_runs_fp32_with_a_warning_on_a_cpu_without_its_kernels(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, setting: str, probe: str, warning: str
@@ -144,13 +138,13 @@ def test_the_bf16_kernels_probe_says_what_building_a_bf16_layer_finds() -> None:
         assert onednn_bf16()
 
 
-def test_the_fbgemm_kernels_probe_says_what_building_an_fp16_layer_finds() -> None:
+def test_the_fp16_kernels_probe_says_what_building_an_fp16_layer_finds() -> None:
     try:
         Fp16Linear(torch.zeros(8, 8), None)
     except RuntimeError:
-        assert not fbgemm()
+        assert not fbgemm_fp16()
     else:
-        assert fbgemm()
+        assert fbgemm_fp16()
 
 
 def test_fp16_layers_give_a_checkpoints_fp32_results_whatever_rows_are_beside(model_dir: Path) -> None:
@@ -159,20 +153,21 @@ def test_fp16_layers_give_a_checkpoints_fp32_results_whatever_rows_are_beside(mo
     assert torch.equal(layer.weight, layer.weight.half().float())  # Whisper's checkpoints store fp16
     x = torch.randn(8, 1, layer.in_features, generator=torch.Generator().manual_seed(0))
     fp16 = Fp16Linear(layer.weight, layer.bias)
-    got, alone, expected = fp16(x), fp16(x[:1]), layer(x)
+    with torch.no_grad():
+        got, alone, expected = fp16(x), fp16(x[:1]), layer(x)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
     assert float((alone - got[:1]).abs().max() / expected.abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize(
     ("encoder", "decoder"),
-    [pytest.param(Bf16Linear, Int8Linear, marks=needs_bf16_kernels), (FbgemmInt8Linear, Fp16Linear)],
+    [pytest.param(Bf16Linear, Int8Linear, marks=needs_bf16_kernels), (Int8Linear, Fp16Linear)],
 )
 def test_each_stage_gets_its_own_arithmetic_and_the_projection_follows_the_decoder(
     model_dir: Path, encoder: type[torch.nn.Module], decoder: type[torch.nn.Module]
 ) -> None:
     model = whisper.load_model(str(ensure_checkpoint("tiny.en", model_dir, allow_download=False)))
-    named = {Bf16Linear: "bf16", Fp16Linear: "fp16", Int8Linear: "int8", FbgemmInt8Linear: "int8-fbgemm"}
+    named = {Bf16Linear: "bf16", Fp16Linear: "fp16", Int8Linear: "int8"}
     project = apply_arithmetic(model, StageArithmetic(named[encoder], named[decoder]))
     assert {type(module) for module in model.encoder.modules()} & set(named) == {encoder}
     assert {type(module) for module in model.decoder.modules()} & set(named) == {decoder}
@@ -194,8 +189,8 @@ def test_the_real_models_stages_are_timed_under_each_arithmetic_and_the_model_is
     for stage in ("encoder", "decoder"):
         (seconds,) = [entry["seconds"] for name, entry in kept.items() if name.startswith(f"base {stage} (")]
         bf16 = stage == "encoder" and onednn_bf16()  # never in the decoder, nor where bf16 has no kernels
-        fbgemm_here = {"encoder": "int8-fbgemm", "decoder": "fp16"}[stage] if fbgemm() else "none"
-        assert set(seconds) == {"none", "int8", fbgemm_here, *(["bf16"] if bf16 else [])}
+        fp16 = stage == "decoder" and fbgemm_fp16()  # never in the encoder
+        assert set(seconds) == {"none", "int8", *(["bf16"] if bf16 else []), *(["fp16"] if fp16 else [])}
         assert all(value > 0 for value in seconds.values())
         assert getattr(chosen, stage) == min(seconds, key=seconds.get)
     assert "arithmetic for base encoder (none, " in caplog.text

@@ -2,15 +2,14 @@
 
 A default tuned on one CPU loses on another, and a stage's winner may lose the other stage: bf16 can win the
 encoder's 1500-row matmuls and int8 the decoder's few rows (ARCHITECTURE.md, "The engine"). So at load each
-stage's real work is timed under each arithmetic it may use (quantize.py: the decoder never bf16 nor int8-fbgemm,
-the encoder never fp16): an encoder window; the Linear work of a decoder step (its layers and the logits
-projection, as the model thread runs them) at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes
-its fastest. int8, int8-fbgemm and bf16 are candidates only for the models whose word error rate with them was
-measured within 0.5 points of fp32 (quantize.INT8_MODELS, BF16_MODELS), bf16 only where the CPU has oneDNN's bf16
-kernels (quantize.onednn_bf16); fp16 weights lose nothing (Whisper's checkpoints are fp16) and are a candidate for
-every model where fbgemm runs (quantize.fbgemm). A stage with one candidate runs it unmeasured. The choices are
-kept in MODEL_DIR per CPU model, torch version, thread count, model, stage and candidates, so later starts skip the
-measuring.
+stage's real work is timed under each arithmetic it may use (quantize.py: the decoder never bf16, the encoder
+never fp16): an encoder window; the Linear work of a decoder step (its layers and the logits projection, as the
+model thread runs them) at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8
+and bf16 are candidates only for the models whose word error rate with them was measured within 0.5 points of
+fp32 (quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels
+(quantize.onednn_bf16); fp16 weights lose nothing (Whisper's checkpoints are fp16) and are a candidate for every
+model where fbgemm runs (quantize.fbgemm_fp16). A stage with one candidate runs it unmeasured. The choices are
+kept in MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from whisper_flask.engine.quantize import (
     ENCODER_ARITHMETICS,
     INT8_MODELS,
     StageArithmetic,
-    fbgemm,
+    fbgemm_fp16,
     onednn_bf16,
     projection,
     swap_linears,
@@ -72,8 +71,8 @@ def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> S
 
 def _candidates(name: str, stage: str) -> list[str]:
     """The arithmetics the stage of model `name` may run on this CPU, fp32 first."""
-    runs_here = {"none": True, "fp16": fbgemm(), "bf16": name in BF16_MODELS and onednn_bf16(),
-                 "int8": name in INT8_MODELS, "int8-fbgemm": name in INT8_MODELS and fbgemm()}  # fmt: skip
+    runs_here = {"none": True, "fp16": fbgemm_fp16(), "bf16": name in BF16_MODELS and onednn_bf16(),
+                 "int8": name in INT8_MODELS}  # fmt: skip
     allowed = ENCODER_ARITHMETICS if stage == "encoder" else DECODER_ARITHMETICS
     return [arithmetic for arithmetic, runs in runs_here.items() if runs and arithmetic in allowed]
 

@@ -5,8 +5,8 @@ each): a CPU's matrix units can pay off on one and not on the other (ARCHITECTUR
 so each stage's Linear layers get their own arithmetic:
 
 - "none": Whisper's fp32;
-- "fp16" (the decoder only, where fbgemm runs: fbgemm()): weights stored in fp16 and multiplied in fp32 by fbgemm,
-  which reads half the bytes. Whisper's checkpoints are stored in fp16, so the weights are exactly the loaded fp32 ones
+- "fp16" (on CPUs where fbgemm runs: fbgemm_fp16): weights stored in fp16 and multiplied in fp32 by fbgemm, which
+  reads half the bytes. Whisper's checkpoints are stored in fp16, so the weights are exactly the loaded fp32 ones
   and the results differ from fp32 by summation order only (5e-7 relative). A decoder step is memory-bound: the
   logits projection at one row took 1.8 ms against 7.8 ms in fp32 (AMD EPYC with AVX2 only, 2 threads);
 - "bf16" (the encoder only, on CPUs where oneDNN has bf16 kernels: onednn_bf16): weights stored in bf16 once and
@@ -15,18 +15,13 @@ so each stage's Linear layers get their own arithmetic:
   at every decoder step: 21.3 ms a step against 2.2 ms in fp32 on an Intel Xeon with AMX);
 - "int8": weights quantized once, per output channel; activations per row at each call, multiplied in
   exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's result independent of the other
-  windows in its batch, which torch's dynamic quantization (one scale per tensor) would not;
-- "int8-fbgemm" (the encoder only, for auto to measure, where fbgemm runs): fbgemm's dynamic int8 linear, one
-  activation scale per call, which the encoder's one window a call makes that window's own. Where the CPU lacks
-  VNNI, torch._int_mm has no fast kernel (an encoder window 9.7 s against 0.6 s in fp32) and fbgemm's AVX2 kernels
-  do (0.50 to 0.55 s; AMD EPYC with AVX2 only, 2 threads).
+  windows in its batch, which torch's dynamic quantization (one scale per tensor) would not.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +40,7 @@ log = logging.getLogger(__name__)
 DECODER_ARITHMETICS = ("none", "fp16", "int8")
 #: fp16 weights gain nothing on the encoder's 1500-row matmuls, which are compute-bound: 17.4 to 18.7 ms against
 #: 17.4 to 17.8 ms in fp32 for a 512 x 2048 layer (AMD EPYC with AVX2 only, 2 threads).
-ENCODER_ARITHMETICS = ("none", "bf16", "int8", "int8-fbgemm")
+ENCODER_ARITHMETICS = ("none", "bf16", "int8")
 #: Models whose word error rate with int8 and with bf16 was measured within 0.5 points of fp32 (bench/long_file.py).
 INT8_MODELS = frozenset({"base"})
 BF16_MODELS = frozenset({"base"})
@@ -79,7 +74,7 @@ def choose_precision(setting: str, device: str) -> str:
         if setting in ("int8", "bf16"):
             log.warning("WHISPER_FLASK_QUANTIZE=%s applies to the CPU only; %s runs as Whisper does", setting, device)
         return "none"
-    if setting == "fp16" and not fbgemm():
+    if setting == "fp16" and not fbgemm_fp16():
         log.warning("WHISPER_FLASK_QUANTIZE=fp16: torch has no fbgemm fp16 kernels on this CPU; the model runs in fp32")
         return "none"
     if setting == "bf16" and not onednn_bf16():
@@ -106,18 +101,17 @@ def onednn_bf16() -> bool:
 
 
 @functools.cache
-def fbgemm() -> bool:
-    """Whether fbgemm's prepacked fp16 and int8 linears run here (an x86 build of torch on a CPU with AVX2)."""
+def fbgemm_fp16() -> bool:
+    """Whether fbgemm's fp16-weight matmul runs here (an x86 build of torch on a CPU with AVX2)."""
     try:
-        Fp16Linear(torch.zeros(16, 16), None)
-        FbgemmInt8Linear(torch.zeros(16, 16), None)
+        torch.ops.quantized.linear_prepack_fp16(torch.zeros(16, 16), None)
     except RuntimeError:
         return False
     return True
 
 
 class Fp16Linear(nn.Module):
-    """y = x W^T + b with W stored in fp16 and prepacked for fbgemm, multiplied in fp32 (fbgemm() CPUs)."""
+    """y = x W^T + b with W stored in fp16 and prepacked for fbgemm, multiplied in fp32 (fbgemm_fp16() CPUs)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -128,29 +122,6 @@ class Fp16Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Multiply by the fp16 weights; the rest of the model goes on in fp32."""
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-
-
-class FbgemmInt8Linear(nn.Module):
-    """y = x W^T + b by fbgemm's dynamic int8 linear: W per output channel, x with one scale for the whole call.
-
-    One scale per call makes a row depend on the rows beside it, so only for the encoder, which runs one window a
-    call. Where the CPU lacks VNNI, fbgemm's AVX2 kernels keep activations to 7 bits (reduce_range) so that its
-    16-bit pair sums cannot saturate.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        super().__init__()
-        weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; fbgemm's prepack takes only them
-            warnings.simplefilter("ignore", UserWarning)
-            quantized = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0,
-                                                   torch.qint8)  # fmt: skip
-        self.packed = torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Quantize x with one scale, multiply in int32, scale back to float."""
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
 
 
 class Int8Linear(nn.Module):
@@ -204,7 +175,7 @@ class Bf16Linear(nn.Module):
 
 #: Each arithmetic's Linear layer, made from a weight and a bias.
 _LINEARS: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {
-    "bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear, "int8-fbgemm": FbgemmInt8Linear,
+    "bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear,
 }  # fmt: skip
 
 
