@@ -1,7 +1,8 @@
 """Live transcription on real speech played at real-time pace: how late partial and final text come, and its
 word error rate against the same audio transcribed as a file, one session alone and 4 at once beside a file job.
 
-    .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR] [--webm]   (--sessions 0: step 2 only)
+    .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR] [--webm] [--quantize auto]
+                                   (--sessions 0: step 2 only)
 
 Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--speech", type=Path, default=ROOT.parent / "shared" / "speech")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--webm", action="store_true", help="step 2 also as a MediaRecorder's WebM/Opus stream")
+    parser.add_argument("--quantize", default="auto", help="the service's QUANTIZE setting, passed through")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-live-"))
     model_dir = work / "models"
@@ -174,7 +176,7 @@ def main() -> None:
     keys.close()
     port = free_port()
     server = start_gunicorn(work, model_dir, port, MODEL=args.model, MAX_LIVE_SESSIONS=str(args.sessions + 1),
-                            MAX_JOBS_PER_KEY="100")  # fmt: skip
+                            MAX_JOBS_PER_KEY="100", QUANTIZE=args.quantize)  # fmt: skip
     base, url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/transcribe?language=en"
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
