@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from openai import OpenAI
+from openai.types.beta.realtime import TranscriptionSessionUpdatedEvent
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 from websockets.sync.client import ClientConnection
@@ -19,6 +20,7 @@ from tests.helpers import Served, received, refusal, silence, tone
 PATH = "/v1/realtime?intent=transcription"
 #: OpenAI's own declaration of every server event: each event sent must validate against it.
 SERVER_EVENT: TypeAdapter[Any] = TypeAdapter(RealtimeServerEvent)
+BETA_UPDATED: TypeAdapter[Any] = TypeAdapter(TranscriptionSessionUpdatedEvent)
 
 
 def at_24k(pcm: bytes) -> bytes:
@@ -91,6 +93,39 @@ def test_without_turn_detection_the_client_commits_and_an_empty_commit_is_an_err
     assert seen[-1]["transcript"].startswith("w0 w0.5 w1 w1.5")
 
 
+def test_the_realtime_betas_transcription_session_update_configures_the_session(
+    serve: Callable[..., Served],
+) -> None:
+    """transcription_session.update (the beta's shape) is answered in the beta's shape and takes effect."""
+    with serve().connect(PATH) as ws:
+        events(ws, "session.created")
+        update = {
+            "type": "transcription_session.update",
+            "session": {
+                "input_audio_format": "pcm16",
+                "input_audio_transcription": {"model": "whisper-1", "language": "en"},
+                "turn_detection": None,
+            },
+        }
+        ws.send(json.dumps(update))
+        updated = json.loads(ws.recv(timeout=30))
+        # The beta's type is also the REST reply's: it demands the client_secret that OpenAI's reference says a
+        # WebSocket update does not carry, and only OpenAI's model names. The rest must be as it declares.
+        session = updated["session"]
+        BETA_UPDATED.validate_python({**updated, "session": {
+            **session, "client_secret": {"value": "", "expires_at": 0},
+            "input_audio_transcription": {**session["input_audio_transcription"], "model": "whisper-1"},
+        }})  # fmt: skip
+        assert updated["type"] == "transcription_session.updated"
+        assert updated["session"]["input_audio_transcription"]["language"] == "en"
+        assert updated["session"]["turn_detection"] is None
+        append(ws, at_24k(tone(2.0) + silence(1.0)))
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        seen = events(ws, "conversation.item.input_audio_transcription.completed")
+    assert "input_audio_buffer.speech_started" not in [event["type"] for event in seen]  # turn detection is off
+    assert seen[-1]["transcript"].startswith("w0 w0.5 w1 w1.5")
+
+
 def test_openais_client_runs_a_transcription_session(serve: Callable[..., Served]) -> None:
     """OpenAI's Python client connects with intent=transcription, updates the session and gets its transcript."""
     served = serve()
@@ -120,6 +155,8 @@ def test_openais_client_runs_a_transcription_session(serve: Callable[..., Served
         {"type": "session.update", "session": {"audio": "loud"}},
         {"type": "session.update", "session": {"audio": {"input": {"format": [], "turn_detection": 7}}}},
         {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": ["en"]}}}}},
+        {"type": "transcription_session.update", "session": {"input_audio_format": "g711_ulaw"}},
+        {"type": "transcription_session.update", "session": {"input_audio_transcription": "en"}},
     ],
 )
 def test_an_event_it_does_not_serve_answers_an_error_and_the_session_goes_on(

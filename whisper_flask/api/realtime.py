@@ -1,11 +1,13 @@
 """OpenAI's Realtime transcription protocol on /v1/realtime?intent=transcription, over the same live sessions.
 
 Client events: `session.update` (a transcription session: `audio.input.format` audio/pcm at 24 kHz,
-`audio.input.transcription.language`, `audio.input.turn_detection` server_vad or null),
-`input_audio_buffer.append` (base64 PCM16), `.commit`, `.clear`. Server events: `session.created`,
-`session.updated`, `input_audio_buffer.speech_started`/`speech_stopped`/`committed`/`cleared`,
-`conversation.item.input_audio_transcription.delta` (final text, as it is confirmed: a delta may come while
-its item is still being spoken) and `.completed`, and `error` (the session goes on, as OpenAI's does)
+`audio.input.transcription.language`, `audio.input.turn_detection` server_vad or null; or the Realtime beta's
+`transcription_session.update`: `input_audio_format` pcm16, `input_audio_transcription.language`,
+`turn_detection`), `input_audio_buffer.append` (base64 PCM16), `.commit`, `.clear`. Server events:
+`session.created`, `session.updated` (or `transcription_session.updated`), `input_audio_buffer.speech_started`/
+`speech_stopped`/`committed`/`cleared`, `conversation.item.input_audio_transcription.delta` (final text, as it is
+confirmed: a delta may come while its item is still being spoken) and `.completed`, and `error` (the session goes
+on, as OpenAI's does)
 (ARCHITECTURE.md, "Live transcription").
 """
 
@@ -98,6 +100,7 @@ class RealtimeProtocol:
         """A client event other than append: its answers, or an error event."""
         handlers = {
             "session.update": self._update,
+            "transcription_session.update": self._update_beta,
             "input_audio_buffer.commit": self._commit,
             "input_audio_buffer.clear": self._clear,
         }
@@ -137,6 +140,23 @@ class RealtimeProtocol:
         )
         self._rate, self._server_vad = fmt.get("rate", RATES[0]), turn_detection is not None
         return [self._event("session.updated", session=self._settings())]
+
+    def _update_beta(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Realtime beta's transcription_session.update, read as the session.update it stands for."""
+        beta = _object(event.get("session"), "session")
+        if beta.get("input_audio_format", "pcm16") != "pcm16":
+            raise InvalidOption("session.input_audio_format", "pcm16 (24000 Hz) only")
+        audio_input = {
+            "format": {"type": "audio/pcm", "rate": RATES[0]},
+            "transcription": _object(beta.get("input_audio_transcription"), "input_audio_transcription"),
+        }
+        if "turn_detection" in beta:  # absent keeps server VAD; null turns it off
+            audio_input["turn_detection"] = beta["turn_detection"]
+        self._update({"session": {"type": "transcription", "audio": {"input": audio_input}}})
+        applied = self._settings()["audio"]["input"]
+        session = {"input_audio_format": "pcm16", "input_audio_transcription": applied["transcription"],
+                   "turn_detection": applied["turn_detection"], "modalities": ["text"]}  # fmt: skip
+        return [self._event("transcription_session.updated", session=session)]
 
     def _audio(self, event: dict[str, Any]) -> bytes:
         """An append's PCM16, checked as its own frame; InvalidAudio (the session ends) if it is not that."""
