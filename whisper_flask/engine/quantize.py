@@ -71,7 +71,7 @@ def choose_precision(setting: str, device: str) -> str:
     """The arithmetic a setting means on a device: "none" (fp32; fp16 on CUDA is Whisper's own), "fp16", "bf16", "int8",
     or "auto" (on the CPU: precision.py measures it)."""
     if device != "cpu":
-        if setting in ("int8", "bf16"):
+        if setting not in ("auto", "none"):
             log.warning("WHISPER_FLASK_QUANTIZE=%s applies to the CPU only; %s runs as Whisper does", setting, device)
         return "none"
     if setting == "fp16" and not fbgemm_fp16():
