@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -129,22 +130,16 @@ def test_an_explicit_setting_runs_fp32_with_a_warning_on_a_cpu_without_its_kerne
     assert quantize.choose_precision("int8", "cpu") == "int8"
 
 
-def test_the_bf16_kernels_probe_says_what_building_a_bf16_layer_finds() -> None:
+@pytest.mark.parametrize(("layer", "probe"), [(Bf16Linear, onednn_bf16), (Fp16Linear, fbgemm_fp16)])
+def test_a_kernels_probe_says_what_building_its_layer_finds(
+    layer: type[torch.nn.Module], probe: Callable[[], bool]
+) -> None:
     try:
-        Bf16Linear(torch.zeros(8, 8), None)
+        layer(torch.zeros(8, 8), None)
     except RuntimeError:
-        assert not onednn_bf16()
+        assert not probe()
     else:
-        assert onednn_bf16()
-
-
-def test_the_fp16_kernels_probe_says_what_building_an_fp16_layer_finds() -> None:
-    try:
-        Fp16Linear(torch.zeros(8, 8), None)
-    except RuntimeError:
-        assert not fbgemm_fp16()
-    else:
-        assert fbgemm_fp16()
+        assert probe()
 
 
 def test_fp16_layers_give_a_checkpoints_fp32_results_whatever_rows_are_beside(model_dir: Path) -> None:

@@ -50,6 +50,13 @@ def events(ws: ClientConnection, until: str) -> list[dict[str, Any]]:
     return seen
 
 
+def committed_tone(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Append 2 s of tone and 1 s of silence, commit, and return the events up to the item's completed one."""
+    append(ws, at_24k(tone(2.0) + silence(1.0)))
+    ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+    return events(ws, "conversation.item.input_audio_transcription.completed")
+
+
 def test_server_vad_turns_an_utterance_into_one_item_with_deltas_and_a_completed_transcript(
     serve: Callable[..., Served],
 ) -> None:
@@ -86,9 +93,7 @@ def test_without_turn_detection_the_client_commits_and_an_empty_commit_is_an_err
         ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "mine"}))
         error = events(ws, "error")[-1]["error"]
         assert (error["code"], error["event_id"]) == ("invalid_option", "mine")
-        append(ws, at_24k(tone(2.0) + silence(1.0)))
-        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-        seen = events(ws, "conversation.item.input_audio_transcription.completed")
+        seen = committed_tone(ws)
     assert "input_audio_buffer.speech_started" not in [event["type"] for event in seen]
     assert seen[-1]["transcript"].startswith("w0 w0.5 w1 w1.5")
 
@@ -119,9 +124,7 @@ def test_the_realtime_betas_transcription_session_update_configures_the_session(
         assert updated["type"] == "transcription_session.updated"
         assert updated["session"]["input_audio_transcription"]["language"] == "en"
         assert updated["session"]["turn_detection"] is None
-        append(ws, at_24k(tone(2.0) + silence(1.0)))
-        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-        seen = events(ws, "conversation.item.input_audio_transcription.completed")
+        seen = committed_tone(ws)
     assert "input_audio_buffer.speech_started" not in [event["type"] for event in seen]  # turn detection is off
     assert seen[-1]["transcript"].startswith("w0 w0.5 w1 w1.5")
 
