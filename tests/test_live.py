@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from flask import Flask
 from websockets.exceptions import ConnectionClosed
+from whisper.audio import SAMPLE_RATE
 
 from tests.helpers import (
     FakeEngine,
@@ -36,6 +38,8 @@ from tests.helpers import (
 )
 from tests.servers import FIXTURES
 from whisper_flask.api.websocket import MAX_FRAME_BYTES
+from whisper_flask.engine.live import MAX_PIECE_S, STEP_S, LiveStream
+from whisper_flask.engine.live_window import Hypothesis
 from whisper_flask.exceptions import InvalidAudio
 from whisper_flask.extension import get_service
 from whisper_flask.service.live import pcm_samples
@@ -274,3 +278,18 @@ def test_shouted_clipped_speech_is_heard_where_random_bytes_are_refused() -> Non
     assert len(pcm_samples(shouted.tobytes())) == 1600
     with pytest.raises(InvalidAudio, match="random bytes"):
         pcm_samples(os.urandom(3200))
+
+
+def test_audio_piled_up_behind_a_busy_model_is_decoded_once_per_piece() -> None:
+    """A backlog costs one decode per MAX_PIECE_S of it, not one per STEP_S, and no decode reads past the audio."""
+    buffers: list[int] = []
+
+    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
+        buffers.append(len(audio))
+        return Hypothesis((), ())
+
+    stream = LiveStream(decode, lambda frame, rate: 1.0)  # every frame speech
+    seconds = 2.5 * MAX_PIECE_S
+    stream.feed(np.full(int(seconds * SAMPLE_RATE), 0.1, np.float32))
+    assert len(buffers) == math.ceil(seconds / MAX_PIECE_S) < seconds / STEP_S
+    assert max(buffers) <= seconds * SAMPLE_RATE

@@ -22,8 +22,10 @@ from whisper_flask.engine.live_window import Hypothesis
 
 #: New audio, while speech goes on, that makes the next decode (the floor of a partial's delay).
 STEP_S = 0.5
-#: The most new audio one decode takes in (a session catching up after the model was busy).
-MAX_PIECE_S = 2.0
+#: The most new audio one decode takes in (a session catching up after the model was busy). Each decode of
+#: a backlog pays a whole encoder pass, so fewer, longer pieces catch up sooner: 4 sessions beside a file job
+#: (bench/live.py, AVX2-only AMD EPYC) had partial p90 4.5 to 7.5 s with 2 s pieces, 3.1 to 4.4 s with 6 s.
+MAX_PIECE_S = 6.0
 #: Silence after speech that ends an utterance (its text final at once).
 PAUSE_S = 0.5
 #: Audio kept from before speech starts: the detector hears a word's onset late.
@@ -92,9 +94,9 @@ class LiveStream:
     def feed(self, samples: np.ndarray) -> list[LiveEvent]:
         """Take 16 kHz float samples; what they make known (decodes run here when due).
 
-        Audio that piled up while the model was busy is heard MAX_PIECE_S at a time, each piece decoded:
-        the buffer never grows past what a decode can trim, and a session behind decodes less often per
-        second of audio (each piece is longer), which is what lets it catch up.
+        Audio that piled up while the model was busy is heard MAX_PIECE_S at a time, each piece decoded once:
+        a session behind decodes less often per second of audio (each piece is longer), which is what lets it
+        catch up, and the buffer never grows past what a decode can trim.
         """
         events: list[LiveEvent] = []
         piece = int(MAX_PIECE_S * SAMPLE_RATE)
