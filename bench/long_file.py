@@ -40,7 +40,8 @@ the pack), English, greedy decoding, whisper.transcribe()'s temperature fallback
 faster-whisper and whisper.cpp use --threads CPU threads; bare whisper and the service use torch's default.
 Each (engine, workload) runs in a fresh process (bench/isolation.py) after loading its model; the time
 excludes model loading. It reports audio-seconds per wall-second, the ratios to bare whisper and to the
-batched faster-whisper row, and the word error rate over the workload's words (Whisper's English normaliser).
+batched faster-whisper row, and the word error rate over the workload's words (Whisper's English normaliser);
+under each table, where the service's model thread spent its time in each service run (bench/model_time.py).
 The CPU should be otherwise idle: the load average at the start is printed beside the results.
 """
 
@@ -69,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ggml import convert_to_ggml  # noqa: E402
 from bench.isolation import measure_apart, report  # noqa: E402
+from bench.model_time import describe, model_time  # noqa: E402
 from bench.overhead import transcribe_bare  # noqa: E402
 from bench.peers import ct2_model_dir, transcribe_faster_whisper, word_error_rate  # noqa: E402
 from whisper_flask import create_app  # noqa: E402
@@ -273,8 +275,9 @@ def serve_all_at_once(
     run_id: str,
     skip_non_speech_s: float | None,
     chunking: Chunking | None = None,
-) -> tuple[list[str], float]:
-    """Submit every file at once to the service in this process; texts and first submit to last job's end in s."""
+) -> tuple[list[str], float, list[str]]:
+    """Submit every file at once to the service in this process; texts, first submit to last job's end in s, and
+    where the model thread's time went meanwhile (bench/model_time.py)."""
     config: dict[str, Any] = {
         "MODEL": model,
         "MODEL_DIR": work / "models",
@@ -299,19 +302,21 @@ def serve_all_at_once(
             os.link(path, service.settings.UPLOAD_DIR / names[-1])  # as a finished upload: the file itself, no copy
         options = TranscribeOptions(language="en", chunking_strategy=chunking)
         started = datetime.now(timezone.utc)
-        ids = [
-            service.submit(name, Submission(path.name, options, UNRESTRICTED.name)).job.id
-            for name, path in zip(names, paths, strict=True)
-        ]
-        jobs: dict[str, Job] = {}
-        while len(jobs) < len(ids):
-            time.sleep(0.2)  # in-process reads of the registry: no HTTP, next to no CPU
-            for job_id in ids:
-                job = service.parts.registry.view(job_id).job
-                if job.status.value in ("completed", "failed", "cancelled"):
-                    if job.status.value != "completed":
-                        raise RuntimeError(f"job {job_id} {job.status.value}: {job.error}")
-                    jobs[job_id] = job
+        with model_time() as tally:
+            ids = [
+                service.submit(name, Submission(path.name, options, UNRESTRICTED.name)).job.id
+                for name, path in zip(names, paths, strict=True)
+            ]
+            jobs: dict[str, Job] = {}
+            while len(jobs) < len(ids):
+                time.sleep(0.2)  # in-process reads of the registry: no HTTP, next to no CPU
+                for job_id in ids:
+                    job = service.parts.registry.view(job_id).job
+                    if job.status.value in ("completed", "failed", "cancelled"):
+                        if job.status.value != "completed":
+                            raise RuntimeError(f"job {job_id} {job.status.value}: {job.error}")
+                        jobs[job_id] = job
+            profile = describe(tally)
         ended = max(datetime.fromisoformat(str(job.finished_at)) for job in jobs.values())
         texts = [
             json.loads(transcript_path(service.settings.TRANSCRIPT_DIR, job_id, "json").read_text(encoding="utf-8"))[
@@ -321,7 +326,7 @@ def serve_all_at_once(
         ]
     finally:
         service.stop()
-    return texts, (ended - started).total_seconds()
+    return texts, (ended - started).total_seconds(), profile
 
 
 def measure(engine: str, workload: Workload, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -341,7 +346,8 @@ def measure(engine: str, workload: Workload, work: Path, args: argparse.Namespac
         run_id = f"{engine}-{workload.name}-{time.time_ns()}"
         skip = 0 if engine == "service-no-skip" else None
         chunking = Chunking() if engine == "service-chunked" else None
-        texts, seconds = serve_all_at_once(work, args.model, paths, args.quantize, run_id, skip, chunking)
+        texts, seconds, profile = serve_all_at_once(work, args.model, paths, args.quantize, run_id, skip, chunking)
+        return {"seconds": seconds, "texts": texts, "model_thread": profile}
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return {"seconds": seconds, "texts": texts}
@@ -389,6 +395,10 @@ def table(workload: Workload, results: dict[str, dict[str, Any]], args: argparse
             f"  {engine_name(engine, args):40} {result['seconds']:7.2f} {speed[engine]:9.2f} {x_bare} {x_batch}"
             f" {100 * wer:6.2f}"
         )
+    for engine, result in results.items():
+        if "model_thread" in result:
+            out.append(f"  the model thread in '{engine_name(engine, args)}':")
+            out += [f"    {line}" for line in result["model_thread"]]
     return out
 
 
