@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from whisper_flask.engine.agreement import LocalAgreement, Word
+import pytest
+
+from whisper_flask.engine.agreement import LocalAgreement, Word, without_copies
 
 
 def words(text: str, start: float = 0.0) -> list[Word]:
@@ -53,3 +55,17 @@ def test_a_window_that_says_its_text_twice_is_final_once() -> None:
     agreement.confirm(words("represented in the exhibition"))
     twice = words("represented in the exhibition represented in the exhibition")
     assert agreement.confirm(twice, everything=True) == []
+
+
+def test_words_a_decode_copied_from_its_prompt_are_dropped() -> None:
+    """Six or more words found in order in the prompt are the prompt copied, wherever they are in the hypothesis."""
+    prompt = " Printing, then, for our purpose may be considered as the art of making books by means of movable types."
+    copied = words("to form letterpress but also the art of making books by means of movable types now")
+    assert spoken(without_copies(copied, prompt)) == "to form letterpress but also now"
+
+
+@pytest.mark.parametrize("text", ["the art of making them", "making books by hand", "printing then"])
+def test_fewer_than_six_words_said_again_are_kept(text: str) -> None:
+    """A phrase of the prompt said again in under six words is speech, not a copy."""
+    prompt = " Printing, then, for our purpose may be considered as the art of making books by means of movable types."
+    assert spoken(without_copies(words(text), prompt)) == text

@@ -38,7 +38,8 @@ from tests.helpers import (
 )
 from tests.servers import FIXTURES
 from whisper_flask.api.websocket import MAX_FRAME_BYTES
-from whisper_flask.engine.live import MAX_PIECE_S, STEP_S, LiveStream
+from whisper_flask.engine.agreement import Word
+from whisper_flask.engine.live import MAX_PIECE_S, STEP_S, LiveEventKind, LiveStream
 from whisper_flask.engine.live_window import Hypothesis
 from whisper_flask.exceptions import InvalidAudio
 from whisper_flask.extension import get_service
@@ -293,3 +294,20 @@ def test_audio_piled_up_behind_a_busy_model_is_decoded_once_per_piece() -> None:
     stream.feed(np.full(int(seconds * SAMPLE_RATE), 0.1, np.float32))
     assert len(buffers) == math.ceil(seconds / MAX_PIECE_S) < seconds / STEP_S
     assert max(buffers) <= seconds * SAMPLE_RATE
+
+
+def test_text_a_decode_copied_from_the_prompt_never_becomes_final() -> None:
+    """Words of the last utterance, said again by a decode after what is new, are dropped as the prompt's copy."""
+    said = " one two three four five six seven"
+
+    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
+        text = " eight" + said if prompt else said
+        return Hypothesis(tuple(Word(f" {w}", 0.1 * i, 0.1 * i + 0.1) for i, w in enumerate(text.split())), ())
+
+    stream = LiveStream(decode, lambda frame, rate: 1.0)  # every frame speech
+    second = np.full(SAMPLE_RATE, 0.1, np.float32)
+    stream.feed(second)
+    first = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
+    stream.feed(second)
+    again = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
+    assert [text.split() for text in first] == [said.split()] and [text.split() for text in again] == [["eight"]]

@@ -19,6 +19,11 @@ TAIL_WORDS = 3
 #: a cut, Whisper's segment end can come before the audio of the segment's last words; and a window can say
 #: its text twice (seen at the end of a stream, where the repeat would have been made final).
 REPEAT_WORDS, MIN_REPEAT = 12, 3
+#: A run of this many words or more that a hypothesis shares, in order, with its prompt was copied from it: given
+#: a buffer that ends in silence, Whisper may go on with the prompt's text (bench/live.py, 4 sessions: eleven
+#: words of the prompt made final after a session's last word). Speech seldom says six words again within the
+#: prompt's 200 characters.
+COPY_WORDS = 6
 _NOT_WORD = re.compile(r"[^\w]+")
 
 
@@ -33,7 +38,7 @@ class Word:
 
 def _same(first: Word, second: Word) -> bool:
     """Two hypotheses' words agree when they differ only in case and punctuation."""
-    return _NOT_WORD.sub("", first.text).casefold() == _NOT_WORD.sub("", second.text).casefold()
+    return _key(first.text) == _key(second.text)
 
 
 class LocalAgreement:
@@ -101,6 +106,34 @@ class LocalAgreement:
                 return hypothesis[:end], hypothesis[end:]
         until = self.confirmed_until - OVERLAP_S
         return self._kept, [word for word in hypothesis if word.start >= until]
+
+
+def without_copies(hypothesis: list[Word], prompt: str) -> list[Word]:
+    """The hypothesis less every run of COPY_WORDS or more of its words found in order in the prompt."""
+    said = [_key(word) for word in prompt.split()]
+    keys = [_key(word.text) for word in hypothesis]
+    kept: list[Word] = []
+    index = 0
+    while index < len(hypothesis):
+        copied = max((_common_run(keys, index, said, at) for at in range(len(said))), default=0)
+        if copied >= COPY_WORDS:
+            index += copied
+        else:
+            kept.append(hypothesis[index])
+            index += 1
+    return kept
+
+
+def _common_run(keys: list[str], index: int, said: list[str], at: int) -> int:
+    """How many words from keys[index] on equal those from said[at] on."""
+    length = 0
+    while index + length < len(keys) and at + length < len(said) and keys[index + length] == said[at + length]:
+        length += 1
+    return length
+
+
+def _key(text: str) -> str:
+    return _NOT_WORD.sub("", text).casefold()
 
 
 def _repeats(confirmed: list[Word], new: list[Word]) -> int:
