@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -38,6 +39,7 @@ from tests.helpers import (
 )
 from tests.servers import FIXTURES
 from whisper_flask.api.websocket import MAX_FRAME_BYTES
+from whisper_flask.audio.stream_decode import EBML_MAGIC as WEBM_MAGIC
 from whisper_flask.engine.agreement import Word
 from whisper_flask.engine.live import MAX_PIECE_S, STEP_S, LiveEventKind, LiveStream
 from whisper_flask.engine.live_window import Hypothesis
@@ -163,15 +165,18 @@ def test_a_browsers_webm_opus_stream_is_decoded_as_it_arrives(serve: Callable[..
     assert code == 1000
 
 
-@pytest.mark.parametrize("start", [b"", b"\x1a\x45\xdf\xa3"], ids=["random", "webm-header-then-random"])
-def test_random_bytes_named_webm_end_the_session_with_a_clear_error(serve: Callable[..., Served], start: bytes) -> None:
-    """Random bytes sent as WebM, from the first frame or after a WebM header, get an error message and code 1003."""
+@pytest.mark.parametrize(
+    "stream",
+    [os.urandom(88_000), WEBM_MAGIC + os.urandom(88_000), WEBM_MAGIC + random.Random(67).randbytes(88_000)],
+    ids=["random", "webm-header-then-random", "webm-header-then-bytes-ffmpeg-reads-on"],
+)
+def test_garbage_named_webm_ends_the_session_with_a_clear_error(serve: Callable[..., Served], stream: bytes) -> None:
+    """Bytes sent as WebM that are not (even after its header, or such that ffmpeg reads on) get an error and 1003."""
     with serve().connect("/ws/transcribe?input_audio_format=webm") as ws:
         with contextlib.suppress(ConnectionClosed):
-            ws.send(start + os.urandom(8000))
-            for _ in range(50):  # ffmpeg refuses the stream within a few frames; the next send after is refused
-                time.sleep(0.1)
-                ws.send(os.urandom(800))
+            for at in range(0, len(stream), 1600):  # refused within a few frames, or once 64 KiB decoded to nothing
+                ws.send(stream[at : at + 1600])
+                time.sleep(0.05)
         messages, code = received(ws, timeout=10)
     assert messages[-1]["type"] == "error" and "not WebM/Opus audio" in messages[-1]["error"], messages
     assert code == 1003

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 FINISH_S = 5.0
 #: Decoded PCM not yet taken, at most (a minute at 16 kHz): a tiny stream may claim hours of audio.
 MAX_PENDING_BYTES = 60 * 16000 * 2
+#: Stream bytes by which ffmpeg must have decoded some audio: a MediaRecorder's first audio is within its first
+#: few kilobytes, but some garbage after a WebM header keeps ffmpeg reading, past a megabyte, without an error or
+#: a sample (5 of 200 random 48 KB streams after the header were still being read).
+MAX_BYTES_BEFORE_AUDIO = 64 * 1024
 #: The first bytes of every WebM stream (its EBML header): anything else is refused before ffmpeg sees more.
 EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 _NOT_WEBM = "this is not WebM/Opus audio that can be decoded (a browser's MediaRecorder with audio/webm)"
@@ -54,6 +58,8 @@ class WebmDecoder:
         self._lock = threading.Lock()
         self._pending = bytearray()  # decoded, not yet taken (guarded by _lock)
         self._overflow = False
+        self._decoded = False  # ffmpeg has written PCM (guarded by _lock)
+        self._written = 0  # stream bytes sent to ffmpeg
         self._head = b""  # the stream's first bytes, up to the length of EBML_MAGIC
         self._reader = threading.Thread(target=self._drain, name="webm-decoder", daemon=True)
         self._reader.start()
@@ -70,6 +76,7 @@ class WebmDecoder:
             self._process.stdin.flush()
         except (BrokenPipeError, ValueError):
             raise InvalidAudio(_NOT_WEBM) from None
+        self._written += len(data)
         return self._take()
 
     def finish(self) -> bytes:
@@ -105,7 +112,8 @@ class WebmDecoder:
             whole = len(self._pending) // 2 * 2
             taken = bytes(self._pending[:whole])
             del self._pending[:whole]
-        if self._process.poll() not in (None, 0):
+            decoded = self._decoded
+        if self._process.poll() not in (None, 0) or (not decoded and self._written > MAX_BYTES_BEFORE_AUDIO):
             raise InvalidAudio(_NOT_WEBM)
         return taken
 
@@ -118,6 +126,7 @@ class WebmDecoder:
                     self._overflow = True
                     break
                 self._pending += chunk
+                self._decoded = True
         if self._overflow:
             kill_group(self._process)
         self._process.stdout.close()
