@@ -57,6 +57,16 @@ def test_a_window_that_says_its_text_twice_is_final_once() -> None:
     assert agreement.confirm(twice, everything=True) == []
 
 
+def test_a_decode_that_heard_no_words_changes_nothing_and_the_end_keeps_the_tentative_words() -> None:
+    """An empty hypothesis neither clears the tentative words nor confirms them; at the end they become final."""
+    agreement = LocalAgreement()
+    agreement.confirm(words("although the"))
+    agreement.confirm(words("although the Chinese took"))
+    assert agreement.confirm([]) == [] and spoken(agreement.tentative) == "Chinese took"
+    assert spoken(agreement.confirm([], everything=True)) == "Chinese took"
+    assert agreement.tentative == [] and spoken(agreement.restart()) == "although the Chinese took"
+
+
 def test_words_a_decode_copied_from_its_prompt_are_dropped() -> None:
     """Six or more words found in order in the prompt are the prompt copied, wherever they are in the hypothesis."""
     prompt = " Printing, then, for our purpose may be considered as the art of making books by means of movable types."

@@ -316,3 +316,21 @@ def test_text_a_decode_copied_from_the_prompt_never_becomes_final() -> None:
     stream.feed(second)
     again = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
     assert [text.split() for text in first] == [said.split()] and [text.split() for text in again] == [["eight"]]
+
+
+def test_words_shown_as_partial_are_not_lost_when_the_last_decode_hears_nothing() -> None:
+    """An utterance whose last decodes Whisper drops (no words) ends with its partial text made final."""
+    said = " although the Chinese took impressions"
+    decodes: list[int] = []
+
+    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
+        decodes.append(len(audio))
+        heard = said.split() if len(decodes) == 1 else []
+        return Hypothesis(tuple(Word(f" {w}", 0.3 * i, 0.3 * i + 0.3) for i, w in enumerate(heard)), ())
+
+    stream = LiveStream(decode, lambda frame, rate: 1.0)  # every frame speech
+    step = np.full(int(STEP_S * SAMPLE_RATE), 0.1, np.float32)
+    partials = [event.text for event in stream.feed(step) + stream.feed(step) if event.kind is LiveEventKind.PARTIAL]
+    finals = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
+    assert len(decodes) == 3 and partials == [said] and finals == [said]
+

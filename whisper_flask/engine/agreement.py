@@ -60,8 +60,15 @@ class LocalAgreement:
         return self._kept[-1].end if self._kept else 0.0
 
     def confirm(self, hypothesis: list[Word], *, everything: bool = False) -> list[Word]:
-        """The words `hypothesis` confirms: what it shares with the previous one (all of it if `everything`)."""
-        done, new = self._split(hypothesis)
+        """The words `hypothesis` confirms: what it shares with the previous one (all of it if `everything`).
+
+        A hypothesis without words (Whisper dropped its window as silence or repetition, or it only copied its
+        prompt) is no evidence against the words heard before it: it changes nothing, and when everything must
+        be final the last tentative words are (as whisper_streaming's end does), rather than lost.
+        """
+        if not hypothesis and not everything:
+            return []
+        done, new = self._split(hypothesis) if hypothesis else (self._kept, self._pending)
         agreed = new if everything else []
         if not everything:
             for previous, word in zip(self._pending, new, strict=False):
