@@ -334,3 +334,25 @@ def test_words_shown_as_partial_are_not_lost_when_the_last_decode_hears_nothing(
     finals = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
     assert len(decodes) == 3 and partials == [said] and finals == [said]
 
+
+def test_a_pause_left_alone_in_the_buffer_is_not_decoded_into_the_prompt_again() -> None:
+    """Once a trim leaves only the pause in the buffer, the utterance ends without a decode of that silence."""
+    buffers: list[np.ndarray] = []
+
+    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
+        buffers.append(audio)
+        loud = np.flatnonzero(np.abs(audio) > 0.01)
+        if not len(loud):  # what Whisper wrote for a pause after its prompt on the Kathleen recording
+            return Hypothesis((Word(" I'm", 0.0, 0.2), Word(" sorry.", 0.2, 0.4)), ())
+        end = (loud[-1] + 1) / SAMPLE_RATE
+        said = " one two three".split()
+        return Hypothesis(tuple(Word(f" {w}", end * i / 3, end * (i + 1) / 3) for i, w in enumerate(said)), (end,))
+
+    stream = LiveStream(decode, lambda frame, rate: 1.0 if float(frame.abs().mean()) > 0.01 else 0.0)
+    speech_s = 140 * 512 / SAMPLE_RATE  # whole detector frames, so that no frame is half speech
+    events = stream.feed(np.full(int(speech_s * SAMPLE_RATE), 0.1, np.float32))
+    for _ in range(2):  # the first half second of pause decodes (and trims) once more, the second ends the utterance
+        events += stream.feed(np.zeros(int(STEP_S * SAMPLE_RATE), np.float32))
+    finals = [event.text for event in events if event.kind is LiveEventKind.FINAL]
+    assert finals == [" one two three"] and len(buffers) == 2
+    assert any(event.kind is LiveEventKind.SPEECH_STOPPED for event in events)

@@ -79,6 +79,7 @@ class LiveStream:
         self._unheard = np.zeros(0, np.float32)  # samples the detector has not heard (under a frame)
         self._speaking = False
         self._quiet = 0  # samples of silence since speech, while speaking
+        self._last_speech = 0  # where the detector last heard speech (a frame's end)
         self._speech_since: int | None = None  # where the utterance being decoded began
         self._agreement = LocalAgreement()
         self._context = (
@@ -141,6 +142,7 @@ class LiveStream:
                 end = first + at + FRAME
                 if probability >= SPEECH:
                     self._quiet = 0
+                    self._last_speech = end
                     if not self._speaking:
                         self._speaking = True
                         start = max(self._buffer_start, end - FRAME - int(PREROLL_S * SAMPLE_RATE))
@@ -170,11 +172,19 @@ class LiveStream:
         return events + self._tentative()
 
     def _end_utterance(self, upto: int) -> list[LiveEvent]:
-        """The utterance's audio up to sample `upto`, decoded once more and final as a whole."""
+        """The utterance's audio up to sample `upto`, decoded once more and final as a whole.
+
+        Not decoded when the detector heard no speech in the buffer (a trim cut it at a final segment's end, and
+        only the pause is left): given silence after its prompt, Whisper writes words of its own or the prompt's
+        again ("I'm sorry.", "She was sleeping under"). The Kathleen recording fed at real-time pace in-process
+        (`base`, AVX2-only AMD EPYC): word error rate 6.9 % with that decode, 2.8 % without; 2.2 % as a file. The
+        tentative words are then final as they stand.
+        """
         events: list[LiveEvent] = []
         if self._speech_since is not None:
-            hypothesis = self._hypothesis(upto - self._buffer_start)
-            events = self._final(self._agreement.confirm(list(hypothesis.words), everything=True))
+            heard = self._last_speech > self._buffer_start
+            words = self._hypothesis(upto - self._buffer_start).words if heard else ()
+            events = self._final(self._agreement.confirm(list(words), everything=True))
             self._restart(upto - int(PREROLL_S * SAMPLE_RATE))
             events += self._tentative()
         self._speech_since = None
