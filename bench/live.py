@@ -2,11 +2,12 @@
 word error rate against the same audio transcribed as a file, one session alone and 4 at once beside a file job.
 
     .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR] [--webm] [--quantize auto]
-                                   (--sessions 0: step 2 only)
+                                   [--recording AUDIO]   (--sessions 0: step 2 only)
 
 Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 
-1. the file: the 70 s LJSpeech chapter (tests/fixtures, public domain) uploaded with word_timestamps=true;
+1. the file: the 70 s LJSpeech chapter (tests/fixtures, public domain; or --recording, its reference text beside
+   it as .txt) uploaded with word_timestamps=true;
    its words' end times are the clock ("when was this word spoken") and its text the file-mode baseline;
 2. alone: one client streams the chapter over /ws/transcribe as 16 kHz PCM in 100 ms frames, each sent when
    its audio would have been spoken, then {"type": "end"};
@@ -43,8 +44,6 @@ from whisper_flask.access.keys import KeyStore  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 from whisper_flask.jobs.database import open_engine  # noqa: E402
 
-RECORDING = FIXTURES / "lj001-chapter-70s.opus"
-REFERENCE = FIXTURES / "lj001-chapter-70s.txt"
 FRAME_S = 0.1
 
 
@@ -64,9 +63,9 @@ def norm(word: str) -> str:
     return str(_normalizer()(word)).strip()
 
 
-def file_words(base: str, key: str) -> tuple[list[tuple[str, float]], str]:
+def file_words(base: str, key: str, recording: Path) -> tuple[list[tuple[str, float]], str]:
     """The recording transcribed as a file: its (normalised word, end time) list and its text."""
-    status, body = curl("-H", f"Authorization: Bearer {key}", "-F", f"file=@{RECORDING}",
+    status, body = curl("-H", f"Authorization: Bearer {key}", "-F", f"file=@{recording}",
                         "-F", "word_timestamps=true", "-F", "language=en", f"{base}/upload")  # fmt: skip
     assert status == 202, body
     job = json.loads(body)["transcription_id"]
@@ -166,6 +165,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path)
     parser.add_argument("--webm", action="store_true", help="step 2 also as a MediaRecorder's WebM/Opus stream")
     parser.add_argument("--quantize", default="auto", help="the service's QUANTIZE setting, passed through")
+    parser.add_argument("--recording", type=Path, default=FIXTURES / "lj001-chapter-70s.opus")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-live-"))
     model_dir = work / "models"
@@ -182,10 +182,11 @@ def main() -> None:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
         print(f"model {args.model}, CPU {cpu}, {len(os.sched_getaffinity(0))} cores")  # noqa: T201
-        clock, file_text = file_words(base, key)
-        reference = REFERENCE.read_text()
+        print(f"recording {args.recording.name}")  # noqa: T201
+        clock, file_text = file_words(base, key, args.recording)
+        reference = args.recording.with_suffix(".txt").read_text()
         file_wer = word_error_rate(reference, file_text)
-        audio = pcm(RECORDING)
+        audio = pcm(args.recording)
         alone = Session(url, key, audio)
         alone.run()
         report("1 session alone", [alone], clock, reference, file_wer, work)
@@ -197,7 +198,7 @@ def main() -> None:
         if not args.sessions:
             return
         long_file = args.speech / "en" / "long" / "kathleen_arctic_a0061_a0140_concat.wav"
-        busy = long_file if long_file.exists() else RECORDING
+        busy = long_file if long_file.exists() else args.recording
         status, body = curl("-H", f"Authorization: Bearer {key}", "-F", f"file=@{busy}", f"{base}/upload")
         assert status == 202, body
         crowd = [Session(url, key, audio) for _ in range(args.sessions)]
