@@ -24,6 +24,15 @@ def test_words_are_final_once_two_successive_hypotheses_agree_on_them() -> None:
     assert spoken(agreement.tentative) == "on"
 
 
+def test_agreed_words_ending_after_the_hold_line_stay_tentative() -> None:
+    """Words two decodes agree on are final only up to `until`; the next decode may confirm the rest."""
+    agreement = LocalAgreement()
+    agreement.confirm(words("the cat sat on"))
+    assert spoken(agreement.confirm(words("the cat sat on the"), until=0.6)) == "the cat"
+    assert spoken(agreement.tentative) == "sat on the"
+    assert spoken(agreement.confirm(words("the cat sat on the mat"), until=1.2)) == "sat on"
+
+
 def test_a_hypothesis_that_changes_its_mind_confirms_only_what_it_kept() -> None:
     """Where the new hypothesis differs from the last, confirmation stops (case and punctuation aside)."""
     agreement = LocalAgreement()

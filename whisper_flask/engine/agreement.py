@@ -7,6 +7,7 @@ confirmed and never changes again, the rest stays tentative (ARCHITECTURE.md, "L
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -59,8 +60,8 @@ class LocalAgreement:
         """The end of the last confirmed word still in the buffer (0 if none)."""
         return self._kept[-1].end if self._kept else 0.0
 
-    def confirm(self, hypothesis: list[Word], *, everything: bool = False) -> list[Word]:
-        """The words `hypothesis` confirms: what it shares with the previous one (all of it if `everything`).
+    def confirm(self, hypothesis: list[Word], *, everything: bool = False, until: float = math.inf) -> list[Word]:
+        """The words `hypothesis` confirms: what it shares with the previous one, up to `until` (all if `everything`).
 
         A hypothesis without words (Whisper dropped its window as silence or repetition, or it only copied its
         prompt) is no evidence against the words heard before it: it changes nothing, and when everything must
@@ -72,7 +73,7 @@ class LocalAgreement:
         agreed = new if everything else []
         if not everything:
             for previous, word in zip(self._pending, new, strict=False):
-                if not _same(previous, word):
+                if not _same(previous, word) or word.end > until:
                     break
                 agreed.append(word)
         self._pending = new[len(agreed) :]
