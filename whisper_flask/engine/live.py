@@ -29,7 +29,7 @@ MAX_PIECE_S = 6.0
 #: Words ending this close to the buffer's end stay tentative even when two decodes agree on them: Whisper
 #: revises the last second of a short buffer most. Fed in-process at real-time pace (`base`, AVX2-only AMD
 #: EPYC), word error rates with 0 / 1.0 / 1.5 s: 97 short utterances 7.8 / 7.0 / 5.8 %, the 232 s LJ Speech
-#: recording 8.5 / 7.0 / 8.7 %, the 70 s chapter 2.4 / 1.8 / 1.8 %. Each second held delays final text by as much.
+#: recording 8.5 / 7.0 / 8.7 %, the 70 s chapter 2.4 / 1.8 / 1.8 %. 1 s delayed final text 0.55 s (p50, bench/live.py).
 HOLD_S = 1.0
 #: Silence after speech that ends an utterance (its text final at once).
 PAUSE_S = 0.5
