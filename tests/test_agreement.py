@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from whisper_flask.engine.agreement import LocalAgreement, Word, without_copies
+from whisper_flask.engine.agreement import LocalAgreement, Word, without_copies, without_repeated_end
 
 
 def words(text: str, start: float = 0.0) -> list[Word]:
@@ -88,3 +88,17 @@ def test_fewer_than_six_words_said_again_are_kept(text: str) -> None:
     """A phrase of the prompt said again in under six words is speech, not a copy."""
     prompt = " Printing, then, for our purpose may be considered as the art of making books by means of movable types."
     assert spoken(without_copies(words(text), prompt)) == text
+
+
+@pytest.mark.parametrize(
+    ("heard", "kept"),
+    [
+        ("of the ancient Roman character of the ancient Roman character.", "of the ancient Roman character"),
+        ("In this regard, in this regard,", "In this regard,"),
+        ("New York, New York", "New York, New York"),
+        ("in this regard in this regard we met", "in this regard in this regard we met"),
+    ],
+)
+def test_a_phrase_of_three_words_or_more_said_twice_at_the_end_is_said_once(heard: str, kept: str) -> None:
+    """A decode's last words that only repeat the words before them are dropped; shorter or inner repeats stay."""
+    assert spoken(without_repeated_end(words(heard))) == kept

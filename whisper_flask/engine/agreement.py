@@ -132,6 +132,19 @@ def without_copies(hypothesis: list[Word], prompt: str) -> list[Word]:
     return kept
 
 
+def without_repeated_end(hypothesis: list[Word]) -> list[Word]:
+    """The hypothesis less its last MIN_REPEAT or more words where they only say the words before them again.
+
+    Given a few seconds of audio, Whisper may read its last phrase twice ("of the ancient Roman character of the
+    ancient Roman character."), too short a repeat for RepeatStop's six tokens.
+    """
+    for count in range(len(hypothesis) // 2, MIN_REPEAT - 1, -1):
+        end, before = hypothesis[-count:], hypothesis[-2 * count : -count]
+        if all(_same(a, b) for a, b in zip(before, end, strict=True)):
+            return hypothesis[:-count]
+    return hypothesis
+
+
 def _common_run(keys: list[str], index: int, said: list[str], at: int) -> int:
     """How many words from keys[index] on equal those from said[at] on."""
     length = 0

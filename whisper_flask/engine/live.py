@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from whisper.audio import SAMPLE_RATE
 
-from whisper_flask.engine.agreement import LocalAgreement, Word, without_copies
+from whisper_flask.engine.agreement import LocalAgreement, Word, without_copies, without_repeated_end
 from whisper_flask.engine.live_window import Hypothesis
 
 #: New audio, while speech goes on, that makes the next decode (the floor of a partial's delay).
@@ -202,7 +202,7 @@ class LiveStream:
         self._decoded_at = self._heard
         found = self._decode(self._buffer[:samples], self._context)
         offset = self._buffer_start / SAMPLE_RATE
-        heard = without_copies(list(found.words), self._context)
+        heard = without_repeated_end(without_copies(list(found.words), self._context))
         words = tuple(Word(word.text, word.start + offset, word.end + offset) for word in heard)
         return Hypothesis(words, tuple(end + offset for end in found.segment_ends))
 
