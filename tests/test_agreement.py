@@ -95,10 +95,11 @@ def test_fewer_than_six_words_said_again_are_kept(text: str) -> None:
     [
         ("of the ancient Roman character of the ancient Roman character.", "of the ancient Roman character"),
         ("In this regard, in this regard,", "In this regard,"),
+        ("in this regard in this regard in this regard", "in this regard"),
         ("New York, New York", "New York, New York"),
         ("in this regard in this regard we met", "in this regard in this regard we met"),
     ],
 )
 def test_a_phrase_of_three_words_or_more_said_twice_at_the_end_is_said_once(heard: str, kept: str) -> None:
-    """A decode's last words that only repeat the words before them are dropped; shorter or inner repeats stay."""
+    """Last words that only repeat the words before them are dropped, every time; shorter or inner repeats stay."""
     assert spoken(without_repeated_end(words(heard))) == kept

@@ -1,8 +1,9 @@
 """LocalAgreement: live text is confirmed once two successive decodes of the growing audio agree on it.
 
 The policy of ufal's whisper_streaming (LocalAgreement-2): each decode of a live session's buffer is a
-hypothesis of its words; the longest prefix that the previous hypothesis shares with the new one is
-confirmed and never changes again, the rest stays tentative (ARCHITECTURE.md, "Live transcription").
+hypothesis of its words; the longest prefix that the previous hypothesis shares with the new one, up to a
+line the caller sets (live.HOLD_S before the buffer's end), is confirmed and never changes again, the rest
+stays tentative (ARCHITECTURE.md, "Live transcription").
 """
 
 from __future__ import annotations
@@ -133,15 +134,17 @@ def without_copies(hypothesis: list[Word], prompt: str) -> list[Word]:
 
 
 def without_repeated_end(hypothesis: list[Word]) -> list[Word]:
-    """The hypothesis less its last MIN_REPEAT or more words where they only say the words before them again.
+    """The hypothesis less its last MIN_REPEAT or more words, as often as they only say the words before them again.
 
     Given a few seconds of audio, Whisper may read its last phrase twice ("of the ancient Roman character of the
-    ancient Roman character."), too short a repeat for RepeatStop's six tokens.
+    ancient Roman character."), too short a repeat for RepeatStop's six tokens. A phrase a speaker really says
+    twice at an utterance's end is said once: seldom, and one phrase, where Whisper's repeats came at the end of
+    short buffers again and again.
     """
     for count in range(len(hypothesis) // 2, MIN_REPEAT - 1, -1):
         end, before = hypothesis[-count:], hypothesis[-2 * count : -count]
         if all(_same(a, b) for a, b in zip(before, end, strict=True)):
-            return hypothesis[:-count]
+            return without_repeated_end(hypothesis[:-count])
     return hypothesis
 
 
