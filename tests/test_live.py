@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import socket
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 from flask import Flask
 from websockets.exceptions import ConnectionClosed
-from whisper.audio import SAMPLE_RATE
 
 from tests.helpers import (
     FakeEngine,
@@ -40,9 +38,6 @@ from tests.helpers import (
 from tests.servers import FIXTURES
 from whisper_flask.api.websocket import MAX_FRAME_BYTES
 from whisper_flask.audio.stream_decode import EBML_MAGIC as WEBM_MAGIC
-from whisper_flask.engine.agreement import Word
-from whisper_flask.engine.live import MAX_PIECE_S, STEP_S, LiveEventKind, LiveStream
-from whisper_flask.engine.live_window import Hypothesis
 from whisper_flask.exceptions import InvalidAudio
 from whisper_flask.extension import get_service
 from whisper_flask.service.live import pcm_samples
@@ -284,75 +279,3 @@ def test_shouted_clipped_speech_is_heard_where_random_bytes_are_refused() -> Non
     assert len(pcm_samples(shouted.tobytes())) == 1600
     with pytest.raises(InvalidAudio, match="random bytes"):
         pcm_samples(os.urandom(3200))
-
-
-def test_audio_piled_up_behind_a_busy_model_is_decoded_once_per_piece() -> None:
-    """A backlog costs one decode per MAX_PIECE_S of it, not one per STEP_S, and no decode reads past the audio."""
-    buffers: list[int] = []
-
-    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
-        buffers.append(len(audio))
-        return Hypothesis((), ())
-
-    stream = LiveStream(decode, lambda frame, rate: 1.0)  # every frame speech
-    seconds = 2.5 * MAX_PIECE_S
-    stream.feed(np.full(int(seconds * SAMPLE_RATE), 0.1, np.float32))
-    assert len(buffers) == math.ceil(seconds / MAX_PIECE_S) < seconds / STEP_S
-    assert max(buffers) <= seconds * SAMPLE_RATE
-
-
-def test_text_a_decode_copied_from_the_prompt_never_becomes_final() -> None:
-    """Words of the last utterance, said again by a decode after what is new, are dropped as the prompt's copy."""
-    said = " one two three four five six seven"
-
-    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
-        text = " eight" + said if prompt else said
-        return Hypothesis(tuple(Word(f" {w}", 0.1 * i, 0.1 * i + 0.1) for i, w in enumerate(text.split())), ())
-
-    stream = LiveStream(decode, lambda frame, rate: 1.0)  # every frame speech
-    second = np.full(SAMPLE_RATE, 0.1, np.float32)
-    stream.feed(second)
-    first = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
-    stream.feed(second)
-    again = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
-    assert [text.split() for text in first] == [said.split()] and [text.split() for text in again] == [["eight"]]
-
-
-def test_words_shown_as_partial_are_not_lost_when_the_last_decode_hears_nothing() -> None:
-    """An utterance whose last decodes Whisper drops (no words) ends with its partial text made final."""
-    said = " although the Chinese took impressions"
-    decodes: list[int] = []
-
-    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
-        decodes.append(len(audio))
-        heard = said.split() if len(decodes) == 1 else []
-        return Hypothesis(tuple(Word(f" {w}", 0.3 * i, 0.3 * i + 0.3) for i, w in enumerate(heard)), ())
-
-    stream = LiveStream(decode, lambda frame, rate: 1.0)  # every frame speech
-    step = np.full(int(STEP_S * SAMPLE_RATE), 0.1, np.float32)
-    partials = [event.text for event in stream.feed(step) + stream.feed(step) if event.kind is LiveEventKind.PARTIAL]
-    finals = [event.text for event in stream.commit() if event.kind is LiveEventKind.FINAL]
-    assert len(decodes) == 3 and partials == [said] and finals == [said]
-
-
-def test_a_pause_left_alone_in_the_buffer_is_not_decoded_into_the_prompt_again() -> None:
-    """Once a trim leaves only the pause in the buffer, the utterance ends without a decode of that silence."""
-    buffers: list[np.ndarray] = []
-
-    def decode(audio: np.ndarray, prompt: str) -> Hypothesis:
-        buffers.append(audio)
-        loud = np.flatnonzero(np.abs(audio) > 0.01)
-        if not len(loud):  # what Whisper wrote for a pause after its prompt on the Kathleen recording
-            return Hypothesis((Word(" I'm", 0.0, 0.2), Word(" sorry.", 0.2, 0.4)), ())
-        end = (loud[-1] + 1) / SAMPLE_RATE
-        said = " one two three".split()
-        return Hypothesis(tuple(Word(f" {w}", end * i / 3, end * (i + 1) / 3) for i, w in enumerate(said)), (end,))
-
-    stream = LiveStream(decode, lambda frame, rate: 1.0 if float(frame.abs().mean()) > 0.01 else 0.0)
-    speech_s = 140 * 512 / SAMPLE_RATE  # whole detector frames, so that no frame is half speech
-    events = stream.feed(np.full(int(speech_s * SAMPLE_RATE), 0.1, np.float32))
-    for _ in range(2):  # the first half second of pause decodes (and trims) once more, the second ends the utterance
-        events += stream.feed(np.zeros(int(STEP_S * SAMPLE_RATE), np.float32))
-    finals = [event.text for event in events if event.kind is LiveEventKind.FINAL]
-    assert finals == [" one two three"] and len(buffers) == 2
-    assert any(event.kind is LiveEventKind.SPEECH_STOPPED for event in events)
