@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path)
     parser.add_argument("--webm", action="store_true", help="step 2 also as a MediaRecorder's WebM/Opus stream")
     parser.add_argument("--quantize", default="auto", help="the service's QUANTIZE setting, passed through")
-    parser.add_argument("--recording", type=Path, default=FIXTURES / "lj001-chapter-70s.opus")
+    parser.add_argument("--recording", type=Path, default=FIXTURES / "lj001-chapter-70s.opus",
+                        help="the speech to stream, its reference text beside it as .txt")  # fmt: skip
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-live-"))
     model_dir = work / "models"

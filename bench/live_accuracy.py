@@ -68,6 +68,7 @@ def live_text(model: whisper.Whisper, thread: ModelThread, detector: SpeechDetec
 
 
 def main() -> None:
+    """Each set's live and file word error rates, one line a set."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")
     parser.add_argument("--sets", default="utterances,chapter,long")
