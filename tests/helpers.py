@@ -184,7 +184,7 @@ class FakeEngine:
         """A real LiveStream whose decodes read a word per loud half second and whose detector hears loudness."""
         if not self.loaded:
             raise ModelLoading("model fake is loading")
-        return LiveStream(self._live_decode, _loudness, commit_on_pause=commit_on_pause)
+        return LiveStream(self._live_decode, loudness, commit_on_pause=commit_on_pause)
 
     def _live_decode(self, audio: np.ndarray, prompt: str) -> Hypothesis:
         self.in_live_decode.set()
@@ -192,7 +192,7 @@ class FakeEngine:
         return _loud_words(audio, prompt)
 
 
-def _loudness(frame: torch.Tensor, rate: int) -> float:
+def loudness(frame: torch.Tensor, rate: int) -> float:
     """The fake speech detector: speech wherever the frame is louder than a whisper."""
     return 1.0 if float(frame.abs().mean()) > 0.01 else 0.0
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from whisper.audio import SAMPLE_RATE
 
+from tests.helpers import loudness
 from whisper_flask.engine.agreement import Word
 from whisper_flask.engine.live import MAX_PIECE_S, STEP_S, LiveEvent, LiveEventKind, LiveStream
 from whisper_flask.engine.live_window import Hypothesis
-
-
-def loud(frame: torch.Tensor, rate: int) -> float:
-    """A fake speech detector: speech wherever the frame is louder than a whisper."""
-    return 1.0 if float(frame.abs().mean()) > 0.01 else 0.0
 
 
 def final_texts(events: list[LiveEvent]) -> list[str]:
@@ -85,7 +80,7 @@ def test_a_buffer_without_speech_is_never_decoded() -> None:
         said = " one two three".split()
         return Hypothesis(tuple(Word(f" {w}", end * i / 3, end * (i + 1) / 3) for i, w in enumerate(said)), (end,))
 
-    stream = LiveStream(decode, loud, commit_on_pause=False)
+    stream = LiveStream(decode, loudness, commit_on_pause=False)
     speech_s = 140 * 512 / SAMPLE_RATE  # whole detector frames, so that no frame is half speech
     events = stream.feed(np.full(int(speech_s * SAMPLE_RATE), 0.1, np.float32))
     for seconds in (0.5, 1.0, 1.0):  # decoded twice more (the second trims to silence), then silence only
@@ -103,7 +98,7 @@ def test_speech_going_on_when_the_buffer_is_cleared_is_heard_from_the_clear() ->
         buffers.append(audio)
         return Hypothesis((), ())
 
-    stream = LiveStream(decode, loud)
+    stream = LiveStream(decode, loudness)
     stream.feed(np.full(SAMPLE_RATE, 0.1, np.float32))
     stream.clear()
     before = len(buffers)
