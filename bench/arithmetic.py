@@ -237,7 +237,7 @@ def build(path: str, model: whisper.Whisper) -> Arithmetic:
     if path.endswith("int8") or path in SERVICE_LINEAR:
         quantized = copy.deepcopy(model)
         kind = SERVICE_LINEAR.get(path, "int8")
-        project = apply_arithmetic(quantized, StageArithmetic(kind, kind))
+        project = apply_arithmetic(quantized, StageArithmetic(kind, kind, kind)).projection
         service = Arithmetic(encoder_in(quantized), decoder_step(quantized, project))
         return compiled(service) if path == "compile-int8" else service
     if path == "compile-fp32":

@@ -38,7 +38,7 @@ from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 from whisper_flask.engine.live import LiveEventKind, LiveStream  # noqa: E402
 from whisper_flask.engine.live_window import LiveDecoder  # noqa: E402
 from whisper_flask.engine.options import Task  # noqa: E402
-from whisper_flask.engine.quantize import StageArithmetic, apply_arithmetic  # noqa: E402
+from whisper_flask.engine.quantize import AppliedArithmetic, StageArithmetic, apply_arithmetic  # noqa: E402
 from whisper_flask.engine.speech import SpeechDetector  # noqa: E402
 
 PIECE = 1600  # 100 ms at 16 kHz, as bench/live.py's client sends
@@ -57,9 +57,12 @@ def recordings(name: str, speech: Path) -> list[Path]:
     return [path for path in found if path.with_suffix(".txt").is_file()]
 
 
-def live_text(model: whisper.Whisper, thread: ModelThread, detector: SpeechDetector, audio: np.ndarray) -> str:
+def live_text(
+    model: whisper.Whisper, applied: AppliedArithmetic, thread: ModelThread, detector: SpeechDetector, audio: np.ndarray
+) -> str:
     """The final text of one session fed `audio` a piece at a time, then ended."""
-    stream = LiveStream(LiveDecoder(model, thread, "en", Task.TRANSCRIBE), detector.stream_detector())
+    decoder = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=applied.live_encoder)
+    stream = LiveStream(decoder, detector.stream_detector())
     events = []
     for start in range(0, len(audio), PIECE):
         events += stream.feed(audio[start : start + PIECE])
@@ -80,11 +83,11 @@ def main() -> None:
     checkpoint = str(ensure_checkpoint(args.model, Path("~/.cache/whisper").expanduser(), allow_download=False))
     bare = whisper.load_model(checkpoint)
     live = whisper.load_model(checkpoint)
-    projection = apply_arithmetic(live, StageArithmetic(args.encoder, args.decoder))
+    applied = apply_arithmetic(live, StageArithmetic(args.encoder, args.decoder, args.encoder))
     detector = SpeechDetector(30)
     detector.load()
     thread = ModelThread(8, wait_s=0.05)
-    thread.start(live, projection)
+    thread.start(live, applied.projection)
     use_torch_threads(1)  # the session's own thread, as the service runs it
     try:
         for name in args.sets.split(","):
@@ -92,7 +95,7 @@ def main() -> None:
             references = [path.with_suffix(".txt").read_text() for path in paths]
             audios = [whisper.load_audio(str(path)) for path in paths]
             started = time.perf_counter()
-            live_texts = [live_text(live, thread, detector, audio) for audio in audios]
+            live_texts = [live_text(live, applied, thread, detector, audio) for audio in audios]
             live_s = time.perf_counter() - started
             use_torch_threads(2)
             file_texts = [str(whisper.transcribe(bare, audio, language="en", fp16=False)["text"]) for audio in audios]

@@ -47,7 +47,7 @@ def tiny(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
 def tiny_int8(model_dir: Path) -> tuple[whisper.Whisper, ModelThread]:
     """tiny.en with int8 Linear layers, and its model thread."""
     model = whisper.load_model(str(model_dir / "tiny.en.pt"), device="cpu")
-    return model, start_model_thread(model, apply_arithmetic(model, StageArithmetic("int8", "int8")))
+    return model, start_model_thread(model, apply_arithmetic(model, StageArithmetic("int8", "int8", "int8")).projection)
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +288,10 @@ def test_a_live_buffer_growing_decodes_as_each_buffer_would_alone(tiny: tuple[wh
     """A live session's decodes of its growing buffer (each drafted from the last) read as fresh decodes of each."""
     model, thread = tiny
     audio = whisper.load_audio(str(FIXTURES / "lj001-0001.flac"))
-    session = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)
+    session = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=model.encoder)
     for seconds in (2.0, 2.5, 3.0, 4.5, 5.0):
         buffer = audio[: int(seconds * SAMPLE_RATE)]
-        fresh = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)
+        fresh = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=model.encoder)
         assert session(buffer, "") == fresh(buffer, "")
 
 
@@ -302,7 +302,7 @@ def test_a_short_live_buffer_that_whisper_reads_over_and_over_keeps_its_words(
     at the repeat (RepeatStop), the decode keeps the words said once."""
     model, thread = tiny
     second = whisper.load_audio(str(FIXTURES / "lj001-0001.flac"))[:SAMPLE_RATE]
-    kept = LiveDecoder(model, thread, "en", Task.TRANSCRIBE)(second, "")
+    kept = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=model.encoder)(second, "")
     assert "".join(word.text for word in kept.words).lower().split()[0] == "printing"
 
     class NeverStops(live_window.RepeatStop):
@@ -310,7 +310,7 @@ def test_a_short_live_buffer_that_whisper_reads_over_and_over_keeps_its_words(
             pass
 
     monkeypatch.setattr(live_window, "RepeatStop", NeverStops)
-    assert LiveDecoder(model, thread, "en", Task.TRANSCRIBE)(second, "").words == ()
+    assert LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=model.encoder)(second, "").words == ()
 
 
 def test_a_file_jobs_call_waits_while_a_live_decode_is_between_its_steps(

@@ -38,7 +38,8 @@ def test_spoken_words_come_back_in_every_format(
     with caplog.at_level(logging.INFO, logger="whisper_flask.engine.engine"):
         client = make_real_app(QUANTIZE=quantize).test_client()
     stages = StageArithmetic.chosen(quantize if quantize != "bf16" or onednn_bf16() else "none")  # bf16 needs kernels
-    assert f"(encoder: {stages.encoder}, decoder: {stages.decoder})" in caplog.text
+    logged = f"(encoder: {stages.encoder}, decoder: {stages.decoder}, live sessions' encoder: {stages.live_encoder})"
+    assert logged in caplog.text
     job_id = submit(client, FIXTURES / "fox.wav")
     done = wait_for(client, job_id, "completed", "failed")
     assert done["status"] == "completed" and done["language"] == "en"

@@ -16,33 +16,36 @@ from whisper_flask.engine import precision, quantize
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.quantize import (
     Bf16Linear,
+    FbgemmInt8Linear,
     Fp16Linear,
     Int8Linear,
     StageArithmetic,
     apply_arithmetic,
-    fbgemm_fp16,
+    fbgemm,
     onednn_bf16,
 )
 
 #: Seconds of a window's work by stage and arithmetic, as measured on an AMD EPYC with AVX512-BF16 (no AMX).
-AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43}, "decoder": {"none": 3.6, "fp16": 1.4, "int8": 1.15}}
+AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43, "int8-fbgemm": 0.45},
+       "decoder": {"none": 3.6, "fp16": 1.4, "int8": 1.15}}  # fmt: skip
 #: A CPU whose int8 kernels win the encoder too.
-INT8_EVERYWHERE = {"encoder": {"none": 0.40, "bf16": 0.33, "int8": 0.29},
+INT8_EVERYWHERE = {"encoder": {"none": 0.40, "bf16": 0.33, "int8": 0.29, "int8-fbgemm": 0.31},
                    "decoder": {"none": 1.0, "fp16": 0.7, "int8": 0.6}}  # fmt: skip
-#: As measured on an AMD EPYC with AVX2 only: torch._int_mm has no fast kernel there.
-AVX2 = {"encoder": {"none": 0.67, "int8": 9.66}, "decoder": {"none": 2.40, "fp16": 0.90, "int8": 6.95}}
+#: As measured on an AMD EPYC with AVX2 only: torch._int_mm has no fast kernel there, fbgemm's int8 has.
+AVX2 = {"encoder": {"none": 0.67, "int8": 9.66, "int8-fbgemm": 0.52},
+        "decoder": {"none": 2.40, "fp16": 0.90, "int8": 6.95}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("model", "seconds", "bf16_kernels", "fp16_kernels", "chosen"),
+    ("model", "seconds", "bf16_kernels", "fbgemm_kernels", "chosen"),
     [
-        ("base", AMD, True, True, StageArithmetic("bf16", "int8")),
-        ("base", INT8_EVERYWHERE, True, True, StageArithmetic("int8", "int8")),
-        ("base", AMD, False, True, StageArithmetic("int8", "int8")),  # bf16 not measured where it would be emulated
-        ("base", AVX2, False, True, StageArithmetic("none", "fp16")),
-        ("base", AVX2, False, False, StageArithmetic("none", "none")),
-        ("small", AVX2, False, True, StageArithmetic("none", "fp16")),  # fp16 loses nothing: measured for any model
-        ("small", AMD, True, False, StageArithmetic("none", "none")),  # int8 and bf16 unmeasured for accuracy
+        ("base", AMD, True, True, StageArithmetic("bf16", "int8", "bf16")),
+        ("base", INT8_EVERYWHERE, True, True, StageArithmetic("int8", "int8", "int8")),
+        ("base", AMD, False, True, StageArithmetic("int8", "int8", "int8")),  # bf16 not measured where it is emulated
+        ("base", AVX2, False, True, StageArithmetic("int8-fbgemm", "fp16", "none")),  # live sessions never int8-fbgemm
+        ("base", AVX2, False, False, StageArithmetic("none", "none", "none")),
+        ("small", AVX2, False, True, StageArithmetic("none", "fp16", "none")),  # fp16 loses nothing: for any model
+        ("small", AMD, True, False, StageArithmetic("none", "none", "none")),  # int8 and bf16 unmeasured for accuracy
     ],
 )
 def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
@@ -51,7 +54,7 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
     model: str,
     seconds: dict[str, dict[str, float]],
     bf16_kernels: bool,
-    fp16_kernels: bool,
+    fbgemm_kernels: bool,
     chosen: StageArithmetic,
 ) -> None:
     measured: list[tuple[str, str]] = []
@@ -62,11 +65,12 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
 
     monkeypatch.setattr(precision, "_stage_seconds", stage_seconds)
     monkeypatch.setattr(precision, "onednn_bf16", lambda: bf16_kernels)
-    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: fp16_kernels)
+    monkeypatch.setattr(precision, "fbgemm", lambda: fbgemm_kernels)
     assert precision.measured_arithmetic(object(), model, tmp_path) == chosen  # type: ignore[arg-type]
     base = model == "base"
-    encoder = ["none", *(["bf16"] if base and bf16_kernels else []), *(["int8"] if base else [])]
-    decoder = ["none", *(["fp16"] if fp16_kernels else []), *(["int8"] if base else [])]
+    encoder = ["none", *(["bf16"] if base and bf16_kernels else []), *(["int8"] if base else []),
+               *(["int8-fbgemm"] if base and fbgemm_kernels else [])]  # fmt: skip
+    decoder = ["none", *(["fp16"] if fbgemm_kernels else []), *(["int8"] if base else [])]
     every = [(stage, arithmetic) for stage, each in (("encoder", encoder), ("decoder", decoder)) if len(each) > 1
              for arithmetic in each]  # fmt: skip
     assert measured == every  # never bf16 in the decoder nor fp16 in the encoder: see quantize.py
@@ -77,28 +81,31 @@ def test_a_choice_is_kept_per_cpu_model_stage_and_candidates_so_a_later_start_me
 ) -> None:
     monkeypatch.setattr(precision, "_stage_seconds", lambda model, stage, kind: INT8_EVERYWHERE[stage][kind])
     monkeypatch.setattr(precision, "onednn_bf16", lambda: True)
-    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: True)
-    assert precision.measured_arithmetic(object(), "base", tmp_path) == StageArithmetic("int8", "int8")  # type: ignore[arg-type]
+    monkeypatch.setattr(precision, "fbgemm", lambda: True)
+    chosen = StageArithmetic("int8", "int8", "int8")
+    assert precision.measured_arithmetic(object(), "base", tmp_path) == chosen  # type: ignore[arg-type]
     kept = json.loads((tmp_path / precision.CACHE_NAME).read_text())
     assert {key.rsplit("|", 1)[1]: entry["chosen"] for key, entry in kept.items()} == {
-        "base encoder (none, bf16, int8)": "int8", "base decoder (none, fp16, int8)": "int8",
+        "base encoder (none, bf16, int8, int8-fbgemm)": "int8", "base decoder (none, fp16, int8)": "int8",
     }  # fmt: skip
 
     def measure_again(model: object, stage: str, arithmetic: str) -> float:
         raise AssertionError("measured again")
 
     monkeypatch.setattr(precision, "_stage_seconds", measure_again)
-    assert precision.measured_arithmetic(object(), "base", tmp_path) == StageArithmetic("int8", "int8")  # type: ignore[arg-type]
-    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: False)
+    assert precision.measured_arithmetic(object(), "base", tmp_path) == chosen  # type: ignore[arg-type]
+    monkeypatch.setattr(precision, "fbgemm", lambda: False)
     with pytest.raises(AssertionError, match="measured again"):  # other candidates are measured afresh
         precision.measured_arithmetic(object(), "base", tmp_path)  # type: ignore[arg-type]
-    monkeypatch.setattr(precision, "fbgemm_fp16", lambda: True)
+    monkeypatch.setattr(precision, "fbgemm", lambda: True)
     monkeypatch.setattr(precision, "_cpu_model", lambda: "another CPU (amx_bf16)")
     with pytest.raises(AssertionError, match="measured again"):  # another CPU measures for itself
         precision.measured_arithmetic(object(), "base", tmp_path)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("linear", [pytest.param(Bf16Linear, marks=needs_bf16_kernels), Fp16Linear, Int8Linear])
+@pytest.mark.parametrize(
+    "linear", [pytest.param(Bf16Linear, marks=needs_bf16_kernels), Fp16Linear, Int8Linear, FbgemmInt8Linear]
+)
 def test_each_arithmetics_linear_layer_gives_fp32_close_to_the_fp32_layer(linear: type[torch.nn.Module]) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 2048)
@@ -109,17 +116,24 @@ def test_each_arithmetics_linear_layer_gives_fp32_close_to_the_fp32_layer(linear
     assert float((got - expected).norm() / expected.norm()) < 0.02
 
 
-@pytest.mark.parametrize(("setting", "stages"), [("none", ("none", "none")), ("int8", ("int8", "int8")),
-                                                ("bf16", ("bf16", "none")), ("fp16", ("none", "fp16"))])  # fmt: skip
-def test_an_explicit_setting_is_bf16_for_the_encoder_only_and_fp16_for_the_decoder_only(
-    setting: str, stages: tuple[str, str]
+@pytest.mark.parametrize(
+    ("setting", "stages"),
+    [
+        ("none", ("none", "none", "none")),
+        ("int8", ("int8", "int8", "int8")),
+        ("bf16", ("bf16", "none", "bf16")),
+        ("fp16", ("none", "fp16", "none")),
+    ],
+)
+def test_an_explicit_setting_is_bf16_for_the_encoders_only_and_fp16_for_the_decoder_only(
+    setting: str, stages: tuple[str, str, str]
 ) -> None:
     assert StageArithmetic.chosen(setting) == StageArithmetic(*stages)
 
 
 @pytest.mark.parametrize(
     ("setting", "probe", "warning"),
-    [("bf16", "onednn_bf16", "no bf16 matrix kernels"), ("fp16", "fbgemm_fp16", "no fbgemm fp16 kernels")],
+    [("bf16", "onednn_bf16", "no bf16 matrix kernels"), ("fp16", "fbgemm", "no fbgemm fp16 kernels")],
 )
 def test_an_explicit_setting_runs_fp32_with_a_warning_on_a_cpu_without_its_kernels(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, setting: str, probe: str, warning: str
@@ -130,7 +144,9 @@ def test_an_explicit_setting_runs_fp32_with_a_warning_on_a_cpu_without_its_kerne
     assert quantize.choose_precision("int8", "cpu") == "int8"
 
 
-@pytest.mark.parametrize(("layer", "probe"), [(Bf16Linear, onednn_bf16), (Fp16Linear, fbgemm_fp16)])
+@pytest.mark.parametrize(
+    ("layer", "probe"), [(Bf16Linear, onednn_bf16), (Fp16Linear, fbgemm), (FbgemmInt8Linear, fbgemm)]
+)
 def test_a_kernels_probe_says_what_building_its_layer_finds(
     layer: type[torch.nn.Module], probe: Callable[[], bool]
 ) -> None:
@@ -155,19 +171,32 @@ def test_fp16_layers_give_a_checkpoints_fp32_results_whatever_rows_are_beside(mo
 
 
 @pytest.mark.parametrize(
-    ("encoder", "decoder"),
-    [pytest.param(Bf16Linear, Int8Linear, marks=needs_bf16_kernels), (Int8Linear, Fp16Linear)],
+    ("encoder", "decoder", "live_encoder"),
+    [
+        pytest.param(Bf16Linear, Int8Linear, Bf16Linear, marks=needs_bf16_kernels),
+        (Int8Linear, Fp16Linear, Int8Linear),
+        (FbgemmInt8Linear, Fp16Linear, torch.nn.Linear),
+    ],
 )
-def test_each_stage_gets_its_own_arithmetic_and_the_projection_follows_the_decoder(
-    model_dir: Path, encoder: type[torch.nn.Module], decoder: type[torch.nn.Module]
+def test_each_stage_gets_its_own_arithmetic_and_live_sessions_an_encoder_of_theirs_where_it_differs(
+    model_dir: Path, encoder: type[torch.nn.Module], decoder: type[torch.nn.Module], live_encoder: type[torch.nn.Module]
 ) -> None:
-    model = whisper.load_model(str(ensure_checkpoint("tiny.en", model_dir, allow_download=False)))
-    named = {Bf16Linear: "bf16", Fp16Linear: "fp16", Int8Linear: "int8"}
-    project = apply_arithmetic(model, StageArithmetic(named[encoder], named[decoder]))
-    assert {type(module) for module in model.encoder.modules()} & set(named) == {encoder}
-    assert {type(module) for module in model.decoder.modules()} & set(named) == {decoder}
-    assert isinstance(project, decoder)
+    checkpoint = str(ensure_checkpoint("tiny.en", model_dir, allow_download=False))
+    model, fp32 = whisper.load_model(checkpoint), whisper.load_model(checkpoint)
+    named = {Bf16Linear: "bf16", Fp16Linear: "fp16", Int8Linear: "int8", FbgemmInt8Linear: "int8-fbgemm",
+             torch.nn.Linear: "none"}  # fmt: skip
+    applied = apply_arithmetic(model, StageArithmetic(named[encoder], named[decoder], named[live_encoder]))
+    layers = (*named, whisper.model.Linear)
+    assert {type(module) for module in model.encoder.modules()} & set(layers) == {encoder}
+    assert {type(module) for module in model.decoder.modules()} & set(layers) == {decoder}
+    assert isinstance(applied.projection, decoder)
     assert not any(isinstance(module, torch.nn.Linear) for module in model.modules())
+    if live_encoder is encoder:
+        assert applied.live_encoder is model.encoder
+    else:  # a copy of the fp32 encoder, loaded as it was
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(FIXTURES / "fox.wav"))))[None]
+        with torch.no_grad():
+            assert torch.equal(applied.live_encoder(mel), fp32.encoder(mel))
     text = whisper.transcribe(model, str(FIXTURES / "fox.wav"), fp16=False, temperature=0.0)["text"].lower()
     assert all(words in text for words in SPOKEN["fox.wav"]), text
 
@@ -184,9 +213,14 @@ def test_the_real_models_stages_are_timed_under_each_arithmetic_and_the_model_is
     for stage in ("encoder", "decoder"):
         (seconds,) = [entry["seconds"] for name, entry in kept.items() if name.startswith(f"base {stage} (")]
         bf16 = stage == "encoder" and onednn_bf16()  # never in the decoder, nor where bf16 has no kernels
-        fp16 = stage == "decoder" and fbgemm_fp16()  # never in the encoder
-        assert set(seconds) == {"none", "int8", *(["bf16"] if bf16 else []), *(["fp16"] if fp16 else [])}
+        fp16 = stage == "decoder" and fbgemm()  # never in the encoder
+        fbgemm_int8 = stage == "encoder" and fbgemm()  # never in the decoder
+        assert set(seconds) == {"none", "int8", *(["bf16"] if bf16 else []), *(["fp16"] if fp16 else []),
+                                *(["int8-fbgemm"] if fbgemm_int8 else [])}  # fmt: skip
         assert all(value > 0 for value in seconds.values())
         assert getattr(chosen, stage) == min(seconds, key=seconds.get)
+        if stage == "encoder":
+            live = {arithmetic: value for arithmetic, value in seconds.items() if arithmetic != "int8-fbgemm"}
+            assert chosen.live_encoder == min(live, key=live.get)
     assert "arithmetic for base encoder (none, " in caplog.text
     assert {name: type(module) for name, module in model.named_modules()} == before

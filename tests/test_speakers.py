@@ -40,7 +40,7 @@ from whisper_flask.audio.subprocesses import media_tool
 from whisper_flask.engine.diarization import EMBEDDINGS
 from whisper_flask.engine.filterbank import MEL_BINS, slice_features
 from whisper_flask.engine.precision import CACHE_NAME
-from whisper_flask.engine.quantize import fbgemm_fp16
+from whisper_flask.engine.quantize import fbgemm
 from whisper_flask.engine.speakers import Diarization, Turn, label_segments, letters, speaker_names, turns_from
 from whisper_flask.extension import get_service
 from whisper_flask.jobs.writers import write_transcripts
@@ -236,7 +236,7 @@ def test_two_people_get_their_turns_in_every_format_on_the_real_model(
     assert error_rate(FIXTURES / "two-speakers.rttm", got["rttm"]) < 0.15
     arithmetic = client.get("/queue").get_json()["arithmetic"]  # as measured on this CPU at load
     assert arithmetic["encoder"] == "none"  # tiny.en: int8 and bf16 are for base only
-    assert arithmetic["decoder"] in (("none", "fp16") if fbgemm_fp16() else ("none",))  # fp16 loses nothing: measured
+    assert arithmetic["decoder"] in (("none", "fp16") if fbgemm() else ("none",))  # fp16 loses nothing: measured
     assert arithmetic["speaker_embeddings"] in ("fp32", "bf16")
     kept = json.loads((model_dir / CACHE_NAME).read_text())  # a later start does not measure again
     assert [entry["chosen"] for key, entry in kept.items() if key.endswith(EMBEDDINGS)] == [

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 import whisper
+from whisper.model import AudioEncoder
 
 from whisper_flask.audio.media import DecodedAudio
 from whisper_flask.engine.batching import ModelThread, use_torch_threads
@@ -99,6 +100,7 @@ class WhisperEngine:
         self.model_name = ""
         self.error: str | None = None
         self._arithmetic: StageArithmetic | None = None  # what the model's stages run in, once loaded
+        self._live_encoder: AudioEncoder  # made with the model, which every live session waits for
 
     def start(self, settings: Settings) -> None:
         """Resolve and load the model on a background thread; /readyz turns 200 when done."""
@@ -133,12 +135,13 @@ class WhisperEngine:
                 stages = measured_arithmetic(loaded, model, settings.MODEL_DIR)
             else:
                 stages = StageArithmetic.chosen(quantize)
-            self._thread.start(loaded, apply_arithmetic(loaded, stages))
-            self._arithmetic = stages
+            applied = apply_arithmetic(loaded, stages)
+            self._thread.start(loaded, applied.projection)
+            self._arithmetic, self._live_encoder = stages, applied.live_encoder
             self._speech.load()
             self._model = loaded
-            log.info("model %s loaded on %s from %s (encoder: %s, decoder: %s)", model, device, path,
-                     stages.encoder, stages.decoder)  # fmt: skip
+            log.info("model %s loaded on %s from %s (encoder: %s, decoder: %s, live sessions' encoder: %s)", model,
+                     device, path, stages.encoder, stages.decoder, stages.live_encoder)  # fmt: skip
         except Exception as exc:  # any failure must reach /readyz and the jobs, not die silently
             self.error = f"model {model} could not be loaded: {exc}"
             log.exception("model %s could not be loaded", model)
@@ -199,7 +202,7 @@ class WhisperEngine:
         # The session's thread computes spectrograms and runs the speech detector: on one torch thread, as a
         # job's thread, or its OpenMP team slows the model thread's (batching.ModelThread); measured 2x per decode.
         use_torch_threads(1)
-        decoder = LiveDecoder(model, self._thread, language, task)
+        decoder = LiveDecoder(model, self._thread, language, task, encoder=self._live_encoder)
         return LiveStream(decoder, self._speech.stream_detector(), commit_on_pause=commit_on_pause)
 
     def arithmetic(self) -> dict[str, str]:

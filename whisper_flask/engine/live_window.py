@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import whisper
 from whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from whisper.decoding import LogitFilter
+from whisper.model import AudioEncoder
 
 from whisper_flask.engine.agreement import Word
 from whisper_flask.engine.batching import ModelThread
@@ -52,8 +53,11 @@ class Hypothesis:
 class LiveDecoder:
     """Decodes one live session's buffers on the loaded model, in the language given or detected in its first."""
 
-    def __init__(self, model: whisper.Whisper, thread: ModelThread, language: str | None, task: Task) -> None:
+    def __init__(
+        self, model: whisper.Whisper, thread: ModelThread, language: str | None, task: Task, *, encoder: AudioEncoder
+    ) -> None:
         self._model = model
+        self._encoder = encoder  # live sessions' own (quantize.LIVE_ENCODER_ARITHMETICS), or the model's
         self._thread = thread
         self._language = language if model.is_multilingual else "en"
         self._task = task
@@ -101,7 +105,7 @@ class LiveDecoder:
         padding = frames * HOP_LENGTH - len(audio)
         mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), self._model.dims.n_mels, padding=padding)
         mel = mel[:, :frames].to(self._model.device)
-        features: torch.Tensor = self._thread.run(lambda: encode_short(self._model.encoder, mel[None]), urgent=True)
+        features: torch.Tensor = self._thread.run(lambda: encode_short(self._encoder, mel[None]), urgent=True)
         return features
 
 
@@ -136,7 +140,7 @@ class RepeatStop(LogitFilter):
             logits[:, self._eot + 1 :] = -math.inf
 
 
-def encode_short(encoder: whisper.model.AudioEncoder, mel: torch.Tensor) -> torch.Tensor:
+def encode_short(encoder: AudioEncoder, mel: torch.Tensor) -> torch.Tensor:
     """AudioEncoder.forward on fewer than 3000 frames: the positional embedding's first rows only.
 
     Whisper's encoder takes exactly 30 s; the cost is in proportion to the frames, and a live buffer

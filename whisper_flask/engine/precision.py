@@ -8,8 +8,10 @@ model thread runs them) at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Eac
 and bf16 are candidates only for the models whose word error rate with them was measured within 0.5 points of
 fp32 (quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels
 (quantize.onednn_bf16); fp16 weights lose nothing (Whisper's checkpoints are fp16) and are a candidate for every
-model where fbgemm runs (quantize.fbgemm_fp16). A stage with one candidate runs it unmeasured. The choices are
-kept in MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
+model where fbgemm runs (quantize.fbgemm). Live sessions' encoder takes the fastest of the encoder's timings that
+live sessions may run (quantize.LIVE_ENCODER_ARITHMETICS). A stage with one candidate runs it unmeasured. The
+timings are kept in MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the
+measuring.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from whisper_flask.engine.quantize import (
     DECODER_ARITHMETICS,
     ENCODER_ARITHMETICS,
     INT8_MODELS,
+    LIVE_ENCODER_ARITHMETICS,
     StageArithmetic,
-    fbgemm_fp16,
+    fbgemm,
     onednn_bf16,
     projection,
     swap_linears,
@@ -59,42 +62,53 @@ def measured_arithmetic(model: whisper.Whisper, name: str, model_dir: Path) -> S
         use_torch_threads(MODEL_THREADS)  # as the model thread will run it
         return {arithmetic: _stage_seconds(model, stage, arithmetic) for arithmetic in candidates}
 
-    chosen = []
+    timed: dict[str, dict[str, float]] = {}
     for stage in STAGES:
         candidates = _candidates(name, stage)
         # The candidates are part of the name kept: a new arithmetic, or one no longer allowed, measures again.
         kept_as = f"{name} {stage} ({', '.join(candidates)})"
         measured = partial(measure, stage, candidates)
-        chosen.append(candidates[0] if len(candidates) == 1 else kept_choice(model_dir, kept_as, measured))
-    return StageArithmetic(*chosen)
+        timed[stage] = {candidates[0]: 0.0} if len(candidates) == 1 else kept_seconds(model_dir, kept_as, measured)
+    live = {arithmetic: s for arithmetic, s in timed["encoder"].items() if arithmetic in LIVE_ENCODER_ARITHMETICS}
+    return StageArithmetic(fastest(timed["encoder"]), fastest(timed["decoder"]), fastest(live))
 
 
 def _candidates(name: str, stage: str) -> list[str]:
     """The arithmetics the stage of model `name` may run on this CPU, fp32 first."""
-    runs_here = {"none": True, "fp16": fbgemm_fp16(), "bf16": name in BF16_MODELS and onednn_bf16(),
-                 "int8": name in INT8_MODELS}  # fmt: skip
+    runs_here = {"none": True, "fp16": fbgemm(), "bf16": name in BF16_MODELS and onednn_bf16(),
+                 "int8": name in INT8_MODELS, "int8-fbgemm": name in INT8_MODELS and fbgemm()}  # fmt: skip
     allowed = ENCODER_ARITHMETICS if stage == "encoder" else DECODER_ARITHMETICS
     return [arithmetic for arithmetic, runs in runs_here.items() if runs and arithmetic in allowed]
 
 
 def kept_choice(model_dir: Path, name: str, measure: Callable[[], dict[str, float]]) -> str:
-    """The fastest of what `measure` times for `name` (seconds by arithmetic) on this CPU, measured once and kept
-    in model_dir's CACHE_NAME per CPU model, torch version and thread count."""
+    """The fastest of what `measure` times for `name` (seconds by arithmetic) on this CPU (kept_seconds)."""
+    return fastest(kept_seconds(model_dir, name, measure))
+
+
+def fastest(seconds: dict[str, float]) -> str:
+    """The arithmetic of the fewest seconds."""
+    return min(seconds, key=lambda arithmetic: seconds[arithmetic])
+
+
+def kept_seconds(model_dir: Path, name: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """What `measure` times for `name` (seconds by arithmetic) on this CPU, measured once and kept in model_dir's
+    CACHE_NAME per CPU model, torch version and thread count."""
     cpu = _cpu_model()
     key, cache = f"{cpu}|torch {torch.__version__}|{MODEL_THREADS} threads|{name}", model_dir / CACHE_NAME
     known = _read(cache)
     if key in known:
-        return str(known[key]["chosen"])
+        return {str(arithmetic): float(s) for arithmetic, s in known[key]["seconds"].items()}
     seconds = measure()
-    chosen = min(seconds, key=lambda arithmetic: seconds[arithmetic])
-    log.info("arithmetic for %s measured on %s: %s; chosen: %s", name, cpu,
+    chosen = fastest(seconds)
+    log.info("arithmetic for %s measured on %s: %s; fastest: %s", name, cpu,
              ", ".join(f"{a} {s:.3f} s" for a, s in seconds.items()), chosen)  # fmt: skip
     try:
         with atomic_write(cache) as file:
             json.dump({**known, key: {"chosen": chosen, "seconds": seconds}}, file, indent=1)
     except OSError as exc:  # a read-only MODEL_DIR: measured again at the next start
         log.warning("the arithmetic measured could not be kept in %s: %s", cache, exc)
-    return chosen
+    return seconds
 
 
 def _stage_seconds(model: whisper.Whisper, stage: str, arithmetic: str) -> float:

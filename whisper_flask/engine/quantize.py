@@ -5,7 +5,7 @@ each): a CPU's matrix units can pay off on one and not on the other (ARCHITECTUR
 so each stage's Linear layers get their own arithmetic:
 
 - "none": Whisper's fp32;
-- "fp16" (on CPUs where fbgemm runs: fbgemm_fp16): weights stored in fp16 and multiplied in fp32 by fbgemm, which
+- "fp16" (on CPUs where fbgemm runs: fbgemm): weights stored in fp16 and multiplied in fp32 by fbgemm, which
   reads half the bytes. Whisper's checkpoints are stored in fp16, so the weights are exactly the loaded fp32 ones
   and the results differ from fp32 by summation order only (5e-7 relative). A decoder step is memory-bound: the
   logits projection at one row took 1.8 ms against 7.8 ms in fp32 (AMD EPYC with AVX2 only, 2 threads);
@@ -15,20 +15,27 @@ so each stage's Linear layers get their own arithmetic:
   at every decoder step: 21.3 ms a step against 2.2 ms in fp32 on an Intel Xeon with AMX);
 - "int8": weights quantized once, per output channel; activations per row at each call, multiplied in
   exact int32 arithmetic (torch._int_mm). Per-row scales keep a window's result independent of the other
-  windows in its batch, which torch's dynamic quantization (one scale per tensor) would not.
+  windows in its batch, which torch's dynamic quantization (one scale per tensor) would not;
+- "int8-fbgemm" (the file encoder only, for auto to measure, where fbgemm runs): fbgemm's dynamic int8 linear, one
+  activation scale per call, which the encoder's one window a call makes that window's own. Where the CPU lacks
+  VNNI, torch._int_mm has no fast kernel (an encoder window 9.7 s against 0.65 s in fp32) and fbgemm's AVX2 kernels
+  do (0.52 s; AMD EPYC with AVX2 only, 2 threads). Not for live sessions: their few seconds, decoded again and again,
+  lost words to its error (ARCHITECTURE.md, "The engine"), so they keep an encoder of their own.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import whisper
 from torch import Tensor, nn
-from whisper.model import TextDecoder
+from whisper.model import AudioEncoder, TextDecoder
 
 from whisper_flask.engine.batching import Projection, whisper_projection
 
@@ -40,7 +47,12 @@ log = logging.getLogger(__name__)
 DECODER_ARITHMETICS = ("none", "fp16", "int8")
 #: fp16 weights gain nothing on the encoder's 1500-row matmuls, which are compute-bound: 17.4 to 18.7 ms against
 #: 17.4 to 17.8 ms in fp32 for a 512 x 2048 layer (AMD EPYC with AVX2 only, 2 threads).
-ENCODER_ARITHMETICS = ("none", "bf16", "int8")
+ENCODER_ARITHMETICS = ("none", "bf16", "int8", "int8-fbgemm")
+#: What a live session's encoder may run in: one activation scale for a buffer that grows at every step makes the
+#: successive decodes that agreement compares disagree. The 70 s chapter fed in-process (bench/live_accuracy.py
+#: --encoder, AVX2-only AMD EPYC): word error rate 4.24 % with int8-fbgemm, 1.82 % in fp32, with per-row int8 and
+#: with bf16 (emulated there: inputs, weights and outputs rounded to bf16, as oneDNN's kernels do).
+LIVE_ENCODER_ARITHMETICS = ("none", "bf16", "int8")
 #: Models whose word error rate with int8 and with bf16 was measured within 0.5 points of fp32 (bench/long_file.py).
 INT8_MODELS = frozenset({"base"})
 BF16_MODELS = frozenset({"base"})
@@ -48,23 +60,23 @@ BF16_MODELS = frozenset({"base"})
 
 @dataclass(frozen=True)
 class StageArithmetic:
-    """The arithmetic of the encoder's and of the decoder's Linear layers (the logits projection is the decoder's)."""
+    """The arithmetic of the encoder's and of the decoder's Linear layers (the logits projection is the decoder's), and
+    of live sessions' encoder (the file jobs' one where it is one of LIVE_ENCODER_ARITHMETICS)."""
 
     encoder: str
     decoder: str
+    live_encoder: str
 
     @classmethod
     def chosen(cls, setting: str) -> StageArithmetic:
         """What an explicit QUANTIZE (none, fp16, bf16 or int8) means per stage: bf16 for the encoder only, fp16 for
         the decoder only."""
-        return cls(
-            setting if setting in ENCODER_ARITHMETICS else "none",
-            setting if setting in DECODER_ARITHMETICS else "none",
-        )
+        encoder = setting if setting in ENCODER_ARITHMETICS else "none"
+        return cls(encoder, setting if setting in DECODER_ARITHMETICS else "none", encoder)
 
     def as_dict(self) -> dict[str, str]:
         """Each stage's arithmetic, by stage."""
-        return {"encoder": self.encoder, "decoder": self.decoder}
+        return {"encoder": self.encoder, "decoder": self.decoder, "live_encoder": self.live_encoder}
 
 
 def choose_precision(setting: str, device: str) -> str:
@@ -74,7 +86,7 @@ def choose_precision(setting: str, device: str) -> str:
         if setting not in ("auto", "none"):
             log.warning("WHISPER_FLASK_QUANTIZE=%s applies to the CPU only; %s runs as Whisper does", setting, device)
         return "none"
-    if setting == "fp16" and not fbgemm_fp16():
+    if setting == "fp16" and not fbgemm():
         log.warning("WHISPER_FLASK_QUANTIZE=fp16: torch has no fbgemm fp16 kernels on this CPU; the model runs in fp32")
         return "none"
     if setting == "bf16" and not onednn_bf16():
@@ -101,17 +113,18 @@ def onednn_bf16() -> bool:
 
 
 @functools.cache
-def fbgemm_fp16() -> bool:
-    """Whether fbgemm's fp16-weight matmul runs here (an x86 build of torch on a CPU with AVX2)."""
+def fbgemm() -> bool:
+    """Whether fbgemm's fp16-weight and int8 linears run here (an x86 build of torch on a CPU with AVX2)."""
     try:
-        torch.ops.quantized.linear_prepack_fp16(torch.zeros(16, 16), None)
+        Fp16Linear(torch.zeros(16, 16), None)
+        FbgemmInt8Linear(torch.zeros(16, 16), None)
     except RuntimeError:
         return False
     return True
 
 
 class Fp16Linear(nn.Module):
-    """y = x W^T + b with W stored in fp16 and prepacked for fbgemm, multiplied in fp32 (fbgemm_fp16() CPUs)."""
+    """y = x W^T + b with W stored in fp16 and prepacked for fbgemm, multiplied in fp32 (fbgemm() CPUs)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -122,6 +135,29 @@ class Fp16Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Multiply by the fp16 weights; the rest of the model goes on in fp32."""
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+class FbgemmInt8Linear(nn.Module):
+    """y = x W^T + b by fbgemm's dynamic int8 linear: W per output channel, x with one scale for the whole call.
+
+    One scale per call makes a row depend on the rows beside it, so only for the file jobs' encoder, which runs one
+    window a call. Where the CPU lacks VNNI, fbgemm's AVX2 kernels keep activations to 7 bits (reduce_range) so that
+    its 16-bit pair sums cannot saturate.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; fbgemm's prepack takes only them
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0,
+                                                   torch.qint8)  # fmt: skip
+        self.packed = torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Quantize x with one scale, multiply in int32, scale back to float."""
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
 
 
 class Int8Linear(nn.Module):
@@ -175,7 +211,7 @@ class Bf16Linear(nn.Module):
 
 #: Each arithmetic's Linear layer, made from a weight and a bias.
 _LINEARS: dict[str, Callable[[Tensor, Tensor | None], nn.Module]] = {
-    "bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear,
+    "bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear, "int8-fbgemm": FbgemmInt8Linear,
 }  # fmt: skip
 
 
@@ -189,11 +225,24 @@ def swap_linears(module: nn.Module, arithmetic: str) -> None:
                 setattr(parent, name, _LINEARS[arithmetic](child.weight, child.bias))
 
 
-def apply_arithmetic(model: whisper.Whisper, stages: StageArithmetic) -> Projection:
-    """Give each stage of the model its arithmetic, in place; return the logits projection in the decoder's."""
+@dataclass(frozen=True)
+class AppliedArithmetic:
+    """What apply_arithmetic made besides the model's own stages: the logits projection and live sessions' encoder."""
+
+    projection: Projection
+    live_encoder: AudioEncoder
+
+
+def apply_arithmetic(model: whisper.Whisper, stages: StageArithmetic) -> AppliedArithmetic:
+    """Give each stage of the model its arithmetic, in place; a copy of the fp32 encoder in live sessions' arithmetic
+    where theirs differs (base's: 20 M parameters), the model's own encoder where not."""
+    live_encoder = model.encoder
+    if stages.live_encoder != stages.encoder:
+        live_encoder = copy.deepcopy(model.encoder)
+        swap_linears(live_encoder, stages.live_encoder)
     swap_linears(model.encoder, stages.encoder)
     swap_linears(model.decoder, stages.decoder)
-    return projection(model.decoder, stages.decoder)
+    return AppliedArithmetic(projection(model.decoder, stages.decoder), live_encoder)
 
 
 def projection(decoder: TextDecoder, arithmetic: str) -> Projection:
