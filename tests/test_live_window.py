@@ -1,12 +1,30 @@
-"""A live buffer decoded as one short window: a decode that starts its text over is ended where the repeat begins."""
+"""A live buffer decoded as one short window: a decode that starts its text over is ended where the repeat begins; the
+language is heard in the first buffer; the encoder is the session's own."""
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import whisper
+from whisper.audio import SAMPLE_RATE
 
-from whisper_flask.engine.live_window import REPEAT_TOKENS, RepeatStop
+from tests.helpers import FIXTURES, SPOKEN, base_config
+from whisper_flask.engine import engine as engine_module
+from whisper_flask.engine.batching import ModelThread, whisper_projection
+from whisper_flask.engine.checkpoints import ensure_checkpoint
+from whisper_flask.engine.engine import WhisperEngine
+from whisper_flask.engine.live import LiveEventKind, LiveStream
+from whisper_flask.engine.live_window import REPEAT_TOKENS, LiveDecoder, RepeatStop
+from whisper_flask.engine.options import Task
+from whisper_flask.engine.quantize import FbgemmInt8Linear, StageArithmetic, fbgemm
+from whisper_flask.settings import Settings
 
 EOT = 100
 PROMPT = [101, 7, 102]  # what precedes the sampled tokens (the sot sequence, here with a prompt token)
@@ -46,3 +64,64 @@ def test_text_that_never_repeats_six_tokens_is_left_alone() -> None:
     logits = steps(repeats, sampled)
     assert repeats.kept is None
     assert bool((logits == 0).all())
+
+
+@pytest.fixture(scope="module")
+def base(model_dir: Path) -> Iterator[tuple[whisper.Whisper, ModelThread]]:
+    """The multilingual base model in fp32 on a model thread of its own."""
+    model = whisper.load_model(str(ensure_checkpoint("base", model_dir, allow_download=False)))
+    thread = ModelThread(8, wait_s=0.05)
+    thread.start(model, whisper_projection(model.decoder))
+    yield model, thread
+    thread.stop()
+
+
+def fails_if_run(*args: Any) -> None:
+    """A forward hook on an encoder that must not run."""
+    raise AssertionError("the file jobs' encoder ran")
+
+
+@pytest.mark.parametrize(("recording", "heard"), [("fox.wav", "quick brown fox"), ("german.wav", "guten morgen")])
+def test_a_session_without_a_language_hears_it_in_its_first_buffer_with_its_own_encoder(
+    base: tuple[whisper.Whisper, ModelThread], recording: str, heard: str
+) -> None:
+    """A multilingual session given no language writes its first buffer in the language spoken, and only the
+    encoder it was given runs (whisper.detect_language would have run the model's own on the short features)."""
+    model, thread = base
+    own = copy.deepcopy(model.encoder)
+    hook = model.encoder.conv1.register_forward_hook(fails_if_run)
+    try:
+        decoder = LiveDecoder(model, thread, None, Task.TRANSCRIBE, encoder=own)
+        words = decoder(whisper.load_audio(str(FIXTURES / recording))[: 4 * SAMPLE_RATE], "").words
+    finally:
+        hook.remove()
+    assert heard in "".join(word.text for word in words).lower()
+
+
+def stream_text(stream: LiveStream, recording: Path) -> str:
+    """The final text of a stream fed the recording 100 ms at a time, then committed."""
+    audio = whisper.load_audio(str(recording))
+    events = [event for start in range(0, len(audio), 1600) for event in stream.feed(audio[start : start + 1600])]
+    return "".join(event.text for event in events + stream.commit() if event.kind is LiveEventKind.FINAL)
+
+
+@pytest.mark.skipif(not fbgemm(), reason="torch has no fbgemm kernels on this CPU")
+def test_where_file_jobs_encoder_runs_int8_fbgemm_a_live_session_runs_an_fp32_one_of_its_own(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With auto's choice for file jobs' encoder int8-fbgemm and live sessions' fp32, a session's words come from an
+    encoder of its own: the model's (int8-fbgemm) never runs for it."""
+    chosen = StageArithmetic("int8-fbgemm", "none", "none")
+    monkeypatch.setattr(engine_module, "measured_arithmetic", lambda *args: chosen)
+    engine = WhisperEngine()
+    engine.start(Settings.load({**base_config(tmp_path), "MODEL_DIR": model_dir, "QUANTIZE": "auto"}))
+    try:
+        model = engine.wait_until_ready(timeout=120)
+        assert any(isinstance(module, FbgemmInt8Linear) for module in model.encoder.modules())
+        model.encoder.conv1.register_forward_hook(fails_if_run)
+        with ThreadPoolExecutor(1) as pool:  # the session's thread: open_stream sets its torch threads
+            stream = pool.submit(engine.open_stream, "en", Task.TRANSCRIBE, commit_on_pause=True).result(timeout=10)
+            text = pool.submit(stream_text, stream, FIXTURES / "fox.wav").result(timeout=120).lower()
+    finally:
+        engine.stop()
+    assert all(words in text for words in SPOKEN["fox.wav"]), text

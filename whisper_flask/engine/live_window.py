@@ -67,8 +67,7 @@ class LiveDecoder:
         """Decode `audio` (16 kHz float samples, under 30 s) after `prompt`: its words (none if Whisper hears none)."""
         features = self._encode(audio)
         if self._language is None:
-            probabilities = self._thread.run(lambda: self._model.detect_language(features)[1][0], urgent=True)
-            self._language = max(probabilities, key=lambda code: probabilities[code])
+            self._language = self._thread.run(lambda: heard_language(self._model, features), urgent=True)
         options = whisper.DecodingOptions(
             task=self._task.value,
             language=self._language,
@@ -138,6 +137,18 @@ class RepeatStop(LogitFilter):
         if self.kept is not None:
             logits[:, : self._eot] = -math.inf
             logits[:, self._eot + 1 :] = -math.inf
+
+
+def heard_language(model: whisper.Whisper, features: torch.Tensor) -> str:
+    """The language whose token Whisper puts first after the start of a transcript, given a buffer's features.
+
+    whisper.detect_language would take features of fewer than 1500 frames (encode_short's) for a spectrogram and
+    run the file jobs' encoder on them; this is its decoder half.
+    """
+    tokenizer = whisper.tokenizer.get_tokenizer(True, num_languages=model.num_languages)
+    logits = model.logits(torch.tensor([[tokenizer.sot]], device=features.device), features)[0, -1]
+    languages = list(tokenizer.all_language_tokens)
+    return str(tokenizer.all_language_codes[int(logits[languages].argmax())])
 
 
 def encode_short(encoder: AudioEncoder, mel: torch.Tensor) -> torch.Tensor:
