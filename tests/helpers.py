@@ -173,7 +173,7 @@ class FakeEngine:
         return (0.0, 1.0)
 
     def arithmetic(self) -> dict[str, str]:
-        return {"encoder": "none", "decoder": "none"} if self.loaded else {}
+        return {"encoder": "none", "decoder": "none", "live_encoder": "none"} if self.loaded else {}
 
     def detect_language(self, audio: DecodedAudio) -> dict[str, float]:
         if not self.loaded:  # as WhisperEngine: it answers at once, it does not wait for the model

@@ -106,7 +106,7 @@ def test_pending_jobs_show_their_queue_position(make_app, engine: FakeEngine) ->
     assert [client.get(f"/progress/{j}").get_json()["queue_position"] for j in waiting] == [1, 2]
     assert client.get("/queue").get_json() == {
         "pending": 2, "in_progress": 1, "capacity": 100, "workers": 1,
-        "arithmetic": {"encoder": "none", "decoder": "none"}, "worker_nodes": [],
+        "arithmetic": {"encoder": "none", "decoder": "none", "live_encoder": "none"}, "worker_nodes": [],
     }  # fmt: skip
 
 

@@ -76,17 +76,17 @@ def test_auto_takes_each_stages_fastest_arithmetic_among_the_models_candidates(
     assert measured == every  # never bf16 in the decoder nor fp16 in the encoder: see quantize.py
 
 
-def test_a_choice_is_kept_per_cpu_model_stage_and_candidates_so_a_later_start_measures_nothing(
+def test_the_timings_are_kept_per_cpu_model_stage_and_candidates_so_a_later_start_measures_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(precision, "_stage_seconds", lambda model, stage, kind: INT8_EVERYWHERE[stage][kind])
-    monkeypatch.setattr(precision, "onednn_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_stage_seconds", lambda model, stage, kind: AVX2[stage][kind])
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: False)
     monkeypatch.setattr(precision, "fbgemm", lambda: True)
-    chosen = StageArithmetic("int8", "int8", "int8")
+    chosen = StageArithmetic("int8-fbgemm", "fp16", "none")  # the live encoder's from the timings kept too
     assert precision.measured_arithmetic(object(), "base", tmp_path) == chosen  # type: ignore[arg-type]
     kept = json.loads((tmp_path / precision.CACHE_NAME).read_text())
-    assert {key.rsplit("|", 1)[1]: entry["chosen"] for key, entry in kept.items()} == {
-        "base encoder (none, bf16, int8, int8-fbgemm)": "int8", "base decoder (none, fp16, int8)": "int8",
+    assert {key.rsplit("|", 1)[1]: entry["seconds"] for key, entry in kept.items()} == {
+        "base encoder (none, int8, int8-fbgemm)": AVX2["encoder"], "base decoder (none, fp16, int8)": AVX2["decoder"],
     }  # fmt: skip
 
     def measure_again(model: object, stage: str, arithmetic: str) -> float:

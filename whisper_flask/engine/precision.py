@@ -1,17 +1,16 @@
 """QUANTIZE=auto: the arithmetic of each stage measured fastest for this model on this CPU, not guessed from its flags.
 
 A default tuned on one CPU loses on another, and a stage's winner may lose the other stage: bf16 can win the
-encoder's 1500-row matmuls and int8 the decoder's few rows (ARCHITECTURE.md, "The engine"). So at load each
-stage's real work is timed under each arithmetic it may use (quantize.py: the decoder never bf16, the encoder
-never fp16): an encoder window; the Linear work of a decoder step (its layers and the logits projection, as the
-model thread runs them) at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8
-and bf16 are candidates only for the models whose word error rate with them was measured within 0.5 points of
-fp32 (quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels
-(quantize.onednn_bf16); fp16 weights lose nothing (Whisper's checkpoints are fp16) and are a candidate for every
-model where fbgemm runs (quantize.fbgemm). Live sessions' encoder takes the fastest of the encoder's timings that
-live sessions may run (quantize.LIVE_ENCODER_ARITHMETICS). A stage with one candidate runs it unmeasured. The
-timings are kept in MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the
-measuring.
+encoder's 1500-row matmuls and int8 the decoder's few rows (ARCHITECTURE.md, "The engine"). So at load each stage's
+real work is timed under each arithmetic it may use (quantize.py: the decoder never bf16 nor int8-fbgemm, the
+encoder never fp16): an encoder window; the Linear work of a decoder step (its layers and the logits projection, as
+the model thread runs them) at 1, 3 and 8 rows, STEPS_PER_WINDOW steps a window. Each stage takes its fastest. int8
+and bf16 are candidates only for the models whose word error rate with them was measured within 0.5 points of fp32
+(quantize.INT8_MODELS, BF16_MODELS), and bf16 only where the CPU has oneDNN's bf16 kernels (quantize.onednn_bf16);
+fp16 weights lose nothing (Whisper's checkpoints are fp16) and are a candidate for every model where fbgemm runs
+(quantize.fbgemm). Live sessions' encoder takes the fastest of the encoder's timings that live sessions may run
+(quantize.LIVE_ENCODER_ARITHMETICS). A stage with one candidate runs it unmeasured. The timings are kept in
+MODEL_DIR per CPU model, torch version, thread count, model and stage, so later starts skip the measuring.
 """
 
 from __future__ import annotations
@@ -105,6 +104,7 @@ def kept_seconds(model_dir: Path, name: str, measure: Callable[[], dict[str, flo
              ", ".join(f"{a} {s:.3f} s" for a, s in seconds.items()), chosen)  # fmt: skip
     try:
         with atomic_write(cache) as file:
+            # "chosen" is for whoever reads the file: the timings decide (the live encoder's choice may differ).
             json.dump({**known, key: {"chosen": chosen, "seconds": seconds}}, file, indent=1)
     except OSError as exc:  # a read-only MODEL_DIR: measured again at the next start
         log.warning("the arithmetic measured could not be kept in %s: %s", cache, exc)

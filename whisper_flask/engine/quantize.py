@@ -51,9 +51,11 @@ ENCODER_ARITHMETICS = ("none", "bf16", "int8", "int8-fbgemm")
 #: What a live session's encoder may run in: one activation scale for a buffer that grows at every step makes the
 #: successive decodes that agreement compares disagree. The 70 s chapter fed in-process (bench/live_accuracy.py
 #: --encoder, AVX2-only AMD EPYC): word error rate 4.24 % with int8-fbgemm, 1.82 % in fp32, with per-row int8 and
-#: with bf16 (emulated there: inputs, weights and outputs rounded to bf16, as oneDNN's kernels do).
+#: with bf16 (emulated there: Bf16Linear swapped, in that script's process, for fp32 sums of inputs and weights
+#: rounded to bf16, the outputs rounded too, as oneDNN's kernels do).
 LIVE_ENCODER_ARITHMETICS = ("none", "bf16", "int8")
-#: Models whose word error rate with int8 and with bf16 was measured within 0.5 points of fp32 (bench/long_file.py).
+#: Models whose word error rate with int8 (either kind) and with bf16 was measured within 0.5 points of fp32
+#: (bench/long_file.py).
 INT8_MODELS = frozenset({"base"})
 BF16_MODELS = frozenset({"base"})
 
@@ -141,8 +143,8 @@ class FbgemmInt8Linear(nn.Module):
     """y = x W^T + b by fbgemm's dynamic int8 linear: W per output channel, x with one scale for the whole call.
 
     One scale per call makes a row depend on the rows beside it, so only for the file jobs' encoder, which runs one
-    window a call. Where the CPU lacks VNNI, fbgemm's AVX2 kernels keep activations to 7 bits (reduce_range) so that
-    its 16-bit pair sums cannot saturate.
+    window a call. Activations are kept to 7 bits (reduce_range) on every CPU: fbgemm's AVX2 kernels sum pairs in 16
+    bits, which 8 bits could saturate, and it is on CPUs without VNNI that this arithmetic wins.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
