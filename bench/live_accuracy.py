@@ -14,7 +14,8 @@ one CPU. The stream is then ended as a client's end would. Sets:
 "file" is bare whisper.transcribe() on the same weights in fp32, greedy with its temperature fallback, English.
 Word error rates are over each set's words (bench/long_file.corpus_wer, Whisper's English normaliser). The live
 arithmetic defaults to what QUANTIZE=auto chose on an AVX2-only CPU (fp32 encoder, fp16-weight decoder: fp32's
-results up to summation order); bench/live.py measures the delays through gunicorn.
+results up to summation order); --encoder bf16 is emulated where the CPU has no bf16 kernels (EmulatedBf16Linear:
+the same numbers, slower). bench/live.py measures the delays through gunicorn.
 """
 
 from __future__ import annotations
@@ -26,22 +27,26 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 import whisper
+from torch import nn
+from whisper.model import AudioEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.arithmetic import swap_linears  # noqa: E402
 from bench.long_file import corpus_wer  # noqa: E402
+from tests.helpers import stream_final_text  # noqa: E402
 from tests.servers import FIXTURES  # noqa: E402
 from whisper_flask.engine.batching import ModelThread, use_torch_threads  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
-from whisper_flask.engine.live import LiveEventKind, LiveStream  # noqa: E402
+from whisper_flask.engine.live import LiveStream  # noqa: E402
 from whisper_flask.engine.live_window import LiveDecoder  # noqa: E402
 from whisper_flask.engine.options import Task  # noqa: E402
-from whisper_flask.engine.quantize import AppliedArithmetic, StageArithmetic, apply_arithmetic  # noqa: E402
+from whisper_flask.engine.quantize import StageArithmetic, apply_arithmetic, onednn_bf16  # noqa: E402
 from whisper_flask.engine.speech import SpeechDetector  # noqa: E402
-
-PIECE = 1600  # 100 ms at 16 kHz, as bench/live.py's client sends
 
 
 def recordings(name: str, speech: Path) -> list[Path]:
@@ -58,16 +63,25 @@ def recordings(name: str, speech: Path) -> list[Path]:
 
 
 def live_text(
-    model: whisper.Whisper, applied: AppliedArithmetic, thread: ModelThread, detector: SpeechDetector, audio: np.ndarray
+    model: whisper.Whisper, encoder: AudioEncoder, thread: ModelThread, detector: SpeechDetector, audio: np.ndarray
 ) -> str:
     """The final text of one session fed `audio` a piece at a time, then ended."""
-    decoder = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=applied.live_encoder)
-    stream = LiveStream(decoder, detector.stream_detector())
-    events = []
-    for start in range(0, len(audio), PIECE):
-        events += stream.feed(audio[start : start + PIECE])
-    events += stream.commit()
-    return "".join(event.text for event in events if event.kind is LiveEventKind.FINAL)
+    decoder = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=encoder)
+    return stream_final_text(LiveStream(decoder, detector.stream_detector()), audio)
+
+
+class EmulatedBf16Linear(nn.Module):
+    """quantize.Bf16Linear's numbers where oneDNN has no bf16 kernels: inputs and weights rounded to bf16 and summed
+    in fp32 (as oneDNN accumulates), the outputs rounded to bf16."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.weight = layer.weight.detach().to(torch.bfloat16).float()
+        self.bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b in bf16's precision, computed in fp32."""
+        return F.linear(x.to(torch.bfloat16).float(), self.weight, self.bias).to(torch.bfloat16).float()
 
 
 def main() -> None:
@@ -76,14 +90,22 @@ def main() -> None:
     parser.add_argument("--model", default="base")
     parser.add_argument("--sets", default="utterances,chapter,long")
     parser.add_argument("--speech", type=Path, default=ROOT.parent / "shared" / "speech")
-    parser.add_argument("--encoder", default="none", help="the live encoder's arithmetic (quantize.py)")
+    parser.add_argument(
+        "--encoder",
+        default="none",
+        help="the live encoder's arithmetic (quantize.py; bf16 is emulated where the CPU has no bf16 kernels)",
+    )
     parser.add_argument("--decoder", default="fp16", help="the live decoder's arithmetic (quantize.py)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # whisper's FP16-on-CPU notice, once per file
     checkpoint = str(ensure_checkpoint(args.model, Path("~/.cache/whisper").expanduser(), allow_download=False))
     bare = whisper.load_model(checkpoint)
     live = whisper.load_model(checkpoint)
-    applied = apply_arithmetic(live, StageArithmetic(args.encoder, args.decoder, args.encoder))
+    emulated = args.encoder == "bf16" and not onednn_bf16()  # bf16 would be emulated slowly, and fail to pack
+    encoder = "none" if emulated else args.encoder
+    applied = apply_arithmetic(live, StageArithmetic(encoder, args.decoder, encoder))
+    if emulated:
+        swap_linears(applied.live_encoder, EmulatedBf16Linear)
     detector = SpeechDetector(30)
     detector.load()
     thread = ModelThread(8, wait_s=0.05)
@@ -95,7 +117,7 @@ def main() -> None:
             references = [path.with_suffix(".txt").read_text() for path in paths]
             audios = [whisper.load_audio(str(path)) for path in paths]
             started = time.perf_counter()
-            live_texts = [live_text(live, applied, thread, detector, audio) for audio in audios]
+            live_texts = [live_text(live, applied.live_encoder, thread, detector, audio) for audio in audios]
             live_s = time.perf_counter() - started
             use_torch_threads(2)
             file_texts = [str(whisper.transcribe(bare, audio, language="en", fp16=False)["text"]) for audio in audios]

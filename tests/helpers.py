@@ -24,6 +24,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 import pytest
 import torch
+import whisper
 from flask import Flask
 from flask.testing import FlaskClient
 from playwright.sync_api import Browser, Page
@@ -34,7 +35,8 @@ from tests.servers import FIXTURES
 from whisper_flask.access.keys import KeyStore
 from whisper_flask.audio.media import DecodedAudio, MediaDecoder
 from whisper_flask.engine.agreement import Word
-from whisper_flask.engine.live import LiveStream
+from whisper_flask.engine.batching import ModelThread, Projection
+from whisper_flask.engine.live import LiveEventKind, LiveStream
 from whisper_flask.engine.live_window import Hypothesis
 from whisper_flask.engine.options import Task, TranscribeOptions
 from whisper_flask.engine.quantize import onednn_bf16
@@ -486,6 +488,20 @@ def windows_per_step(caplog: pytest.LogCaptureFixture) -> list[int]:
 
 
 # -- live sessions -----------------------------------------------------------------------------
+
+
+def stream_final_text(stream: LiveStream, audio: np.ndarray) -> str:
+    """The final text of a stream fed 16 kHz audio 100 ms at a time (as a session that keeps up hears it), then
+    committed as a client's end would."""
+    events = [event for start in range(0, len(audio), 1600) for event in stream.feed(audio[start : start + 1600])]
+    return "".join(event.text for event in events + stream.commit() if event.kind is LiveEventKind.FINAL)
+
+
+def start_model_thread(model: whisper.Whisper, project: Projection, size: int = 8) -> ModelThread:
+    """A model thread started on the model, stopped by whoever asked for it."""
+    thread = ModelThread(size, wait_s=0.05)
+    thread.start(model, project)
+    return thread
 
 
 def tone(seconds: float, amplitude: float = 0.25) -> bytes:

@@ -16,7 +16,7 @@ import whisper
 from whisper.audio import N_FRAMES, SAMPLE_RATE
 from whisper.decoding import DecodingResult
 
-from tests.helpers import FIXTURES, SPOKEN, windows_per_step
+from tests.helpers import FIXTURES, SPOKEN, start_model_thread, windows_per_step
 from whisper_flask.engine import live_window
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.job_model import JobModel
@@ -26,14 +26,6 @@ from whisper_flask.engine.quantize import Int8Linear, StageArithmetic, apply_ari
 from whisper_flask.engine.spectrogram import LogMel, accept_precomputed
 
 OPTIONS = whisper.DecodingOptions(language="en", fp16=False)
-
-
-def start_model_thread(
-    model: whisper.Whisper, project: Callable[[torch.Tensor], torch.Tensor], size: int = 8
-) -> ModelThread:
-    thread = ModelThread(size, wait_s=0.05)
-    thread.start(model, project)
-    return thread
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ import torch
 import whisper
 from whisper.audio import SAMPLE_RATE
 
-from tests.helpers import FIXTURES, SPOKEN, base_config
+from tests.helpers import FIXTURES, SPOKEN, base_config, start_model_thread, stream_final_text
 from whisper_flask.engine import engine as engine_module
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.engine import WhisperEngine
-from whisper_flask.engine.live import LiveEventKind, LiveStream
-from whisper_flask.engine.live_window import REPEAT_TOKENS, LiveDecoder, RepeatStop
+from whisper_flask.engine.live_window import REPEAT_TOKENS, LiveDecoder, RepeatStop, heard_language
 from whisper_flask.engine.options import Task
 from whisper_flask.engine.quantize import FbgemmInt8Linear, StageArithmetic, fbgemm
 from whisper_flask.settings import Settings
@@ -70,8 +69,7 @@ def test_text_that_never_repeats_six_tokens_is_left_alone() -> None:
 def base(model_dir: Path) -> Iterator[tuple[whisper.Whisper, ModelThread]]:
     """The multilingual base model in fp32 on a model thread of its own."""
     model = whisper.load_model(str(ensure_checkpoint("base", model_dir, allow_download=False)))
-    thread = ModelThread(8, wait_s=0.05)
-    thread.start(model, whisper_projection(model.decoder))
+    thread = start_model_thread(model, whisper_projection(model.decoder))
     yield model, thread
     thread.stop()
 
@@ -86,27 +84,36 @@ def test_a_session_without_a_language_hears_it_in_its_first_buffer_with_its_own_
     base: tuple[whisper.Whisper, ModelThread], recording: str, heard: str
 ) -> None:
     """A multilingual session given no language writes its first buffer in the language spoken, and only the
-    encoder it was given runs (whisper.detect_language would have run the model's own on the short features)."""
+    encoder it was given runs."""
     model, thread = base
     own = copy.deepcopy(model.encoder)
+    # whisper.detect_language would take the short features for a spectrogram and run the model's encoder.
     hook = model.encoder.conv1.register_forward_hook(fails_if_run)
+    decoder = LiveDecoder(model, thread, None, Task.TRANSCRIBE, encoder=own)
     try:
-        decoder = LiveDecoder(model, thread, None, Task.TRANSCRIBE, encoder=own)
-        words = decoder(whisper.load_audio(str(FIXTURES / recording))[: 4 * SAMPLE_RATE], "").words
+        with ThreadPoolExecutor(1) as pool:
+            audio = whisper.load_audio(str(FIXTURES / recording))[: 4 * SAMPLE_RATE]
+            words = pool.submit(decoder, audio, "").result(timeout=60).words
     finally:
         hook.remove()
     assert heard in "".join(word.text for word in words).lower()
 
 
-def stream_text(stream: LiveStream, recording: Path) -> str:
-    """The final text of a stream fed the recording 100 ms at a time, then committed."""
-    audio = whisper.load_audio(str(recording))
-    events = [event for start in range(0, len(audio), 1600) for event in stream.feed(audio[start : start + 1600])]
-    return "".join(event.text for event in events + stream.commit() if event.kind is LiveEventKind.FINAL)
+@pytest.mark.parametrize("recording", ["fox.wav", "german.wav", "mls-es-13697-11991-000000.opus"])
+def test_the_language_heard_is_whispers_own_detection_on_a_whole_window(
+    base: tuple[whisper.Whisper, ModelThread], recording: str
+) -> None:
+    """On a whole window's features, heard_language names the language whisper.detect_language finds likeliest."""
+    model, _ = base
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(whisper.load_audio(str(FIXTURES / recording))))
+    with torch.no_grad():
+        features = model.encoder(mel[None])
+        probabilities = model.detect_language(features)[1][0]
+        assert heard_language(model, features) == max(probabilities, key=lambda code: probabilities[code])
 
 
 @pytest.mark.skipif(not fbgemm(), reason="torch has no fbgemm kernels on this CPU")
-def test_where_file_jobs_encoder_runs_int8_fbgemm_a_live_session_runs_an_fp32_one_of_its_own(
+def test_where_file_jobs_encoder_runs_int8_fbgemm_a_live_session_runs_an_encoder_of_its_own(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With auto's choice for file jobs' encoder int8-fbgemm and live sessions' fp32, a session's words come from an
@@ -115,13 +122,15 @@ def test_where_file_jobs_encoder_runs_int8_fbgemm_a_live_session_runs_an_fp32_on
     monkeypatch.setattr(engine_module, "measured_arithmetic", lambda *args: chosen)
     engine = WhisperEngine()
     engine.start(Settings.load({**base_config(tmp_path), "MODEL_DIR": model_dir, "QUANTIZE": "auto"}))
+    pool = ThreadPoolExecutor(1)  # the session's thread: open_stream sets its torch threads
     try:
         model = engine.wait_until_ready(timeout=120)
         assert any(isinstance(module, FbgemmInt8Linear) for module in model.encoder.modules())
         model.encoder.conv1.register_forward_hook(fails_if_run)
-        with ThreadPoolExecutor(1) as pool:  # the session's thread: open_stream sets its torch threads
-            stream = pool.submit(engine.open_stream, "en", Task.TRANSCRIBE, commit_on_pause=True).result(timeout=10)
-            text = pool.submit(stream_text, stream, FIXTURES / "fox.wav").result(timeout=120).lower()
+        stream = pool.submit(engine.open_stream, "en", Task.TRANSCRIBE, commit_on_pause=True).result(timeout=10)
+        audio = whisper.load_audio(str(FIXTURES / "fox.wav"))
+        text = pool.submit(stream_final_text, stream, audio).result(timeout=120).lower()
     finally:
-        engine.stop()
+        engine.stop()  # fails the session's waiting model work, so the pool's thread ends too
+        pool.shutdown(wait=False, cancel_futures=True)
     assert all(words in text for words in SPOKEN["fox.wav"]), text

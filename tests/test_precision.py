@@ -25,7 +25,8 @@ from whisper_flask.engine.quantize import (
     onednn_bf16,
 )
 
-#: Seconds of a window's work by stage and arithmetic, as measured on an AMD EPYC with AVX512-BF16 (no AMX).
+#: Seconds of a window's work by stage and arithmetic, as measured on an AMD EPYC with AVX512-BF16 (no AMX), but for
+#: int8-fbgemm, not measured there: its figure is made up.
 AMD = {"encoder": {"none": 0.66, "bf16": 0.40, "int8": 0.43, "int8-fbgemm": 0.45},
        "decoder": {"none": 3.6, "fp16": 1.4, "int8": 1.15}}  # fmt: skip
 #: A CPU whose int8 kernels win the encoder too.

@@ -167,8 +167,9 @@ class Settings:
         " decoder on the CPU; `fp16`: an fp32 encoder and a decoder whose weights stay in fp16, as Whisper's"
         " checkpoints store them (fbgemm: the same results as fp32, half the bytes read); `none`: Whisper's fp32"
         " (fp16 on CUDA); `auto`: the encoder and the decoder each take the fastest of these measured on this CPU at"
-        " the first start, file jobs' encoder also of fbgemm's int8 with one scale a window (`int8-fbgemm`; live"
-        " sessions lose words with it and then keep an encoder of their own); int8 and bf16 only for `base`, where"
+        " the first start, file jobs' encoder also of fbgemm's int8 with one scale a window (`int8-fbgemm`, `auto`"
+        " only; live sessions lose words with it, so where it is chosen they run an fp32 copy of the encoder);"
+        " int8 and bf16 only for `base`, where"
         " their accuracy was measured; bf16 only where the CPU has oneDNN's bf16 kernels, AVX512-BW/VL/DQ or"
         " AVX-NE-CONVERT; kept in MODEL_DIR/arithmetic.json",
         choices=("auto", "none", "int8", "bf16", "fp16"),

@@ -220,7 +220,7 @@ class ModelThread:
                 self._cond.wait()
                 continue
             calls = sorted((work for work in self._queue if work.call is not None), key=lambda work: not work.urgent)
-            if self._urgent:  # a live decode, once started, ends before a file job's encoder pass (0.35 s) runs
+            if self._urgent:  # a live decode, once started, ends before a file job's encoder pass (0.35-0.62 s) runs
                 calls = [work for work in calls if work.urgent]
             if self._background_ran and self._decoding:
                 calls = [work for work in calls if not work.background]

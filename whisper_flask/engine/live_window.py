@@ -57,7 +57,7 @@ class LiveDecoder:
         self, model: whisper.Whisper, thread: ModelThread, language: str | None, task: Task, *, encoder: AudioEncoder
     ) -> None:
         self._model = model
-        self._encoder = encoder  # live sessions' own (quantize.LIVE_ENCODER_ARITHMETICS), or the model's
+        self._encoder = encoder  # not the model's where file jobs' runs int8-fbgemm: live text loses words to it
         self._thread = thread
         self._language = language if model.is_multilingual else "en"
         self._task = task
@@ -145,7 +145,7 @@ def heard_language(model: whisper.Whisper, features: torch.Tensor) -> str:
     whisper.detect_language would take features of fewer than 1500 frames (encode_short's) for a spectrogram and
     run the file jobs' encoder on them; this is its decoder half.
     """
-    tokenizer = whisper.tokenizer.get_tokenizer(True, num_languages=model.num_languages)
+    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
     logits = model.logits(torch.tensor([[tokenizer.sot]], device=features.device), features)[0, -1]
     languages = list(tokenizer.all_language_tokens)
     return str(tokenizer.all_language_codes[int(logits[languages].argmax())])

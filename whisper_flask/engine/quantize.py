@@ -18,9 +18,10 @@ so each stage's Linear layers get their own arithmetic:
   windows in its batch, which torch's dynamic quantization (one scale per tensor) would not;
 - "int8-fbgemm" (the file encoder only, for auto to measure, where fbgemm runs): fbgemm's dynamic int8 linear, one
   activation scale per call, which the encoder's one window a call makes that window's own. Where the CPU lacks
-  VNNI, torch._int_mm has no fast kernel (an encoder window 9.7 s against 0.65 s in fp32) and fbgemm's AVX2 kernels
-  do (0.52 s; AMD EPYC with AVX2 only, 2 threads). Not for live sessions: their few seconds, decoded again and again,
-  lost words to its error (ARCHITECTURE.md, "The engine"), so they keep an encoder of their own.
+  VNNI, torch._int_mm has no fast kernel (an encoder window 9.39 s against 0.62 s in fp32) and fbgemm's AVX2 kernels
+  do (0.48 s; auto's timings on an AMD EPYC with AVX2 only, 2 threads). Not for live sessions: their few seconds,
+  decoded again and again, lost words to its error (ARCHITECTURE.md, "The engine"), so they keep an encoder of their
+  own.
 """
 
 from __future__ import annotations
@@ -50,12 +51,11 @@ DECODER_ARITHMETICS = ("none", "fp16", "int8")
 ENCODER_ARITHMETICS = ("none", "bf16", "int8", "int8-fbgemm")
 #: What a live session's encoder may run in: one activation scale for a buffer that grows at every step makes the
 #: successive decodes that agreement compares disagree. The 70 s chapter fed in-process (bench/live_accuracy.py
-#: --encoder, AVX2-only AMD EPYC): word error rate 4.24 % with int8-fbgemm, 1.82 % in fp32, with per-row int8 and
-#: with bf16 (emulated there: Bf16Linear swapped, in that script's process, for fp32 sums of inputs and weights
-#: rounded to bf16, the outputs rounded too, as oneDNN's kernels do).
+#: --encoder, AVX2-only AMD EPYC): word error rate 4.24 % with int8-fbgemm; 1.82 % in fp32, in per-row int8, and in
+#: bf16 (emulated there by that script).
 LIVE_ENCODER_ARITHMETICS = ("none", "bf16", "int8")
-#: Models whose word error rate with int8 (either kind) and with bf16 was measured within 0.5 points of fp32
-#: (bench/long_file.py).
+#: Models whose word error rate with int8 (either kind) and with bf16 was measured within 0.5 points of bare fp32
+#: Whisper's on the shared long recordings (bench/long_file.py).
 INT8_MODELS = frozenset({"base"})
 BF16_MODELS = frozenset({"base"})
 
@@ -74,7 +74,8 @@ class StageArithmetic:
         """What an explicit QUANTIZE (none, fp16, bf16 or int8) means per stage: bf16 for the encoder only, fp16 for
         the decoder only."""
         encoder = setting if setting in ENCODER_ARITHMETICS else "none"
-        return cls(encoder, setting if setting in DECODER_ARITHMETICS else "none", encoder)
+        live = encoder if encoder in LIVE_ENCODER_ARITHMETICS else "none"
+        return cls(encoder, setting if setting in DECODER_ARITHMETICS else "none", live)
 
     def as_dict(self) -> dict[str, str]:
         """Each stage's arithmetic, by stage."""
