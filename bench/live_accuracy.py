@@ -9,7 +9,9 @@ one CPU. The stream is then ended as a client's end would. Sets:
 
 - utterances: every en/utt/*/*.wav with a .txt beside it in --speech (97 short sentences), each its own session;
 - chapter: the 70 s LJ Speech chapter in tests/fixtures (bench/live.py's recording);
-- long: each en/long/*_concat.wav (about 4 minutes each, many sentences and pauses).
+- long: each en/long/*_concat.wav (about 4 minutes each, many sentences and pauses);
+- nonen: each nonen/<language>/ recording (13 in 9 languages), each a session given no language: how many kept
+  their own language (live_window.SURE_LANGUAGE), and how many bare whisper.transcribe() detected.
 
 "file" is bare whisper.transcribe() on the same weights in fp32, greedy with its temperature fallback, English.
 Word error rates are over each set's words (bench/long_file.corpus_wer, Whisper's English normaliser). The live
@@ -24,6 +26,8 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +61,37 @@ def recordings(name: str, speech: Path) -> list[Path]:
         found = sorted(speech.glob("en/long/*_concat.wav"))
     elif name == "chapter":
         found = [FIXTURES / "lj001-chapter-70s.opus"]
+    elif name == "nonen":
+        found = sorted(path for path in speech.glob("nonen/*/*") if path.suffix != ".txt")
     else:
         raise SystemExit(f"unknown set {name!r}")
     return [path for path in found if path.with_suffix(".txt").is_file()]
 
 
 def live_text(
-    model: whisper.Whisper, encoder: AudioEncoder, thread: ModelThread, detector: SpeechDetector, audio: np.ndarray
-) -> str:
-    """The final text of one session fed `audio` a piece at a time, then ended."""
-    decoder = LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=encoder)
-    return stream_final_text(LiveStream(decoder, detector.stream_detector()), audio)
+    model: whisper.Whisper,
+    encoder: AudioEncoder,
+    thread: ModelThread,
+    detector: SpeechDetector,
+    audio: np.ndarray,
+    language: str | None = "en",
+) -> tuple[str, str | None]:
+    """The final text of one session fed `audio` a piece at a time, then ended, and the language it kept."""
+    decoder = LiveDecoder(model, thread, language, Task.TRANSCRIBE, encoder=encoder)
+    return stream_final_text(LiveStream(decoder, detector.stream_detector()), audio), decoder.language
+
+
+def languages_kept(bare: whisper.Whisper, session: Callable[..., tuple[str, str | None]], paths: list[Path]) -> str:
+    """How many of the recordings (each in a folder named by its language) a session given no language kept in
+    their language, and bare Whisper detected in theirs."""
+    live, file = [], []
+    for path in paths:
+        audio = whisper.load_audio(str(path))
+        live.append(session(audio, language=None)[1] == path.parent.name)
+        use_torch_threads(2)
+        file.append(whisper.transcribe(bare, audio, fp16=False)["language"] == path.parent.name)
+        use_torch_threads(1)
+    return f"nonen: {len(paths)} recordings; language kept right live {sum(live)}, detected right as a file {sum(file)}"
 
 
 class EmulatedBf16Linear(nn.Module):
@@ -112,12 +136,16 @@ def main() -> None:
     thread.start(live, applied.projection)
     use_torch_threads(1)  # the session's own thread, as the service runs it
     try:
+        session = partial(live_text, live, applied.live_encoder, thread, detector)
         for name in args.sets.split(","):
             paths = recordings(name, args.speech)
+            if name == "nonen":
+                print(languages_kept(bare, session, paths), flush=True)  # noqa: T201
+                continue
             references = [path.with_suffix(".txt").read_text() for path in paths]
             audios = [whisper.load_audio(str(path)) for path in paths]
             started = time.perf_counter()
-            live_texts = [live_text(live, applied.live_encoder, thread, detector, audio) for audio in audios]
+            live_texts = [session(audio)[0] for audio in audios]
             live_s = time.perf_counter() - started
             use_torch_threads(2)
             file_texts = [str(whisper.transcribe(bare, audio, language="en", fp16=False)["text"]) for audio in audios]

@@ -19,7 +19,7 @@ import uuid
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 import pytest
@@ -47,6 +47,8 @@ from whisper_flask.extension import get_service
 from whisper_flask.jobs.database import open_engine
 from whisper_flask.jobs.store import SqlJobStore
 from whisper_flask.settings import Settings
+
+T = TypeVar("T")
 
 #: Words each espeak-ng fixture says that tiny.en reliably hears.
 SPOKEN = {
@@ -488,6 +490,25 @@ def windows_per_step(caplog: pytest.LogCaptureFixture) -> list[int]:
 
 
 # -- live sessions -----------------------------------------------------------------------------
+
+
+def done_within(seconds: float, call: Callable[[], T]) -> T:
+    """call()'s result, run on a thread of its own (a daemon: one that hangs fails the test, not the run)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # re-raised on the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"not done within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]  # type: ignore[no-any-return]
 
 
 def stream_final_text(stream: LiveStream, audio: np.ndarray) -> str:

@@ -1,27 +1,35 @@
-"""A live buffer decoded as one short window: a decode that starts its text over is ended where the repeat begins; the
-language is heard in the first buffer; the encoder is the session's own."""
+"""A live buffer decoded as one short window: a decode that starts its text over is ended where the repeat begins; a
+session without a language keeps one once Whisper is sure of it; the encoder is the session's own."""
 
 from __future__ import annotations
 
 import copy
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import whisper
-from whisper.audio import SAMPLE_RATE
+from whisper.audio import FRAMES_PER_SECOND, SAMPLE_RATE
 
-from tests.helpers import FIXTURES, SPOKEN, base_config, start_model_thread, stream_final_text
+from tests.helpers import FIXTURES, SPOKEN, base_config, done_within, start_model_thread, stream_final_text
 from whisper_flask.engine import engine as engine_module
+from whisper_flask.engine import live_window
 from whisper_flask.engine.batching import ModelThread, whisper_projection
 from whisper_flask.engine.checkpoints import ensure_checkpoint
 from whisper_flask.engine.engine import WhisperEngine
 from whisper_flask.engine.live import LiveStream
-from whisper_flask.engine.live_window import REPEAT_TOKENS, LiveDecoder, RepeatStop, heard_language
+from whisper_flask.engine.live_window import (
+    CONTEXT_MARGIN_S,
+    REPEAT_TOKENS,
+    SURE_LANGUAGE,
+    SURE_LANGUAGE_AFTER_S,
+    LiveDecoder,
+    RepeatStop,
+    heard_language,
+)
 from whisper_flask.engine.options import Task
 from whisper_flask.engine.quantize import FbgemmInt8Linear, StageArithmetic, fbgemm
 from whisper_flask.engine.speech import SpeechDetector
@@ -92,29 +100,41 @@ def test_a_session_without_a_language_hears_it_in_its_first_buffer_with_its_own_
     # whisper.detect_language would take the short features for a spectrogram and run the model's encoder.
     hook = model.encoder.conv1.register_forward_hook(fails_if_run)
     decoder = LiveDecoder(model, thread, None, Task.TRANSCRIBE, encoder=own)
+    audio = whisper.load_audio(str(FIXTURES / recording))[: 4 * SAMPLE_RATE]
     try:
-        with ThreadPoolExecutor(1) as pool:
-            audio = whisper.load_audio(str(FIXTURES / recording))[: 4 * SAMPLE_RATE]
-            words = pool.submit(decoder, audio, "").result(timeout=60).words
+        words = done_within(60, lambda: decoder(audio, "")).words
     finally:
         hook.remove()
     assert heard in "".join(word.text for word in words).lower()
 
 
 def test_a_session_without_a_language_keeps_one_only_once_whisper_is_sure_of_it(
-    base: tuple[whisper.Whisper, ModelThread],
+    base: tuple[whisper.Whisper, ModelThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Streamed at real-time pace, a Spanish sentence whose first second Whisper hears as another language (Arabic
-    with 0.84 at 1 s) is written in Spanish: the language is kept once sure (SURE_LANGUAGE) of 2 s or more."""
+    """Streamed at real-time pace, a Spanish sentence whose first buffers Whisper hears as other languages is
+    written in Spanish: each decode hears the language again until one is sure (SURE_LANGUAGE) in a buffer of
+    SURE_LANGUAGE_AFTER_S or more, and none after it."""
     model, thread = base
+    heard: list[tuple[str, float, float]] = []  # language, probability, seconds of audio in the buffer
+
+    def hear(model: whisper.Whisper, features: torch.Tensor) -> tuple[str, float]:
+        language, probability = heard_language(model, features)
+        heard.append((language, probability, features.shape[1] / FRAMES_PER_SECOND * 2 - CONTEXT_MARGIN_S))
+        return language, probability
+
+    monkeypatch.setattr(live_window, "heard_language", hear)
     detector = SpeechDetector(30)
     detector.load()
     decoder = LiveDecoder(model, thread, None, Task.TRANSCRIBE, encoder=model.encoder)
-    stream = LiveStream(decoder, detector.stream_detector())
     audio = whisper.load_audio(str(FIXTURES / "picovoice-test-es.opus"))
-    with ThreadPoolExecutor(1) as pool:
-        text = pool.submit(stream_final_text, stream, audio).result(timeout=120).lower()
+    text = done_within(120, lambda: stream_final_text(LiveStream(decoder, detector.stream_detector()), audio)).lower()
     assert "arenas son blan" in text and "grano medio" in text, text
+
+    def sure(probability: float, seconds: float) -> bool:
+        return probability >= SURE_LANGUAGE and seconds >= SURE_LANGUAGE_AFTER_S - 0.02  # frames come in pairs
+
+    assert heard[-1][0] == "es" and sure(*heard[-1][1:]), heard
+    assert len(heard) > 1 and not any(sure(probability, seconds) for _, probability, seconds in heard[:-1]), heard
 
 
 @pytest.mark.parametrize("recording", ["fox.wav", "german.wav", "mls-es-13697-11991-000000.opus"])
@@ -127,7 +147,8 @@ def test_the_language_heard_is_whispers_own_detection_on_a_whole_window(
     with torch.no_grad():
         features = model.encoder(mel[None])
         probabilities = model.detect_language(features)[1][0]
-        assert heard_language(model, features)[0] == max(probabilities, key=lambda code: probabilities[code])
+    likeliest = max(probabilities, key=lambda code: probabilities[code])
+    assert heard_language(model, features) == (likeliest, pytest.approx(probabilities[likeliest], abs=1e-4))
 
 
 @pytest.mark.skipif(not fbgemm(), reason="torch has no fbgemm kernels on this CPU")
@@ -140,15 +161,16 @@ def test_where_file_jobs_encoder_runs_int8_fbgemm_a_live_session_runs_an_encoder
     monkeypatch.setattr(engine_module, "measured_arithmetic", lambda *args: chosen)
     engine = WhisperEngine()
     engine.start(Settings.load({**base_config(tmp_path), "MODEL_DIR": model_dir, "QUANTIZE": "auto"}))
-    pool = ThreadPoolExecutor(1)  # the session's thread: open_stream sets its torch threads
     try:
         model = engine.wait_until_ready(timeout=120)
         assert any(isinstance(module, FbgemmInt8Linear) for module in model.encoder.modules())
         model.encoder.conv1.register_forward_hook(fails_if_run)
-        stream = pool.submit(engine.open_stream, "en", Task.TRANSCRIBE, commit_on_pause=True).result(timeout=10)
         audio = whisper.load_audio(str(FIXTURES / "fox.wav"))
-        text = pool.submit(stream_final_text, stream, audio).result(timeout=120).lower()
+
+        def session() -> str:  # one thread opens and feeds the stream, as a session's does
+            return stream_final_text(engine.open_stream("en", Task.TRANSCRIBE, commit_on_pause=True), audio)
+
+        text = done_within(120, session).lower()
     finally:
-        engine.stop()  # fails the session's waiting model work, so the pool's thread ends too
-        pool.shutdown(wait=False, cancel_futures=True)
+        engine.stop()
     assert all(words in text for words in SPOKEN["fox.wav"]), text

@@ -40,11 +40,12 @@ REPEAT_TOKENS = 6
 #: decode's tokens are this one's draft (drafts.py).
 SAME_START = 1600
 #: A session given no language keeps the language heard once Whisper gives it this probability in a buffer of
-#: SURE_LANGUAGE_AFTER_S or more; until then each decode is in the likeliest language of its buffer. Heard in a
-#: recording's first second, the likeliest language was wrong for 9 of 22 real recordings in 10 languages (base,
-#: AVX2-only AMD EPYC), always below 0.7; at 0.7 or more none of the picks at 1 to 6 s was. Streamed at real-time
-#: pace, 2 of 13 non-English ones kept their language when the first buffer decided, 11 with 0.7 alone (a Spanish
-#: buffer of 1 s was heard as Arabic with 0.84, a Swedish one as Norwegian), 13 with both rules.
+#: SURE_LANGUAGE_AFTER_S or more; until then each decode is in the likeliest language of its buffer (one more call on
+#: the model thread a decode: a decoder pass of one token). Streamed at real-time pace (bench/live_accuracy.py --sets
+#: nonen; base, AVX2-only AMD EPYC), 2 of 13 non-English recordings kept their language when the first buffer (about
+#: 0.5 s) decided; heard on each recording's first 1 to 6 s, the likeliest language was wrong only below 0.7;
+#: 0.7 alone kept 11 of 13 (a Spanish buffer of 1 s was heard as Arabic with 0.84, a Swedish one as Norwegian); with
+#: the 2 s, chosen from that Spanish recording, 13 of 13.
 SURE_LANGUAGE = 0.7
 SURE_LANGUAGE_AFTER_S = 2.0
 _WORDS = re.compile(r"\s*\S+")
@@ -70,7 +71,13 @@ class LiveDecoder:
         self._thread = thread
         self._language = language if model.is_multilingual else "en"
         self._task = task
-        self._last: tuple[np.ndarray, str, list[int]] | None = None  # the last decode's start, prompt and tokens
+        # The last decode's start, prompt, language and tokens: its draft for a buffer that has only grown.
+        self._last: tuple[np.ndarray, str, str, list[int]] | None = None
+
+    @property
+    def language(self) -> str | None:
+        """The session's language: the one given, or the one kept once heard (None until then)."""
+        return self._language
 
     def __call__(self, audio: np.ndarray, prompt: str) -> Hypothesis:
         """Decode `audio` (16 kHz float samples, under 30 s) after `prompt`: its words (none if Whisper hears none)."""
@@ -98,11 +105,12 @@ class LiveDecoder:
         repeats = RepeatStop(tokenizer.eot)
         start = audio[:SAME_START]
         last = self._last
-        draft = last[2] if last and last[1] == prompt and np.array_equal(last[0], start) else []
+        same = last is not None and last[1:3] == (prompt, language) and np.array_equal(last[0], start)
+        draft = last[3] if last is not None and same else []
         # greedy: the seed is unused
         result = self._thread.decode(features, options, seed=0, urgent=True, logit_filter=repeats, draft=draft)
         tokens = result.tokens[: repeats.kept]
-        self._last = (start.copy(), prompt, tokens)
+        self._last = (start.copy(), prompt, language, tokens)
         text = tokenizer.decode([token for token in tokens if token < tokenizer.eot])
         if result.no_speech_prob > NO_SPEECH and result.avg_logprob < LOW_LOGPROB:
             return Hypothesis((), ())
