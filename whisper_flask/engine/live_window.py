@@ -40,12 +40,12 @@ REPEAT_TOKENS = 6
 #: decode's tokens are this one's draft (drafts.py).
 SAME_START = 1600
 #: A session given no language keeps the language heard once Whisper gives it this probability in a buffer of
-#: SURE_LANGUAGE_AFTER_S or more; until then each decode is in the likeliest language of its buffer (one more call on
-#: the model thread a decode: a decoder pass of one token). Streamed at real-time pace (bench/live_accuracy.py --sets
-#: nonen; base, AVX2-only AMD EPYC), 2 of 13 non-English recordings kept their language when the first buffer (about
-#: 0.5 s) decided; heard on each recording's first 1 to 6 s, the likeliest language was wrong only below 0.7;
-#: 0.7 alone kept 11 of 13 (a Spanish buffer of 1 s was heard as Arabic with 0.84, a Swedish one as Norwegian); with
-#: the 2 s, chosen from that Spanish recording, 13 of 13.
+#: SURE_LANGUAGE_AFTER_S or more; until then each decode is in the likeliest language of its buffer (one decoder pass
+#: of a token more a decode, in the encoder's call). Streamed at real-time pace (bench/live_accuracy.py --sets nonen;
+#: base, AVX2-only AMD EPYC), 2 of 13 non-English recordings kept their language when the first buffer (about 0.5 s)
+#: decided; heard on each recording's first 1 to 6 s, the likeliest language was wrong only below 0.7; 0.7 alone kept
+#: 11 of 13 (a Spanish buffer of 1 s was heard as Arabic with 0.84, a Swedish one as Norwegian); with the 2 s, chosen
+#: from that Spanish recording, 13 of 13.
 SURE_LANGUAGE = 0.7
 SURE_LANGUAGE_AFTER_S = 2.0
 _WORDS = re.compile(r"\s*\S+")
@@ -72,7 +72,7 @@ class LiveDecoder:
         self._language = language if model.is_multilingual else "en"
         self._task = task
         # The last decode's start, prompt, language and tokens: its draft for a buffer that has only grown.
-        self._last: tuple[np.ndarray, str, str, list[int]] | None = None
+        self._last: tuple[np.ndarray, str, str | None, list[int]] | None = None
 
     @property
     def language(self) -> str | None:
@@ -81,10 +81,10 @@ class LiveDecoder:
 
     def __call__(self, audio: np.ndarray, prompt: str) -> Hypothesis:
         """Decode `audio` (16 kHz float samples, under 30 s) after `prompt`: its words (none if Whisper hears none)."""
-        features = self._encode(audio)
+        features, heard = self._encode(audio)
         language = self._language
-        if language is None:
-            language, probability = self._thread.run(lambda: heard_language(self._model, features), urgent=True)
+        if heard is not None:
+            language, probability = heard
             if probability >= SURE_LANGUAGE and len(audio) >= SURE_LANGUAGE_AFTER_S * SAMPLE_RATE:
                 self._language = language
         options = whisper.DecodingOptions(
@@ -118,14 +118,21 @@ class LiveDecoder:
             return Hypothesis((), ())
         return parse_tokens(tokens, tokenizer, len(audio) / SAMPLE_RATE)
 
-    def _encode(self, audio: np.ndarray) -> torch.Tensor:
-        """The encoder's output for the audio and CONTEXT_MARGIN_S of silence after it (not a whole 30 s window)."""
+    def _encode(self, audio: np.ndarray) -> tuple[torch.Tensor, tuple[str, float] | None]:
+        """The encoder's output for the audio and CONTEXT_MARGIN_S of silence after it (not a whole 30 s window), and
+        the language heard in it while the session has none (heard_language)."""
         frames = min(N_FRAMES, 2 * math.ceil((len(audio) / SAMPLE_RATE + CONTEXT_MARGIN_S) * FRAMES_PER_SECOND / 2))
         padding = frames * HOP_LENGTH - len(audio)
         mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), self._model.dims.n_mels, padding=padding)
         mel = mel[:, :frames].to(self._model.device)
-        features: torch.Tensor = self._thread.run(lambda: encode_short(self._encoder, mel[None]), urgent=True)
-        return features
+        hear = self._language is None
+
+        def encode() -> tuple[torch.Tensor, tuple[str, float] | None]:
+            # One trip to the model thread for both: a second urgent call could wait behind a file job's step.
+            features = encode_short(self._encoder, mel[None])
+            return features, heard_language(self._model, features) if hear else None
+
+        return self._thread.run(encode, urgent=True)
 
 
 class RepeatStop(LogitFilter):
