@@ -12,7 +12,8 @@ Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 2. alone: one client streams the chapter over /ws/transcribe as 16 kHz PCM in 100 ms frames, each sent when
    its audio would have been spoken, then {"type": "end"};
 3. crowded: --sessions clients at once (each starting 0.25 s after the last), while a file job (the
-   4-minute Kathleen recording from ../shared/speech when present, else the chapter again) transcribes.
+   4-minute Kathleen recording from ../shared/speech when present, else the chapter again) transcribes; with
+   how many cores the service's worker kept busy meanwhile (its CPU time over the wall time).
 
 A word's delay is the time from its end in the audio (the file's word timestamps) to the arrival of the
 first partial (or final) text that holds it, and of the final text that holds it; live words are matched to
@@ -133,6 +134,13 @@ class Session:
         return partial, final
 
 
+def cpu_seconds(server: subprocess.Popen[bytes]) -> float:
+    """CPU time the gunicorn worker (the master's child, which runs the model) has used so far."""
+    worker = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0]
+    fields = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime
+
+
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
 
@@ -204,11 +212,14 @@ def main() -> None:
         assert status == 202, body
         crowd = [Session(url, key, audio) for _ in range(args.sessions)]
         threads = [threading.Thread(target=session.run) for session in crowd]
+        began, used = time.monotonic(), cpu_seconds(server)
         for thread in threads:
             thread.start()
             time.sleep(0.25)
         for thread in threads:
             thread.join()
+        cores = (cpu_seconds(server) - used) / (time.monotonic() - began)
+        print(f"the service's worker used {cores:.2f} of {len(os.sched_getaffinity(0))} cores meanwhile")  # noqa: T201
         job = json.loads(body)["transcription_id"]
         status_now = json.loads(curl("-H", f"Authorization: Bearer {key}", f"{base}/progress/{job}")[1])
         report(f"{args.sessions} sessions and a file job ({busy.name}, {status_now['status']} at the end,"
