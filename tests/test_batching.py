@@ -335,3 +335,42 @@ def test_a_file_jobs_call_waits_while_a_live_decode_is_between_its_steps(
     assert not live.is_alive()
     assert encoded.wait(60)
     file_job.join(60)
+
+
+def test_a_live_sessions_call_waits_for_the_live_decode_that_started_before_it_came(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    """Another session's encoder pass, asked for while a live decode is between its steps, runs once that decode
+    has ended, not in the gap: with enough sessions, their passes would otherwise hold a long decode up for seconds."""
+    model, thread = tiny
+    features = encode(tiny, mels[0])
+    paused, resume = threading.Event(), threading.Event()
+    steps = 0
+    steps_before_the_pass: list[int] = []
+
+    def pause_at_third_step() -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            paused.set()
+            assert resume.wait(30), "the test never resumed the live decode"
+
+    first = threading.Thread(target=lambda: thread.decode(features, OPTIONS, 0, pause_at_third_step, urgent=True))
+    first.start()
+    assert paused.wait(60), "the live decode never reached its third step"
+    encoded = threading.Event()
+
+    def encode_second() -> None:
+        thread.run(lambda: (steps_before_the_pass.append(steps), model.encoder(mels[1][None])), urgent=True)
+        encoded.set()
+
+    second = threading.Thread(target=encode_second)
+    second.start()
+    try:
+        assert not encoded.wait(0.5)
+    finally:
+        resume.set()
+    first.join(60)
+    second.join(60)
+    assert not first.is_alive() and not second.is_alive()
+    assert steps > 3 and steps_before_the_pass == [steps]  # after the decode's last step

@@ -93,7 +93,7 @@ class ModelThread:
         self._cond = threading.Condition()
         self._queue: list[_Work] = []
         self._decoding = 0  # windows admitted to the steps and not yet finished
-        self._urgent = 0  # of which live sessions' windows
+        self._live: dict[WindowInference, float] = {}  # of which live sessions' windows, with when each was admitted
         self._busy = False  # running work (set and cleared under the lock)
         self._background_ran = False  # the last work run was a background call
         self._reserved: deque[int] = deque()  # threads owning, then waiting for, the model alone
@@ -124,8 +124,9 @@ class ModelThread:
         """Run `call` (which uses the model) on the model thread and return what it returns.
 
         Calls run before decoder steps, `urgent` ones (a live session's) first, and others only while no live
-        window decodes; a `background` call, after another background call, only once the windows decoding
-        have had a step: a long run of them takes at most every other turn.
+        window decodes; an urgent call waits, too, for the live windows that were decoding when it came; a
+        `background` call, after another background call, only once the windows decoding have had a step: a long
+        run of them takes at most every other turn.
         """
         return self._submit(_Work(call=call, background=background, urgent=urgent))
 
@@ -205,7 +206,7 @@ class ModelThread:
             if window.admitted:
                 window.admitted = False
                 self._decoding -= 1
-                self._urgent -= window.urgent
+                self._live.pop(window, None)
                 self._cond.notify_all()
 
     def _take(self) -> list[_Work]:
@@ -220,8 +221,15 @@ class ModelThread:
                 self._cond.wait()
                 continue
             calls = sorted((work for work in self._queue if work.call is not None), key=lambda work: not work.urgent)
-            if self._urgent:  # a live decode, once started, ends before a file job's encoder pass (0.35-0.62 s) runs
-                calls = [work for work in calls if work.urgent]
+            if self._live:
+                # A live decode, once started, ends before a file job's encoder pass (0.35-0.62 s) runs, and before
+                # the encoder passes of sessions that asked after it started: else, with sessions enough to keep the
+                # model busy, the others' passes come between every two of its steps, and a long decode takes many
+                # seconds. 4 sessions and a file job (bench/live.py's crowded step, base, AVX2-only AMD EPYC; the
+                # runs in README, Performance): decodes' p90 from 2.0-3.3 s to 1.7-1.9 s; partial p90 4.1 s before,
+                # 3.3 s after, final p90 6.7 and 5.2 s (means of 6 and 5 runs).
+                since = min(self._live.values())
+                calls = [work for work in calls if work.urgent and work.arrived < since]
             if self._background_ran and self._decoding:
                 calls = [work for work in calls if not work.background]
             if calls:
@@ -234,9 +242,9 @@ class ModelThread:
             # alone: their text is due within seconds, and the sessions are bounded (MAX_LIVE_SESSIONS). File
             # jobs' windows take the places and the steps left.
             urgent = [work for work in joining if work.window and work.window.urgent]
-            if urgent or self._urgent:
+            if urgent or self._live:
                 steps = [work for work in steps if work.window and work.window.urgent]
-                joining, expected = urgent, self._urgent
+                joining, expected = urgent, len(self._live)
             else:
                 joining = joining[: max(0, self._size - self._decoding)]
             # Every admitted window sends its next tokens within a millisecond of the last step;
@@ -251,7 +259,8 @@ class ModelThread:
                 for work in joining:
                     assert work.window is not None
                     work.window.admitted = True
-                    self._urgent += work.window.urgent
+                    if work.window.urgent:
+                        self._live[work.window] = time.monotonic()
                 self._decoding += len(joining)
                 self._background_ran = False
                 return batch
