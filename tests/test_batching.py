@@ -305,32 +305,42 @@ def test_a_short_live_buffer_that_whisper_reads_over_and_over_keeps_its_words(
     assert LiveDecoder(model, thread, "en", Task.TRANSCRIBE, encoder=model.encoder)(second, "").words == ()
 
 
+class PauseAtThirdStep:
+    """A window's `check` that holds its decode before its third step until resumed, counting its steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def __call__(self) -> None:
+        """Count the step; at the third, wait for resume."""
+        self.steps += 1
+        if self.steps == 3:
+            self.paused.set()
+            assert self.resume.wait(30), "the test never resumed the live decode"
+
+
+def start_live_decode(thread: ModelThread, features: torch.Tensor, pause: PauseAtThirdStep) -> threading.Thread:
+    """A live decode of `features` on a thread of its own, returned once it is held before its third step."""
+    decoder = threading.Thread(target=lambda: thread.decode(features, OPTIONS, 0, pause, urgent=True))
+    decoder.start()
+    assert pause.paused.wait(60), "the live decode never reached its third step"
+    return decoder
+
+
 def test_a_file_jobs_call_waits_while_a_live_decode_is_between_its_steps(
     tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
 ) -> None:
     """A file job's encoder pass (0.35 s on `base`) does not run in the gap between a live decode's steps."""
-    model, thread = tiny
-    features = encode(tiny, mels[0])
-    paused, resume = threading.Event(), threading.Event()
-    steps = 0
-
-    def pause_at_third_step() -> None:
-        nonlocal steps
-        steps += 1
-        if steps == 3:
-            paused.set()
-            assert resume.wait(30), "the test never resumed the live decode"
-
-    live = threading.Thread(target=lambda: thread.decode(features, OPTIONS, 0, pause_at_third_step, urgent=True))
-    live.start()
+    pause = PauseAtThirdStep()
+    live = start_live_decode(tiny[1], encode(tiny, mels[0]), pause)
     encoded = threading.Event()
-    assert paused.wait(60), "the live decode never reached its third step"
     file_job = threading.Thread(target=lambda: (encode(tiny, mels[1]), encoded.set()))
     file_job.start()
     try:
         assert not encoded.wait(0.5)
     finally:
-        resume.set()
+        pause.resume.set()
     live.join(60)
     assert not live.is_alive()
     assert encoded.wait(60)
@@ -343,34 +353,51 @@ def test_a_live_sessions_call_waits_for_the_live_decode_that_started_before_it_c
     """Another session's encoder pass, asked for while a live decode is between its steps, runs once that decode
     has ended, not in the gap: with enough sessions, their passes would otherwise hold a long decode up for seconds."""
     model, thread = tiny
-    features = encode(tiny, mels[0])
-    paused, resume = threading.Event(), threading.Event()
-    steps = 0
+    pause = PauseAtThirdStep()
+    live = start_live_decode(thread, encode(tiny, mels[0]), pause)
+    started = threading.Event()
     steps_before_the_pass: list[int] = []
-
-    def pause_at_third_step() -> None:
-        nonlocal steps
-        steps += 1
-        if steps == 3:
-            paused.set()
-            assert resume.wait(30), "the test never resumed the live decode"
-
-    first = threading.Thread(target=lambda: thread.decode(features, OPTIONS, 0, pause_at_third_step, urgent=True))
-    first.start()
-    assert paused.wait(60), "the live decode never reached its third step"
-    encoded = threading.Event()
-
-    def encode_second() -> None:
-        thread.run(lambda: (steps_before_the_pass.append(steps), model.encoder(mels[1][None])), urgent=True)
-        encoded.set()
-
-    second = threading.Thread(target=encode_second)
-    second.start()
+    call = threading.Thread(
+        target=lambda: thread.run(
+            lambda: (steps_before_the_pass.append(pause.steps), started.set(), model.encoder(mels[1][None])),
+            urgent=True,
+        )
+    )
+    call.start()
     try:
-        assert not encoded.wait(0.5)
+        assert not started.wait(0.5)
     finally:
-        resume.set()
-    first.join(60)
-    second.join(60)
-    assert not first.is_alive() and not second.is_alive()
-    assert steps > 3 and steps_before_the_pass == [steps]  # after the decode's last step
+        pause.resume.set()
+    for waited in (live, call):
+        waited.join(60)
+        assert not waited.is_alive()
+    assert pause.steps > 3 and steps_before_the_pass == [pause.steps]  # after the decode's last step
+
+
+def test_a_live_sessions_call_goes_before_a_live_decode_that_started_after_it_came(
+    tiny: tuple[whisper.Whisper, ModelThread], mels: list[torch.Tensor]
+) -> None:
+    """A session's encoder pass that was already waiting when another live decode started runs once the decodes
+    older than it end, while that younger decode is still between its steps: the sessions' steps batch in waves."""
+    model, thread = tiny
+    features = encode(tiny, mels[0])
+    older, younger = PauseAtThirdStep(), PauseAtThirdStep()
+    decodes = [start_live_decode(thread, features, older)]
+    started = threading.Event()
+    call = threading.Thread(
+        target=lambda: thread.run(lambda: (started.set(), model.encoder(mels[1][None])), urgent=True)
+    )
+    call.start()
+    try:
+        assert not started.wait(0.5)  # it waits for the older decode
+        decodes.append(start_live_decode(thread, features, younger))  # a window needs no call to join the steps
+        older.resume.set()
+        decodes[0].join(60)
+        # The younger decode is still held between its steps: only the older one held the call up.
+        assert started.wait(30), "the waiting call did not run once the decode older than it ended"
+    finally:
+        older.resume.set()
+        younger.resume.set()
+    for waited in (*decodes, call):
+        waited.join(60)
+        assert not waited.is_alive()
