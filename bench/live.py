@@ -13,7 +13,8 @@ Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
    its audio would have been spoken, then {"type": "end"};
 3. crowded: --sessions clients at once (each starting 0.25 s after the last), while a file job (the
    4-minute Kathleen recording from ../shared/speech when present, else the chapter again) transcribes; with
-   how many cores the service's worker kept busy meanwhile (its CPU time over the wall time).
+   how many cores the service's worker kept busy meanwhile (its threads' CPU time over the wall time; not the
+   ffmpeg it runs to decode the file).
 
 A word's delay is the time from its end in the audio (the file's word timestamps) to the arrival of the
 first partial (or final) text that holds it, and of the final text that holds it; live words are matched to

@@ -8,15 +8,16 @@ resolves it (precision.py, measured into --work/models when auto):
 
 1. the CPU's ceilings: a fp32 matmul (2048 x 2048 x 2048, torch.mm) in GFLOP/s, and reading memory (the sum of a
    512 MiB tensor) in GB/s;
-2. one encoder window (tests/fixtures/lj001-0001.flac padded to 30 s) by kind of op (torch.profiler, self time):
-   the Linear layers, attention, convolutions and the rest; attention's GFLOP/s (QK^T and PV, 4 x frames^2 x width
-   a layer);
-3. a decoder step of 8 windows, one new token each, as the model thread runs it: 8 greedy decodes of that window at
-   once through ModelThread (bench/model_time.py's tally of the steps that carried 4 to 8 rows); and of it,
-   cross-attention over the 8 windows' audio caches alone (the model thread's own attention function), in GB/s:
-   it reads every window's keys and values, 2 x frames x width fp32 numbers a layer, at every step.
+2. one encoder window (tests/fixtures/lj001-0001.flac padded to 30 s) in parts, timed by forward hooks on its
+   modules in one more run: the Linear layers (whatever their arithmetic, its quantizing included), attention (the
+   attention modules less their Linear layers), the convolutions, and the rest; attention's GFLOP/s (QK^T and PV,
+   4 x frames^2 x width a layer);
+3. a decoder step of 8 windows, one new token each, as the model thread runs it: the mean of such steps while 8
+   greedy decodes of that window run at once through ModelThread; and of it, cross-attention over the 8 windows'
+   audio caches alone (the model thread's own attention function), in GB/s: it reads every window's keys and
+   values, 2 x frames x width fp32 numbers a layer, at every step.
 
-Each time is the best of --runs after one untimed run; the decode's steps are its mean.
+Each other time is the best of --runs after one untimed run.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ import argparse
 import sys
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import whisper
+from torch import nn
+from whisper.model import MultiHeadAttention
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.model_time import model_time  # noqa: E402
 from whisper_flask.engine.batching import MODEL_THREADS, ModelThread, use_torch_threads  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 from whisper_flask.engine.decoding import _attention, _heads, _keys  # noqa: E402
@@ -42,8 +46,6 @@ from whisper_flask.engine.precision import _best_of, _cpu_model, measured_arithm
 from whisper_flask.engine.quantize import StageArithmetic, apply_arithmetic  # noqa: E402
 
 WINDOWS = 8
-OP_KINDS = (("attention", ("scaled_dot_product", "bmm", "softmax")), ("convolution", ("convolution",)),
-            ("Linear layers", ("linear", "addmm", "aten::mm", "_int_mm", "fbgemm")))  # fmt: skip
 
 
 def ceilings(runs: int) -> tuple[float, float]:
@@ -54,35 +56,75 @@ def ceilings(runs: int) -> tuple[float, float]:
     return gflops, big.numel() * 4 / _best_of(runs, big.sum) / 1e9
 
 
-def encoder_ops(model: whisper.Whisper, mel: torch.Tensor) -> dict[str, float]:
-    """One encoder window's self time (seconds) by kind of op."""
-    model.encoder(mel)
-    with torch.profiler.profile() as profile:
-        model.encoder(mel)
-    kinds: dict[str, float] = defaultdict(float)
-    for event in profile.key_averages():
-        name = event.key.lower()
-        kind = next((kind for kind, marks in OP_KINDS if any(mark.lower() in name for mark in marks)), "the rest")
-        kinds[kind] += event.self_cpu_time_total / 1e6
-    return kinds
+def encoder_parts(encoder: nn.Module, mel: torch.Tensor) -> dict[str, float]:
+    """One encoder window's seconds in its Linear layers, attention, convolutions and the rest."""
+    spent: dict[str, float] = defaultdict(float)
+    began: dict[nn.Module, float] = {}
+
+    def kind(module: nn.Module) -> str | None:
+        if isinstance(module, MultiHeadAttention):
+            return "attention"
+        if isinstance(module, nn.Conv1d):
+            return "convolution"
+        return "Linear layers" if type(module).__name__.endswith("Linear") else None  # quantize.py's, or nn.Linear
+
+    def start(module: nn.Module, _: object) -> None:
+        began[module] = time.perf_counter()
+
+    attentions = [module for module in encoder.modules() if isinstance(module, MultiHeadAttention)]
+    inside = {layer for attention in attentions for layer in attention.modules() if layer is not attention}
+
+    def stop(module: nn.Module, _: object, __: object) -> None:
+        seconds = time.perf_counter() - began[module]
+        spent[str(kind(module))] += seconds
+        if module in inside:  # the attention module's own Linear layers: timed in both
+            spent["attention"] -= seconds
+
+    hooks = [
+        hook
+        for module in encoder.modules()
+        if kind(module)
+        for hook in (module.register_forward_pre_hook(start), module.register_forward_hook(stop))
+    ]
+    try:
+        window = time.perf_counter()
+        encoder(mel)
+        window = time.perf_counter() - window
+    finally:
+        for hook in hooks:
+            hook.remove()
+    spent["the rest"] = window - sum(spent.values())
+    return spent
 
 
-def decoder_step(model: whisper.Whisper, thread: ModelThread, features: torch.Tensor) -> float:
-    """The mean seconds of a decoder step carrying 4 to 8 rows, while WINDOWS windows decode `features` at once."""
+def decoder_step(thread: ModelThread, features: torch.Tensor) -> float:
+    """The mean seconds of a decoder step of WINDOWS windows and one new token each, while WINDOWS windows decode
+    `features` at once."""
     options = whisper.DecodingOptions(language="en", temperature=0.0, fp16=False, without_timestamps=False)
+    full: list[float] = []
+    step = thread._step
+
+    def timed_step(batch: list[Any]) -> Any:
+        began = time.perf_counter()
+        try:
+            return step(batch)
+        finally:
+            if len(batch) == WINDOWS and all(work.tokens is not None and work.tokens.numel() == 1 for work in batch):
+                full.append(time.perf_counter() - began)
 
     def decode() -> None:
         use_torch_threads(1)  # as the service's job threads
         thread.decode(features, options, seed=0)
 
-    with model_time() as tally:
-        decoders = [threading.Thread(target=decode) for _ in range(WINDOWS)]
-        for decoder in decoders:
-            decoder.start()
-        for decoder in decoders:
-            decoder.join(timeout=300)
-    count, seconds = tally["decoder steps, 4-8 rows"]
-    return seconds / max(count, 1)
+    thread._step = timed_step  # type: ignore[method-assign]
+    decoders = [threading.Thread(target=decode) for _ in range(WINDOWS)]
+    for decoder in decoders:
+        decoder.start()
+    for decoder in decoders:
+        decoder.join(timeout=300)
+    assert not any(decoder.is_alive() for decoder in decoders), "a decode took over 300 s"
+    assert full, f"no step carried {WINDOWS} windows"
+    return sum(full) / len(full)
 
 
 def cross_attention(model: whisper.Whisper, features: torch.Tensor, runs: int) -> tuple[float, int]:
@@ -100,7 +142,7 @@ def cross_attention(model: whisper.Whisper, features: torch.Tensor, runs: int) -
 
 
 def main() -> None:
-    """Print the ceilings, the encoder window by op and the decoder step with its cross-attention."""
+    """Print the ceilings, the encoder window in parts and the decoder step with its cross-attention."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")
     parser.add_argument("--quantize", default="auto", help="auto, or encoder,decoder arithmetics (quantize.py)")
@@ -125,10 +167,10 @@ def main() -> None:
         gflops, bandwidth = ceilings(args.runs)
         print(f"ceilings: fp32 matmul {gflops:.0f} GFLOP/s, memory read {bandwidth:.1f} GB/s")  # noqa: T201
         window = _best_of(args.runs, lambda: model.encoder(mel))
-        kinds = encoder_ops(model, mel)
+        kinds = encoder_parts(model.encoder, mel)
         frames, width = model.dims.n_audio_ctx, model.dims.n_audio_state
         attention_gflop = 4 * frames**2 * width * model.dims.n_audio_layer / 1e9
-        print(f"encoder window: {window:.3f} s; by op (one profiled run):")  # noqa: T201
+        print(f"encoder window: {window:.3f} s; in parts (one more run, hooked):")  # noqa: T201
         for kind, seconds in sorted(kinds.items(), key=lambda item: -item[1]):
             rate = f", {attention_gflop / seconds:.0f} GFLOP/s" if kind == "attention" else ""
             print(f"  {kind:14} {seconds:.3f} s ({100 * seconds / sum(kinds.values()):.0f} %){rate}")  # noqa: T201
@@ -137,7 +179,7 @@ def main() -> None:
     thread = ModelThread(WINDOWS, wait_s=0.05)
     thread.start(model, applied.projection)
     try:
-        step = decoder_step(model, thread, features)
+        step = decoder_step(thread, features)
     finally:
         thread.stop()
     read = f"{1000 * attention:.1f} ms, reading {size / 2**20:.0f} MiB ({size / attention / 1e9:.1f} GB/s)"
