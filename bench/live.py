@@ -2,7 +2,7 @@
 word error rate against the same audio transcribed as a file, one session alone and 4 at once beside a file job.
 
     .venv/bin/python bench/live.py [--model base] [--sessions 4] [--work DIR] [--webm] [--quantize auto]
-                                   [--recording AUDIO]   (--sessions 0: step 2 only)
+                                   [--recording AUDIO] [--rounds 1]   (--sessions 0: step 2 only)
 
 Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 
@@ -14,7 +14,8 @@ Starts gunicorn (deploy/gunicorn.conf.py) on loopback, then:
 3. crowded: --sessions clients at once (each starting 0.25 s after the last), while a file job (the
    4-minute Kathleen recording from ../shared/speech when present, else the chapter again) transcribes; with
    how many cores the service's worker kept busy meanwhile (its threads' CPU time over the wall time; not the
-   ffmpeg it runs to decode the file).
+   ffmpeg it runs to decode the file). --rounds runs it that many times, each reported, each file job cancelled
+   at its end: one run's p90 varies by a third from the next.
 
 A word's delay is the time from its end in the audio (the file's word timestamps) to the arrival of the
 first partial (or final) text that holds it, and of the final text that holds it; live words are matched to
@@ -166,6 +167,25 @@ def report(
     )
 
 
+def crowded(server: subprocess.Popen[bytes], base: str, key: str, busy: Path, sessions: list[Session]) -> str:
+    """Step 3: the sessions at once beside a file job of `busy`, cancelled at the end; the job's state then."""
+    status, body = curl("-H", f"Authorization: Bearer {key}", "-F", f"file=@{busy}", f"{base}/upload")
+    assert status == 202, body
+    threads = [threading.Thread(target=session.run) for session in sessions]
+    began, used = time.monotonic(), cpu_seconds(server)
+    for thread in threads:
+        thread.start()
+        time.sleep(0.25)
+    for thread in threads:
+        thread.join()
+    cores = (cpu_seconds(server) - used) / (time.monotonic() - began)
+    print(f"the service's worker used {cores:.2f} of {len(os.sched_getaffinity(0))} cores meanwhile")  # noqa: T201
+    job = json.loads(body)["transcription_id"]
+    state = json.loads(curl("-H", f"Authorization: Bearer {key}", f"{base}/progress/{job}")[1])
+    curl("-X", "DELETE", "-H", f"Authorization: Bearer {key}", f"{base}/jobs/{job}")
+    return f"{busy.name}, {state['status']} at the end, {float(state['progress']):.0f} %"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="base")
@@ -176,6 +196,7 @@ def main() -> None:
     parser.add_argument("--quantize", default="auto", help="the service's QUANTIZE setting, passed through")
     parser.add_argument("--recording", type=Path, default=FIXTURES / "lj001-chapter-70s.opus",
                         help="the speech to stream, its reference text beside it as .txt")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="how many times to run step 3")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-live-"))
     model_dir = work / "models"
@@ -209,22 +230,10 @@ def main() -> None:
             return
         long_file = args.speech / "en" / "long" / "kathleen_arctic_a0061_a0140_concat.wav"
         busy = long_file if long_file.exists() else args.recording
-        status, body = curl("-H", f"Authorization: Bearer {key}", "-F", f"file=@{busy}", f"{base}/upload")
-        assert status == 202, body
-        crowd = [Session(url, key, audio) for _ in range(args.sessions)]
-        threads = [threading.Thread(target=session.run) for session in crowd]
-        began, used = time.monotonic(), cpu_seconds(server)
-        for thread in threads:
-            thread.start()
-            time.sleep(0.25)
-        for thread in threads:
-            thread.join()
-        cores = (cpu_seconds(server) - used) / (time.monotonic() - began)
-        print(f"the service's worker used {cores:.2f} of {len(os.sched_getaffinity(0))} cores meanwhile")  # noqa: T201
-        job = json.loads(body)["transcription_id"]
-        status_now = json.loads(curl("-H", f"Authorization: Bearer {key}", f"{base}/progress/{job}")[1])
-        report(f"{args.sessions} sessions and a file job ({busy.name}, {status_now['status']} at the end,"
-               f" {float(status_now['progress']):.0f} %)", crowd, clock, reference, file_wer, work)  # fmt: skip
+        for _ in range(args.rounds):
+            crowd = [Session(url, key, audio) for _ in range(args.sessions)]
+            job = crowded(server, base, key, busy, crowd)
+            report(f"{args.sessions} sessions and a file job ({job})", crowd, clock, reference, file_wer, work)
     finally:
         stop(server)
 

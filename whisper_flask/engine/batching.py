@@ -226,8 +226,8 @@ class ModelThread:
                 # the encoder passes of sessions that asked after it started: else, with sessions enough to keep the
                 # model busy, the others' passes come between every two of its steps, and a long decode takes many
                 # seconds. 4 sessions and a file job (bench/live.py's crowded step, base, AVX2-only AMD EPYC; the
-                # runs in README, Performance): decodes' p90 from 2.0-3.3 s to 1.7-1.9 s; partial p90 4.1 s before,
-                # 3.3 s after, final p90 6.7 and 5.2 s (means of 6 and 5 runs).
+                # runs in README, Performance): decodes' p90 from 2.0-3.3 s to 1.7-1.9 s; partial p90 5.2 s before,
+                # 4.1 s after, final p90 8.4 and 6.5 s (means of 4 runs each).
                 since = min(self._live.values())
                 calls = [work for work in calls if work.urgent and work.arrived < since]
             if self._background_ran and self._decoding:
