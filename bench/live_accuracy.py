@@ -44,7 +44,7 @@ from bench.arithmetic import swap_linears  # noqa: E402
 from bench.long_file import corpus_wer  # noqa: E402
 from tests.helpers import stream_final_text  # noqa: E402
 from tests.servers import FIXTURES  # noqa: E402
-from whisper_flask.engine.batching import ModelThread, use_torch_threads  # noqa: E402
+from whisper_flask.engine.batching import MODEL_THREADS, ModelThread, use_torch_threads  # noqa: E402
 from whisper_flask.engine.checkpoints import ensure_checkpoint  # noqa: E402
 from whisper_flask.engine.live import LiveStream  # noqa: E402
 from whisper_flask.engine.live_window import LiveDecoder  # noqa: E402
@@ -88,7 +88,7 @@ def languages_kept(bare: whisper.Whisper, session: Callable[..., tuple[str, str 
     for path in paths:
         audio = whisper.load_audio(str(path))
         live.append(session(audio, language=None)[1] == path.parent.name)
-        use_torch_threads(2)
+        use_torch_threads(MODEL_THREADS)
         file.append(whisper.transcribe(bare, audio, fp16=False)["language"] == path.parent.name)
         use_torch_threads(1)
     return f"nonen: {len(paths)} recordings; language kept right live {sum(live)}, detected right as a file {sum(file)}"
@@ -147,7 +147,7 @@ def main() -> None:
             started = time.perf_counter()
             live_texts = [session(audio)[0] for audio in audios]
             live_s = time.perf_counter() - started
-            use_torch_threads(2)
+            use_torch_threads(MODEL_THREADS)
             file_texts = [str(whisper.transcribe(bare, audio, language="en", fp16=False)["text"]) for audio in audios]
             use_torch_threads(1)
             print(  # noqa: T201
